@@ -1,0 +1,62 @@
+"""Shared fixtures: real slide files written by the synthetic slide generator (tifffile).
+
+Each slide is written once per test session; all are small so the suite stays quick.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+
+def _slide(tmp_path_factory: pytest.TempPathFactory, name: str, **spec):
+    folder = tmp_path_factory.mktemp("slides")
+    return write_synthetic_slide(folder / name, SyntheticSlideSpec(**spec))
+
+
+@pytest.fixture(scope="session")
+def svs_025(tmp_path_factory):
+    """Aperio SVS, 0.25 µm/px (40x), JPEG tiles, levels at downsample 4."""
+    return _slide(tmp_path_factory, "aperio_025.svs", width=6144, height=4608, mpp=0.25, seed=1)
+
+
+@pytest.fixture(scope="session")
+def svs_050(tmp_path_factory):
+    """Aperio SVS, 0.5 µm/px (20x)."""
+    return _slide(tmp_path_factory, "aperio_050.svs", width=4096, height=3072, mpp=0.5, app_mag=20, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiff_generic(tmp_path_factory):
+    """Generic pyramidal TIFF with resolution tags (pixels per centimetre) and no vendor metadata."""
+    return _slide(tmp_path_factory, "generic.tif", width=4096, height=3072, mpp=0.5, layout="tiff", seed=3)
+
+
+@pytest.fixture(scope="session")
+def single_level_no_mpp(tmp_path_factory):
+    """A single-level TIFF without µm/px or objective power."""
+    return _slide(tmp_path_factory, "bare.tif", width=2048, height=1536, layout="single", write_mpp=False, seed=4)
+
+
+@pytest.fixture(scope="session")
+def blank_slide(tmp_path_factory):
+    """An SVS of empty glass: no tissue at all."""
+    return _slide(
+        tmp_path_factory,
+        "blank.svs",
+        width=2048,
+        height=1536,
+        seed=5,
+        tissue_fraction=0.0,
+        tumour_regions=0,
+        pen_marks=False,
+        debris=False,
+    )
+
+
+@pytest.fixture()
+def out_dir(tmp_path: Path) -> Path:
+    return tmp_path / "out"
