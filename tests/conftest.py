@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.images import write_blob_folder
 from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.training.datasets import image_folder_samples
+from wsi_dala.training.splits import group_split
+from wsi_dala.training.train import TrainConfig, train_model
+
+# Training settings that learn the generated data in seconds on a CPU.
+QUICK = dict(pretrained="none", lr_backbone=1e-3, batch_size=16, precise_bn_batches=8)
 
 
 def _slide(tmp_path_factory: pytest.TempPathFactory, name: str, **spec):
@@ -60,3 +67,23 @@ def blank_slide(tmp_path_factory):
 @pytest.fixture()
 def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
+
+
+@pytest.fixture(scope="session")
+def blob_model(tmp_path_factory):
+    """DALAResNet50 trained from scratch on 96-px blob images (tumour = blob present)."""
+    root = write_blob_folder(tmp_path_factory.mktemp("blobs"), size=96, n=160)
+    samples, names = image_folder_samples(root)
+    train, val = group_split([s.label for s in samples], [s.group for s in samples], 0.34, seed=0)
+    out = tmp_path_factory.mktemp("run")
+    result = train_model(
+        [samples[i] for i in train],
+        [samples[i] for i in val],
+        names,
+        "tumour",
+        TrainConfig(input_size=96, epochs=3, **QUICK),
+        out,
+        {"mpp": 0.5, "mpp_note": "test"},
+        progress=False,
+    )
+    return result, out

@@ -204,6 +204,8 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from wsi_dala import cli_training  # noqa: F401  (registers train, evaluate, cam)
+
     parser = argparse.ArgumentParser(
         prog="wsi-dala",
         description="Whole-slide tumour-probability heatmaps with DALAResNet50 and DT Grad-CAM, for QuPath.",

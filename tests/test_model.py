@@ -1,0 +1,178 @@
+"""DALAResNet50, its attention module, the baselines, pretrained weights and checkpoints."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from wsi_dala.errors import CheckpointError
+from wsi_dala.model import (
+    ARCHITECTURES,
+    DalaOptions,
+    DALAResNet50,
+    ModelCard,
+    build_model,
+    load_checkpoint,
+    read_card,
+    save_checkpoint,
+)
+from wsi_dala.model.attention import GateAttention
+from wsi_dala.model.build import OFFLINE_ENV
+
+
+def test_shapes_and_parameter_counts():
+    model = DALAResNet50(num_classes=2).eval()
+    attention = sum(p.numel() for p in model.attention.parameters())
+    assert attention == 2 * 2048 * 256 + 256 + 2048  # 1x1 2048->256 and 256->2048 with biases: ~1.05 M
+    head = sum(p.numel() for p in model.head.parameters())
+    assert head == 2048 * 512 + 512 + 512 * 256 + 256 + 256 * 2 + 2
+    resnet50_without_fc = 25_557_032 - (2048 * 1000 + 1000)
+    assert sum(p.numel() for p in model.parameters()) == resnet50_without_fc + attention + head
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert model.forward_features(x).shape == (2, 2048, 7, 7)
+        assert model(x).shape == (2, 2)
+    blocks = DALAResNet50(4, DalaOptions(attention_position="blocks"))
+    assert len(blocks.attention) == 3
+    with torch.no_grad():
+        assert blocks.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_head_is_dual_activated():
+    head = DALAResNet50(3).head
+    assert isinstance(head.act1, torch.nn.LeakyReLU) and head.act1.negative_slope == 0.01
+    assert isinstance(head.act2, torch.nn.ReLU)
+    assert (head.fc1.out_features, head.fc2.out_features, head.fc3.out_features) == (512, 256, 3)
+
+
+@pytest.mark.parametrize("gate_mode", ["x*a", "x*(1+a)"])
+def test_attention_gates_as_specified(gate_mode):
+    torch.manual_seed(0)
+    module = GateAttention(64, reduction=8, gate_mode=gate_mode)
+    x = torch.randn(2, 64, 5, 5)
+    a = torch.sigmoid(module.expand(torch.relu(module.reduce(x))))
+    expected = x * a if gate_mode == "x*a" else x * (1 + a)
+    torch.testing.assert_close(module(x), expected)
+    assert a.shape == x.shape  # per position and per channel
+    assert module.reduce.out_channels == 8
+
+
+@pytest.mark.parametrize("kind", ["se", "eca", "cbam-spatial"])
+def test_other_attention_kinds_build_and_run(kind):
+    model = DALAResNet50(2, DalaOptions(attention_kind=kind)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+
+
+def test_every_architecture_builds_with_the_split_interface():
+    spatial = {}
+    for arch in ARCHITECTURES:
+        model = build_model(arch, num_classes=3, pretrained="none").eval()
+        with torch.no_grad():
+            features = model.forward_features(torch.randn(1, 3, 224, 224))
+            assert model.forward_head(features).shape == (1, 3), arch
+        spatial[arch] = model.spatial_features
+    assert spatial == {
+        "dalaresnet50": True,
+        "resnet50": True,
+        "seresnet50": True,
+        "densenet121": True,
+        "vgg16": True,
+        "vit_b_16": False,
+        "swin_t": True,
+        "dinov2_vitb14": False,
+    }
+
+
+def test_imagenet_offline_names_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    with pytest.raises(CheckpointError, match=r"resnet50-11ad3fa6\.pth.*checkpoints"):
+        build_model("dalaresnet50", 2, pretrained="imagenet")
+
+
+def test_imagenet_from_torch_cache_loads_backbone(monkeypatch, tmp_path):
+    """With the file where torchvision's weights API caches it, no download is tried."""
+    from torchvision.models import resnet50
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = resnet50(weights=None)
+    target = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    target.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), target)
+    monkeypatch.setattr(
+        "torchvision.models._api.WeightsEnum.get_state_dict",
+        lambda self, *a, **k: torch.load(target, weights_only=True),
+    )
+    model = build_model("dalaresnet50", 2, pretrained="imagenet")
+    torch.testing.assert_close(model.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+
+
+def test_pretrained_path_loads_matching_tensors(tmp_path):
+    from torchvision.models import resnet50
+
+    reference = resnet50(weights=None)
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    model = build_model("dalaresnet50", 2, pretrained=str(path))
+    torch.testing.assert_close(model.conv1.weight, reference.conv1.weight)
+    with pytest.raises(CheckpointError, match="not found"):
+        build_model("dalaresnet50", 2, pretrained=str(tmp_path / "missing.safetensors"))
+
+
+def _card(**changes) -> ModelCard:
+    fields = dict(
+        architecture="dalaresnet50",
+        class_names=["benign", "malignant"],
+        positive_class="malignant",
+        tile_size_px=224,
+        mpp=0.5,
+        mpp_note="test",
+        options={"gate_mode": "x*(1+a)"},
+        training_data={"source": "test", "counts_train": {"benign": 3, "malignant": 5}},
+        validation_metrics={"balanced_accuracy": 0.9},
+    )
+    fields.update(changes)
+    return ModelCard(**fields)
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("dalaresnet50", 2, options={"gate_mode": "x*(1+a)"}).eval()
+    card = _card()
+    path = save_checkpoint(tmp_path / "model.safetensors", model, card)
+    loaded, loaded_card = load_checkpoint(path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert loaded_card.to_json() == card.to_json()
+    assert read_card(path).positive_index == 1
+    assert loaded.options.gate_mode == "x*(1+a)"
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    model = build_model("dalaresnet50", 2)
+    torch_file = tmp_path / "model.pt"
+    torch.save(model.state_dict(), torch_file)
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(torch_file)
+    disguised = tmp_path / "evil.safetensors"
+    disguised.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(disguised)
+    bare = tmp_path / "bare.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bare))
+    with pytest.raises(CheckpointError, match="model card"):
+        load_checkpoint(bare)
+
+
+def test_card_is_validated():
+    with pytest.raises(CheckpointError, match="positive class"):
+        _card(positive_class="tumour").validate()
+    with pytest.raises(CheckpointError, match="implausible"):
+        _card(mpp=1e6).validate()

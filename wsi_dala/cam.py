@@ -1,0 +1,100 @@
+"""DT Grad-CAM: Grad-CAM with a dynamic, per-image threshold.
+
+Target layer: the output of layer4 including attention (``forward_features``); target class: the
+positive class's logit. The gradient ∂y_c/∂A only needs back-propagation through the head, so the
+backbone runs without autograd and only the head is differentiated: a CAM for every tile costs a few
+per cent over scoring (``shared/model-spec.md``, DT Grad-CAM step 6).
+
+Raw maps (un-normalised, feature-map resolution) are what slide-level stitching needs: per-tile
+min-max normalisation would stretch a benign tile's weak map to 1. Per-tile normalised maps are for
+per-tile figures only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.filters import threshold_otsu
+from torch import nn
+
+THRESHOLD_METHODS = ("mean_std", "otsu", "percentile")
+
+
+@dataclass(frozen=True)
+class CamSettings:
+    """How the dynamic threshold is chosen from each map's own distribution."""
+
+    method: str = "mean_std"  # τ = mean + k·std | Otsu | the p-th percentile
+    k: float = 1.0
+    percentile: float = 80.0
+
+    def __post_init__(self) -> None:
+        if self.method not in THRESHOLD_METHODS:
+            raise ValueError(f"CAM threshold method must be one of {THRESHOLD_METHODS}, got {self.method!r}")
+
+
+@dataclass
+class DTGradCAM:
+    """Per-image outputs at image resolution."""
+
+    maps: np.ndarray  # [N, H, W] float32: normalised Grad-CAM with values below τ set to 0
+    masks: np.ndarray  # [N, H, W] bool: where the map survives the threshold
+    thresholds: np.ndarray  # [N] float32: τ on the normalised [0, 1] map
+    gradcam: np.ndarray  # [N, H, W] float32: the normalised map before thresholding (for figures)
+
+
+def logits_and_raw_cams(
+    model: nn.Module, images: torch.Tensor, positive_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, C] and raw Grad-CAM maps [N, h, w] (ReLU(Σ α_k A_k), feature-map resolution).
+
+    The backbone runs under ``no_grad``; autograd covers the head only.
+    """
+    if not getattr(model, "spatial_features", False):
+        raise ValueError(f"{type(model).__name__} has no spatial feature map: Grad-CAM is not defined for it")
+    with torch.no_grad():
+        features = model.forward_features(images)
+    features = features.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model.forward_head(features)
+        (gradients,) = torch.autograd.grad(logits[:, positive_index].sum(), features)
+    weights = gradients.mean(dim=(2, 3), keepdim=True)  # α_k: spatial mean of the gradient
+    raw = torch.relu((weights * features.detach()).sum(dim=1))
+    return logits.detach(), raw
+
+
+def dynamic_threshold(cam: np.ndarray, settings: CamSettings) -> float:
+    """τ from the map's own distribution, clipped so a non-zero map never comes out empty."""
+    values = cam.ravel()
+    if settings.method == "mean_std":
+        tau = float(values.mean() + settings.k * values.std())
+    elif settings.method == "otsu":
+        tau = float(threshold_otsu(values)) if np.ptp(values) > 0 else float(values.max())
+    else:
+        tau = float(np.percentile(values, settings.percentile))
+    return min(tau, float(values.max()))
+
+
+def upsample(raw: torch.Tensor | np.ndarray, size: int) -> np.ndarray:
+    """Bilinear upsampling of [N, h, w] maps to [N, size, size]."""
+    tensor = torch.as_tensor(raw, dtype=torch.float32)[:, None]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def dt_gradcam(raw: torch.Tensor | np.ndarray, size: int, settings: CamSettings | None = None) -> DTGradCAM:
+    """Upsample raw maps, normalise each to [0, 1] (per-tile figures) and apply the dynamic threshold."""
+    settings = settings or CamSettings()
+    maps = upsample(raw, size)
+    peak = maps.reshape(len(maps), -1).max(axis=1)
+    normalised = maps / np.where(peak > 0, peak, 1.0)[:, None, None]
+    thresholds = np.array([dynamic_threshold(m, settings) for m in normalised], dtype=np.float32)
+    masks = (normalised >= thresholds[:, None, None]) & (normalised > 0)
+    return DTGradCAM(
+        maps=np.where(masks, normalised, 0.0).astype(np.float32),
+        masks=masks,
+        thresholds=thresholds,
+        gradcam=normalised.astype(np.float32),
+    )

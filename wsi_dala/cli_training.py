@@ -1,0 +1,301 @@
+"""CLI verbs for models: ``train``, ``evaluate``, ``cam``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from wsi_dala.cli import command
+from wsi_dala.errors import ConfigError
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("data (give exactly one source)")
+    source.add_argument("--breakhis", metavar="ROOT", help="a BreakHis tree (BreaKHis_v1/...)")
+    source.add_argument(
+        "--magnification",
+        metavar="MAG",
+        choices=("40X", "100X", "200X", "400X"),
+        help="BreakHis magnification to use (default: all four)",
+    )
+    source.add_argument("--folder", metavar="ROOT", help="image-folder tree: ROOT/<class>/[<group>/]<image>")
+    source.add_argument(
+        "--group-pattern",
+        default=r"^(.+?)_",
+        metavar="REGEX",
+        help="--folder: regex whose first group is the slide/patient of a file name "
+        "(used when images are not in per-group sub-folders)",
+    )
+    source.add_argument(
+        "--slide",
+        action="append",
+        default=[],
+        metavar="SLIDE[=GEOJSON]",
+        help="a slide with QuPath annotations (default GEOJSON: beside the slide, same stem); "
+        "repeat for several slides",
+    )
+    source.add_argument(
+        "--unannotated-class",
+        metavar="NAME",
+        help="--slide: class for tissue tiles outside every annotation (default: drop them)",
+    )
+    source.add_argument(
+        "--min-cover",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="--slide: fraction of a tile an annotation must cover to label it",
+    )
+    source.add_argument("--tile-mpp", type=float, default=0.5, metavar="UM", help="--slide: tile µm/px")
+    source.add_argument("--min-tissue", type=float, default=0.5, metavar="F", help="--slide: tissue fraction")
+
+
+def _load_samples(args: argparse.Namespace, out_dir: Path, input_size: int):
+    """(samples, class names, µm/px or None, note, source description)."""
+    from wsi_dala.training import datasets
+
+    given = [bool(args.breakhis), bool(args.folder), bool(args.slide)]
+    if sum(given) != 1:
+        raise ConfigError("give exactly one data source: --breakhis, --folder or --slide")
+    if args.breakhis:
+        samples = datasets.breakhis_samples(args.breakhis, args.magnification)
+        mpp = datasets.BREAKHIS_MPP.get(args.magnification) if args.magnification else None
+        note = datasets.BREAKHIS_MPP_NOTE if mpp else "BreakHis, mixed magnifications: no single µm/px"
+        return samples, list(datasets.BREAKHIS_CLASSES), mpp, note, f"BreakHis {args.breakhis}"
+    if args.folder:
+        samples, names = datasets.image_folder_samples(args.folder, args.group_pattern)
+        return samples, names, None, "image folder: µm/px unknown (give --train-mpp)", f"image folder {args.folder}"
+    from wsi_dala.tiling import TilingConfig
+    from wsi_dala.training.slide_tiles import annotated_slide_samples, parse_slide_argument
+
+    slides = [parse_slide_argument(text) for text in args.slide]
+    tiling = TilingConfig(target_mpp=args.tile_mpp, tile_size_px=input_size, min_tissue=args.min_tissue)
+    samples, names, mpp = annotated_slide_samples(
+        slides, out_dir / "tiles", tiling, args.min_cover, args.unannotated_class, progress=not args.quiet
+    )
+    return samples, names, mpp, "measured by the wsi-dala tiler", f"{len(slides)} annotated slides"
+
+
+def _configure_train(parser: argparse.ArgumentParser) -> None:
+    from wsi_dala.model import ARCHITECTURES
+    from wsi_dala.model.attention import ATTENTION_KINDS, GATE_MODES
+    from wsi_dala.model.dala import ATTENTION_POSITIONS
+
+    parser.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoint, curves, metrics)")
+    _add_data_options(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", default="dalaresnet50", choices=ARCHITECTURES, help="architecture")
+    model.add_argument(
+        "--pretrained",
+        default="imagenet",
+        metavar="imagenet|none|PATH",
+        help="starting weights: ImageNet (torchvision weights API), none, or a weights file",
+    )
+    model.add_argument(
+        "--attention-position",
+        default="end",
+        choices=ATTENTION_POSITIONS,
+        help="DALAResNet50: attention after the whole of layer4, or after each of its blocks",
+    )
+    model.add_argument("--attention-kind", default="gate", choices=ATTENTION_KINDS, help="DALAResNet50 attention")
+    model.add_argument("--gate-mode", default="x*a", choices=GATE_MODES, help="DALAResNet50: y = x*a or x*(1+a)")
+    model.add_argument(
+        "--positive-class",
+        default=None,
+        metavar="NAME",
+        help="class whose probability is the tumour probability (default: malignant/Tumor/last)",
+    )
+    fit = parser.add_argument_group("training")
+    fit.add_argument("--input-size", type=int, default=224, metavar="PX", help="input side (crops at native scale)")
+    fit.add_argument("--epochs", type=int, default=20, help="maximum epochs")
+    fit.add_argument("--batch-size", type=int, default=32, help="batch size")
+    fit.add_argument("--lr-backbone", type=float, default=1e-4, help="AdamW learning rate of the backbone")
+    fit.add_argument("--lr-head", type=float, default=1e-3, help="AdamW learning rate of attention and head")
+    fit.add_argument(
+        "--imbalance",
+        default="cb-loss",
+        choices=("cb-loss", "sampler", "none"),
+        help="class-balanced loss (Cui et al.) or a weighted sampler, never both",
+    )
+    fit.add_argument("--beta", type=float, default=0.999, help="class-balanced loss β")
+    fit.add_argument("--patience", type=int, default=5, help="early stopping: epochs without val-loss improvement")
+    fit.add_argument(
+        "--freeze-until",
+        choices=("layer1", "layer2", "layer3"),
+        default=None,
+        help="freeze the backbone up to this layer (faster CPU runs; default: train everything)",
+    )
+    fit.add_argument(
+        "--precise-bn-batches",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-estimate BatchNorm statistics on N training batches before each validation "
+        "(helps short runs from scratch; 0: off)",
+    )
+    fit.add_argument("--val-fraction", type=float, default=0.2, help="share of patients/slides for validation")
+    fit.add_argument("--fold", metavar="DSFOLD.txt", help="BreakHis fold file: its train/test split instead")
+    fit.add_argument("--seed", type=int, default=0, help="random seed (splits, initialisation, augmentation)")
+    fit.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
+    fit.add_argument(
+        "--no-amp", action="store_true", help="full fp32 (default: fp16 AMP on CUDA, bf16 on CPUs with it)"
+    )
+    fit.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    fit.add_argument(
+        "--train-mpp",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="µm/px of the training images, recorded in the model card (overrides the default)",
+    )
+
+
+def _positive_class(names: list[str], requested: str | None) -> str:
+    if requested:
+        if requested not in names:
+            raise ConfigError(f"--positive-class {requested!r} is not one of the classes {names}")
+        return requested
+    for candidate in ("malignant", "Tumor", "tumor", "Tumour", "tumour"):
+        if candidate in names:
+            return candidate
+    return names[-1]
+
+
+@command("train", "fine-tune DALAResNet50 (or a baseline) on BreakHis, image folders or annotated slides")(
+    _configure_train
+)
+def _train(args: argparse.Namespace) -> int:
+    from wsi_dala.training.datasets import class_counts
+    from wsi_dala.training.metrics import format_table
+    from wsi_dala.training.splits import group_split, read_breakhis_fold
+    from wsi_dala.training.train import TrainConfig, train_model
+
+    out_dir = Path(args.out)
+    samples, names, mpp, note, source = _load_samples(args, out_dir, args.input_size)
+    if args.train_mpp:
+        mpp, note = args.train_mpp, "given with --train-mpp"
+    if args.fold:
+        split = read_breakhis_fold(args.fold)
+        train = [s for s in samples if split.get(Path(s.source).name) == "train"]
+        val = [s for s in samples if split.get(Path(s.source).name) == "test"]
+    else:
+        train_idx, val_idx = group_split(
+            [s.label for s in samples], [s.group for s in samples], args.val_fraction, args.seed
+        )
+        train, val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+    if not train or not val:
+        raise ConfigError(f"{source}: the split left {len(train)} training and {len(val)} validation images")
+    options = {}
+    if args.arch == "dalaresnet50":
+        options = {
+            "attention_position": args.attention_position,
+            "attention_kind": args.attention_kind,
+            "gate_mode": args.gate_mode,
+        }
+    config = TrainConfig(
+        arch=args.arch,
+        options=options,
+        pretrained=args.pretrained,
+        input_size=args.input_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr_backbone=args.lr_backbone,
+        lr_head=args.lr_head,
+        imbalance=args.imbalance,
+        beta=args.beta,
+        patience=args.patience,
+        seed=args.seed,
+        freeze_until=args.freeze_until,
+        device=args.device,
+        amp=not args.no_amp,
+        precise_bn_batches=args.precise_bn_batches,
+        workers=args.workers,
+    )
+    groups = {"train": sorted({s.group for s in train}), "val": sorted({s.group for s in val})}
+    card_fields = {
+        "mpp": mpp,
+        "mpp_note": note,
+        "training_data": {
+            "source": source,
+            "split": "dataset fold file" if args.fold else f"by patient/slide, seed {args.seed}",
+            "counts_train": dict(zip(names, class_counts(train, len(names)), strict=False)),
+            "counts_val": dict(zip(names, class_counts(val, len(names)), strict=False)),
+            "groups_train": len(groups["train"]),
+            "groups_val": len(groups["val"]),
+        },
+    }
+    print(
+        f"training on {len(train)} images ({len(groups['train'])} groups), validating on {len(val)} "
+        f"({len(groups['val'])} groups); classes {names}"
+    )
+    result = train_model(
+        train,
+        val,
+        names,
+        _positive_class(names, args.positive_class),
+        config,
+        out_dir,
+        card_fields,
+        progress=not args.quiet,
+    )
+    print(format_table(result.best_metrics, f"best epoch {result.best_epoch} (validation)"))
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="CKPT", help="a .safetensors checkpoint")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where metrics.json and confusion PNGs go")
+    parser.add_argument(
+        "--split-from",
+        metavar="TRAIN_DIR",
+        help="evaluate only the images that this training run held out for validation",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda ...")
+    _add_data_options(parser)
+
+
+@command("evaluate", "accuracy, precision, recall, F1, GMean, IBA and ROC AUC of a checkpoint")(_configure_evaluate)
+def _evaluate(args: argparse.Namespace) -> int:
+    from wsi_dala.model import read_card
+    from wsi_dala.training.evaluate import evaluate_checkpoint
+
+    card = read_card(args.model)
+    samples, names, _, _, _ = _load_samples(args, Path(args.out), card.tile_size_px)
+    if args.split_from:
+        run = json.loads((Path(args.split_from) / "train.json").read_text())
+        held_out = set(run.get("val_groups", []))
+        samples = [s for s in samples if s.group in held_out]
+        if not samples:
+            raise ConfigError(f"{args.split_from}: none of its validation patients/slides are in this data")
+    _, table = evaluate_checkpoint(
+        args.model, samples, names, args.out, args.batch_size, args.device, progress=not args.quiet
+    )
+    print(table)
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def _configure_cam(parser: argparse.ArgumentParser) -> None:
+    from wsi_dala.cam import THRESHOLD_METHODS
+
+    parser.add_argument("images", nargs="+", help="image files (tiles)")
+    parser.add_argument("--model", required=True, metavar="CKPT", help="a .safetensors checkpoint")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where the side-by-side PNGs go")
+    parser.add_argument("--threshold", default="mean_std", choices=THRESHOLD_METHODS, help="dynamic threshold")
+    parser.add_argument("--k", type=float, default=1.0, help="mean_std: τ = mean + k·std")
+    parser.add_argument("--percentile", type=float, default=80.0, help="percentile: τ = this percentile")
+
+
+@command("cam", "DT Grad-CAM figures: image | Grad-CAM | DT Grad-CAM, side by side")(_configure_cam)
+def _cam(args: argparse.Namespace) -> int:
+    from wsi_dala.cam import CamSettings
+    from wsi_dala.cam_figures import write_cam_figures
+
+    settings = CamSettings(method=args.threshold, k=args.k, percentile=args.percentile)
+    written = write_cam_figures([Path(p) for p in args.images], Path(args.model), Path(args.out), settings)
+    for path, probability, tau in written:
+        print(f"{path}  tumour probability {probability:.4f}  τ {tau:.3f}")
+    return 0

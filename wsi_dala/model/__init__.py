@@ -1,0 +1,16 @@
+"""Models: DALAResNet50, the paper's baselines, and checkpoints with model cards."""
+
+from wsi_dala.model.build import ARCHITECTURES, build_model
+from wsi_dala.model.checkpoint import ModelCard, load_checkpoint, read_card, save_checkpoint
+from wsi_dala.model.dala import DalaOptions, DALAResNet50
+
+__all__ = [
+    "ARCHITECTURES",
+    "DALAResNet50",
+    "DalaOptions",
+    "ModelCard",
+    "build_model",
+    "load_checkpoint",
+    "read_card",
+    "save_checkpoint",
+]

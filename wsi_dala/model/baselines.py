@@ -1,0 +1,97 @@
+"""The paper's comparison models behind DALAResNet50's interface.
+
+torchvision provides ResNet50, DenseNet121, VGG16, ViT-B/16 and Swin-T (with its weights API);
+timm provides SEResNet50 and DINOv2 ViT-B/14, which torchvision lacks. Each model exposes
+``forward_features`` / ``forward_head``; ``spatial_features`` says whether the features are a
+[N, C, h, w] map on which Grad-CAM is defined (CNNs, Swin) or tokens (ViT, DINOv2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+
+class SplitClassifier(nn.Module):
+    """A backbone split into features and head."""
+
+    def __init__(self, features: nn.Module, head: nn.Module, spatial_features: bool):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.spatial_features = spatial_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _pool_head(in_features: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(in_features, num_classes))
+
+
+class _NHWCtoNCHW(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
+class _TorchvisionViTFeatures(nn.Module):
+    def __init__(self, vit: tvm.VisionTransformer):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.vit._process_input(x)
+        cls = self.vit.class_token.expand(x.shape[0], -1, -1)
+        return self.vit.encoder(torch.cat([cls, x], dim=1))
+
+
+def torchvision_baseline(arch: str, num_classes: int, backbone: nn.Module) -> SplitClassifier:
+    """Split a torchvision model (already built, maybe with ImageNet weights) and give it a new last layer."""
+    if arch == "resnet50":
+        features = nn.Sequential(*list(backbone.children())[:-2])
+        return SplitClassifier(features, _pool_head(2048, num_classes), True)
+    if arch == "densenet121":
+        features = nn.Sequential(backbone.features, nn.ReLU(inplace=False))
+        return SplitClassifier(features, _pool_head(1024, num_classes), True)
+    if arch == "vgg16":
+        classifier = list(backbone.classifier.children())
+        classifier[-1] = nn.Linear(classifier[-1].in_features, num_classes)
+        head = nn.Sequential(backbone.avgpool, nn.Flatten(1), *classifier)
+        return SplitClassifier(backbone.features, head, True)
+    if arch == "swin_t":
+        features = nn.Sequential(backbone.features, backbone.norm, _NHWCtoNCHW())
+        return SplitClassifier(features, _pool_head(768, num_classes), True)
+    if arch == "vit_b_16":
+        head = nn.Sequential(_ClassToken(), nn.Linear(backbone.hidden_dim, num_classes))
+        return SplitClassifier(_TorchvisionViTFeatures(backbone), head, False)
+    raise ValueError(f"not a torchvision baseline: {arch}")
+
+
+class _ClassToken(nn.Module):
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 0]
+
+
+class TimmClassifier(nn.Module):
+    """A timm model (created with the right ``num_classes``) with the same split interface."""
+
+    def __init__(self, model: nn.Module, spatial_features: bool):
+        super().__init__()
+        self.model = model
+        self.spatial_features = spatial_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

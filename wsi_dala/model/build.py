@@ -1,0 +1,144 @@
+"""Build any supported architecture by name, with ImageNet, local or no pretrained weights.
+
+``--pretrained imagenet`` uses torchvision's weights API (or timm's hub for the two timm models):
+on a connected machine the file is downloaded to the torch cache once. Offline, the error names the
+file and the folder to put it in. ``--pretrained none`` starts from random weights; ``--pretrained
+PATH`` loads a state dict from a safetensors file (or a torch file, with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from wsi_dala.errors import CheckpointError
+from wsi_dala.model.baselines import TimmClassifier, torchvision_baseline
+from wsi_dala.model.dala import DalaOptions, DALAResNet50
+
+ARCHITECTURES = (
+    "dalaresnet50",
+    "resnet50",
+    "seresnet50",
+    "densenet121",
+    "vgg16",
+    "vit_b_16",
+    "swin_t",
+    "dinov2_vitb14",
+)
+_TORCHVISION = {
+    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
+    "densenet121": (tvm.densenet121, tvm.DenseNet121_Weights.IMAGENET1K_V1),
+    "vgg16": (tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1),
+    "vit_b_16": (tvm.vit_b_16, tvm.ViT_B_16_Weights.IMAGENET1K_V1),
+    "swin_t": (tvm.swin_t, tvm.Swin_T_Weights.IMAGENET1K_V1),
+}
+_TIMM = {"seresnet50": ("seresnet50", True), "dinov2_vitb14": ("vit_base_patch14_dinov2", False)}
+OFFLINE_ENV = "WSI_DALA_OFFLINE"  # set to 1 to fail at once instead of trying a download
+
+
+def build_model(
+    arch: str = "dalaresnet50",
+    num_classes: int = 2,
+    pretrained: str = "none",
+    options: dict[str, Any] | None = None,
+    input_size: int = 224,
+) -> nn.Module:
+    """A model ready to train or to receive a checkpoint's weights."""
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    options = dict(options or {})
+    if arch == "dalaresnet50":
+        known = {f.name for f in fields(DalaOptions)}
+        unknown = set(options) - known
+        if unknown:
+            raise CheckpointError(f"unknown DALAResNet50 options: {sorted(unknown)}")
+        model: nn.Module = DALAResNet50(num_classes, DalaOptions(**options))
+        if pretrained == "imagenet":
+            state = _torchvision_imagenet_state("resnet50")
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            stray = list(unexpected) + [k for k in missing if not k.startswith(("attention.", "head."))]
+            if stray:
+                raise CheckpointError(f"ImageNet ResNet50 weights do not fit DALAResNet50: {stray[:5]}")
+    elif arch in _TORCHVISION:
+        constructor, _ = _TORCHVISION[arch]
+        backbone = constructor(weights=None)
+        if pretrained == "imagenet":
+            backbone.load_state_dict(_torchvision_imagenet_state(arch))
+        model = torchvision_baseline(arch, num_classes, backbone)
+    else:
+        import timm
+
+        name, spatial = _TIMM[arch]
+        kwargs = {"img_size": input_size} if arch == "dinov2_vitb14" else {}
+        if pretrained == "imagenet":
+            _require_online(f"timm/{name}", "the Hugging Face hub cache (~/.cache/huggingface/hub)")
+            try:
+                net = timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"could not fetch pretrained weights for {arch} (timm/{name}): {exc}; on a connected machine "
+                    f"run once to fill ~/.cache/huggingface/hub, or use --pretrained PATH or --pretrained none"
+                ) from exc
+        else:
+            net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        model = TimmClassifier(net, spatial)
+    if pretrained not in ("none", "imagenet"):
+        load_pretrained_file(model, Path(pretrained))
+    return model
+
+
+def imagenet_weights_file(arch: str) -> Path:
+    """Where torchvision's weights API caches ImageNet weights for ``arch``."""
+    _, weights = _TORCHVISION[arch]
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _require_online(what: str, where: str) -> None:
+    if os.environ.get(OFFLINE_ENV) == "1":
+        raise CheckpointError(
+            f"pretrained weights {what} are not available offline ({OFFLINE_ENV}=1): put them in {where}, "
+            "or use --pretrained PATH or --pretrained none"
+        )
+
+
+def _torchvision_imagenet_state(arch: str) -> dict[str, torch.Tensor]:
+    _, weights = _TORCHVISION[arch]
+    target = imagenet_weights_file(arch)
+    if not target.exists():
+        _require_online(target.name, str(target.parent))
+    try:
+        # Downloads into the torch cache when missing; loads with weights_only (no code execution).
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"could not load ImageNet weights for {arch}: {type(exc).__name__}: {exc}; download {weights.url} "
+            f"and put it at {target}, or use --pretrained PATH or --pretrained none"
+        ) from exc
+
+
+def load_pretrained_file(model: nn.Module, path: Path) -> None:
+    """Load backbone weights from a file; keys that do not fit (the new head) are reported, not fatal."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: pretrained weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a weights-only torch file ({exc})") from exc
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise CheckpointError(f"{path}: no tensor in this file matches the model's parameter names")
+    model.load_state_dict(usable, strict=False)

@@ -1,0 +1,126 @@
+"""Checkpoints: safetensors weights with a model card in the file's metadata.
+
+Loading never executes code from a file: safetensors holds only tensors and a string map. A pickle
+checkpoint (``.pt``, ``.pth``, ``.ckpt``, or any file that is not safetensors) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import nn
+
+from wsi_dala import __version__
+from wsi_dala.errors import CheckpointError
+from wsi_dala.fileio import atomic_open
+
+CARD_KEY = "wsi_dala.model_card"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelCard:
+    """What travels with every checkpoint: enough to use the model correctly on a new slide."""
+
+    architecture: str
+    class_names: list[str]
+    positive_class: str
+    tile_size_px: int
+    mpp: float | None  # µm/px of the training images; None if unknown
+    mpp_note: str = ""  # where the µm/px comes from (measured by the tiler, or an assumption)
+    options: dict[str, Any] = field(default_factory=dict)
+    normalisation: dict[str, list[float]] = field(
+        default_factory=lambda: {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    )
+    training_data: dict[str, Any] = field(default_factory=dict)
+    validation_metrics: dict[str, Any] = field(default_factory=dict)
+    software: dict[str, str] = field(default_factory=lambda: {"wsi_dala": __version__, "torch": torch.__version__})
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def positive_index(self) -> int:
+        return self.class_names.index(self.positive_class)
+
+    def validate(self, source: str = "model card") -> None:
+        if self.positive_class not in self.class_names:
+            raise CheckpointError(f"{source}: positive class {self.positive_class!r} not in {self.class_names}")
+        if self.tile_size_px < 8:
+            raise CheckpointError(f"{source}: tile size {self.tile_size_px} is not usable")
+        if self.mpp is not None and not 0.01 <= self.mpp <= 100:
+            raise CheckpointError(f"{source}: µm/px {self.mpp} is implausible")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model card") -> ModelCard:
+        try:
+            data = json.loads(text)
+            known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+            card = cls(**known)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: unreadable model card ({exc})") from exc
+        card.validate(source)
+        return card
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, card: ModelCard) -> Path:
+    """Write weights + card atomically (a crash never leaves a half checkpoint)."""
+    card.validate()
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_open(path, "wb") as handle:
+        handle.write(save(state, metadata={CARD_KEY: card.to_json()}))
+    return path
+
+
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """The model card alone (cheap: reads the header only)."""
+    path = _check_safetensors(Path(path))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if CARD_KEY not in metadata:
+        raise CheckpointError(f"{path}: safetensors file without a wsi-dala model card")
+    return ModelCard.from_json(metadata[CARD_KEY], source=str(path))
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """Rebuild the architecture named in the card and load the weights exactly (strict)."""
+    from safetensors.torch import load_file
+
+    from wsi_dala.model.build import build_model
+
+    path = Path(path)
+    card = read_card(path)
+    model = build_model(card.architecture, len(card.class_names), "none", card.options, card.tile_size_px)
+    state = load_file(str(path), device=str(device))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match {card.architecture} ({str(exc)[:200]})") from exc
+    return model.to(device).eval(), card
+
+
+def _check_safetensors(path: Path) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    looks_pickle = head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:4] == b"PK\x03\x04"
+    if looks_pickle or path.suffix in (".pt", ".pth", ".ckpt", ".pkl", ".bin"):
+        raise CheckpointError(
+            f"{path}: pickle checkpoints can run code when loaded and are refused; "
+            "use a .safetensors checkpoint written by wsi-dala train"
+        )
+    if len(head) < 8 or int.from_bytes(head[:8], "little") > 100_000_000:
+        raise CheckpointError(f"{path}: not a safetensors file")
+    return path

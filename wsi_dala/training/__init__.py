@@ -1,0 +1,1 @@
+"""Training and evaluation: data sources, patient/slide-level splits, the training loop, metrics."""

@@ -1,0 +1,60 @@
+"""Evaluate a checkpoint: metrics overall and per magnification, a confusion-matrix PNG, JSON and a table."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_dala.errors import ConfigError
+from wsi_dala.fileio import write_json_atomic
+from wsi_dala.model import load_checkpoint
+from wsi_dala.training.datasets import Sample
+from wsi_dala.training.metrics import classification_metrics, format_table
+from wsi_dala.training.plots import plot_confusion
+from wsi_dala.training.train import TrainConfig, _loader, pick_device, predict
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    samples: list[Sample],
+    class_names: list[str],
+    out_dir: str | Path,
+    batch_size: int = 32,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[dict[str, Any], str]:
+    """Metrics dict (also written to ``metrics.json``) and the printable table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch_device = pick_device(device)
+    model, card = load_checkpoint(checkpoint, torch_device)
+    if list(class_names) != list(card.class_names):
+        raise ConfigError(f"{checkpoint}: model classes {card.class_names} differ from the data's {class_names}")
+    config = TrainConfig(input_size=card.tile_size_px, batch_size=batch_size, device=device)
+    loader = _loader(samples, config, train=False, epoch=0, n_classes=len(class_names))
+    probabilities, labels, _ = predict(
+        model, loader, torch_device, card.normalisation["mean"], card.normalisation["std"], amp=True, progress=progress
+    )
+    predictions = probabilities.argmax(1)
+    overall = classification_metrics(labels, predictions, class_names, card.positive_index, probabilities)
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "overall": overall, "per_magnification": {}}
+    tables = [format_table(overall, f"all images (n={len(labels)})")]
+    plot_confusion(out_dir / "confusion.png", overall["confusion_matrix"], class_names)
+    by_mag: dict[str, list[int]] = defaultdict(list)
+    for i, sample in enumerate(samples):
+        if sample.magnification:
+            by_mag[sample.magnification].append(i)
+    if len(by_mag) > 1:
+        for mag in sorted(by_mag, key=lambda m: int(m.rstrip("X"))):
+            idx = np.array(by_mag[mag])
+            metrics = classification_metrics(
+                labels[idx], predictions[idx], class_names, card.positive_index, probabilities[idx]
+            )
+            result["per_magnification"][mag] = metrics
+            tables.append(format_table(metrics, f"{mag} (n={len(idx)})"))
+            plot_confusion(out_dir / f"confusion_{mag}.png", metrics["confusion_matrix"], class_names, mag)
+    write_json_atomic(out_dir / "metrics.json", result)
+    return result, "\n\n".join(tables)
