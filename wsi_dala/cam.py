@@ -12,7 +12,9 @@ per-tile figures only.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,15 +49,16 @@ class DTGradCAM:
 
 
 def logits_and_raw_cams(
-    model: nn.Module, images: torch.Tensor, positive_index: int
+    model: nn.Module, images: torch.Tensor, positive_index: int, autocast: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, C] and raw Grad-CAM maps [N, h, w] (ReLU(Σ α_k A_k), feature-map resolution).
 
-    The backbone runs under ``no_grad``; autograd covers the head only.
+    The backbone runs under ``no_grad`` (and under ``autocast`` when given: bf16/fp16 where it is
+    fast); the head runs in fp32 with autograd, so the gradients that weight the map stay exact.
     """
     if not getattr(model, "spatial_features", False):
         raise ValueError(f"{type(model).__name__} has no spatial feature map: Grad-CAM is not defined for it")
-    with torch.no_grad():
+    with torch.no_grad(), autocast or contextlib.nullcontext():
         features = model.forward_features(images)
     features = features.detach().float().requires_grad_(True)
     with torch.enable_grad():

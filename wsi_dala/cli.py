@@ -204,7 +204,7 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wsi_dala import cli_training  # noqa: F401  (registers train, evaluate, cam)
+    from wsi_dala import cli_pipeline, cli_training  # noqa: F401  (register run, demo, train, evaluate, cam)
 
     parser = argparse.ArgumentParser(
         prog="wsi-dala",

@@ -5,6 +5,7 @@ tiles.zarr/
   tiles             [N, T, T, 3] uint8   chunked by batch, zstd
   coords            [N, 2]       int64   level-0 top-left (x, y), QuPath's frame
   tissue_fraction   [N]          float32
+  tissue_mask       [h, w]       bool    the tissue mask, attrs["mask_downsample"] level-0 px per pixel
   tile_chunks_done  [n_chunks]   bool    which tile chunks are fully written (resume point)
   (later stages add scores, cams and their own *_chunks_done)
   attrs: slide, reader, µm/px and its source, level, resize, tile size, stride, tissue settings,
@@ -26,6 +27,7 @@ from zarr.codecs import BloscCodec
 
 STORE_FORMAT = "wsi-dala.tiles/1"
 TILES, COORDS, TISSUE_FRACTION, TILE_CHUNKS_DONE = "tiles", "coords", "tissue_fraction", "tile_chunks_done"
+TISSUE_MASK = "tissue_mask"  # [h, w] bool at attrs["mask_downsample"] level-0 px per pixel
 
 
 def _compressor() -> BloscCodec:
@@ -40,6 +42,7 @@ def create_tile_store(
     tile_size_px: int,
     chunk_tiles: int,
     attrs: dict[str, Any],
+    tissue_mask: np.ndarray | None = None,
 ) -> zarr.Group:
     """Create an empty store with its geometry written and no tile chunk done."""
     group = zarr.open_group(Path(path), mode="w", zarr_format=3)
@@ -55,6 +58,8 @@ def create_tile_store(
     )
     group.create_array(COORDS, data=np.asarray(coords, dtype=np.int64).reshape(n, 2), chunks=(max(1, n), 2))
     group.create_array(TISSUE_FRACTION, data=np.asarray(tissue_fraction, dtype=np.float32), chunks=(max(1, n),))
+    if tissue_mask is not None:
+        group.create_array(TISSUE_MASK, data=np.asarray(tissue_mask, dtype=bool))
     n_chunks = n_chunks_of(n, chunk)
     group.create_array(TILE_CHUNKS_DONE, data=np.zeros(n_chunks, dtype=bool), chunks=(max(1, n_chunks),))
     group.attrs.update({"format": STORE_FORMAT, "complete": False, "chunk_tiles": chunk, **attrs})

@@ -230,6 +230,7 @@ def tile_slide(
                 config.tile_size_px,
                 config.chunk_tiles,
                 attrs,
+                tissue_mask=plan.mask,
             )
             save_png_atomic(layout.thumbnail_png, Image.fromarray(plan.thumbnail))
             save_png_atomic(layout.tissue_mask_png, Image.fromarray(plan.mask.astype(np.uint8) * 255))

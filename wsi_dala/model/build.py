@@ -30,6 +30,7 @@ ARCHITECTURES = (
     "vit_b_16",
     "swin_t",
     "dinov2_vitb14",
+    "colour-reference",
 )
 _TORCHVISION = {
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
@@ -53,6 +54,10 @@ def build_model(
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     options = dict(options or {})
+    if arch == "colour-reference":
+        from wsi_dala.model.colour import ColourReferenceScorer
+
+        return ColourReferenceScorer(num_classes, **options)
     if arch == "dalaresnet50":
         known = {f.name for f in fields(DalaOptions)}
         unknown = set(options) - known

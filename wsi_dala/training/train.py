@@ -310,7 +310,7 @@ def train_model(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += float(loss) * len(targets)
+            loss_sum += float(loss.detach()) * len(targets)
             correct += int((logits.argmax(1) == targets).sum())
             seen += len(targets)
         scheduler.step()

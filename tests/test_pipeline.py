@@ -1,0 +1,184 @@
+"""`wsi-dala run` end to end with the transparent colour reference scorer: exact answers are known."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from tests.qupath_rules import check_file
+from wsi_dala.cli import main
+from wsi_dala.config import PipelineConfig, TilingSection, load_config
+from wsi_dala.demo import tumour_iou
+from wsi_dala.errors import ConfigError
+from wsi_dala.model import ModelCard, build_model, save_checkpoint
+from wsi_dala.model.colour import CLASS_NAMES
+from wsi_dala.pipeline import run_slide
+from wsi_dala.scoring import SCORE_CHUNKS_DONE, ScoringConfig, score_store
+from wsi_dala.store import open_store
+from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+
+@pytest.fixture(scope="session")
+def colour_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "colour.safetensors"
+    card = ModelCard(
+        architecture="colour-reference",
+        class_names=list(CLASS_NAMES),
+        positive_class="Tumor",
+        tile_size_px=64,
+        mpp=1.0,
+        mpp_note="reference scorer",
+    )
+    save_checkpoint(path, build_model("colour-reference", 2), card)
+    return path
+
+
+def _slide(tmp_path_factory, mpp, width, height):
+    folder = tmp_path_factory.mktemp(f"slide{mpp}")
+    spec = SyntheticSlideSpec(
+        width=width, height=height, mpp=mpp, seed=3, label_px=int(4 / mpp), app_mag=round(10 / mpp)
+    )
+    return write_synthetic_slide(folder / f"planted_{mpp}.svs", spec)
+
+
+@pytest.fixture(scope="session")
+def planted_025(tmp_path_factory):
+    return _slide(tmp_path_factory, 0.25, 8192, 6144)
+
+
+@pytest.fixture(scope="session")
+def planted_050(tmp_path_factory):
+    return _slide(tmp_path_factory, 0.5, 4096, 3072)
+
+
+def _config(checkpoint, **scoring):
+    return replace(
+        PipelineConfig(), model=str(checkpoint), tiling=TilingSection(min_tissue=0.05), scoring=ScoringConfig(**scoring)
+    )
+
+
+@pytest.mark.parametrize("fixture", ["planted_025", "planted_050"])
+def test_exported_regions_match_planted_tumour(request, tmp_path, colour_checkpoint, fixture):
+    slide = request.getfixturevalue(fixture)
+    summary = run_slide(slide.path, tmp_path, _config(colour_checkpoint), progress=False)
+    assert tumour_iou(slide, summary.layout.tumour_geojson()) >= 0.95
+    tiles = check_file(summary.layout.tiles_geojson())
+    regions = check_file(summary.layout.tumour_geojson())
+    assert len(tiles) == summary.record["counts"]["tiles"] and regions
+    assert {f["properties"]["classification"]["name"] for f in tiles} == {"Tumor", "Non-tumor"}
+    record = json.loads(summary.layout.run_json.read_text())
+    assert record["status"] == "complete" and record["resolution"]["tile_mpp"] == pytest.approx(1.0)
+    assert record["resolution"]["slide_mpp_source"] == "vendor"
+    assert set(record["timings_s"]) == {"tile", "score", "stitch", "export", "total"}
+    for path in record["outputs"].values():
+        assert (summary.layout.root / path).exists() or __import__("pathlib").Path(path).exists()
+    heatmap = open_store(summary.layout.heatmap_store)
+    levels = heatmap.attrs["levels"]
+    assert levels[0]["mpp"] == pytest.approx(heatmap.attrs["cell_mpp"]) and len(levels) >= 2
+    layer = np.asarray(heatmap["tumour/0"][:])
+    assert np.isnan(layer).any() and np.nanmax(layer) <= 1.0
+
+
+def test_rerun_does_no_work_and_changes_rerun(tmp_path, colour_checkpoint, planted_050):
+    config = _config(colour_checkpoint)
+    first = run_slide(planted_050.path, tmp_path, config, progress=False)
+    before = first.layout.run_json.read_text()
+    again = run_slide(planted_050.path, tmp_path, config, progress=False)
+    assert again.skipped and first.layout.run_json.read_text() == before
+    changed = replace(config, tiling=replace(config.tiling, min_tissue=0.5))
+    third = run_slide(planted_050.path, tmp_path, changed, progress=False)
+    assert not third.skipped and third.record["counts"]["tiles"] < first.record["counts"]["tiles"]
+
+
+def test_interrupted_scoring_resumes(tmp_path, colour_checkpoint, planted_050):
+    summary = run_slide(planted_050.path, tmp_path, _config(colour_checkpoint), progress=False)
+    store = open_store(summary.layout.tiles_store, mode="r+")
+    reference = np.asarray(store["scores"][:])
+    done = np.asarray(store[SCORE_CHUNKS_DONE][:])
+    assert done.all() and len(done) >= 3
+    # As if the run had died after the first chunk: later chunks neither marked nor written.
+    done[1:] = False
+    store[SCORE_CHUNKS_DONE][:] = done
+    store["scores"][64:] = np.nan
+    result = score_store(summary.layout.tiles_store, colour_checkpoint, ScoringConfig(), progress=False)
+    assert result.chunks_resumed == 1 and not result.skipped
+    np.testing.assert_array_equal(np.asarray(store["scores"][:]), reference)
+
+
+def test_distributed_cluster_gives_the_local_scores(tmp_path, colour_checkpoint, planted_050):
+    from distributed import Client, LocalCluster
+
+    local = run_slide(
+        planted_050.path, tmp_path / "local", _config(colour_checkpoint, precision="fp32"), progress=False
+    )
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        remote = run_slide(
+            planted_050.path,
+            tmp_path / "cluster",
+            _config(colour_checkpoint, precision="fp32", scheduler=cluster.scheduler_address),
+            progress=False,
+        )
+        workers = client.run(lambda: __import__("os").getpid())
+    assert len(set(workers.values())) == 2
+    a = np.asarray(open_store(local.layout.tiles_store)["scores"][:])
+    b = np.asarray(open_store(remote.layout.tiles_store)["scores"][:])
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(open_store(local.layout.tiles_store)["cams"][:]),
+        np.asarray(open_store(remote.layout.tiles_store)["cams"][:]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_config_is_validated(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiling:\n  min_tisue: 0.3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.tiling: unknown key\(s\) min_tisue"):
+        load_config(bad)
+    bad.write_text("scoring:\n  batch_size: many\n")
+    with pytest.raises(ConfigError, match="batch_size: expected a whole number"):
+        load_config(bad)
+    bad.write_text("export:\n  region_thresholds: [0.5, 1.5]\n")
+    with pytest.raises(ConfigError, match="region_thresholds"):
+        load_config(bad)
+
+
+def test_shipped_default_config_loads_and_matches_defaults():
+    from pathlib import Path
+
+    shipped = load_config(Path(__file__).parent.parent / "pipelines" / "default.yaml")
+    assert replace(shipped, model=None) == PipelineConfig()
+
+
+def test_run_without_model_says_how_to_get_one(tmp_path, capsys, planted_050):
+    code = main(["run", str(planted_050.path), "--out", str(tmp_path), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "wsi-dala demo" in err and err.count("\n") == 1
+
+
+def test_run_cli_prints_outputs(tmp_path, capsys, colour_checkpoint, planted_050):
+    code = main(
+        [
+            "run",
+            str(planted_050.path),
+            "--model",
+            str(colour_checkpoint),
+            "--out",
+            str(tmp_path),
+            "--min-tissue",
+            "0.05",
+            "--gzip",
+            "-q",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "planted_0.5.tiles.geojson.gz" in out and "overlay.png" in out
+    check_file(tmp_path / "planted_0.5.tiles.geojson.gz")

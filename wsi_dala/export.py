@@ -1,0 +1,121 @@
+"""From a scored tile store and a stitched heatmap to QuPath GeoJSON (via ``qupath_export``).
+
+Tiles become locked ``tile`` detections classed Tumor / Non-tumor at ``tile_threshold`` with their
+measurements; tumour regions become ``annotation`` polygons traced on the ``tumour`` heatmap layer at
+each threshold, with holes, simplified without self-crossing, at least ``min_region_area_um2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+
+from qupath_export.geojson import annotation_feature, tile_features, write_feature_collection
+from qupath_export.polygons import mask_to_polygons
+from wsi_dala.cam import CamSettings, dynamic_threshold
+from wsi_dala.heatmap import Heatmap
+from wsi_dala.scoring import CAMS, SCORES
+from wsi_dala.store import TISSUE_FRACTION, open_store
+
+POSITIVE_CLASS, NEGATIVE_CLASS = "Tumor", "Non-tumor"  # QuPath's built-in Tumor class, and ours
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    tile_threshold: float = 0.5  # tiles at or above: class Tumor
+    region_thresholds: tuple[float, ...] = (0.5,)
+    min_region_area_um2: float = 10_000.0  # 0.01 mm²
+    simplify_cells: float = 0.25  # simplification tolerance, in heatmap cells (removes the staircase)
+    gzip: bool = False
+    cam_threshold: str = "mean_std"  # for the per-tile "DT-CAM area fraction" measurement
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ExportResult:
+    tiles_path: Path
+    regions_path: Path
+    n_tiles: int
+    n_regions: int
+    regions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _tile_feature_stream(store: Any, config: ExportConfig, cam_scale: float) -> Iterator[dict]:
+    positive_index = list(store.attrs["class_names"]).index(store.attrs["positive_class"])
+    tile_l0 = float(store.attrs["tile_size_l0"])
+    chunk = int(store.attrs["chunk_tiles"])
+    settings = CamSettings(method=config.cam_threshold)
+    for start in range(0, store["coords"].shape[0], chunk):
+        coords = np.asarray(store["coords"][start : start + chunk])
+        probability = np.asarray(store[SCORES][start : start + chunk])[:, positive_index]
+        raw = np.asarray(store[CAMS][start : start + chunk])
+        scaled = np.clip(raw / cam_scale, 0.0, 1.0).reshape(len(raw), -1)
+        peak = raw.reshape(len(raw), -1).max(axis=1)
+        normalised = raw.reshape(len(raw), -1) / np.where(peak > 0, peak, 1.0)[:, None]
+        kept = np.array(
+            [
+                ((m >= dynamic_threshold(m, settings)) & (m > 0)).mean() if p > 0 else 0.0
+                for m, p in zip(normalised, peak, strict=True)
+            ]
+        )
+        measurements = {
+            "Tumor probability": probability,
+            "CAM mean (slide scale)": scaled.mean(axis=1),
+            "CAM max (slide scale)": scaled.max(axis=1),
+            "DT-CAM area fraction": kept,
+            "Tissue fraction": np.asarray(store[TISSUE_FRACTION][start : start + chunk]),
+        }
+        classes = np.where(probability >= config.tile_threshold, POSITIVE_CLASS, NEGATIVE_CLASS)
+        yield from tile_features(coords, tile_l0, measurements, classes)
+
+
+def region_features(heatmap: Heatmap, config: ExportConfig) -> tuple[list[dict], list[dict]]:
+    """Annotation features and a summary per region (for run.json)."""
+    features, summary = [], []
+    layer = heatmap.tumour
+    min_area_px = config.min_region_area_um2 / heatmap.slide_mpp**2
+    rows, cols = np.mgrid[0 : layer.shape[0], 0 : layer.shape[1]]
+    centres_x = (cols.ravel() + 0.5) * heatmap.cell_l0
+    centres_y = (rows.ravel() + 0.5) * heatmap.cell_l0
+    values = layer.ravel()
+    for threshold in sorted(config.region_thresholds):
+        mask = np.nan_to_num(layer, nan=0.0) >= threshold
+        regions = mask_to_polygons(
+            mask, heatmap.cell_l0, simplify_tolerance=config.simplify_cells * heatmap.cell_l0, min_area=min_area_px
+        )
+        for number, polygon in enumerate(regions.geoms, start=1):
+            inside = shapely.contains_xy(polygon, centres_x, centres_y) & np.isfinite(values)
+            mean_p = float(values[inside].mean()) if inside.any() else float("nan")
+            area_um2 = polygon.area * heatmap.slide_mpp**2
+            measurements = {"Area µm^2": area_um2, "Mean tumour probability": mean_p, "Threshold": threshold}
+            feature = annotation_feature(
+                polygon, POSITIVE_CLASS, f"Tumour region {number} (p >= {threshold:g})", measurements
+            )
+            if feature is not None:
+                features.append(feature)
+                summary.append(
+                    {
+                        "threshold": threshold,
+                        "area_um2": round(area_um2, 1),
+                        "mean_probability": round(mean_p, 4) if np.isfinite(mean_p) else None,
+                    }
+                )
+    return features, summary
+
+
+def export_qupath(
+    store_path: str | Path, heatmap: Heatmap, tiles_path: Path, regions_path: Path, config: ExportConfig
+) -> ExportResult:
+    """Write both GeoJSON files (each atomically); returns counts and the regions' summary."""
+    store = open_store(store_path)
+    n_tiles = write_feature_collection(tiles_path, _tile_feature_stream(store, config, heatmap.cam_scale))
+    features, summary = region_features(heatmap, config)
+    write_feature_collection(regions_path, features)
+    return ExportResult(tiles_path, regions_path, n_tiles, len(features), summary)
