@@ -99,3 +99,21 @@ def test_cam_cli_writes_side_by_side_pngs(blob_model, tmp_path, capsys):
     assert out.count("tumour probability") == 2
     figure = Image.open(tmp_path / "cams" / "tile1.cam.png")
     assert figure.size == (3 * 96, 96 + 18)
+
+
+@pytest.mark.skipif(
+    not __import__("wsi_dala.training.train", fromlist=["x"]).cpu_supports_bf16(),
+    reason="this CPU has no native bf16; scoring runs in fp32 here",
+)
+def test_bf16_scoring_stays_within_stated_tolerance_of_fp32(blob_model):
+    from wsi_dala.scoring import score_tiles
+
+    result, _ = blob_model
+    rng = np.random.default_rng(3)
+    tiles = np.stack([blob_image(96, i % 2 == 1, rng)[0] for i in range(32)])
+    fp32 = score_tiles(tiles, str(result.checkpoint), "cpu", "fp32", 16)
+    bf16 = score_tiles(tiles, str(result.checkpoint), "cpu", "bf16", 16)
+    assert np.abs(fp32[:, :2] - bf16[:, :2]).max() <= 0.05  # the README's stated tolerance
+    assert ((fp32[:, 1] >= 0.5) == (bf16[:, 1] >= 0.5)).all()
+    cams32, cams16 = fp32[:, 2:], bf16[:, 2:]
+    assert np.abs(cams32 - cams16).max() <= 0.05 * cams32.max()
