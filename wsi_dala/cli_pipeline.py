@@ -121,3 +121,57 @@ def _demo(args: argparse.Namespace) -> int:
         f"with folder = {summary.layout.root.resolve()}"
     )
     return 0
+
+
+def _configure_batch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "archive",
+        help="folder searched recursively for slides (svs, tif, ndpi, mrxs, scn, bif, vms, DICOM folders, ...)",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="one sub-folder per slide, batch.json, report.md")
+    parser.add_argument("--config", metavar="FILE", help="pipeline YAML (see pipelines/default.yaml)")
+    parser.add_argument("--model", metavar="CKPT", help="checkpoint (default: `model:` in --config)")
+    parser.add_argument("--pattern", default="*", metavar="GLOB", help="only file names matching this glob")
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="spread slides over an existing dask.distributed cluster (tcp://host:8786)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="slides processed at once by a local Dask cluster of this many processes"
+    )
+    parser.add_argument("--retries", type=int, default=2, help="extra attempts for failures not caused by the input")
+    parser.add_argument(
+        "--stale-lock-hours",
+        type=float,
+        default=24.0,
+        help="a lock left by another host is stale after this long (same host: when its pid is gone)",
+    )
+
+
+@command("batch", "run every slide of an archive: skip what is done, resume, isolate bad slides, report")(
+    _configure_batch
+)
+def _batch(args: argparse.Namespace) -> int:
+    from wsi_dala.archive import BatchConfig, run_batch
+    from wsi_dala.config import load_config, with_overrides
+
+    config = with_overrides(load_config(args.config), model={"path": args.model})
+    if not config.model:
+        from wsi_dala.errors import CheckpointError
+
+        raise CheckpointError("no model: give --model CKPT or set `model:` in the pipeline config")
+    batch = BatchConfig(
+        pattern=args.pattern,
+        retries=max(0, args.retries),
+        stale_lock_s=args.stale_lock_hours * 3600,
+        workers=max(1, args.workers),
+        scheduler=args.scheduler,
+    )
+    result = run_batch(args.archive, args.out, config, batch, progress=not args.quiet)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts().items())) or "no slides found"
+    print(f"{len(result.outcomes)} slides in {result.seconds:.1f} s: {counts}")
+    for outcome in result.failed:
+        print(f"  FAILED {outcome.path}: {outcome.error}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 1 if result.failed else 0

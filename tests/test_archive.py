@@ -1,0 +1,224 @@
+"""Archive batches: crashes (kill -9), bad slides, concurrent batches, changed slides, locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from wsi_dala.archive import BatchConfig, find_slides, run_batch, slide_id, slide_lock
+from wsi_dala.config import PipelineConfig
+from wsi_dala.model import ModelCard, build_model, save_checkpoint
+from wsi_dala.model.colour import CLASS_NAMES
+from wsi_dala.scoring import ScoringConfig
+from wsi_dala.store import open_store
+from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """Three good slides (two share a file name in different folders), a truncated one, a text file."""
+    root = tmp_path_factory.mktemp("archive")
+    for i, relative in enumerate(["site-a/case.svs", "site-b/case.svs", "site-b/2024/other.tif"]):
+        layout = "svs" if relative.endswith(".svs") else "tiff"
+        write_synthetic_slide(
+            root / relative,
+            SyntheticSlideSpec(width=4096, height=3072, mpp=0.5, seed=30 + i, layout=layout, app_mag=20),
+        )
+    data = (root / "site-a" / "case.svs").read_bytes()
+    (root / "site-a" / "truncated.svs").write_bytes(data[: len(data) // 3])
+    (root / "site-b" / "notes.tif").write_text("not a slide\n")
+    (root / "readme.txt").write_text("ignored: not a slide suffix\n")
+    folder = tmp_path_factory.mktemp("model")
+    checkpoint = folder / "colour.safetensors"
+    card = ModelCard(
+        architecture="colour-reference", class_names=list(CLASS_NAMES), positive_class="Tumor", tile_size_px=64, mpp=1.0
+    )
+    save_checkpoint(checkpoint, build_model("colour-reference", 2), card)
+    config_file = folder / "pipeline.yaml"
+    config_file.write_text(f"model: {checkpoint}\nscoring:\n  precision: fp32\n  batch_size: 16\n")
+    return root, config_file
+
+
+def _config(config_file) -> PipelineConfig:
+    from wsi_dala.config import load_config
+
+    return load_config(config_file)
+
+
+def _batch_cli(root, out, config_file, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "wsi_dala",
+        "batch",
+        str(root),
+        "--out",
+        str(out),
+        "--config",
+        str(config_file),
+        "-q",
+        *extra,
+    ]
+
+
+def _outputs(out):
+    """What a finished batch produced, per slide: scores, CAMs and the GeoJSON text."""
+    result = {}
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+        state = json.loads((folder / "state.json").read_text())
+        if state["status"] not in ("done", "skipped"):
+            result[folder.name] = state["status"]
+            continue
+        store = open_store(folder / "tiles.zarr")
+        geojson = sorted(folder.glob("*.geojson"))
+        result[folder.name] = (
+            np.asarray(store["scores"][:]),
+            np.asarray(store["cams"][:]),
+            [g.read_text() for g in geojson],
+        )
+    return result
+
+
+def test_slides_found_with_unique_ids(archive):
+    root, _ = archive
+    slides = find_slides(root)
+    names = sorted(p.relative_to(root).as_posix() for p in slides)
+    assert names == [
+        "site-a/case.svs",
+        "site-a/truncated.svs",
+        "site-b/2024/other.tif",
+        "site-b/case.svs",
+        "site-b/notes.tif",
+    ]
+    ids = {slide_id(root, p) for p in slides}
+    assert len(ids) == 5 and slide_id(root, root / "site-a" / "case.svs") == slide_id(root, root / "site-a/case.svs")
+
+
+def test_bad_slides_are_isolated_and_a_rerun_does_no_work(archive, tmp_path):
+    root, config_file = archive
+    out = tmp_path / "out"
+    first = run_batch(root, out, _config(config_file), BatchConfig(), progress=False)
+    assert first.counts() == {"done": 3, "failed": 2}
+    failed = {os.path.basename(o.path): o for o in first.failed}
+    assert set(failed) == {"truncated.svs", "notes.tif"}
+    assert "truncated" in failed["truncated.svs"].error and failed["truncated.svs"].attempts == 1
+    report = (out / "report.md").read_text()
+    assert "## Failures" in report and "truncated.svs" in report and "| failed | 2 |" in report
+    summary = json.loads((out / "batch.json").read_text())
+    assert summary["counts"] == {"done": 3, "failed": 2}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("run.json")}
+    second = run_batch(root, out, _config(config_file), BatchConfig(), progress=False)
+    assert second.counts() == {"skipped": 3, "failed": 2}
+    assert all(o.attempts == 0 for o in second.failed)  # the same bad file is not tried again
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("run.json")}
+    code = subprocess.run(_batch_cli(root, out, config_file), capture_output=True, text=True)
+    assert code.returncode == 1 and "FAILED" in code.stdout
+
+
+def test_kill_9_at_random_points_then_rerun_equals_uninterrupted(archive, tmp_path):
+    root, config_file = archive
+    reference_out = tmp_path / "reference"
+    run_batch(root, reference_out, _config(config_file), BatchConfig(), progress=False)
+    reference = _outputs(reference_out)
+    rng = random.Random(1)
+    for trial in range(3):
+        out = tmp_path / f"killed{trial}"
+        for _ in range(2):  # die twice before finishing
+            process = subprocess.Popen(
+                _batch_cli(root, out, config_file),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            time.sleep(rng.uniform(2.0, 6.0))
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        finished = subprocess.run(_batch_cli(root, out, config_file), capture_output=True, text=True)
+        assert finished.returncode == 1  # the two bad slides, nothing else
+        outputs = _outputs(out)
+        assert outputs.keys() == reference.keys()
+        for name, expected in reference.items():
+            if isinstance(expected, str):
+                assert outputs[name] == expected
+                continue
+            np.testing.assert_array_equal(outputs[name][0], expected[0])
+            np.testing.assert_array_equal(outputs[name][1], expected[1])
+            assert outputs[name][2] == expected[2]
+        assert not list(out.rglob("slide.lock"))
+
+
+def test_concurrent_batches_never_process_a_slide_twice(archive, tmp_path):
+    root, config_file = archive
+    out = tmp_path / "shared"
+    processes = [
+        subprocess.Popen(_batch_cli(root, out, config_file), stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [p.communicate()[0] for p in processes]
+    for folder in (p for p in out.iterdir() if p.is_dir()):
+        state = json.loads((folder / "state.json").read_text())
+        assert state["runs"] <= 1, folder
+        if state["status"] in ("done", "skipped"):
+            assert state["runs"] == 1
+    assert all("slides in" in text for text in outputs)
+
+
+def test_changed_slide_is_rerun(archive, tmp_path):
+    root, config_file = archive
+    copy = tmp_path / "archive"
+    shutil.copytree(root / "site-a", copy / "site-a")
+    (copy / "site-a" / "truncated.svs").unlink()
+    out = tmp_path / "out"
+    run_batch(copy, out, _config(config_file), BatchConfig(), progress=False)
+    write_synthetic_slide(
+        copy / "site-a" / "case.svs", SyntheticSlideSpec(width=4096, height=3072, mpp=0.5, seed=99, app_mag=20)
+    )
+    result = run_batch(copy, out, _config(config_file), BatchConfig(), progress=False)
+    assert [o.status for o in result.outcomes] == ["done"]
+    assert result.outcomes[0].runs == 2
+
+
+def test_locks_are_exclusive_and_stale_ones_cleared(tmp_path):
+    with slide_lock(tmp_path, 3600) as held:
+        assert held
+        with slide_lock(tmp_path, 3600) as second:
+            assert not second
+    assert not (tmp_path / "slide.lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "slide.lock").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": dead.pid, "time": time.time()})
+    )
+    with slide_lock(tmp_path, 3600) as held:
+        assert held  # its owner is gone: the lock was stale
+    (tmp_path / "slide.lock").write_text(json.dumps({"host": "another-host", "pid": 1, "time": time.time()}))
+    with slide_lock(tmp_path, 3600) as held:
+        assert not held  # another machine's fresh lock is respected
+    (tmp_path / "slide.lock").write_text(json.dumps({"host": "another-host", "pid": 1, "time": time.time() - 7200}))
+    with slide_lock(tmp_path, 3600) as held:
+        assert held
+
+
+def test_distributed_batch(archive, tmp_path):
+    root, config_file = archive
+    result = run_batch(root, tmp_path / "dist", _config(config_file), BatchConfig(workers=2), progress=False)
+    assert result.counts() == {"done": 3, "failed": 2}
+
+
+def test_scoring_config_scheduler_not_forwarded_per_slide(archive, tmp_path):
+    """The batch's cluster runs whole slides; each slide scores locally inside its worker."""
+    root, config_file = archive
+    from dataclasses import replace
+
+    config = replace(_config(config_file), scoring=ScoringConfig(precision="fp32", scheduler="tcp://nowhere:1"))
+    result = run_batch(root / "site-a", tmp_path / "o", config, BatchConfig(pattern="case.svs"), progress=False)
+    assert result.counts() == {"done": 1}

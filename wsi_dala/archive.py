@@ -1,0 +1,318 @@
+"""Batch runs over a slide archive: find slides, skip what is done, isolate failures, report.
+
+- Slides are found recursively (files openslide/tiffslide read, and DICOM folders). Each gets a stable
+  id from its path relative to the archive root: readable name + a short hash, so two folders holding
+  ``slide.svs`` never collide.
+- Skipping is the pipeline's own: a completed ``run.json`` with the same key (slide fingerprint,
+  settings, model hash) means nothing to do; a changed slide, model or setting re-runs; a slide cut off
+  mid-way resumes from its stored chunks.
+- A per-slide lock (``O_CREAT | O_EXCL``, holding host, pid and time) keeps two batches off one slide;
+  a lock whose process is dead (same host) is stale and cleared.
+- Failures are recorded with their error and the batch goes on; errors that are the input's fault
+  (corrupt, unreadable, no µm/px) are not retried, others are, up to ``retries`` times.
+- Per-slide state (``state.json``) and a batch summary (``batch.json``, ``report.md``) are written
+  atomically. The exit code is non-zero when any slide failed.
+- With a Dask cluster (``scheduler`` address, or ``workers`` > 1 for a local one), slides are the unit
+  of work, one task per slide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from wsi_dala.config import PipelineConfig
+from wsi_dala.errors import WsiDalaError
+from wsi_dala.fileio import atomic_open, write_json_atomic
+from wsi_dala.identity import slide_fingerprint
+from wsi_dala.layout import safe_stem
+
+log = logging.getLogger(__name__)
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".qptiff"}
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    pattern: str = "*"  # glob on file names (e.g. "*.svs")
+    retries: int = 2  # extra attempts for failures that are not the input's fault
+    stale_lock_s: float = 24 * 3600.0  # a lock from another host older than this is stale
+    workers: int = 1  # >1: a local dask.distributed cluster with this many worker processes
+    scheduler: str | None = None  # address of an existing dask.distributed scheduler
+
+
+@dataclass
+class SlideOutcome:
+    slide_id: str
+    path: str
+    status: str  # done | skipped | failed | locked
+    attempts: int = 0
+    seconds: float = 0.0
+    tiles: int = 0
+    error: str | None = None
+    output: str = ""
+    started: str = ""
+    runs: int = 0  # how many times this slide was actually processed, over all batches
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BatchResult:
+    outcomes: list[SlideOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for outcome in self.outcomes:
+            counts[outcome.status] = counts.get(outcome.status, 0) + 1
+        return counts
+
+
+def find_slides(root: str | Path, pattern: str = "*") -> list[Path]:
+    """Slide files (by suffix) and DICOM folders (a folder of .dcm files), sorted, below ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise WsiDalaError(f"{root}: archive folder not found")
+    found = []
+    for path in sorted(root.rglob(pattern)):
+        if path.is_file() and path.suffix.lower() in SLIDE_SUFFIXES and not path.name.startswith("."):
+            found.append(path)
+    for folder in sorted({p.parent for p in root.rglob("*.dcm")}):
+        if folder.match(pattern) or pattern == "*":
+            found.append(folder)
+    return found
+
+
+def slide_id(root: Path, path: Path) -> str:
+    """Stable and unique within the archive: the name plus a hash of the path relative to the root."""
+    relative = path.resolve().relative_to(root.resolve()).as_posix()
+    return f"{safe_stem(path.name)}-{hashlib.sha256(relative.encode()).hexdigest()[:8]}"
+
+
+# ---------------------------------------------------------------- locks
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_is_stale(info: dict[str, Any], stale_after_s: float) -> bool:
+    if info.get("host") == socket.gethostname():
+        return not _pid_alive(int(info.get("pid", -1)))
+    return time.time() - float(info.get("time", 0)) > stale_after_s
+
+
+@contextmanager
+def slide_lock(folder: Path, stale_after_s: float) -> Iterator[bool]:
+    """Yields True when this process holds the slide's lock, False when someone else does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "slide.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                info = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                info = {}
+            if not info and time.time() - path.stat().st_mtime < 60:  # its owner is writing it right now
+                yield False
+                return
+            if lock_is_stale(info, stale_after_s):
+                log.warning("%s: clearing stale lock of %s pid %s", path, info.get("host"), info.get("pid"))
+                # Rename first: of two processes clearing the same stale lock, only one succeeds.
+                try:
+                    os.rename(path, folder / f"slide.lock.stale-{os.getpid()}")
+                    os.unlink(folder / f"slide.lock.stale-{os.getpid()}")
+                except FileNotFoundError:
+                    pass
+                continue
+            yield False
+            return
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, handle)
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield False
+
+
+# ---------------------------------------------------------------- one slide
+
+
+def _transient(exc: BaseException) -> bool:
+    """Input errors (corrupt, unreadable, no µm/px, bad settings) will fail again: don't retry them."""
+    return not isinstance(exc, WsiDalaError)
+
+
+def process_slide(
+    path: str, sid: str, out_root: str, config: PipelineConfig, batch: BatchConfig, progress: bool = False
+) -> dict[str, Any]:
+    """Run one slide under its lock, with retries; record its state. Runs in a worker when distributed."""
+    from wsi_dala.pipeline import run_slide
+
+    folder = Path(out_root) / sid
+    state_path = folder / "state.json"
+    previous = _read_json(state_path)
+    outcome = SlideOutcome(
+        sid,
+        path,
+        "failed",
+        output=str(folder),
+        runs=int(previous.get("runs", 0)),
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    with slide_lock(folder, batch.stale_lock_s) as held:
+        if not held:
+            outcome.status = "locked"
+            return outcome.to_dict()
+        fingerprint = slide_fingerprint(path) if Path(path).exists() else {}
+        unchanged = previous.get("fingerprint") == fingerprint
+        if previous.get("status") == "failed" and previous.get("permanent") and unchanged:
+            # The same bad file fails the same way: report it again without doing the work again.
+            outcome.error, outcome.attempts = previous.get("error"), 0
+            return {**outcome.to_dict()}
+        started = time.perf_counter()
+        permanent = False
+        for attempt in range(1, batch.retries + 2):
+            outcome.attempts = attempt
+            try:
+                summary = run_slide(path, folder, config, progress=progress)
+            except Exception as exc:  # isolate the slide: record and go on
+                outcome.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                log.warning("%s: attempt %d failed: %s", path, attempt, outcome.error)
+                log.debug("%s", traceback.format_exc())
+                permanent = not _transient(exc)
+                if permanent:
+                    break
+                continue
+            outcome.status = "skipped" if summary.skipped else "done"
+            outcome.tiles = int(summary.record.get("counts", {}).get("tiles", 0))
+            outcome.error = None
+            if not summary.skipped:
+                outcome.runs += 1
+            break
+        outcome.seconds = round(time.perf_counter() - started, 3)
+        permanent = permanent and outcome.status == "failed"
+        write_json_atomic(state_path, {**outcome.to_dict(), "fingerprint": fingerprint, "permanent": permanent})
+    return outcome.to_dict()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------- the batch
+
+
+def run_batch(
+    archive: str | Path, out_dir: str | Path, config: PipelineConfig, batch: BatchConfig, progress: bool = True
+) -> BatchResult:
+    """Process every slide of the archive; write batch.json and report.md; never stop at a bad slide."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    archive, out_dir = Path(archive), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slides = find_slides(archive, batch.pattern)
+    jobs = [(str(p), slide_id(archive, p)) for p in slides]
+    # Slides run with the scheduler of the batch; each slide scores on its own worker, locally.
+    per_slide = replace(config, scoring=replace(config.scoring, scheduler=None))
+    result = BatchResult()
+    bar = tqdm(total=len(jobs), unit="slide", desc="batch", disable=not progress)
+    for outcome in _execute(jobs, str(out_dir), per_slide, batch):
+        result.outcomes.append(SlideOutcome(**outcome))
+        bar.update(1)
+        bar.set_postfix(failed=len(result.failed))
+    bar.close()
+    result.outcomes.sort(key=lambda o: o.path)
+    result.seconds = time.perf_counter() - started
+    write_reports(out_dir, archive, result)
+    return result
+
+
+def _execute(jobs: list[tuple[str, str]], out_dir: str, config: PipelineConfig, batch: BatchConfig):
+    if batch.scheduler or batch.workers > 1:
+        from distributed import Client, LocalCluster, as_completed
+
+        if batch.scheduler:
+            client, cluster = Client(batch.scheduler), None
+        else:
+            cluster = LocalCluster(
+                n_workers=batch.workers, threads_per_worker=1, processes=True, dashboard_address=None
+            )
+            client = Client(cluster)
+        try:
+            futures = [
+                client.submit(process_slide, path, sid, out_dir, config, batch, key=f"slide-{sid}", pure=False)
+                for path, sid in jobs
+            ]
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        return
+    for path, sid in jobs:
+        yield process_slide(path, sid, out_dir, config, batch)
+
+
+def write_reports(out_dir: Path, archive: Path, result: BatchResult) -> None:
+    counts = result.counts()
+    summary = {
+        "archive": str(archive.resolve()),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(result.seconds, 3),
+        "counts": counts,
+        "slides": [o.to_dict() for o in result.outcomes],
+    }
+    write_json_atomic(out_dir / "batch.json", summary)
+    lines = [
+        "# wsi-dala batch report",
+        "",
+        f"Archive `{archive}` — finished {summary['finished']} in {result.seconds:.1f} s.",
+        "",
+        "| status | slides |",
+        "|---|---|",
+        *[f"| {status} | {n} |" for status, n in sorted(counts.items())],
+        "",
+    ]
+    if result.failed:
+        lines += ["## Failures", "", "| slide | attempts | error |", "|---|---|---|"]
+        lines += [f"| `{o.path}` | {o.attempts} | {(o.error or '').replace('|', '/')} |" for o in result.failed]
+        lines.append("")
+    lines += ["## Slides", "", "| slide | id | status | tiles | seconds | output |", "|---|---|---|---|---|---|"]
+    lines += [
+        f"| `{Path(o.path).name}` | {o.slide_id} | {o.status} | {o.tiles} | {o.seconds:.1f} | `{o.output}` |"
+        for o in result.outcomes
+    ]
+    with atomic_open(out_dir / "report.md", "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
