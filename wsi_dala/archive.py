@@ -266,7 +266,12 @@ def _execute(jobs: list[tuple[str, str]], out_dir: str, config: PipelineConfig, 
             client, cluster = Client(batch.scheduler), None
         else:
             cluster = LocalCluster(
-                n_workers=batch.workers, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=batch.workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                # Share the cores: each worker's torch gets cores / workers threads.
+                env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // batch.workers))},
             )
             client = Client(cluster)
         try:
