@@ -126,3 +126,17 @@ def test_help_lists_defaults(capsys, verb):
     assert stop.value.code == 0
     out = capsys.readouterr().out
     assert "--reader" in out and "(default: auto)" in out
+
+
+def test_train_input_errors_are_one_line(capsys, svs_050, tmp_path):
+    broken = tmp_path / "case.geojson"
+    broken.write_text('{"type": "FeatureCollection", "features": [')
+    slide = tmp_path / "case.svs"
+    slide.write_bytes(svs_050.path.read_bytes())
+    code, _, err = _run(capsys, "train", "--slide", str(slide), "--out", str(tmp_path / "run"), "-q")
+    _assert_one_line_error(code, err, "case.geojson", "not a readable GeoJSON")
+    code, _, err = _run(capsys, "train", "--out", str(tmp_path / "run"), "-q")
+    _assert_one_line_error(code, err, "exactly one data source")
+    code, _, err = _run(capsys, "batch", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
+                        "--model", str(tmp_path / "m.safetensors"), "-q")
+    _assert_one_line_error(code, err, "nowhere", "archive folder not found")

@@ -241,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WsiDalaError as exc:
         print(f"wsi-dala: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the user named is missing or cannot be read/written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"wsi-dala: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("wsi-dala: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -161,6 +161,12 @@ def _batch(args: argparse.Namespace) -> int:
         from wsi_dala.errors import CheckpointError
 
         raise CheckpointError("no model: give --model CKPT or set `model:` in the pipeline config")
+    from wsi_dala.errors import WsiDalaError
+    from wsi_dala.model import read_card
+
+    if not Path(args.archive).is_dir():
+        raise WsiDalaError(f"{args.archive}: archive folder not found")
+    read_card(config.model)  # a missing or unsafe checkpoint stops the batch before any slide
     batch = BatchConfig(
         pattern=args.pattern,
         retries=max(0, args.retries),

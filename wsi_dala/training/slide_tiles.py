@@ -15,7 +15,7 @@ import numpy as np
 import shapely
 from shapely import STRtree
 
-from qupath_export.annotations import read_annotations
+from qupath_export.annotations import AnnotationError, read_annotations
 from wsi_dala.errors import ConfigError
 from wsi_dala.layout import safe_stem
 from wsi_dala.store import open_store
@@ -23,6 +23,13 @@ from wsi_dala.tiling import TilingConfig, tile_slide
 from wsi_dala.training.datasets import Sample
 
 log = logging.getLogger(__name__)
+
+
+def _annotations(path: Path) -> list:
+    try:
+        return read_annotations(path)
+    except AnnotationError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ def label_tiles(
     unannotated_class: str | None,
 ) -> np.ndarray:
     """Label index per tile (-1: no label)."""
-    annotations = [a for a in read_annotations(annotation_file) if a.class_name]
+    annotations = [a for a in _annotations(annotation_file) if a.class_name]
     boxes = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + tile_size_l0, coords[:, 1] + tile_size_l0)
     cover = np.zeros((len(coords), len(class_names)))
     tree = STRtree(boxes)
@@ -77,7 +84,7 @@ def annotated_slide_samples(
     progress: bool = True,
 ) -> tuple[list[Sample], list[str], float]:
     """Tile every slide into ``out_dir/<slide>/tiles.zarr``; return samples, class names, tiles' µm/px."""
-    names = sorted({a.class_name for s in slides for a in read_annotations(s.annotations) if a.class_name})
+    names = sorted({a.class_name for s in slides for a in _annotations(s.annotations) if a.class_name})
     if unannotated_class and unannotated_class not in names:
         names.append(unannotated_class)
     if len(names) < 2:
