@@ -16,8 +16,8 @@ import time
 import torch
 
 from wsi_dala.cam import logits_and_raw_cams
+from wsi_dala.devices import cpu_supports_bf16
 from wsi_dala.model import DALAResNet50
-from wsi_dala.training.train import cpu_supports_bf16
 
 
 def _sync(device: torch.device) -> None:

@@ -30,8 +30,8 @@ def bare_model_rate(checkpoint: Path, store: Path, precision: str, batch_size: i
     import torch
     import zarr
 
+    from wsi_dala.devices import normalise
     from wsi_dala.scoring import _autocast, cached_model
-    from wsi_dala.training.datasets import normalise
 
     model, card = cached_model(str(checkpoint), "cpu")
     tiles = zarr.open_group(store, mode="r")["tiles"]

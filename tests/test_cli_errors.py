@@ -137,6 +137,14 @@ def test_train_input_errors_are_one_line(capsys, svs_050, tmp_path):
     _assert_one_line_error(code, err, "case.geojson", "not a readable GeoJSON")
     code, _, err = _run(capsys, "train", "--out", str(tmp_path / "run"), "-q")
     _assert_one_line_error(code, err, "exactly one data source")
-    code, _, err = _run(capsys, "batch", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
-                        "--model", str(tmp_path / "m.safetensors"), "-q")
+    code, _, err = _run(
+        capsys,
+        "batch",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "o"),
+        "--model",
+        str(tmp_path / "m.safetensors"),
+        "-q",
+    )
     _assert_one_line_error(code, err, "nowhere", "archive folder not found")

@@ -10,11 +10,11 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
 from wsi_dala.cam import CamSettings, dt_gradcam, logits_and_raw_cams
+from wsi_dala.devices import normalise
 from wsi_dala.errors import ConfigError
 from wsi_dala.fileio import save_png_atomic
 from wsi_dala.layout import safe_stem
 from wsi_dala.model import load_checkpoint
-from wsi_dala.training.datasets import normalise
 
 
 def load_tile(path: Path, size: int) -> np.ndarray:

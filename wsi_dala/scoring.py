@@ -30,11 +30,10 @@ import torch
 from tqdm import tqdm
 
 from wsi_dala.cam import logits_and_raw_cams
+from wsi_dala.devices import cpu_supports_bf16, normalise
 from wsi_dala.errors import ConfigError
 from wsi_dala.model import load_checkpoint, read_card
 from wsi_dala.store import chunks_done, mark_chunk_done, n_chunks_of, open_store
-from wsi_dala.training.datasets import normalise
-from wsi_dala.training.train import cpu_supports_bf16
 
 log = logging.getLogger(__name__)
 SCORES, CAMS, SCORE_CHUNKS_DONE = "scores", "cams", "score_chunks_done"

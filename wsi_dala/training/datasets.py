@@ -120,13 +120,6 @@ class _RandomRot90(torch.nn.Module):
         return torch.rot90(image, int(torch.randint(0, 4, (1,))), dims=(-2, -1))
 
 
-def normalise(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 [N, 3, H, W] → float, normalised (done on the batch, not per sample: cheaper)."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean_t) / std_t
-
-
 class SampleDataset(Dataset):
     """Images as uint8 [3, H, W] tensors (normalisation happens per batch, on the device)."""
 

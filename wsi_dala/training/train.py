@@ -25,10 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
+from wsi_dala.devices import autocast_for, cpu_supports_bf16, normalise, pick_device  # noqa: F401  (re-exported)
 from wsi_dala.fileio import atomic_open, write_json_atomic
 from wsi_dala.identity import config_hash
 from wsi_dala.model import ModelCard, build_model, save_checkpoint
-from wsi_dala.training.datasets import Sample, SampleDataset, class_counts, eval_transform, normalise, train_transform
+from wsi_dala.training.datasets import Sample, SampleDataset, class_counts, eval_transform, train_transform
 from wsi_dala.training.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -79,29 +80,6 @@ def class_balanced_weights(counts: list[int], beta: float) -> torch.Tensor:
     effective = (1.0 - torch.pow(beta, counts_t)) / (1.0 - beta)
     weights = 1.0 / effective
     return (weights / weights.sum() * len(counts)).float()
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_for(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    if enabled and device.type == "cpu" and cpu_supports_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
 
 
 def seed_everything(seed: int) -> None:
