@@ -131,6 +131,7 @@ def test_kill_9_at_random_points_then_rerun_equals_uninterrupted(archive, tmp_pa
     run_batch(root, reference_out, _config(config_file), BatchConfig(), progress=False)
     reference = _outputs(reference_out)
     rng = random.Random(1)
+    interrupted = []
     for trial in range(3):
         out = tmp_path / f"killed{trial}"
         for _ in range(2):  # die twice before finishing
@@ -143,6 +144,8 @@ def test_kill_9_at_random_points_then_rerun_equals_uninterrupted(archive, tmp_pa
             time.sleep(rng.uniform(2.0, 6.0))
             process.send_signal(signal.SIGKILL)
             process.wait()
+        runs = [json.loads(p.read_text()).get("status") for p in out.rglob("run.json")] if out.exists() else []
+        interrupted.append(runs.count("complete") < 3)
         finished = subprocess.run(_batch_cli(root, out, config_file), capture_output=True, text=True)
         assert finished.returncode == 1  # the two bad slides, nothing else
         outputs = _outputs(out)
@@ -155,6 +158,7 @@ def test_kill_9_at_random_points_then_rerun_equals_uninterrupted(archive, tmp_pa
             np.testing.assert_array_equal(outputs[name][1], expected[1])
             assert outputs[name][2] == expected[2]
         assert not list(out.rglob("slide.lock"))
+    assert any(interrupted), "no kill landed before the batch finished: the test proved nothing"
 
 
 def test_concurrent_batches_never_process_a_slide_twice(archive, tmp_path):
