@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_dala.config import PipelineConfig
-from wsi_dala.errors import WsiDalaError
+from wsi_dala.errors import ResolutionError, SlideOpenError, SlideReadError, WsiDalaError
 from wsi_dala.fileio import atomic_open, write_json_atomic
 from wsi_dala.identity import slide_fingerprint
 from wsi_dala.layout import safe_stem
@@ -137,9 +137,13 @@ def slide_lock(folder: Path, stale_after_s: float) -> Iterator[bool]:
                 info = json.loads(path.read_text() or "{}")
             except (OSError, ValueError):
                 info = {}
-            if not info and time.time() - path.stat().st_mtime < 60:  # its owner is writing it right now
-                yield False
-                return
+            if not info:
+                # Created but never filled: its owner is writing it this instant, or died right then.
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                info = {"host": "unknown", "time": time.time() - age} if age < 5 else {"host": "unknown", "time": 0}
             if lock_is_stale(info, stale_after_s):
                 log.warning("%s: clearing stale lock of %s pid %s", path, info.get("host"), info.get("pid"))
                 # Rename first: of two processes clearing the same stale lock, only one succeeds.
@@ -153,6 +157,7 @@ def slide_lock(folder: Path, stale_after_s: float) -> Iterator[bool]:
             return
         with os.fdopen(fd, "w") as handle:
             json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, handle)
+            handle.flush()
         try:
             yield True
         finally:
@@ -165,8 +170,12 @@ def slide_lock(folder: Path, stale_after_s: float) -> Iterator[bool]:
 
 
 def _transient(exc: BaseException) -> bool:
-    """Input errors (corrupt, unreadable, no µm/px, bad settings) will fail again: don't retry them."""
-    return not isinstance(exc, WsiDalaError)
+    """Errors of the slide file itself (corrupt, unreadable, no µm/px) fail again: don't retry them.
+
+    Everything else (output problems, a crash artefact, an overloaded machine) may pass on a retry;
+    settings and model errors are caught before the batch starts.
+    """
+    return not isinstance(exc, (SlideOpenError, SlideReadError, ResolutionError))
 
 
 def process_slide(

@@ -154,8 +154,10 @@ def _prepare(group: Any, checkpoint: str, n_classes: int, grid: int, key: str) -
     """Create (or reset, when the model or precision changed) the score arrays; returns the done flags."""
     n = group["coords"].shape[0]
     chunk = int(group.attrs["chunk_tiles"])
-    if group.attrs.get("scoring_key") == key and SCORE_CHUNKS_DONE in group:
+    if group.attrs.get("scoring_key") == key and all(name in group for name in (SCORES, CAMS, SCORE_CHUNKS_DONE)):
         return chunks_done(group, SCORE_CHUNKS_DONE)
+    # Forget the old key first: a crash below must not leave new arrays under an old key, or the reverse.
+    group.attrs.update({"scoring_key": None, "scores_complete": False})
     for name in (SCORES, CAMS, SCORE_CHUNKS_DONE):
         if name in group:
             del group[name]

@@ -18,6 +18,7 @@ chunk is marked done only after it is written, so an interrupted run resumes at 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,16 @@ def create_tile_store(
     attrs: dict[str, Any],
     tissue_mask: np.ndarray | None = None,
 ) -> zarr.Group:
-    """Create an empty store with its geometry written and no tile chunk done."""
-    group = zarr.open_group(Path(path), mode="w", zarr_format=3)
+    """Create an empty store with its geometry written and no tile chunk done.
+
+    Built under a temporary name and renamed into place, so a crash while creating it never leaves a
+    half-made store at ``path`` (which would look like someone else's folder).
+    """
+    final = Path(path)
+    building = final.with_name(f".{final.name}.partial")
+    if building.exists():
+        shutil.rmtree(building)
+    group = zarr.open_group(building, mode="w", zarr_format=3)
     n = len(coords)
     chunk = max(1, chunk_tiles)
     group.create_array(
@@ -63,7 +72,8 @@ def create_tile_store(
     n_chunks = n_chunks_of(n, chunk)
     group.create_array(TILE_CHUNKS_DONE, data=np.zeros(n_chunks, dtype=bool), chunks=(max(1, n_chunks),))
     group.attrs.update({"format": STORE_FORMAT, "complete": False, "chunk_tiles": chunk, **attrs})
-    return group
+    building.rename(final)
+    return open_store(final, mode="r+")
 
 
 def n_chunks_of(n: int, chunk: int) -> int:

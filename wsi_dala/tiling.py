@@ -221,6 +221,9 @@ def tile_slide(
         if state == "done":
             group = open_store(layout.tiles_store)
             return _result(layout, plan, resolution, group, started, resumed=0, skipped=True)
+        if state == "new" or not layout.thumbnail_png.exists() or not layout.tissue_mask_png.exists():
+            save_png_atomic(layout.thumbnail_png, Image.fromarray(plan.thumbnail))
+            save_png_atomic(layout.tissue_mask_png, Image.fromarray(plan.mask.astype(np.uint8) * 255))
         if state == "new":
             attrs = _store_attrs(slide, plan, config, fingerprint, key, resolution)
             group = create_tile_store(
@@ -232,8 +235,6 @@ def tile_slide(
                 attrs,
                 tissue_mask=plan.mask,
             )
-            save_png_atomic(layout.thumbnail_png, Image.fromarray(plan.thumbnail))
-            save_png_atomic(layout.tissue_mask_png, Image.fromarray(plan.mask.astype(np.uint8) * 255))
         else:
             group = open_store(layout.tiles_store, mode="r+")
         origins = np.asarray(group[COORDS][:])
