@@ -177,8 +177,8 @@ def _tiling_key(fingerprint: dict, config: TilingConfig, reader: str, slide_mpp:
     return config_hash({"slide": fingerprint, "config": config.to_dict(), "reader": reader, "slide_mpp": slide_mpp})
 
 
-def _prepare_store_dir(store_path: Path, key: str) -> str:
-    """'done', 'resume' or 'new'. Replaces only a store of ours whose settings or slide changed."""
+def _store_state(store_path: Path, key: str) -> str:
+    """'new', 'done', 'resume' or 'replace' (ours, but the slide or settings changed). Reads only."""
     if not store_path.exists():
         return "new"
     try:
@@ -189,9 +189,7 @@ def _prepare_store_dir(store_path: Path, key: str) -> str:
         raise OutputError(f"{store_path}: exists and is not a wsi-dala tile store; choose another --out")
     if attrs.get("tiling_key") == key:
         return "done" if attrs.get("complete") else "resume"
-    log.info("%s: slide or settings changed since it was written; tiling again", store_path)
-    shutil.rmtree(store_path)
-    return "new"
+    return "replace"
 
 
 def tile_slide(
@@ -215,12 +213,15 @@ def tile_slide(
         layout = RunLayout.for_slide(out_dir, slide_path)
         fingerprint = slide_fingerprint(slide.path)
         key = _tiling_key(fingerprint, config, slide.reader, slide_mpp)
-        plan = plan_tiles(slide, config)  # validates the target before anything is written
+        state = _store_state(layout.tiles_store, key)
+        if state == "done":  # nothing to read, not even the thumbnail
+            return _result(layout, open_store(layout.tiles_store), started, resumed=0, skipped=True)
+        plan = plan_tiles(slide, config)  # validates the target before anything is written or removed
         ensure_writable_dir(layout.root)
-        state = _prepare_store_dir(layout.tiles_store, key)
-        if state == "done":
-            group = open_store(layout.tiles_store)
-            return _result(layout, plan, resolution, group, started, resumed=0, skipped=True)
+        if state == "replace":
+            log.info("%s: slide or settings changed since it was written; tiling again", layout.tiles_store)
+            shutil.rmtree(layout.tiles_store)
+            state = "new"
         if state == "new" or not layout.thumbnail_png.exists() or not layout.tissue_mask_png.exists():
             save_png_atomic(layout.thumbnail_png, Image.fromarray(plan.thumbnail))
             save_png_atomic(layout.tissue_mask_png, Image.fromarray(plan.mask.astype(np.uint8) * 255))
@@ -244,7 +245,7 @@ def tile_slide(
         resumed = int(done.sum())
         _write_chunks(slide, group, origins, plan, config, done, progress, on_chunk_written)
         group.attrs["complete"] = True
-        return _result(layout, plan, resolution, group, started, resumed=resumed, skipped=False)
+        return _result(layout, group, started, resumed=resumed, skipped=False)
     finally:
         slide.close()
 
@@ -342,19 +343,19 @@ def _store_attrs(
     }
 
 
-def _result(
-    layout: RunLayout, plan: TilePlan, resolution: Any, group: Any, started: float, resumed: int, skipped: bool
-) -> TilingResult:
+def _result(layout: RunLayout, group: Any, started: float, resumed: int, skipped: bool) -> TilingResult:
+    """The summary, read from the store's attributes (the one record of how it was cut)."""
+    attrs = group.attrs
     return TilingResult(
         store=layout.tiles_store,
         n_tiles=int(group[COORDS].shape[0]),
-        grid_tiles=plan.grid_tiles,
-        level=plan.choice.level,
-        level_mpp=plan.choice.level_mpp,
-        resize_factor=plan.choice.resize_factor,
-        effective_mpp=plan.choice.effective_mpp,
-        slide_mpp=resolution.mpp,
-        mpp_source=resolution.source,
+        grid_tiles=int(attrs["grid_tiles"]),
+        level=int(attrs["level"]),
+        level_mpp=float(attrs["level_mpp"]),
+        resize_factor=float(attrs["resize_factor"]),
+        effective_mpp=float(attrs["effective_mpp"]),
+        slide_mpp=float(attrs["slide_mpp"]),
+        mpp_source=str(attrs["mpp_source"]),
         seconds=time.perf_counter() - started,
         chunks_resumed=resumed,
         skipped=skipped,

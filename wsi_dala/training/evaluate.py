@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 
+from wsi_dala.devices import pick_device
 from wsi_dala.errors import ConfigError
 from wsi_dala.fileio import write_json_atomic
 from wsi_dala.model import load_checkpoint
 from wsi_dala.training.datasets import Sample
 from wsi_dala.training.metrics import classification_metrics, format_table
 from wsi_dala.training.plots import plot_confusion
-from wsi_dala.training.train import TrainConfig, _loader, pick_device, predict
+from wsi_dala.training.train import TrainConfig, _loader, predict
 
 
 def evaluate_checkpoint(

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
-from wsi_dala.devices import autocast_for, cpu_supports_bf16, normalise, pick_device  # noqa: F401  (re-exported)
+from wsi_dala.devices import autocast_for, normalise, pick_device
 from wsi_dala.fileio import atomic_open, write_json_atomic
 from wsi_dala.identity import config_hash
 from wsi_dala.model import ModelCard, build_model, save_checkpoint
