@@ -14,7 +14,6 @@ import argparse
 import os
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / ".data"
@@ -34,9 +33,9 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from wsi_dala.archive import BatchConfig, run_batch
-    from wsi_dala.config import PipelineConfig
-    from wsi_dala.model import ModelCard, build_model, save_checkpoint
+    from wsi_dala.archive import run_batch
+    from wsi_dala.config import BatchConfig, PipelineConfig
+    from wsi_dala.model import write_untrained_checkpoint
     from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
     width, height = (int(v) for v in args.size.split("x"))
@@ -46,16 +45,8 @@ def main() -> None:
         if not path.exists():
             write_synthetic_slide(path, SyntheticSlideSpec(width=width, height=height, mpp=0.25, seed=100 + i))
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(tmp) / "dala.safetensors"
-        card = ModelCard(
-            architecture="dalaresnet50",
-            class_names=["Non-tumor", "Tumor"],
-            positive_class="Tumor",
-            tile_size_px=224,
-            mpp=0.5,
-        )
-        save_checkpoint(checkpoint, build_model("dalaresnet50", 2).eval(), card)
-        config = replace(PipelineConfig(), model=str(checkpoint))
+        checkpoint = write_untrained_checkpoint(Path(tmp) / "dala.safetensors")
+        config = PipelineConfig(model=str(checkpoint))
         for workers in (1, 2):
             # The cores are shared out between workers: torch in each uses cores / workers threads.
             threads = str(max(1, (os.cpu_count() or 2) // workers))

@@ -16,7 +16,6 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,22 +25,21 @@ DATA = Path(__file__).resolve().parent / ".data"
 
 def bare_model_rate(checkpoint: Path, store: Path, precision: str, batch_size: int, n_tiles: int) -> float:
     """Forward-only images/s of the same model on the same tiles, as scoring runs it (minus the CAM)."""
-    import numpy as np
     import torch
-    import zarr
 
-    from wsi_dala.devices import normalise
-    from wsi_dala.scoring import _autocast, cached_model
+    from wsi_dala.devices import autocast, normalise
+    from wsi_dala.scoring import cached_model
+    from wsi_dala.store import TileStore
 
     model, card = cached_model(str(checkpoint), "cpu")
-    tiles = zarr.open_group(store, mode="r")["tiles"]
-    n = min(n_tiles, tiles.shape[0])
+    tiles = TileStore(store)
+    n = min(n_tiles, tiles.info.n_tiles)
     started = time.perf_counter()
     for start in range(0, n, batch_size):
-        batch = torch.from_numpy(np.asarray(tiles[start : start + batch_size])).permute(0, 3, 1, 2)
+        batch = torch.from_numpy(tiles.tiles(slice(start, start + batch_size))).permute(0, 3, 1, 2)
         images = normalise(batch, card.normalisation["mean"], card.normalisation["std"])
         images = images.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), _autocast(precision, "cpu") or torch.autocast("cpu", enabled=False):
+        with torch.no_grad(), autocast(precision, "cpu"):
             model(images)
     return n / (time.perf_counter() - started)
 
@@ -56,10 +54,9 @@ def main() -> None:
 
     from tiling import phase_generate
 
-    from wsi_dala.config import PipelineConfig
-    from wsi_dala.model import ModelCard, build_model, save_checkpoint
+    from wsi_dala.config import PipelineConfig, ScoringConfig
+    from wsi_dala.model import write_untrained_checkpoint
     from wsi_dala.pipeline import run_slide
-    from wsi_dala.scoring import ScoringConfig
 
     slide = args.slide or DATA / "synthetic_40000x30000_0.25.svs"
     if not slide.exists():
@@ -68,28 +65,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.model
         if checkpoint is None:
-            checkpoint = Path(tmp) / "dala-untrained.safetensors"
-            card = ModelCard(
-                architecture="dalaresnet50",
-                class_names=["Non-tumor", "Tumor"],
-                positive_class="Tumor",
-                tile_size_px=224,
-                mpp=0.5,
-                mpp_note="benchmark stand-in",
-            )
-            save_checkpoint(checkpoint, build_model("dalaresnet50", 2, "none").eval(), card)
-        config = replace(PipelineConfig(), model=str(checkpoint), scoring=ScoringConfig(batch_size=args.batch_size))
+            checkpoint = write_untrained_checkpoint(Path(tmp) / "dala-untrained.safetensors")
+        config = PipelineConfig(model=str(checkpoint), scoring=ScoringConfig(batch_size=args.batch_size))
         started = time.perf_counter()
         summary = run_slide(slide, Path(tmp) / "run", config, progress=False)
         total = time.perf_counter() - started
         record = summary.record
-        precision = record["scoring"]["precision"]
+        precision = record.scoring["precision"]
         bare = bare_model_rate(checkpoint, summary.layout.tiles_store, precision, args.batch_size, args.bare_tiles)
-    n = record["counts"]["tiles"]
-    timings = record["timings_s"]
+    n = record.counts.tiles
+    timings = record.timings_s
     print(
-        f"slide: {slide} ({record['resolution']['slide_mpp']} µm/px), {n} tiles of 224 px at "
-        f"{record['resolution']['tile_mpp']} µm/px; precision {precision}, device {record['scoring']['device']}"
+        f"slide: {slide} ({record.resolution.slide_mpp} µm/px), {n} tiles of 224 px at "
+        f"{record.resolution.tile_mpp} µm/px; precision {precision}, device {record.scoring['device']}"
     )
     for stage in ("tile", "score", "stitch", "export"):
         print(f"  {stage:<7} {timings[stage]:7.1f} s  {n / timings[stage]:8.1f} tiles/s")

@@ -38,18 +38,18 @@ def phase_generate(path: Path, width: int, height: int) -> None:
     )
 
 
-def phase_ours(slide: Path, out: Path, mpp: float, tile: int, workers: int) -> dict:
-    from wsi_dala.tiling import TilingConfig, tile_slide
+def phase_ours(slide: Path, out: Path, mpp: float, tile: int, reader_threads: int) -> dict:
+    from wsi_dala.config import TilingConfig
+    from wsi_dala.tiling import tile_slide
 
-    result = tile_slide(
-        slide, out, TilingConfig(target_mpp=mpp, tile_size_px=tile, workers=workers), reader="auto", progress=False
-    )
+    config = TilingConfig(mpp=mpp, tile_size_px=tile, reader_threads=reader_threads)
+    result = tile_slide(slide, out, config, progress=False)
     return {
         "tiles": result.n_tiles,
         "seconds": result.seconds,
         "peak_rss_mb": _peak_rss_mb(),
-        "level": result.level,
-        "resize_factor": result.resize_factor,
+        "level": result.record.level,
+        "resize_factor": result.record.resize_factor,
     }
 
 
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=30_000)
     parser.add_argument("--mpp", type=float, default=0.5, help="target µm/px")
     parser.add_argument("--tile-size", type=int, default=224)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--reader-threads", type=int, default=2)
     parser.add_argument("--naive-tiles", type=int, default=0, help="time the naive loop on the first N tiles (0: all)")
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,7 +114,7 @@ def main() -> None:
             DATA.mkdir(parents=True, exist_ok=True)
             _phase("generate", str(slide), str(args.width), str(args.height))
     with tempfile.TemporaryDirectory() as tmp:
-        ours = _phase("ours", str(slide), tmp, str(args.mpp), str(args.tile_size), str(args.workers))
+        ours = _phase("ours", str(slide), tmp, str(args.mpp), str(args.tile_size), str(args.reader_threads))
         naive = _phase("naive", str(slide), str(Path(tmp) / "tiles.zarr"), str(args.tile_size), str(args.naive_tiles))
     ours_rate = ours["tiles"] / ours["seconds"]
     naive_rate = naive["tiles"] / naive["seconds"]
@@ -125,7 +125,7 @@ def main() -> None:
     )
     print(
         f"wsi-dala tiler : {ours['tiles']} tiles in {ours['seconds']:.1f} s = {ours_rate:.0f} tiles/s, "
-        f"peak RSS {ours['peak_rss_mb']:.0f} MB ({args.workers} reader threads, writes Zarr)"
+        f"peak RSS {ours['peak_rss_mb']:.0f} MB ({args.reader_threads} reader threads, writes Zarr)"
     )
     print(
         f"naive loop     : {naive['tiles']} tiles in {naive['seconds']:.1f} s = {naive_rate:.0f} tiles/s, "

@@ -5,7 +5,7 @@
 #   WSI_DALA_OUT      output folder                (required)
 #   WSI_DALA_CONFIG   pipeline YAML with `model:`  (required)
 #   WSI_DALA_VENV     virtual environment          (default: the repo's .venv)
-#   WSI_DALA_ARGS     extra arguments, e.g. "--workers 2" or "--scheduler tcp://host:8786"
+#   WSI_DALA_ARGS     extra arguments, e.g. "--dask-workers 2" or "--scheduler tcp://host:8786"
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${WSI_DALA_VENV:-$here/.venv}"

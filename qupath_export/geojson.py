@@ -75,6 +75,7 @@ def _atomic_text(path: Path) -> Iterator[IO[str]]:
     os.close(fd)
     try:
         with contextlib.ExitStack() as stack:
+            raw: io.BufferedIOBase  # a GzipFile or a plain BufferedWriter
             if path.name.endswith(".gz"):
                 raw = stack.enter_context(gzip.open(tmp, "wb", compresslevel=6))
             else:

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.images import write_blob_folder
+from wsi_dala.config import TrainConfig
 from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.training.datasets import image_folder_samples
 from wsi_dala.training.splits import group_split
-from wsi_dala.training.train import TrainConfig, train_model
+from wsi_dala.training.train import train_model
 
 # Training settings that learn the generated data in seconds on a CPU.
 QUICK = dict(pretrained="none", lr_backbone=1e-3, batch_size=16, precise_bn_batches=8)

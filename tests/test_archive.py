@@ -15,12 +15,12 @@ import time
 import numpy as np
 import pytest
 
-from wsi_dala.archive import BatchConfig, find_slides, run_batch, slide_id, slide_lock
-from wsi_dala.config import PipelineConfig
-from wsi_dala.model import ModelCard, build_model, save_checkpoint
+from wsi_dala.archive import find_slides, run_batch, slide_id, slide_lock
+from wsi_dala.config import BatchConfig, PipelineConfig, ScoringConfig
+from wsi_dala.layout import BatchSlideLayout
+from wsi_dala.model import write_untrained_checkpoint
 from wsi_dala.model.colour import CLASS_NAMES
-from wsi_dala.scoring import ScoringConfig
-from wsi_dala.store import open_store
+from wsi_dala.store import TileStore
 from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
 
@@ -40,10 +40,7 @@ def archive(tmp_path_factory):
     (root / "readme.txt").write_text("ignored: not a slide suffix\n")
     folder = tmp_path_factory.mktemp("model")
     checkpoint = folder / "colour.safetensors"
-    card = ModelCard(
-        architecture="colour-reference", class_names=list(CLASS_NAMES), positive_class="Tumor", tile_size_px=64, mpp=1.0
-    )
-    save_checkpoint(checkpoint, build_model("colour-reference", 2), card)
+    write_untrained_checkpoint(checkpoint, "colour-reference", tile_size_px=64, mpp=1.0, class_names=tuple(CLASS_NAMES))
     config_file = folder / "pipeline.yaml"
     config_file.write_text(f"model: {checkpoint}\nscoring:\n  precision: fp32\n  batch_size: 16\n")
     return root, config_file
@@ -79,11 +76,11 @@ def _outputs(out):
         if state["status"] not in ("done", "skipped"):
             result[folder.name] = state["status"]
             continue
-        store = open_store(folder / "tiles.zarr")
+        store = TileStore(folder / "tiles.zarr")
         geojson = sorted(folder.glob("*.geojson"))
         result[folder.name] = (
-            np.asarray(store["scores"][:]),
-            np.asarray(store["cams"][:]),
+            store.scores(),
+            store.cams(),
             [g.read_text() for g in geojson],
         )
     return result
@@ -193,9 +190,9 @@ def test_changed_slide_is_rerun(archive, tmp_path):
 
 
 def test_locks_are_exclusive_and_stale_ones_cleared(tmp_path):
-    with slide_lock(tmp_path, 3600) as held:
+    with slide_lock(BatchSlideLayout(tmp_path), 3600) as held:
         assert held
-        with slide_lock(tmp_path, 3600) as second:
+        with slide_lock(BatchSlideLayout(tmp_path), 3600) as second:
             assert not second
     assert not (tmp_path / "slide.lock").exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -203,27 +200,28 @@ def test_locks_are_exclusive_and_stale_ones_cleared(tmp_path):
     (tmp_path / "slide.lock").write_text(
         json.dumps({"host": socket.gethostname(), "pid": dead.pid, "time": time.time()})
     )
-    with slide_lock(tmp_path, 3600) as held:
+    with slide_lock(BatchSlideLayout(tmp_path), 3600) as held:
         assert held  # its owner is gone: the lock was stale
     (tmp_path / "slide.lock").write_text(json.dumps({"host": "another-host", "pid": 1, "time": time.time()}))
-    with slide_lock(tmp_path, 3600) as held:
+    with slide_lock(BatchSlideLayout(tmp_path), 3600) as held:
         assert not held  # another machine's fresh lock is respected
     (tmp_path / "slide.lock").write_text(json.dumps({"host": "another-host", "pid": 1, "time": time.time() - 7200}))
-    with slide_lock(tmp_path, 3600) as held:
+    with slide_lock(BatchSlideLayout(tmp_path), 3600) as held:
         assert held
 
 
 def test_distributed_batch(archive, tmp_path):
     root, config_file = archive
-    result = run_batch(root, tmp_path / "dist", _config(config_file), BatchConfig(workers=2), progress=False)
+    result = run_batch(root, tmp_path / "dist", _config(config_file), BatchConfig(dask_workers=2), progress=False)
     assert result.counts() == {"done": 3, "failed": 2}
 
 
 def test_scoring_config_scheduler_not_forwarded_per_slide(archive, tmp_path):
     """The batch's cluster runs whole slides; each slide scores locally inside its worker."""
     root, config_file = archive
-    from dataclasses import replace
 
-    config = replace(_config(config_file), scoring=ScoringConfig(precision="fp32", scheduler="tcp://nowhere:1"))
+    config = _config(config_file).model_copy(
+        update={"scoring": ScoringConfig(precision="fp32", scheduler="tcp://nowhere:1")}
+    )
     result = run_batch(root / "site-a", tmp_path / "o", config, BatchConfig(pattern="case.svs"), progress=False)
     assert result.counts() == {"done": 1}

@@ -90,7 +90,7 @@ def test_cam_cli_writes_side_by_side_pngs(blob_model, tmp_path, capsys):
             str(result.checkpoint),
             "--out",
             str(tmp_path / "cams"),
-            "--threshold",
+            "--threshold-method",
             "otsu",
         ]
     )

@@ -3,37 +3,30 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
+import zarr
 
 from tests.qupath_rules import check_file
 from wsi_dala.cli import main
-from wsi_dala.config import PipelineConfig, TilingSection, load_config
+from wsi_dala.config import PipelineConfig, ScoringConfig, TilingConfig, load_config
 from wsi_dala.demo import tumour_iou
 from wsi_dala.errors import ConfigError
-from wsi_dala.model import ModelCard, build_model, save_checkpoint
+from wsi_dala.model import write_untrained_checkpoint
 from wsi_dala.model.colour import CLASS_NAMES
 from wsi_dala.pipeline import run_slide
-from wsi_dala.scoring import SCORE_CHUNKS_DONE, ScoringConfig, score_store
-from wsi_dala.store import open_store
+from wsi_dala.scoring import score_store
+from wsi_dala.store import SCORE_CHUNKS_DONE, SCORES, TileStore
 from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
 
 @pytest.fixture(scope="session")
 def colour_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "colour.safetensors"
-    card = ModelCard(
-        architecture="colour-reference",
-        class_names=list(CLASS_NAMES),
-        positive_class="Tumor",
-        tile_size_px=64,
-        mpp=1.0,
-        mpp_note="reference scorer",
+    return write_untrained_checkpoint(
+        path, "colour-reference", tile_size_px=64, mpp=1.0, class_names=tuple(CLASS_NAMES), note="reference scorer"
     )
-    save_checkpoint(path, build_model("colour-reference", 2), card)
-    return path
 
 
 def _slide(tmp_path_factory, mpp, width, height):
@@ -55,9 +48,7 @@ def planted_050(tmp_path_factory):
 
 
 def _config(checkpoint, **scoring):
-    return replace(
-        PipelineConfig(), model=str(checkpoint), tiling=TilingSection(min_tissue=0.05), scoring=ScoringConfig(**scoring)
-    )
+    return PipelineConfig(model=str(checkpoint), tiling=TilingConfig(min_tissue=0.05), scoring=ScoringConfig(**scoring))
 
 
 @pytest.mark.parametrize("fixture", ["planted_025", "planted_050"])
@@ -67,7 +58,7 @@ def test_exported_regions_match_planted_tumour(request, tmp_path, colour_checkpo
     assert tumour_iou(slide, summary.layout.tumour_geojson()) >= 0.95
     tiles = check_file(summary.layout.tiles_geojson())
     regions = check_file(summary.layout.tumour_geojson())
-    assert len(tiles) == summary.record["counts"]["tiles"] and regions
+    assert len(tiles) == summary.record.counts.tiles and regions
     assert {f["properties"]["classification"]["name"] for f in tiles} == {"Tumor", "Non-tumor"}
     record = json.loads(summary.layout.run_json.read_text())
     assert record["status"] == "complete" and record["resolution"]["tile_mpp"] == pytest.approx(1.0)
@@ -75,7 +66,7 @@ def test_exported_regions_match_planted_tumour(request, tmp_path, colour_checkpo
     assert set(record["timings_s"]) == {"tile", "score", "stitch", "export", "total"}
     for path in record["outputs"].values():
         assert (summary.layout.root / path).exists() or __import__("pathlib").Path(path).exists()
-    heatmap = open_store(summary.layout.heatmap_store)
+    heatmap = zarr.open_group(summary.layout.heatmap_store, mode="r")
     levels = heatmap.attrs["levels"]
     assert levels[0]["mpp"] == pytest.approx(heatmap.attrs["cell_mpp"]) and len(levels) >= 2
     layer = np.asarray(heatmap["tumour/0"][:])
@@ -88,24 +79,24 @@ def test_rerun_does_no_work_and_changes_rerun(tmp_path, colour_checkpoint, plant
     before = first.layout.run_json.read_text()
     again = run_slide(planted_050.path, tmp_path, config, progress=False)
     assert again.skipped and first.layout.run_json.read_text() == before
-    changed = replace(config, tiling=replace(config.tiling, min_tissue=0.5))
+    changed = config.model_copy(update={"tiling": config.tiling.model_copy(update={"min_tissue": 0.5})})
     third = run_slide(planted_050.path, tmp_path, changed, progress=False)
-    assert not third.skipped and third.record["counts"]["tiles"] < first.record["counts"]["tiles"]
+    assert not third.skipped and third.record.counts.tiles < first.record.counts.tiles
 
 
 def test_interrupted_scoring_resumes(tmp_path, colour_checkpoint, planted_050):
     summary = run_slide(planted_050.path, tmp_path, _config(colour_checkpoint), progress=False)
-    store = open_store(summary.layout.tiles_store, mode="r+")
-    reference = np.asarray(store["scores"][:])
+    store = TileStore(summary.layout.tiles_store, mode="r+").group
+    reference = np.asarray(store[SCORES][:])
     done = np.asarray(store[SCORE_CHUNKS_DONE][:])
     assert done.all() and len(done) >= 3
     # As if the run had died after the first chunk: later chunks neither marked nor written.
     done[1:] = False
     store[SCORE_CHUNKS_DONE][:] = done
-    store["scores"][64:] = np.nan
+    store[SCORES][64:] = np.nan
     result = score_store(summary.layout.tiles_store, colour_checkpoint, ScoringConfig(), progress=False)
     assert result.chunks_resumed == 1 and not result.skipped
-    np.testing.assert_array_equal(np.asarray(store["scores"][:]), reference)
+    np.testing.assert_array_equal(np.asarray(store[SCORES][:]), reference)
 
 
 def test_distributed_cluster_gives_the_local_scores(tmp_path, colour_checkpoint, planted_050):
@@ -126,12 +117,12 @@ def test_distributed_cluster_gives_the_local_scores(tmp_path, colour_checkpoint,
         )
         workers = client.run(lambda: __import__("os").getpid())
     assert len(set(workers.values())) == 2
-    a = np.asarray(open_store(local.layout.tiles_store)["scores"][:])
-    b = np.asarray(open_store(remote.layout.tiles_store)["scores"][:])
+    a = TileStore(local.layout.tiles_store).scores()
+    b = TileStore(remote.layout.tiles_store).scores()
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
-        np.asarray(open_store(local.layout.tiles_store)["cams"][:]),
-        np.asarray(open_store(remote.layout.tiles_store)["cams"][:]),
+        TileStore(local.layout.tiles_store).cams(),
+        TileStore(remote.layout.tiles_store).cams(),
         rtol=1e-5,
         atol=1e-6,
     )
@@ -154,7 +145,7 @@ def test_shipped_default_config_loads_and_matches_defaults():
     from pathlib import Path
 
     shipped = load_config(Path(__file__).parent.parent / "pipelines" / "default.yaml")
-    assert replace(shipped, model=None) == PipelineConfig()
+    assert shipped.model_copy(update={"model": None}) == PipelineConfig()
 
 
 def test_run_without_model_says_how_to_get_one(tmp_path, capsys, planted_050):

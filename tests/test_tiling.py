@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from wsi_dala.config import TilingConfig
 from wsi_dala.slide import Slide
-from wsi_dala.store import open_store
+from wsi_dala.store import TileStore
 from wsi_dala.synthetic import TUMOUR
-from wsi_dala.tiling import TilingConfig, resize_tile, tile_slide
+from wsi_dala.tiling import resize_tile, tile_slide
 
 SMALL = dict(chunk_tiles=8, region_level_px=1024)
 
 
 def _arrays(store):
-    group = open_store(store)
+    group = TileStore(store).group
     return {name: np.asarray(group[name][:]) for name in ("tiles", "coords", "tissue_fraction")}, dict(group.attrs)
 
 
@@ -24,7 +25,7 @@ def _arrays(store):
 )
 def test_tiles_equal_direct_read_and_resize(request, tmp_path, fixture, target, level, tile_l0):
     slide_file = request.getfixturevalue(fixture)
-    config = TilingConfig(target_mpp=target, tile_size_px=112, **SMALL)
+    config = TilingConfig(mpp=target, tile_size_px=112, **SMALL)
     result = tile_slide(slide_file.path, tmp_path, config, progress=False)
     arrays, attrs = _arrays(result.store)
     assert result.n_tiles > 10
@@ -44,7 +45,7 @@ def test_tiles_equal_direct_read_and_resize(request, tmp_path, fixture, target, 
 
 def test_tiles_land_on_planted_tumour(svs_025, tmp_path):
     """Coordinates are level-0 pixels: a tile over planted tumour shows tumour colours."""
-    result = tile_slide(svs_025.path, tmp_path, TilingConfig(target_mpp=1.0, tile_size_px=64, **SMALL), progress=False)
+    result = tile_slide(svs_025.path, tmp_path, TilingConfig(mpp=1.0, tile_size_px=64, **SMALL), progress=False)
     arrays, attrs = _arrays(result.store)
     label_px = svs_025.label_px
     side = int(attrs["tile_size_l0"])
@@ -59,9 +60,13 @@ def test_tiles_land_on_planted_tumour(svs_025, tmp_path):
 
 
 def test_both_readers_give_the_same_tiles(svs_025, tmp_path):
-    config = TilingConfig(target_mpp=0.5, tile_size_px=96, **SMALL)
-    a = tile_slide(svs_025.path, tmp_path / "openslide", config, reader="openslide", progress=False)
-    b = tile_slide(svs_025.path, tmp_path / "tiffslide", config, reader="tiffslide", progress=False)
+    config = TilingConfig(mpp=0.5, tile_size_px=96, **SMALL)
+    a = tile_slide(
+        svs_025.path, tmp_path / "openslide", config.model_copy(update={"reader": "openslide"}), progress=False
+    )
+    b = tile_slide(
+        svs_025.path, tmp_path / "tiffslide", config.model_copy(update={"reader": "tiffslide"}), progress=False
+    )
     arrays_a, attrs_a = _arrays(a.store)
     arrays_b, attrs_b = _arrays(b.store)
     np.testing.assert_array_equal(arrays_a["coords"], arrays_b["coords"])
@@ -70,7 +75,7 @@ def test_both_readers_give_the_same_tiles(svs_025, tmp_path):
 
 
 def test_interrupted_write_resumes_to_identical_store(svs_025, tmp_path):
-    config = TilingConfig(target_mpp=0.5, tile_size_px=64, **SMALL)
+    config = TilingConfig(mpp=0.5, tile_size_px=64, **SMALL)
     reference = tile_slide(svs_025.path, tmp_path / "ref", config, progress=False)
 
     written = []
@@ -82,7 +87,7 @@ def test_interrupted_write_resumes_to_identical_store(svs_025, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         tile_slide(svs_025.path, tmp_path / "cut", config, progress=False, on_chunk_written=crash_after_three)
-    assert open_store(tmp_path / "cut" / "tiles.zarr").attrs["complete"] is False
+    assert TileStore(tmp_path / "cut" / "tiles.zarr").info.complete is False
     resumed = tile_slide(svs_025.path, tmp_path / "cut", config, progress=False)
     assert resumed.chunks_resumed >= 3
     ref_arrays, ref_attrs = _arrays(reference.store)
@@ -95,13 +100,13 @@ def test_interrupted_write_resumes_to_identical_store(svs_025, tmp_path):
 
 
 def test_changed_settings_retile(svs_025, tmp_path):
-    first = tile_slide(svs_025.path, tmp_path, TilingConfig(target_mpp=1.0, tile_size_px=64, **SMALL), progress=False)
-    second = tile_slide(svs_025.path, tmp_path, TilingConfig(target_mpp=2.0, tile_size_px=64, **SMALL), progress=False)
+    first = tile_slide(svs_025.path, tmp_path, TilingConfig(mpp=1.0, tile_size_px=64, **SMALL), progress=False)
+    second = tile_slide(svs_025.path, tmp_path, TilingConfig(mpp=2.0, tile_size_px=64, **SMALL), progress=False)
     assert not second.skipped and second.n_tiles < first.n_tiles
 
 
 def test_no_tissue_gives_empty_valid_store(blank_slide, tmp_path, caplog):
-    result = tile_slide(blank_slide.path, tmp_path, TilingConfig(target_mpp=1.0, **SMALL), progress=False)
+    result = tile_slide(blank_slide.path, tmp_path, TilingConfig(mpp=1.0, **SMALL), progress=False)
     arrays, attrs = _arrays(result.store)
     assert result.n_tiles == 0 and arrays["tiles"].shape == (0, 224, 224, 3)
     assert attrs["complete"] is True
@@ -109,7 +114,7 @@ def test_no_tissue_gives_empty_valid_store(blank_slide, tmp_path, caplog):
 
 
 def test_overlapping_stride(svs_050, tmp_path):
-    config = TilingConfig(target_mpp=0.5, tile_size_px=128, stride_px=64, **SMALL)
+    config = TilingConfig(mpp=0.5, tile_size_px=128, stride_px=64, **SMALL)
     result = tile_slide(svs_050.path, tmp_path, config, progress=False)
     arrays, attrs = _arrays(result.store)
     assert attrs["stride_l0"] == 64

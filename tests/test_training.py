@@ -10,10 +10,11 @@ import pytest
 from tests.conftest import QUICK
 from tests.images import write_blob_folder, write_breakhis_tree
 from wsi_dala.cli import main
+from wsi_dala.config import TrainConfig
 from wsi_dala.model import read_card
 from wsi_dala.training.datasets import image_folder_samples
 from wsi_dala.training.splits import group_split
-from wsi_dala.training.train import TrainConfig, class_balanced_weights, train_model
+from wsi_dala.training.train import class_balanced_weights, train_model
 
 
 def test_dalaresnet50_learns_synthetic_data(blob_model):
@@ -92,7 +93,7 @@ def test_train_and_evaluate_cli_on_breakhis(tmp_path, capsys):
             "1e-3",
             "--precise-bn-batches",
             "4",
-            "--magnification",
+            "--breakhis-magnification",
             "40X",
             "-q",
         ]

@@ -27,28 +27,19 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from wsi_dala.config import PipelineConfig
+from wsi_dala.config import BatchConfig, PipelineConfig
 from wsi_dala.errors import ResolutionError, SlideOpenError, SlideReadError, WsiDalaError
 from wsi_dala.fileio import atomic_open, write_json_atomic
+from wsi_dala.formats import SLIDE_SUFFIXES
 from wsi_dala.identity import slide_fingerprint
-from wsi_dala.layout import safe_stem
+from wsi_dala.layout import BatchLayout, BatchSlideLayout, safe_stem
 
 log = logging.getLogger(__name__)
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".qptiff"}
-
-
-@dataclass(frozen=True)
-class BatchConfig:
-    pattern: str = "*"  # glob on file names (e.g. "*.svs")
-    retries: int = 2  # extra attempts for failures that are not the input's fault
-    stale_lock_s: float = 24 * 3600.0  # a lock from another host older than this is stale
-    workers: int = 1  # >1: a local dask.distributed cluster with this many worker processes
-    scheduler: str | None = None  # address of an existing dask.distributed scheduler
 
 
 @dataclass
@@ -125,10 +116,10 @@ def lock_is_stale(info: dict[str, Any], stale_after_s: float) -> bool:
 
 
 @contextmanager
-def slide_lock(folder: Path, stale_after_s: float) -> Iterator[bool]:
+def slide_lock(folder: BatchSlideLayout, stale_after_s: float) -> Iterator[bool]:
     """Yields True when this process holds the slide's lock, False when someone else does."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "slide.lock"
+    folder.root.mkdir(parents=True, exist_ok=True)
+    path = folder.lock
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -148,8 +139,8 @@ def slide_lock(folder: Path, stale_after_s: float) -> Iterator[bool]:
                 log.warning("%s: clearing stale lock of %s pid %s", path, info.get("host"), info.get("pid"))
                 # Rename first: of two processes clearing the same stale lock, only one succeeds.
                 try:
-                    os.rename(path, folder / f"slide.lock.stale-{os.getpid()}")
-                    os.unlink(folder / f"slide.lock.stale-{os.getpid()}")
+                    os.rename(path, folder.stale_lock(os.getpid()))
+                    os.unlink(folder.stale_lock(os.getpid()))
                 except FileNotFoundError:
                     pass
                 continue
@@ -184,14 +175,14 @@ def process_slide(
     """Run one slide under its lock, with retries; record its state. Runs in a worker when distributed."""
     from wsi_dala.pipeline import run_slide
 
-    folder = Path(out_root) / sid
-    state_path = folder / "state.json"
+    folder = BatchLayout(Path(out_root)).slide(sid)
+    state_path = folder.state_json
     previous = _read_json(state_path)
     outcome = SlideOutcome(
         sid,
         path,
         "failed",
-        output=str(folder),
+        output=str(folder.root),
         runs=int(previous.get("runs", 0)),
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -210,7 +201,7 @@ def process_slide(
         for attempt in range(1, batch.retries + 2):
             outcome.attempts = attempt
             try:
-                summary = run_slide(path, folder, config, progress=progress)
+                summary = run_slide(path, folder.root, config, progress=progress)
             except Exception as exc:  # isolate the slide: record and go on
                 outcome.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
                 log.warning("%s: attempt %d failed: %s", path, attempt, outcome.error)
@@ -220,7 +211,7 @@ def process_slide(
                     break
                 continue
             outcome.status = "skipped" if summary.skipped else "done"
-            outcome.tiles = int(summary.record.get("counts", {}).get("tiles", 0))
+            outcome.tiles = summary.record.counts.tiles
             outcome.error = None
             if not summary.skipped:
                 outcome.runs += 1
@@ -253,7 +244,7 @@ def run_batch(
     slides = find_slides(archive, batch.pattern)
     jobs = [(str(p), slide_id(archive, p)) for p in slides]
     # Slides run with the scheduler of the batch; each slide scores on its own worker, locally.
-    per_slide = replace(config, scoring=replace(config.scoring, scheduler=None))
+    per_slide = config.model_copy(update={"scoring": config.scoring.model_copy(update={"scheduler": None})})
     result = BatchResult()
     bar = tqdm(total=len(jobs), unit="slide", desc="batch", disable=not progress)
     for outcome in _execute(jobs, str(out_dir), per_slide, batch):
@@ -263,24 +254,26 @@ def run_batch(
     bar.close()
     result.outcomes.sort(key=lambda o: o.path)
     result.seconds = time.perf_counter() - started
-    write_reports(out_dir, archive, result)
+    write_reports(BatchLayout(out_dir), archive, result)
     return result
 
 
-def _execute(jobs: list[tuple[str, str]], out_dir: str, config: PipelineConfig, batch: BatchConfig):
-    if batch.scheduler or batch.workers > 1:
+def _execute(
+    jobs: list[tuple[str, str]], out_dir: str, config: PipelineConfig, batch: BatchConfig
+) -> Iterator[dict[str, Any]]:
+    if batch.scheduler or batch.dask_workers > 1:
         from distributed import Client, LocalCluster, as_completed
 
         if batch.scheduler:
             client, cluster = Client(batch.scheduler), None
         else:
             cluster = LocalCluster(
-                n_workers=batch.workers,
+                n_workers=batch.dask_workers,
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=None,
                 # Share the cores: each worker's torch gets cores / workers threads.
-                env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // batch.workers))},
+                env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // batch.dask_workers))},
             )
             client = Client(cluster)
         try:
@@ -299,7 +292,7 @@ def _execute(jobs: list[tuple[str, str]], out_dir: str, config: PipelineConfig, 
         yield process_slide(path, sid, out_dir, config, batch)
 
 
-def write_reports(out_dir: Path, archive: Path, result: BatchResult) -> None:
+def write_reports(layout: BatchLayout, archive: Path, result: BatchResult) -> None:
     counts = result.counts()
     summary = {
         "archive": str(archive.resolve()),
@@ -308,7 +301,7 @@ def write_reports(out_dir: Path, archive: Path, result: BatchResult) -> None:
         "counts": counts,
         "slides": [o.to_dict() for o in result.outcomes],
     }
-    write_json_atomic(out_dir / "batch.json", summary)
+    write_json_atomic(layout.batch_json, summary)
     lines = [
         "# wsi-dala batch report",
         "",
@@ -328,5 +321,5 @@ def write_reports(out_dir: Path, archive: Path, result: BatchResult) -> None:
         f"| `{Path(o.path).name}` | {o.slide_id} | {o.status} | {o.tiles} | {o.seconds:.1f} | `{o.output}` |"
         for o in result.outcomes
     ]
-    with atomic_open(out_dir / "report.md", "w", encoding="utf-8") as handle:
+    with atomic_open(layout.report_md, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -13,29 +13,16 @@ per-tile figures only.
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.filters import threshold_otsu
 from torch import nn
 
-THRESHOLD_METHODS = ("mean_std", "otsu", "percentile")
-
-
-@dataclass(frozen=True)
-class CamSettings:
-    """How the dynamic threshold is chosen from each map's own distribution."""
-
-    method: str = "mean_std"  # τ = mean + k·std | Otsu | the p-th percentile
-    k: float = 1.0
-    percentile: float = 80.0
-
-    def __post_init__(self) -> None:
-        if self.method not in THRESHOLD_METHODS:
-            raise ValueError(f"CAM threshold method must be one of {THRESHOLD_METHODS}, got {self.method!r}")
+from wsi_dala.cam_threshold import CamSettings, dynamic_threshold
+from wsi_dala.model.interface import as_split
 
 
 @dataclass
@@ -49,7 +36,10 @@ class DTGradCAM:
 
 
 def logits_and_raw_cams(
-    model: nn.Module, images: torch.Tensor, positive_index: int, autocast: Any = None
+    model: nn.Module,
+    images: torch.Tensor,
+    positive_index: int,
+    autocast: AbstractContextManager[object] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, C] and raw Grad-CAM maps [N, h, w] (ReLU(Σ α_k A_k), feature-map resolution).
 
@@ -58,27 +48,16 @@ def logits_and_raw_cams(
     """
     if not getattr(model, "spatial_features", False):
         raise ValueError(f"{type(model).__name__} has no spatial feature map: Grad-CAM is not defined for it")
+    split = as_split(model)
     with torch.no_grad(), autocast or contextlib.nullcontext():
-        features = model.forward_features(images)
+        features = split.forward_features(images)
     features = features.detach().float().requires_grad_(True)
     with torch.enable_grad():
-        logits = model.forward_head(features)
+        logits = split.forward_head(features)
         (gradients,) = torch.autograd.grad(logits[:, positive_index].sum(), features)
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # α_k: spatial mean of the gradient
     raw = torch.relu((weights * features.detach()).sum(dim=1))
     return logits.detach(), raw
-
-
-def dynamic_threshold(cam: np.ndarray, settings: CamSettings) -> float:
-    """τ from the map's own distribution, clipped so a non-zero map never comes out empty."""
-    values = cam.ravel()
-    if settings.method == "mean_std":
-        tau = float(values.mean() + settings.k * values.std())
-    elif settings.method == "otsu":
-        tau = float(threshold_otsu(values)) if np.ptp(values) > 0 else float(values.max())
-    else:
-        tau = float(np.percentile(values, settings.percentile))
-    return min(tau, float(values.max()))
 
 
 def upsample(raw: torch.Tensor | np.ndarray, size: int) -> np.ndarray:

@@ -9,11 +9,12 @@ import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
-from wsi_dala.cam import CamSettings, dt_gradcam, logits_and_raw_cams
+from wsi_dala.cam import dt_gradcam, logits_and_raw_cams
+from wsi_dala.cam_threshold import CamSettings
 from wsi_dala.devices import normalise
 from wsi_dala.errors import ConfigError
 from wsi_dala.fileio import save_png_atomic
-from wsi_dala.layout import safe_stem
+from wsi_dala.layout import cam_figure
 from wsi_dala.model import load_checkpoint
 
 
@@ -74,7 +75,7 @@ def write_cam_figures(
                 f"p({card.positive_class})={probabilities[i]:.3f}",
                 fill="black",
             )
-            target = out_dir / f"{safe_stem(path.stem)}.cam.png"
+            target = cam_figure(out_dir, path)
             save_png_atomic(target, canvas)
             written.append((target, float(probabilities[i]), float(cams.thresholds[i])))
     return written

@@ -1,105 +1,253 @@
-"""Pipeline configuration: a YAML file (``pipelines/default.yaml`` documents every key), validated.
+"""Settings, validated on the types themselves before any work: the pipeline YAML, flags, batch options.
 
-Precedence: built-in defaults < the YAML file < command-line flags. Unknown keys and wrong types are
-errors that name the file and the key, so a typo never silently falls back to a default.
+Each field carries its constraint (``Literal`` choices, ranges, positive sizes), so a bad value fails
+when the settings are built, not after tiling and scoring. Precedence: built-in defaults < the YAML file
+(``pipelines/default.yaml`` documents every key) < command-line flags.
+
+pydantic v2, because it is the field's standard for validated settings and makes this much shorter
+than hand-written checks: strict types (``batch_size: "32"`` is an error, not a silent cast), unknown
+keys refused (``extra="forbid"``), frozen models. Errors are re-worded into one line naming the file,
+the key and, for a misspelt key, the closest valid one.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import asdict, dataclass, field
+import difflib
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from wsi_dala.errors import ConfigError
-from wsi_dala.export import ExportConfig
-from wsi_dala.heatmap import HeatmapConfig
-from wsi_dala.scoring import PRECISIONS, ScoringConfig
+from wsi_dala.model_choices import ARCHITECTURES
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # what each means: wsi_dala.devices.resolve_precision
+Reader = Literal["auto", "openslide", "tiffslide"]
+ThresholdMethod = Literal["mean_std", "otsu", "percentile"]  # DT Grad-CAM's dynamic threshold
+MIN_TILE_SIZE_PX = 8
+DEFAULT_TILE_MPP = 0.5  # what tiles are cut at when neither the settings nor a model card say
+DEFAULT_TILE_SIZE_PX = 224
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Probability = Annotated[float, Strict(), Field(gt=0, le=1)]
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 
 
-@dataclass(frozen=True)
-class TilingSection:
-    mpp: float | None = None  # None: the model card's µm/px
-    tile_size: int | None = None  # None: the model card's tile size
-    stride: int | None = None
-    min_tissue: float = 0.25
-    allow_upsample: bool = False
-    reader: str = "auto"
-    slide_mpp: float | None = None
-    workers: int = 2
+class Settings(BaseModel):
+    """Strict, frozen, no unknown keys."""
 
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    model: str | None = None  # checkpoint path; relative paths are relative to the config file
-    tiling: TilingSection = field(default_factory=TilingSection)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    heatmap: HeatmapConfig = field(default_factory=HeatmapConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump(mode="json")
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against a type hint (the few forms our dataclasses use)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        (item,) = typing.get_args(hint)[:1]
-        return tuple(_coerce(v, item, where) for v in value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+class TilingConfig(Settings):
+    """How tiles are cut: the one tiling settings type (YAML ``tiling:``, flags, training, the demo)."""
+
+    mpp: float | None = Field(None, gt=0)  # tile µm/px; None: the model card's, else DEFAULT_TILE_MPP
+    tile_size_px: int | None = Field(None, ge=MIN_TILE_SIZE_PX)  # None: the model card's, else 224
+    stride_px: int | None = Field(None, ge=1)  # None: the tile size (no overlap)
+    min_tissue: Fraction = 0.25  # keep tiles with at least this fraction of tissue
+    allow_upsample: bool = False
+    reader: Reader = "auto"
+    slide_mpp: float | None = Field(None, gt=0)  # the slide's level-0 µm/px when its metadata lacks it
+    reader_threads: int = Field(2, ge=1)
+    tolerance: float = Field(0.05, ge=0, le=0.5)  # within ±this of the target no resize is done
+    chunk_tiles: int = Field(64, ge=1)  # tiles per Zarr chunk (the unit of writing and resuming)
+    region_level_px: int = Field(2048, ge=64)  # side of the large region reads, in pixels of the read level
+
+    def resolved(self, mpp: float | None, tile_size_px: int | None) -> TilingConfig:
+        """These settings with the target filled in where they leave it open (from the model card)."""
+        values = self.model_dump()
+        values["mpp"] = self.mpp or mpp
+        values["tile_size_px"] = self.tile_size_px or tile_size_px
+        if values["mpp"] is None:
+            raise ConfigError("the model card records no µm/px; give the tile resolution with --mpp")
+        return build(TilingConfig, values, "tiling")
+
+    @property
+    def target_mpp(self) -> float:
+        return self.mpp or DEFAULT_TILE_MPP
+
+    @property
+    def tile_px(self) -> int:
+        return self.tile_size_px or DEFAULT_TILE_SIZE_PX
+
+    @property
+    def stride(self) -> int:
+        return self.stride_px or self.tile_px
+
+
+class ScoringConfig(Settings):
+    batch_size: int = Field(32, ge=1)
+    precision: Precision = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    scheduler: str | None = None  # None: local threads; else the address of a dask.distributed scheduler
+    wave: int = Field(4, ge=1)  # chunks per local compute call (the resume granularity on the local scheduler)
+
+
+class HeatmapConfig(Settings):
+    cam_scale_percentile: float = Field(5.0, ge=0, le=100)  # of the peak raw CAM of positive tiles
+    positive_threshold: Fraction = 0.5  # tiles at or above this probability define that scale
+    min_level_px: int = Field(64, ge=1)  # stop the pyramid when a level is smaller than this
+    min_cell_tissue: Fraction = 0.5  # cells with less tissue (by the tissue mask) get no value
+
+
+class ExportConfig(Settings):
+    tile_threshold: Fraction = 0.5  # tiles at or above: class Tumor
+    region_thresholds: Annotated[tuple[Probability, ...], Field(strict=False, min_length=1)] = (0.5,)
+    min_region_area_um2: float = Field(10_000.0, ge=0)  # 0.01 mm²
+    simplify_cells: float = Field(0.25, ge=0)  # simplification tolerance, in heatmap cells
+    gzip: bool = False
+    cam_threshold_method: ThresholdMethod = "mean_std"  # for the per-tile "DT-CAM area fraction"
+
+    @field_validator("region_thresholds", mode="before")
+    @classmethod
+    def _one_threshold_is_a_list_of_one(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+class PipelineConfig(Settings):
+    model: str | None = None  # checkpoint path; relative paths are relative to the config file
+    tiling: TilingConfig = TilingConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    heatmap: HeatmapConfig = HeatmapConfig()
+    export: ExportConfig = ExportConfig()
+
+
+class TrainConfig(Settings):
+    """`wsi-dala train` settings. Defaults from ``shared/model-spec.md`` (ours, not the paper's)."""
+
+    arch: str = "dalaresnet50"  # one of wsi_dala.model_choices.ARCHITECTURES
+    options: dict[str, Any] = Field(default_factory=dict)  # architecture options (DALAResNet50: DalaOptions)
+    pretrained: str = "imagenet"  # imagenet | none | a weights file
+    input_size: int = Field(224, ge=MIN_TILE_SIZE_PX)
+    epochs: int = Field(20, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr_backbone: float = Field(1e-4, gt=0)
+    lr_head: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    imbalance: Literal["cb-loss", "sampler", "none"] = "cb-loss"
+    beta: float = Field(0.999, ge=0, lt=1)  # class-balanced loss β
+    patience: int = Field(5, ge=1)  # early stopping: epochs without validation-loss improvement
+    seed: int = 0
+    freeze_until: Literal["layer1", "layer2", "layer3"] | None = None  # "layer3": layer4 + attention + head only
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    precision: Precision = "auto"  # auto: fp16 autocast on CUDA, bf16 on a CPU with native bf16, else fp32
+    loader_workers: int = Field(0, ge=0)  # data-loading processes (0: load in the training process)
+    precise_bn_batches: int = Field(0, ge=0)  # >0: re-estimate BatchNorm statistics on this many batches
+
+    @field_validator("arch")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        if value not in ARCHITECTURES:
+            raise ValueError(f"must be one of {', '.join(ARCHITECTURES)}")
         return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected text, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    return value
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+class BatchConfig(Settings):
+    """`wsi-dala batch` options (flags only)."""
+
+    pattern: str = "*"  # glob on file names (e.g. "*.svs")
+    retries: int = Field(2, ge=0)  # extra attempts for failures that are not the input's fault
+    stale_lock_s: float = Field(24 * 3600.0, gt=0)  # a lock from another host older than this is stale
+    dask_workers: int = Field(1, ge=1)  # >1: a local dask.distributed cluster with this many processes
+    scheduler: str | None = None  # address of an existing dask.distributed scheduler
+
+
+# Keys renamed in 0.2, still read (with a warning) for one release.
+DEPRECATED_KEYS: dict[str, dict[str, str]] = {
+    "tiling": {"tile_size": "tile_size_px", "stride": "stride_px", "workers": "reader_threads"},
+    "export": {"cam_threshold": "cam_threshold_method"},
+}
+_SECTIONS: dict[str, type[Settings]] = {
+    "tiling": TilingConfig,
+    "scoring": ScoringConfig,
+    "heatmap": HeatmapConfig,
+    "export": ExportConfig,
+}
+
+SettingsT = TypeVar("SettingsT", bound=Settings)
+
+
+def build(cls: type[SettingsT], values: dict[str, Any], where: str) -> SettingsT:
+    """Validate ``values`` as ``cls``; a failure is one ConfigError line naming ``where`` and the key."""
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc, cls, where)) from None
+
+
+def _first_error(exc: ValidationError, cls: type[Settings], where: str) -> str:
+    errors = exc.errors()
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+        *section, _ = unknown[0]["loc"]
+        owner = _model_at(cls, [str(p) for p in section])
+        names = sorted(owner.model_fields)
+        keys = [str(e["loc"][-1]) for e in unknown]
+        hint = difflib.get_close_matches(keys[0], names, n=1)
+        suggestion = f"did you mean {hint[0]}? " if hint else ""
+        place = ".".join([where, *map(str, section)])
+        return f"{place}: unknown key(s) {', '.join(keys)} ({suggestion}known: {', '.join(names)})"
+    error = errors[0]
+    return f"{'.'.join([where, *map(str, error['loc'])])}: {_reworded(error)}"
+
+
+def _model_at(cls: type[Settings], path: list[str]) -> type[Settings]:
+    for name in path:
+        annotation = cls.model_fields[name].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, Settings)):
+            break
+        cls = annotation
+    return cls
+
+
+def _reworded(error: ErrorDetails) -> str:
+    got = f", got {error['input']!r}"
+    plain = {
+        "int_type": "expected a whole number",
+        "float_type": "expected a number",
+        "bool_type": "expected true or false",
+        "string_type": "expected text",
+        "tuple_type": "expected a list",
+        "model_type": "expected a mapping of keys",
+        "dict_type": "expected a mapping of keys",
+    }
+    if error["type"] in plain:
+        return plain[error["type"]] + got
+    if error["type"] == "value_error":
+        return f"{error.get('ctx', {}).get('error', error['msg'])}{got}"
+    if error["type"] == "string_pattern_mismatch":
+        return f"must match {error.get('ctx', {}).get('pattern', '')}{got}"
+    if error["type"] == "literal_error":
+        return f"must be one of {error.get('ctx', {}).get('expected', '')}{got}"
+    return f"{error['msg'][0].lower()}{error['msg'][1:]}{got}"
+
+
+def _renamed_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Map keys renamed in 0.2 to their new names, with a warning (kept for one release)."""
+    data = dict(data)
+    for section, renames in DEPRECATED_KEYS.items():
+        values = data.get(section)
+        if not isinstance(values, dict):
+            continue
+        values = dict(values)
+        for old, new in renames.items():
+            if old in values:
+                log.warning("%s: %s.%s is deprecated; call it %s.%s", where, section, old, section, new)
+                values.setdefault(new, values.pop(old))
+        data[section] = values
+    return data
 
 
 def load_config(path: str | Path | None) -> PipelineConfig:
-    """Defaults, or the defaults updated by a YAML file."""
+    """Defaults, or the defaults updated by a YAML file; every value checked here, before any work."""
     if path is None:
         return PipelineConfig()
     path = Path(path)
@@ -107,45 +255,25 @@ def load_config(path: str | Path | None) -> PipelineConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: configuration file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file ({exc})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    config = _build(PipelineConfig, data, str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
+    config = build(PipelineConfig, _renamed_keys(data, str(path)), str(path))
     if config.model and not Path(config.model).is_absolute():
-        config = dataclasses.replace(config, model=str((path.parent / config.model).resolve()))
-    validate(config, str(path))
+        config = config.model_copy(update={"model": str((path.parent / config.model).resolve())})
     return config
 
 
-def validate(config: PipelineConfig, where: str = "configuration") -> None:
-    """Ranges and choices (types were checked while building)."""
-    checks = [
-        (config.tiling.mpp is None or config.tiling.mpp > 0, "tiling.mpp must be positive"),
-        (config.tiling.tile_size is None or config.tiling.tile_size >= 8, "tiling.tile_size must be at least 8"),
-        (0 <= config.tiling.min_tissue <= 1, "tiling.min_tissue must be between 0 and 1"),
-        (config.tiling.reader in ("auto", "openslide", "tiffslide"), "tiling.reader: auto, openslide or tiffslide"),
-        (config.scoring.batch_size >= 1, "scoring.batch_size must be at least 1"),
-        (config.scoring.precision in PRECISIONS, f"scoring.precision must be one of {PRECISIONS}"),
-        (0 <= config.export.tile_threshold <= 1, "export.tile_threshold must be between 0 and 1"),
-        (all(0 < t <= 1 for t in config.export.region_thresholds), "export.region_thresholds must be in (0, 1]"),
-        (config.export.min_region_area_um2 >= 0, "export.min_region_area_um2 must not be negative"),
-        (0 <= config.heatmap.cam_scale_percentile <= 100, "heatmap.cam_scale_percentile must be 0-100"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{where}: {message}")
-
-
-def with_overrides(config: PipelineConfig, **sections: dict[str, Any]) -> PipelineConfig:
-    """Apply non-None command-line values, section by section (``tiling={"mpp": 0.5}``)."""
-    updates: dict[str, Any] = {}
+def with_overrides(config: PipelineConfig, model: str | None = None, **sections: dict[str, Any]) -> PipelineConfig:
+    """Apply non-None command-line values, section by section (``tiling={"mpp": 0.5}``), validated."""
+    data = config.model_dump()
+    if model is not None:
+        data["model"] = model
     for name, values in sections.items():
-        values = {k: v for k, v in values.items() if v is not None}
-        if not values:
-            continue
-        if name == "model":
-            updates["model"] = values["path"]
-        else:
-            updates[name] = dataclasses.replace(getattr(config, name), **values)
-    result = dataclasses.replace(config, **updates)
-    validate(result, "command line")
-    return result
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown settings section {name!r}")
+        data[name].update({k: v for k, v in values.items() if v is not None})
+    return build(PipelineConfig, data, "command line")

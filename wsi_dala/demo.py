@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import shapely
@@ -20,20 +20,19 @@ import shapely
 from qupath_export.annotations import read_annotations
 from qupath_export.geojson import annotation_feature, write_feature_collection
 from qupath_export.polygons import mask_to_polygons
-from wsi_dala.config import PipelineConfig, TilingSection
+from wsi_dala.config import PipelineConfig, TilingConfig, TrainConfig
+from wsi_dala.fileio import write_json_atomic
+from wsi_dala.layout import DemoLayout, annotations_beside
 from wsi_dala.pipeline import RunSummary, run_slide
 from wsi_dala.synthetic import TUMOUR, SyntheticSlide, SyntheticSlideSpec, write_synthetic_slide
-from wsi_dala.tiling import TilingConfig
 from wsi_dala.training.slide_tiles import AnnotatedSlide, annotated_slide_samples
-from wsi_dala.training.train import TrainConfig, train_model
+from wsi_dala.training.train import TrainResult, train_model
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    slide_width: int = 12288
-    slide_height: int = 9216
-    train_width: int = 8192
-    train_height: int = 6144
+    case_size_px: tuple[int, int] = (12288, 9216)  # (width, height) at level 0 of the slide analysed
+    training_size_px: tuple[int, int] = (8192, 6144)  # each of the two annotated training slides
     tile_size_px: int = 128
     tile_mpp: float = 0.5
     epochs: int = 3
@@ -56,46 +55,39 @@ def tumour_iou(slide: SyntheticSlide, regions_geojson: Path) -> float:
     return float(shapely.intersection(truth, found).area / union) if union > 0 else 0.0
 
 
-def run_demo(
-    out_dir: str | Path, settings: DemoSettings | None = None, progress: bool = True, say=print
-) -> tuple[RunSummary, float]:
-    settings = settings or DemoSettings()
-    out = Path(out_dir)
-    started = time.perf_counter()
-    slides_dir = out / "slides"
-    say(f"[1/4] writing synthetic slides into {slides_dir}")
+def _write_slides(layout: DemoLayout, settings: DemoSettings) -> tuple[list[SyntheticSlide], SyntheticSlide]:
+    """Two annotated training slides and the case to analyse."""
     train_slides = []
-    for offset in (1, 2):
+    for number in (1, 2):
         spec = SyntheticSlideSpec(
-            width=settings.train_width,
-            height=settings.train_height,
+            width=settings.training_size_px[0],
+            height=settings.training_size_px[1],
             mpp=0.25,
-            seed=settings.seed + offset,
+            seed=settings.seed + number,
             tumour_regions=4,
         )
-        slide = write_synthetic_slide(slides_dir / f"train_{offset}.svs", spec)
-        write_truth_annotations(slide, slides_dir / f"train_{offset}.geojson")
+        slide = write_synthetic_slide(layout.training_slide(number), spec)
+        write_truth_annotations(slide, annotations_beside(slide.path))
         train_slides.append(slide)
-    target = write_synthetic_slide(
-        slides_dir / "case.svs",
-        SyntheticSlideSpec(width=settings.slide_width, height=settings.slide_height, mpp=0.25, seed=settings.seed),
+    case_spec = SyntheticSlideSpec(
+        width=settings.case_size_px[0], height=settings.case_size_px[1], mpp=0.25, seed=settings.seed
     )
+    return train_slides, write_synthetic_slide(layout.case_slide, case_spec)
 
-    say(
-        f"[2/4] training DALAResNet50 from scratch on tiles of the annotated slides "
-        f"({settings.tile_size_px} px at {settings.tile_mpp} µm/px, {settings.epochs} epochs, CPU is fine)"
-    )
-    tiling = TilingConfig(target_mpp=settings.tile_mpp, tile_size_px=settings.tile_size_px, min_tissue=0.25)
+
+def _train(layout: DemoLayout, slides: list[SyntheticSlide], settings: DemoSettings, progress: bool) -> TrainResult:
+    """DALAResNet50 from scratch on the annotated slides' tiles: the first slide trains, the second validates."""
+    tiling = TilingConfig(mpp=settings.tile_mpp, tile_size_px=settings.tile_size_px, min_tissue=0.25)
     samples, names, mpp = annotated_slide_samples(
-        [AnnotatedSlide(s.path, s.path.with_suffix(".geojson")) for s in train_slides],
-        out / "training-tiles",
+        [AnnotatedSlide(s.path, annotations_beside(s.path)) for s in slides],
+        layout.training_tiles_dir,
         tiling,
         min_cover=0.5,
         unannotated_class="Non-tumor",
         progress=progress,
     )
-    train = [s for s in samples if s.group == train_slides[0].path.name]
-    val = [s for s in samples if s.group == train_slides[1].path.name]
+    train = [s for s in samples if s.group == slides[0].path.name]
+    val = [s for s in samples if s.group == slides[1].path.name]
     config = TrainConfig(
         pretrained="none",
         input_size=settings.tile_size_px,
@@ -115,16 +107,33 @@ def run_demo(
             "val_tiles": len(val),
         },
     }
-    trained = train_model(train, val, names, "Tumor", config, out / "model", card_fields, progress=progress)
+    return train_model(train, val, names, "Tumor", config, layout.model.root, card_fields, progress=progress)
+
+
+def run_demo(
+    out_dir: str | Path,
+    settings: DemoSettings | None = None,
+    progress: bool = True,
+    say: Callable[[str], object] = print,
+) -> tuple[RunSummary, float]:
+    settings = settings or DemoSettings()
+    layout = DemoLayout(Path(out_dir))
+    started = time.perf_counter()
+    say(f"[1/4] writing synthetic slides into {layout.slides_dir}")
+    train_slides, target = _write_slides(layout, settings)
+    say(
+        f"[2/4] training DALAResNet50 from scratch on tiles of the annotated slides "
+        f"({settings.tile_size_px} px at {settings.tile_mpp} µm/px, {settings.epochs} epochs, CPU is fine)"
+    )
+    trained = _train(layout, train_slides, settings, progress)
     say(
         f"      validation balanced accuracy {trained.best_metrics['balanced_accuracy']:.3f} "
         f"(epoch {trained.best_epoch}); checkpoint {trained.checkpoint}"
     )
-
     say(f"[3/4] wsi-dala run {target.path}")
-    pipeline = replace(PipelineConfig(), model=str(trained.checkpoint), tiling=TilingSection(min_tissue=0.25))
-    summary = run_slide(target.path, out / "run", pipeline, progress=progress)
+    pipeline = PipelineConfig(model=str(trained.checkpoint), tiling=TilingConfig(min_tissue=0.25))
+    summary = run_slide(target.path, layout.run.root, pipeline, progress=progress)
     iou = tumour_iou(target, summary.layout.tumour_geojson())
     say(f"[4/4] done in {time.perf_counter() - started:.0f} s")
-    (out / "demo.json").write_text(json.dumps({"tumour_iou": iou, "run": str(summary.layout.run_json)}, indent=2))
+    write_json_atomic(layout.demo_json, {"tumour_iou": iou, "run": str(summary.layout.run_json)})
     return summary, iou

@@ -8,7 +8,7 @@ each threshold, with holes, simplified without self-crossing, at least ``min_reg
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +17,12 @@ import shapely
 
 from qupath_export.geojson import annotation_feature, tile_features, write_feature_collection
 from qupath_export.polygons import mask_to_polygons
-from wsi_dala.cam import CamSettings, dynamic_threshold
+from wsi_dala.cam_threshold import CamSettings, dynamic_threshold
+from wsi_dala.config import ExportConfig
 from wsi_dala.heatmap import Heatmap
-from wsi_dala.scoring import CAMS, SCORES
-from wsi_dala.store import TISSUE_FRACTION, open_store
+from wsi_dala.store import TileStore
 
 POSITIVE_CLASS, NEGATIVE_CLASS = "Tumor", "Non-tumor"  # QuPath's built-in Tumor class, and ours
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    tile_threshold: float = 0.5  # tiles at or above: class Tumor
-    region_thresholds: tuple[float, ...] = (0.5,)
-    min_region_area_um2: float = 10_000.0  # 0.01 mm²
-    simplify_cells: float = 0.25  # simplification tolerance, in heatmap cells (removes the staircase)
-    gzip: bool = False
-    cam_threshold: str = "mean_std"  # for the per-tile "DT-CAM area fraction" measurement
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -47,36 +34,37 @@ class ExportResult:
     regions: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _tile_feature_stream(store: Any, config: ExportConfig, cam_scale: float) -> Iterator[dict]:
-    positive_index = list(store.attrs["class_names"]).index(store.attrs["positive_class"])
-    tile_l0 = float(store.attrs["tile_size_l0"])
-    chunk = int(store.attrs["chunk_tiles"])
-    settings = CamSettings(method=config.cam_threshold)
-    for start in range(0, store["coords"].shape[0], chunk):
-        coords = np.asarray(store["coords"][start : start + chunk])
-        probability = np.asarray(store[SCORES][start : start + chunk])[:, positive_index]
-        raw = np.asarray(store[CAMS][start : start + chunk])
+def _dt_cam_area_fraction(raw: np.ndarray, settings: CamSettings) -> np.ndarray:
+    """Per tile: the share of its map (normalised to its own peak) that survives the dynamic threshold."""
+    flat = raw.reshape(len(raw), -1)
+    peak = flat.max(axis=1) if len(flat) else np.zeros(0)
+    normalised = flat / np.where(peak > 0, peak, 1.0)[:, None]
+    return np.array(
+        [
+            ((m >= dynamic_threshold(m, settings)) & (m > 0)).mean() if p > 0 else 0.0
+            for m, p in zip(normalised, peak, strict=True)
+        ]
+    )
+
+
+def _tile_feature_stream(store: TileStore, config: ExportConfig, cam_scale: float) -> Iterator[dict[str, Any]]:
+    settings = CamSettings(method=config.cam_threshold_method)
+    for rows in store.info.chunk_rows():
+        probability = store.positive_scores(rows)
+        raw = store.cams(rows)
         scaled = np.clip(raw / cam_scale, 0.0, 1.0).reshape(len(raw), -1)
-        peak = raw.reshape(len(raw), -1).max(axis=1)
-        normalised = raw.reshape(len(raw), -1) / np.where(peak > 0, peak, 1.0)[:, None]
-        kept = np.array(
-            [
-                ((m >= dynamic_threshold(m, settings)) & (m > 0)).mean() if p > 0 else 0.0
-                for m, p in zip(normalised, peak, strict=True)
-            ]
-        )
         measurements = {
             "Tumor probability": probability,
             "CAM mean (slide scale)": scaled.mean(axis=1),
             "CAM max (slide scale)": scaled.max(axis=1),
-            "DT-CAM area fraction": kept,
-            "Tissue fraction": np.asarray(store[TISSUE_FRACTION][start : start + chunk]),
+            "DT-CAM area fraction": _dt_cam_area_fraction(raw, settings),
+            "Tissue fraction": store.tissue_fraction(rows),
         }
         classes = np.where(probability >= config.tile_threshold, POSITIVE_CLASS, NEGATIVE_CLASS)
-        yield from tile_features(coords, tile_l0, measurements, classes)
+        yield from tile_features(store.coords(rows), store.info.tile_size_l0, measurements, classes)
 
 
-def region_features(heatmap: Heatmap, config: ExportConfig) -> tuple[list[dict], list[dict]]:
+def region_features(heatmap: Heatmap, config: ExportConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Annotation features and a summary per region (for run.json)."""
     features, summary = [], []
     layer = heatmap.tumour
@@ -114,7 +102,7 @@ def export_qupath(
     store_path: str | Path, heatmap: Heatmap, tiles_path: Path, regions_path: Path, config: ExportConfig
 ) -> ExportResult:
     """Write both GeoJSON files (each atomically); returns counts and the regions' summary."""
-    store = open_store(store_path)
+    store = TileStore(store_path)
     n_tiles = write_feature_collection(tiles_path, _tile_feature_stream(store, config, heatmap.cam_scale))
     features, summary = region_features(heatmap, config)
     write_feature_collection(regions_path, features)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,18 +12,27 @@ from pathlib import Path
 from typing import IO, Any
 
 from wsi_dala.errors import OutputError
+from wsi_dala.layout import PARTIAL_SUFFIX, partial_prefix
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new hidden file beside ``path``, created with mode 0o666 so the process umask applies (outputs
+    are for sharing; ``mkstemp`` would make them 0600, and reading the umask means changing it)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f"{partial_prefix(path)}{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are for sharing
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
@@ -34,20 +44,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write JSON (strict: NaN is refused) atomically."""
     with atomic_open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, allow_nan=False, default=str)
         handle.write("\n")
 
 
-def save_png_atomic(path: str | os.PathLike, image: Any) -> None:
+def save_png_atomic(path: str | os.PathLike[str], image: Any) -> None:
     """Save a PIL image as PNG atomically."""
     with atomic_open(path, "wb") as handle:
         image.save(handle, format="PNG")
 
 
-def ensure_writable_dir(path: str | os.PathLike) -> Path:
+def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     """Create ``path`` if needed and prove we can write into it, before any work starts."""
     path = Path(path)
     try:

@@ -67,13 +67,13 @@ def choose_level(
     )
 
 
-def grid_origins(width: int, height: int, tile_size_l0: float, stride_l0: float) -> np.ndarray:
+def grid_origins(width: float, height: float, tile_size_l0: float, stride_l0: float) -> np.ndarray:
     """Top-left corners [N, 2] (x, y) of a grid covering the image; edge tiles overhang it.
 
     Corners are rounded to whole level-0 pixels so that they are exact in QuPath.
     """
 
-    def axis(extent: int) -> np.ndarray:
+    def axis(extent: float) -> np.ndarray:
         count = 1 if extent <= tile_size_l0 else math.ceil((extent - tile_size_l0) / stride_l0 - 1e-9) + 1
         return np.round(np.arange(count) * stride_l0).astype(np.int64)
 

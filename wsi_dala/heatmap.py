@@ -17,30 +17,21 @@ Both are stored as a multiscale Zarr (level k = 2^k cells per pixel) with their 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
+from wsi_dala.config import HeatmapConfig
 from wsi_dala.fileio import atomic_open
 from wsi_dala.grid import grid_origins, tissue_fractions
-from wsi_dala.scoring import CAMS, SCORES
-from wsi_dala.store import TISSUE_MASK, open_store
+from wsi_dala.layout import building_path
+from wsi_dala.store import TileStore
 
 LAYERS = ("probability", "tumour")
-
-
-@dataclass(frozen=True)
-class HeatmapConfig:
-    cam_scale_percentile: float = 5.0  # of the peak raw CAM of tiles with p >= positive_threshold
-    positive_threshold: float = 0.5
-    min_level_px: int = 64  # stop the pyramid when a level is smaller than this
-    min_cell_tissue: float = 0.5  # cells with less tissue (by the tissue mask) get no value
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -58,20 +49,17 @@ class Heatmap:
         return self.cell_l0 * self.slide_mpp
 
 
-def slide_cam_scale(store: Any, positive_index: int, config: HeatmapConfig) -> float:
+def slide_cam_scale(store: TileStore, config: HeatmapConfig) -> float:
     """One scale for the whole slide: a percentile of the positive tiles' peak raw CAM values.
 
     A cell as hot as a typical positive tile's hottest cell maps to 1; tiles stay comparable (one
     scale), and the cold part of a tile that is only partly tumour stays cold.
     """
-    chunk = int(store.attrs["chunk_tiles"])
-    n = store[SCORES].shape[0]
     values = []
-    for start in range(0, n, chunk):
-        scores = np.asarray(store[SCORES][start : start + chunk])
-        positive = scores[:, positive_index] >= config.positive_threshold
+    for rows in store.info.chunk_rows():
+        positive = store.positive_scores(rows) >= config.positive_threshold
         if positive.any():
-            cams = np.asarray(store[CAMS][start : start + chunk])[positive]
+            cams = store.cams(rows)[positive]
             values.append(cams.reshape(len(cams), -1).max(axis=1))
     if not values:
         return 1.0
@@ -82,23 +70,19 @@ def slide_cam_scale(store: Any, positive_index: int, config: HeatmapConfig) -> f
 def stitch(store_path: str | Path, config: HeatmapConfig | None = None) -> Heatmap:
     """Sum-and-count stitching, chunk by chunk (memory: the map, plus one chunk of scores)."""
     config = config or HeatmapConfig()
-    store = open_store(store_path)
-    attrs = store.attrs
-    positive_index = list(attrs["class_names"]).index(attrs["positive_class"])
-    grid = int(attrs["cam_grid"])
-    cell_l0 = float(attrs["tile_size_l0"]) / grid
-    width, height = int(attrs["slide"]["width"]), int(attrs["slide"]["height"])
+    store = TileStore(store_path)
+    info = store.info
+    grid = info.require_scores(str(store.path)).cam_grid
+    cell_l0 = info.tile_size_l0 / grid
+    width, height = info.tiling.slide.width, info.tiling.slide.height
     rows, cols = math.ceil(height / cell_l0), math.ceil(width / cell_l0)
     sums = np.zeros((2, rows + grid, cols + grid), dtype=np.float64)  # margin for edge tiles
     counts = np.zeros((rows + grid, cols + grid), dtype=np.int32)
-    scale = slide_cam_scale(store, positive_index, config)
-    chunk = int(attrs["chunk_tiles"])
-    n = store["coords"].shape[0]
-    for start in range(0, n, chunk):
-        coords = np.asarray(store["coords"][start : start + chunk])
-        probability = np.asarray(store[SCORES][start : start + chunk])[:, positive_index]
-        cams = np.clip(np.asarray(store[CAMS][start : start + chunk]) / scale, 0.0, 1.0)
-        cells = np.round(coords / cell_l0).astype(np.int64)
+    scale = slide_cam_scale(store, config)
+    for chunk in info.chunk_rows():
+        cells = np.round(store.coords(chunk) / cell_l0).astype(np.int64)
+        probability = store.positive_scores(chunk)
+        cams = np.clip(store.cams(chunk) / scale, 0.0, 1.0)
         for (cx, cy), p, cam in zip(cells, probability, cams, strict=True):
             if not np.isfinite(p):
                 continue
@@ -107,13 +91,13 @@ def stitch(store_path: str | Path, config: HeatmapConfig | None = None) -> Heatm
             counts[cy : cy + grid, cx : cx + grid] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, sums / counts, np.nan)[:, :rows, :cols].astype(np.float32)
-    if TISSUE_MASK in store:
+    mask = store.tissue_mask()
+    if mask is not None:
         # A tile is kept for its tissue, but parts of it are glass or ink: no value there either.
-        mask = np.asarray(store[TISSUE_MASK][:])
         cells_xy = grid_origins(cols * cell_l0, rows * cell_l0, cell_l0, cell_l0).astype(np.float64)
-        tissue = tissue_fractions(mask, float(attrs["mask_downsample"]), cells_xy, cell_l0).reshape(rows, cols)
+        tissue = tissue_fractions(mask, info.tiling.mask_downsample, cells_xy, cell_l0).reshape(rows, cols)
         mean[:, tissue < config.min_cell_tissue] = np.nan
-    return Heatmap(mean[0], mean[1], cell_l0, scale, float(attrs["slide_mpp"]))
+    return Heatmap(mean[0], mean[1], cell_l0, scale, info.slide_mpp)
 
 
 def _halve(layer: np.ndarray) -> np.ndarray:
@@ -129,13 +113,13 @@ def _halve(layer: np.ndarray) -> np.ndarray:
         return np.where(count > 0, total / count, np.nan).astype(np.float32)
 
 
-def write_heatmap(heatmap: Heatmap, path: str | Path, config: HeatmapConfig, extra_attrs: dict | None = None) -> None:
+def write_heatmap(
+    heatmap: Heatmap, path: str | Path, config: HeatmapConfig, extra_attrs: dict[str, Any] | None = None
+) -> None:
     """Multiscale Zarr: ``<layer>/<level>`` arrays; written under a temporary name, then renamed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = building_path(path)
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     group = zarr.open_group(tmp, mode="w", zarr_format=3)
     levels = []
@@ -178,19 +162,19 @@ def write_heatmap(heatmap: Heatmap, path: str | Path, config: HeatmapConfig, ext
         }
     )
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     tmp.rename(path)
 
 
 def render_overlay(thumbnail: np.ndarray, layer: np.ndarray, path: Path, title: str) -> None:
-    """Heatmap (0-1, no colour where there is no value) over the thumbnail, with a colour bar."""
-    import matplotlib
+    """Heatmap (0-1, no colour where there is no value) over the thumbnail, with a colour bar.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare ``matplotlib.figure.Figure``: no pyplot, no global backend to switch.
+    """
     from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
     from PIL import Image
 
     height, width = thumbnail.shape[:2]
@@ -205,12 +189,12 @@ def render_overlay(thumbnail: np.ndarray, layer: np.ndarray, path: Path, title: 
     alpha = np.where(valid[..., None], 0.15 + 0.6 * value, 0.0)  # low probability: the tissue shows through
     blend = ((1 - alpha) * thumbnail + alpha * coloured).astype(np.uint8)
     dpi = 100
-    fig, ax = plt.subplots(figsize=(width / dpi + 1.6, height / dpi + 0.6), dpi=dpi)
+    fig = Figure(figsize=(width / dpi + 1.6, height / dpi + 0.6), dpi=dpi)
+    ax = fig.subplots()
     ax.imshow(blend)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
-    mappable = plt.cm.ScalarMappable(cmap="inferno", norm=plt.Normalize(0, 1))
+    mappable = ScalarMappable(cmap="inferno", norm=Normalize(0, 1))
     fig.colorbar(mappable, ax=ax, fraction=0.035, pad=0.02, label="tumour probability")
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", bbox_inches="tight")
-    plt.close(fig)

@@ -1,26 +1,79 @@
-"""Every path a run writes, in one typed object, so no two modules disagree on a file name."""
+"""Every path the program writes, in one place, so no two modules disagree on a file name.
+
+One small frozen object per kind of output folder: a slide's run, a training run, an evaluation, a
+batch over an archive (and each slide's folder in it), the demo. Nothing else in the package spells an
+output file name (``tests/test_layout.py`` greps for them).
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+from wsi_dala.formats import SLIDE_SUFFIXES, WRAPPER_SUFFIXES
+
+DEFAULT_RUNS_DIR = Path("wsi-dala-runs")  # `wsi-dala run` without --out writes below this, one folder per slide
+DEFAULT_DEMO_DIR = "wsi-dala-demo"
+PARTIAL_SUFFIX = ".partial"  # what is being written; renamed into place when complete
+
+
+class _Below:
+    """A fixed file or folder below a layout's ``root``: ``run_json = _Below("run.json")``."""
+
+    def __init__(self, name: str, doc: str = "") -> None:
+        self.name = name
+        self.__doc__ = doc or name
+
+    def __get__(self, layout: _Rooted | None, owner: type | None = None) -> Path:
+        if layout is None:
+            raise AttributeError(f"{self.name}: a path of a layout object, not of its class")
+        return layout.root / self.name
+
+
+class _Rooted(Protocol):
+    @property
+    def root(self) -> Path: ...
 
 
 def safe_stem(name: str) -> str:
     """A file-name-safe stem from a slide's name (never trust names from inputs)."""
     stem = Path(name).name
-    for suffix in (".gz", ".tiff", ".tif", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".qptiff"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
+    suffix = Path(stem).suffix.lower()
+    if suffix in SLIDE_SUFFIXES | WRAPPER_SUFFIXES:
+        stem = stem[: -len(suffix)]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")
     return stem or "slide"
 
 
+def building_path(final: Path) -> Path:
+    """The hidden name a folder (Zarr store) is built under before it is renamed to ``final``."""
+    return final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
+
+
+def partial_prefix(final: Path) -> str:
+    """Prefix of the hidden temporary files written beside ``final`` before the atomic rename."""
+    return f".{final.name}."
+
+
+def default_run_dir(slide_path: str | Path) -> Path:
+    return DEFAULT_RUNS_DIR / safe_stem(str(slide_path))
+
+
+def annotations_beside(slide_path: Path) -> Path:
+    """Where `train --slide SLIDE` looks for QuPath annotations when none are named: ``<stem>.geojson``."""
+    return slide_path.with_suffix(".geojson")
+
+
+def cam_figure(out_dir: Path, image_path: Path) -> Path:
+    """`wsi-dala cam`: one side-by-side figure per input image."""
+    return out_dir / f"{safe_stem(image_path.stem)}.cam.png"
+
+
 @dataclass(frozen=True)
 class RunLayout:
-    """The output folder of one slide's run."""
+    """The output folder of one slide's run (also what `wsi-dala tile` writes)."""
 
     root: Path
     slide_stem: str = "slide"
@@ -29,36 +82,103 @@ class RunLayout:
     def for_slide(cls, root: str | Path, slide_path: str | Path) -> RunLayout:
         return cls(Path(root), safe_stem(str(slide_path)))
 
-    @property
-    def tiles_store(self) -> Path:
-        return self.root / "tiles.zarr"
-
-    @property
-    def tissue_mask_png(self) -> Path:
-        return self.root / "tissue_mask.png"
-
-    @property
-    def thumbnail_png(self) -> Path:
-        return self.root / "thumbnail.png"
-
-    @property
-    def heatmap_store(self) -> Path:
-        return self.root / "heatmap.zarr"
-
-    @property
-    def overview_png(self) -> Path:
-        return self.root / "overview.png"
-
-    @property
-    def overlay_png(self) -> Path:
-        return self.root / "overlay.png"
-
-    @property
-    def run_json(self) -> Path:
-        return self.root / "run.json"
+    tiles_store = _Below("tiles.zarr")
+    tissue_mask_png = _Below("tissue_mask.png")
+    thumbnail_png = _Below("thumbnail.png")
+    heatmap_store = _Below("heatmap.zarr")
+    overview_png = _Below("overview.png")
+    overlay_png = _Below("overlay.png")
+    run_json = _Below("run.json")
 
     def tiles_geojson(self, gzip: bool = False) -> Path:
         return self.root / f"{self.slide_stem}.tiles.geojson{'.gz' if gzip else ''}"
 
     def tumour_geojson(self, gzip: bool = False) -> Path:
         return self.root / f"{self.slide_stem}.tumour.geojson{'.gz' if gzip else ''}"
+
+
+@dataclass(frozen=True)
+class TrainLayout:
+    """The folder of one training run (`wsi-dala train --out DIR`)."""
+
+    root: Path
+
+    best_checkpoint = _Below("best.safetensors")
+    last_state = _Below("last-state.pt", "Weights, optimiser and scheduler after the last epoch: the resume point.")
+    metrics_csv = _Below("metrics.csv")
+    curves_png = _Below("curves.png")
+    train_json = _Below("train.json", "The run's summary; `evaluate --split-from` reads its validation groups back.")
+    tiles_dir = _Below("tiles", "`train --slide`: one tile-store folder per annotated slide below this.")
+
+
+def slide_tiles_dir(tiles_root: Path, slide_path: Path) -> Path:
+    """The folder (holding ``tiles.zarr``) of one annotated slide's training tiles."""
+    return tiles_root / safe_stem(slide_path.name)
+
+
+@dataclass(frozen=True)
+class EvalLayout:
+    """The folder of one evaluation (`wsi-dala evaluate --out DIR`)."""
+
+    root: Path
+
+    metrics_json = _Below("metrics.json")
+    tiles_dir = _Below("tiles", "`evaluate --slide`: one tile-store folder per annotated slide below this.")
+
+    def confusion_png(self, magnification: str | None = None) -> Path:
+        return self.root / (f"confusion_{magnification}.png" if magnification else "confusion.png")
+
+
+@dataclass(frozen=True)
+class BatchSlideLayout:
+    """One slide's folder inside a batch output: its run, its batch state and its lock."""
+
+    root: Path
+
+    state_json = _Below("state.json")
+    lock = _Below("slide.lock")
+
+    def stale_lock(self, pid: int) -> Path:
+        """A stale lock is renamed here before it is removed, so only one clearer wins."""
+        return self.root / f"slide.lock.stale-{pid}"
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The output folder of `wsi-dala batch`: one folder per slide, and the batch's reports."""
+
+    root: Path
+
+    def slide(self, slide_id: str) -> BatchSlideLayout:
+        return BatchSlideLayout(self.root / slide_id)
+
+    batch_json = _Below("batch.json")
+    report_md = _Below("report.md")
+
+
+@dataclass(frozen=True)
+class DemoLayout:
+    """Everything `wsi-dala demo` writes."""
+
+    root: Path
+
+    slides_dir = _Below("slides")
+
+    def training_slide(self, number: int) -> Path:
+        return self.slides_dir / f"train_{number}.svs"
+
+    @property
+    def case_slide(self) -> Path:
+        return self.slides_dir / "case.svs"
+
+    training_tiles_dir = _Below("training-tiles")
+
+    @property
+    def model(self) -> TrainLayout:
+        return TrainLayout(self.root / "model")
+
+    @property
+    def run(self) -> RunLayout:
+        return RunLayout.for_slide(self.root / "run", self.case_slide)
+
+    demo_json = _Below("demo.json")

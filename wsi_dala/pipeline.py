@@ -7,69 +7,124 @@ checkpoint's hash: an unchanged slide with unchanged settings and model does no 
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wsi_dala import __version__
-from wsi_dala.config import PipelineConfig
-from wsi_dala.errors import CheckpointError, ConfigError
-from wsi_dala.export import export_qupath
-from wsi_dala.fileio import ensure_writable_dir, write_json_atomic
-from wsi_dala.heatmap import render_overlay, stitch, write_heatmap
-from wsi_dala.identity import config_hash, slide_fingerprint
+from wsi_dala.config import PipelineConfig, TilingConfig
+from wsi_dala.errors import CheckpointError, SlideOpenError
+from wsi_dala.export import ExportResult, export_qupath
+from wsi_dala.fileio import ensure_writable_dir, save_png_atomic, write_json_atomic
+from wsi_dala.heatmap import Heatmap, render_overlay, stitch, write_heatmap
+from wsi_dala.identity import config_hash, file_sha256, slide_fingerprint
 from wsi_dala.layout import RunLayout
-from wsi_dala.model import read_card
-from wsi_dala.scoring import file_sha256, score_store
-from wsi_dala.tiling import TilingConfig, tile_slide
+from wsi_dala.model import ModelCard, read_card
+from wsi_dala.scoring import ScoringResult, score_store
+from wsi_dala.store import TileStore
+from wsi_dala.tiling import TilingResult, tile_slide
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 RUN_FORMAT = "wsi-dala.run/1"
 
 
-@dataclass
+@dataclass(frozen=True)
+class RunCounts:
+    tiles: int
+    grid_tiles: int
+    tumour_tiles: int
+    regions: int
+
+
+@dataclass(frozen=True)
+class RunResolution:
+    slide_mpp: float
+    slide_mpp_source: str
+    tile_mpp: float
+    level: int
+    resize_factor: float
+    heatmap_cell_mpp: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """``run.json`` of a complete run: what ran, on what, with which settings, how fast, and where it wrote."""
+
+    run_key: str
+    slide: dict[str, Any]
+    model: dict[str, Any]
+    resolution: RunResolution
+    counts: RunCounts
+    regions: list[dict[str, Any]]
+    timings_s: dict[str, float]
+    tiles_per_s: float | None
+    scoring: dict[str, Any]
+    settings: dict[str, Any]
+    outputs: dict[str, str]
+    versions: dict[str, str]
+    status: str = "complete"
+    format: str = RUN_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def read_complete(cls, path: Path) -> RunRecord | None:
+        """The record at ``path`` if it is a complete run of this format; None otherwise."""
+        try:
+            data = json.loads(path.read_text())
+            if data.get("status") != "complete" or data.get("format") != RUN_FORMAT:
+                return None
+            names = {f.name for f in fields(cls)}
+            return cls(
+                **{
+                    **{k: v for k, v in data.items() if k in names},
+                    "resolution": RunResolution(**data["resolution"]),
+                    "counts": RunCounts(**data["counts"]),
+                }
+            )
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+
+@dataclass(frozen=True)
 class RunSummary:
     layout: RunLayout
-    record: dict[str, Any]
+    record: RunRecord
     skipped: bool
 
 
-def tiling_config(config: PipelineConfig, card: Any) -> TilingConfig:
+def tiling_for_model(config: PipelineConfig, card: ModelCard) -> TilingConfig:
     """The model card fixes µm/px and tile size unless the configuration overrides them."""
-    mpp = config.tiling.mpp or card.mpp
-    if mpp is None:
-        raise ConfigError("the model card records no µm/px; give the tile resolution with --mpp")
-    return TilingConfig(
-        target_mpp=mpp,
-        tile_size_px=config.tiling.tile_size or card.tile_size_px,
-        stride_px=config.tiling.stride,
-        min_tissue=config.tiling.min_tissue,
-        allow_upsample=config.tiling.allow_upsample,
-        workers=config.tiling.workers,
-    )
+    return config.tiling.resolved(card.mpp, card.tile_size_px)
 
 
 def run_key(slide_path: Path, config: PipelineConfig, checkpoint_sha: str) -> str:
-    settings = dataclasses.replace(config, model=None).to_dict()
-    settings["scoring"].pop("scheduler", None)  # where it runs does not change the result
+    # Where and how fast it runs does not change the result: scheduler and reader threads are not part of it.
+    settings = config.model_dump(
+        mode="json", exclude={"model": True, "scoring": {"scheduler"}, "tiling": {"reader_threads"}}
+    )
     return config_hash(
         {"slide": slide_fingerprint(slide_path), "config": settings, "model": checkpoint_sha, "version": __version__}
     )
 
 
-def previous_run(layout: RunLayout) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads(layout.run_json.read_text())
-    except (OSError, ValueError):
-        return {}
+def _require_model(config: PipelineConfig) -> Path:
+    if not config.model:
+        raise CheckpointError(
+            "no model: give --model CKPT, set `model:` in the pipeline config, or run "
+            "`wsi-dala demo` once to train a small one"
+        )
+    return Path(config.model)
 
 
 def run_slide(
@@ -77,28 +132,21 @@ def run_slide(
     out_dir: str | Path,
     config: PipelineConfig,
     progress: bool = True,
-    client: Any = None,
+    client: Client | None = None,
 ) -> RunSummary:
     """Run the whole pipeline on one slide (or do nothing if an identical run is complete)."""
     slide_path = Path(slide_path)
-    if not config.model:
-        raise CheckpointError(
-            "no model: give --model CKPT, set `model:` in the pipeline config, or run "
-            "`wsi-dala demo` once to train a small one"
-        )
-    checkpoint = Path(config.model)
+    checkpoint = _require_model(config)
     card = read_card(checkpoint)
-    tiling = tiling_config(config, card)
+    tiling = tiling_for_model(config, card)
     layout = RunLayout.for_slide(out_dir, slide_path)
     if not slide_path.exists():
-        from wsi_dala.errors import SlideOpenError
-
         raise SlideOpenError(f"{slide_path}: file not found")
     ensure_writable_dir(layout.root)
     checkpoint_sha = file_sha256(checkpoint)
     key = run_key(slide_path, config, checkpoint_sha)
-    previous = previous_run(layout)
-    if previous.get("run_key") == key and previous.get("status") == "complete":
+    previous = RunRecord.read_complete(layout.run_json)
+    if previous is not None and previous.run_key == key:
         return RunSummary(layout, previous, skipped=True)
 
     timings: dict[str, float] = {}
@@ -106,41 +154,54 @@ def run_slide(
     write_json_atomic(
         layout.run_json, {"format": RUN_FORMAT, "status": "running", "run_key": key, "slide": str(slide_path)}
     )
-    tiled = tile_slide(
-        slide_path,
-        layout.root,
-        tiling,
-        reader=config.tiling.reader,
-        slide_mpp=config.tiling.slide_mpp,
-        progress=progress,
-    )
+    tiled = tile_slide(slide_path, layout.root, tiling, progress=progress)
     timings["tile"] = tiled.seconds
     scored = score_store(tiled.store, checkpoint, config.scoring, progress=progress, client=client)
     timings["score"] = scored.seconds
-
     t = time.perf_counter()
     heatmap = stitch(tiled.store, config.heatmap)
     write_heatmap(heatmap, layout.heatmap_store, config.heatmap, {"slide": str(slide_path), "run_key": key})
     _render(layout, heatmap)
     timings["stitch"] = time.perf_counter() - t
-
     t = time.perf_counter()
+    gzip = config.export.gzip
     exported = export_qupath(
-        tiled.store,
-        heatmap,
-        layout.tiles_geojson(config.export.gzip),
-        layout.tumour_geojson(config.export.gzip),
-        config.export,
+        tiled.store, heatmap, layout.tiles_geojson(gzip), layout.tumour_geojson(gzip), config.export
     )
     timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
+    stages = _Stages(tiled, scored, heatmap, exported)
+    record = _record(slide_path, checkpoint, checkpoint_sha, card, key, config, layout, stages, timings)
+    write_json_atomic(layout.run_json, record.to_dict())
+    return RunSummary(layout, record, skipped=False)
 
-    record = {
-        "format": RUN_FORMAT,
-        "status": "complete",
-        "run_key": key,
-        "slide": {"path": str(slide_path.resolve()), **slide_fingerprint(slide_path)},
-        "model": {
+
+@dataclass(frozen=True)
+class _Stages:
+    """What each stage returned, for the record."""
+
+    tiled: TilingResult
+    scored: ScoringResult
+    heatmap: Heatmap
+    exported: ExportResult
+
+
+def _record(
+    slide_path: Path,
+    checkpoint: Path,
+    checkpoint_sha: str,
+    card: ModelCard,
+    key: str,
+    config: PipelineConfig,
+    layout: RunLayout,
+    stages: _Stages,
+    timings: dict[str, float],
+) -> RunRecord:
+    tiled, cut, total = stages.tiled, stages.tiled.record, timings["total"]
+    return RunRecord(
+        run_key=key,
+        slide={"path": str(slide_path.resolve()), **slide_fingerprint(slide_path)},
+        model={
             "path": str(checkpoint.resolve()),
             "sha256": checkpoint_sha,
             "architecture": card.architecture,
@@ -149,46 +210,43 @@ def run_slide(
             "tile_size_px": card.tile_size_px,
             "mpp": card.mpp,
         },
-        "resolution": {
-            "slide_mpp": tiled.slide_mpp,
-            "slide_mpp_source": tiled.mpp_source,
-            "tile_mpp": tiled.effective_mpp,
-            "level": tiled.level,
-            "resize_factor": tiled.resize_factor,
-            "heatmap_cell_mpp": heatmap.cell_mpp,
+        resolution=RunResolution(
+            slide_mpp=cut.slide_mpp,
+            slide_mpp_source=cut.mpp_source,
+            tile_mpp=cut.effective_mpp,
+            level=cut.level,
+            resize_factor=cut.resize_factor,
+            heatmap_cell_mpp=stages.heatmap.cell_mpp,
+        ),
+        counts=RunCounts(
+            tiles=tiled.n_tiles,
+            grid_tiles=cut.grid_tiles,
+            tumour_tiles=_count_positive(tiled.store, config.export.tile_threshold),
+            regions=stages.exported.n_regions,
+        ),
+        regions=stages.exported.regions,
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        tiles_per_s=round(tiled.n_tiles / total, 2) if total > 0 else None,
+        scoring={
+            "precision": stages.scored.precision,
+            "device": stages.scored.device,
+            "chunks_resumed": stages.scored.chunks_resumed,
         },
-        "counts": {
-            "tiles": tiled.n_tiles,
-            "grid_tiles": tiled.grid_tiles,
-            "tumour_tiles": _count_positive(tiled.store, config.export.tile_threshold),
-            "regions": exported.n_regions,
-        },
-        "regions": exported.regions,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "tiles_per_s": round(tiled.n_tiles / timings["total"], 2) if timings["total"] > 0 else None,
-        "scoring": {"precision": scored.precision, "device": scored.device, "chunks_resumed": scored.chunks_resumed},
-        "settings": config.to_dict(),
-        "outputs": {name: str(path) for name, path in _outputs(layout, config).items()},
-        "versions": _versions(),
-    }
-    write_json_atomic(layout.run_json, record)
-    return RunSummary(layout, record, skipped=False)
+        settings=config.to_dict(),
+        outputs={name: str(path) for name, path in _outputs(layout, config).items()},
+        versions=_versions(),
+    )
 
 
 def _count_positive(store_path: Path, threshold: float) -> int:
-    from wsi_dala.store import open_store
-
-    store = open_store(store_path)
-    if store["coords"].shape[0] == 0:
+    store = TileStore(store_path)
+    if store.info.n_tiles == 0:
         return 0
-    index = list(store.attrs["class_names"]).index(store.attrs["positive_class"])
-    return int((np.asarray(store["scores"][:, index]) >= threshold).sum())
+    return int((store.positive_scores() >= threshold).sum())
 
 
-def _render(layout: RunLayout, heatmap: Any) -> None:
+def _render(layout: RunLayout, heatmap: Heatmap) -> None:
     from PIL import Image
-
-    from wsi_dala.fileio import save_png_atomic
 
     thumbnail = np.asarray(Image.open(layout.thumbnail_png).convert("RGB"))
     save_png_atomic(layout.overview_png, Image.fromarray(thumbnail))

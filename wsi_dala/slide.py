@@ -15,18 +15,18 @@ import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from PIL import Image
 
 from wsi_dala.errors import ResolutionError, SlideOpenError, SlideReadError
+from wsi_dala.formats import TIFF_SUFFIXES, TIFFSLIDE_FIRST_SUFFIXES
 from wsi_dala.tiff_regions import level_readers
 
 READERS = ("auto", "openslide", "tiffslide")
 BACKGROUND_RGB = 255  # what padding outside the image looks like: white glass
 MPP_PLAUSIBLE_RANGE = (0.01, 100.0)  # µm/px; anything outside is metadata garbage
-TIFF_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff"}
 
 
 def magnification_to_mpp(magnification: float) -> float:
@@ -86,7 +86,7 @@ def _float_or_none(value: Any) -> float | None:
     return number if math.isfinite(number) and number > 0 else None
 
 
-def _plausible_mpp(value: float | None) -> bool:
+def _plausible_mpp(value: float | None) -> TypeGuard[float]:
     return value is not None and MPP_PLAUSIBLE_RANGE[0] <= value <= MPP_PLAUSIBLE_RANGE[1]
 
 
@@ -181,7 +181,7 @@ def _reader_order(path: Path, reader: str) -> tuple[str, ...]:
     tiff_regions), OpenSlide first for everything else (MRXS, VMS, DICOM, ...)."""
     if reader != "auto":
         return (reader,)
-    if path.suffix.lower() in {".svs", ".tif", ".tiff"}:
+    if path.suffix.lower() in TIFFSLIDE_FIRST_SUFFIXES:
         return ("tiffslide", "openslide")
     return ("openslide", "tiffslide")
 
@@ -273,12 +273,14 @@ class Slide:
                 self._handles.append(handle)
         return handle
 
-    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        """RGB uint8 [height, width, 3] at ``level``, top-left at level-0 (x, y) in QuPath's frame.
+    def read_region(self, x_l0: int, y_l0: int, level: int, width_level_px: int, height_level_px: int) -> np.ndarray:
+        """RGB uint8 [height, width, 3] read at ``level``; its top-left is (x_l0, y_l0) in level-0 pixels of
+        QuPath's frame, its size is in pixels of ``level``.
 
         Only the part inside the image is read; the rest is white, whichever reader is used (tiffslide
         pads with black, OpenSlide with transparent pixels).
         """
+        x, y, width, height = x_l0, y_l0, width_level_px, height_level_px
         out = np.full((height, width, 3), BACKGROUND_RGB, dtype=np.uint8)
         downsample = self.info.level_downsamples[level]
         # Visible part, in pixels of this level, relative to the region's top-left.

@@ -1,34 +1,170 @@
-"""The Zarr (v3) layout of a slide's tile store, in one place.
+"""The tile store's schema: every array name and attribute key of ``tiles.zarr``, defined here once.
 
 ```
-tiles.zarr/
-  tiles             [N, T, T, 3] uint8   chunked by batch, zstd
-  coords            [N, 2]       int64   level-0 top-left (x, y), QuPath's frame
-  tissue_fraction   [N]          float32
-  tissue_mask       [h, w]       bool    the tissue mask, attrs["mask_downsample"] level-0 px per pixel
-  tile_chunks_done  [n_chunks]   bool    which tile chunks are fully written (resume point)
-  (later stages add scores, cams and their own *_chunks_done)
-  attrs: slide, reader, µm/px and its source, level, resize, tile size, stride, tissue settings,
-         software version, "complete"
+tiles.zarr/                      (Zarr v3)
+  tiles              [N, T, T, 3] uint8    chunked by ``chunk_tiles``, zstd
+  coords             [N, 2]       int64    level-0 top-left (x, y), QuPath's frame
+  tissue_fraction    [N]          float32
+  tissue_mask        [h, w]       bool     ``mask_downsample`` level-0 px per pixel
+  tile_chunks_done   [n_chunks]   bool     which tile chunks are fully written (the resume point)
+  scores             [N, C]       float32  class probabilities          (written by scoring)
+  cams               [N, g, g]    float32  raw Grad-CAM of the positive class (written by scoring)
+  score_chunks_done  [n_chunks]   bool
+  attrs: format, complete, chunk_tiles, the ``TilingRecord`` fields, and once scored the
+         ``ScoringRecord`` fields plus scoring_key / scores_complete
 ```
-A store is usable only when ``attrs["complete"]`` is true; zarr writes each chunk atomically, and a
-chunk is marked done only after it is written, so an interrupted run resumes at the first missing chunk.
+A store is usable only when ``complete`` is true; zarr writes each chunk atomically and a chunk is
+marked done only after it is written, so an interrupted run resumes at the first missing chunk.
+
+Stages never spell a name or key: they hold a ``TileStore`` and read its ``StoreInfo`` (read once from
+the attributes) and its arrays through typed methods.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import zarr
+import zarr.errors
 from zarr.codecs import BloscCodec
 
+from wsi_dala.errors import OutputError
+from wsi_dala.layout import building_path
+
+if TYPE_CHECKING:
+    import dask.array
+
 STORE_FORMAT = "wsi-dala.tiles/1"
-TILES, COORDS, TISSUE_FRACTION, TILE_CHUNKS_DONE = "tiles", "coords", "tissue_fraction", "tile_chunks_done"
-TISSUE_MASK = "tissue_mask"  # [h, w] bool at attrs["mask_downsample"] level-0 px per pixel
+
+# Array names.
+TILES, COORDS, TISSUE_FRACTION, TISSUE_MASK = "tiles", "coords", "tissue_fraction", "tissue_mask"
+TILE_CHUNKS_DONE = "tile_chunks_done"
+SCORES, CAMS, SCORE_CHUNKS_DONE = "scores", "cams", "score_chunks_done"
+_SCORE_ARRAYS = (SCORES, CAMS, SCORE_CHUNKS_DONE)
+
+# Attribute keys that are not fields of the records below.
+_FORMAT, _COMPLETE, _CHUNK_TILES = "format", "complete", "chunk_tiles"
+_SCORING_KEY, _SCORES_COMPLETE = "scoring_key", "scores_complete"
+_TILING_KEY = "tiling_key"  # the TilingRecord field that says which slide and settings a store was cut with
+
+StoreState = Literal["new", "done", "resume", "replace"]
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    """The slide a store was cut from, as it was when it was cut."""
+
+    path: str
+    name: str
+    width: int  # level-0 px, QuPath's frame
+    height: int
+    vendor: str | None
+    objective_power: float | None
+    bounds_offset: tuple[int, int]
+    fingerprint: dict[str, Any]  # wsi_dala.identity.slide_fingerprint: size, mtime, header hash
+
+
+@dataclass(frozen=True)
+class TilingRecord:
+    """How the tiles were cut; written once when the store is created."""
+
+    slide: SlideRecord
+    reader: str
+    slide_mpp: float
+    mpp_source: str
+    target_mpp: float
+    effective_mpp: float
+    level: int
+    level_mpp: float
+    level_downsample: float
+    read_size_level_px: int
+    resize_factor: float
+    tile_size_px: int
+    tile_size_l0: float
+    stride_px: int
+    stride_l0: float
+    min_tissue: float
+    tissue: dict[str, Any]
+    mask_downsample: float
+    grid_tiles: int
+    tiling_key: str
+    software: dict[str, str] = field(default_factory=dict)
+
+    def to_attrs(self) -> dict[str, Any]:
+        attrs = asdict(self)
+        slide = attrs.pop("slide")
+        fingerprint = slide.pop("fingerprint")
+        attrs["slide"] = {**slide, **fingerprint, "bounds_offset": list(self.slide.bounds_offset)}
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> TilingRecord:
+        slide_attrs = dict(attrs["slide"])
+        slide_names = {f.name for f in fields(SlideRecord)} - {"fingerprint"}
+        slide = SlideRecord(
+            **{k: v for k, v in slide_attrs.items() if k in slide_names and k != "bounds_offset"},
+            bounds_offset=(int(slide_attrs["bounds_offset"][0]), int(slide_attrs["bounds_offset"][1])),
+            fingerprint={k: v for k, v in slide_attrs.items() if k not in slide_names},
+        )
+        names = {f.name for f in fields(cls)} - {"slide"}
+        return cls(slide=slide, **{k: attrs[k] for k in names if k in attrs})
+
+
+@dataclass(frozen=True)
+class ScoringRecord:
+    """What scored the tiles; written when scoring completes."""
+
+    class_names: list[str]
+    positive_class: str
+    cam_grid: int  # the Grad-CAM map of a tile is cam_grid x cam_grid cells
+    precision: str
+
+    @property
+    def positive_index(self) -> int:
+        return self.class_names.index(self.positive_class)
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Everything a stage needs to know about a store, read once from its attributes."""
+
+    n_tiles: int
+    chunk_tiles: int
+    complete: bool
+    tiling: TilingRecord
+    scoring: ScoringRecord | None  # None until every tile is scored
+
+    @property
+    def tile_size_px(self) -> int:
+        return int(self.tiling.tile_size_px)
+
+    @property
+    def tile_size_l0(self) -> float:
+        return float(self.tiling.tile_size_l0)
+
+    @property
+    def slide_mpp(self) -> float:
+        return float(self.tiling.slide_mpp)
+
+    @property
+    def n_chunks(self) -> int:
+        return n_chunks_of(self.n_tiles, self.chunk_tiles)
+
+    def chunk_rows(self) -> list[slice]:
+        """Row slices of the chunks, in order (the unit of writing, scoring and streaming)."""
+        step = self.chunk_tiles
+        return [slice(start, min(self.n_tiles, start + step)) for start in range(0, self.n_tiles, step)]
+
+    def require_scores(self, where: str) -> ScoringRecord:
+        if self.scoring is None:
+            raise OutputError(f"{where}: tiles are not scored yet; run scoring first")
+        return self.scoring
 
 
 def _compressor() -> BloscCodec:
@@ -36,67 +172,189 @@ def _compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
 
 
-def create_tile_store(
-    path: str | os.PathLike,
-    coords: np.ndarray,
-    tissue_fraction: np.ndarray,
-    tile_size_px: int,
-    chunk_tiles: int,
-    attrs: dict[str, Any],
-    tissue_mask: np.ndarray | None = None,
-) -> zarr.Group:
-    """Create an empty store with its geometry written and no tile chunk done.
-
-    Built under a temporary name and renamed into place, so a crash while creating it never leaves a
-    half-made store at ``path`` (which would look like someone else's folder).
-    """
-    final = Path(path)
-    building = final.with_name(f".{final.name}.partial")
-    if building.exists():
-        shutil.rmtree(building)
-    group = zarr.open_group(building, mode="w", zarr_format=3)
-    n = len(coords)
-    chunk = max(1, chunk_tiles)
-    group.create_array(
-        TILES,
-        shape=(n, tile_size_px, tile_size_px, 3),
-        chunks=(chunk, tile_size_px, tile_size_px, 3),
-        dtype="uint8",
-        compressors=_compressor(),
-        fill_value=255,
-    )
-    group.create_array(COORDS, data=np.asarray(coords, dtype=np.int64).reshape(n, 2), chunks=(max(1, n), 2))
-    group.create_array(TISSUE_FRACTION, data=np.asarray(tissue_fraction, dtype=np.float32), chunks=(max(1, n),))
-    if tissue_mask is not None:
-        group.create_array(TISSUE_MASK, data=np.asarray(tissue_mask, dtype=bool))
-    n_chunks = n_chunks_of(n, chunk)
-    group.create_array(TILE_CHUNKS_DONE, data=np.zeros(n_chunks, dtype=bool), chunks=(max(1, n_chunks),))
-    group.attrs.update({"format": STORE_FORMAT, "complete": False, "chunk_tiles": chunk, **attrs})
-    building.rename(final)
-    return open_store(final, mode="r+")
-
-
 def n_chunks_of(n: int, chunk: int) -> int:
     return (n + chunk - 1) // chunk
 
 
-def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
-    return zarr.open_group(Path(path), mode=mode, zarr_format=3)
+class TileStore:
+    """A tile store on disk: typed reads and writes of its arrays and attributes."""
+
+    def __init__(self, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> None:
+        self.path = Path(path)
+        self.group: zarr.Group = zarr.open_group(self.path, mode=mode, zarr_format=3)
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        """An array of the store, opened once (opening reads its metadata from disk)."""
+        if name not in self._arrays:
+            array = self.group[name]
+            assert isinstance(array, zarr.Array), f"{self.path}/{name} is not an array"
+            self._arrays[name] = array
+        return self._arrays[name]
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        coords: np.ndarray,
+        tissue_fraction: np.ndarray,
+        tiling: TilingRecord,
+        chunk_tiles: int,
+        tissue_mask: np.ndarray | None = None,
+    ) -> TileStore:
+        """An empty store with its geometry written and no tile chunk done.
+
+        Built under a temporary name and renamed into place, so a crash while creating it never leaves a
+        half-made store at ``path`` (which would look like someone else's folder).
+        """
+        final = Path(path)
+        building = building_path(final)
+        if building.exists():
+            shutil.rmtree(building)
+        group = zarr.open_group(building, mode="w", zarr_format=3)
+        n, side, chunk = len(coords), tiling.tile_size_px, max(1, chunk_tiles)
+        group.create_array(
+            TILES,
+            shape=(n, side, side, 3),
+            chunks=(chunk, side, side, 3),
+            dtype="uint8",
+            compressors=_compressor(),
+            fill_value=255,
+        )
+        group.create_array(COORDS, data=np.asarray(coords, dtype=np.int64).reshape(n, 2), chunks=(max(1, n), 2))
+        group.create_array(TISSUE_FRACTION, data=np.asarray(tissue_fraction, dtype=np.float32), chunks=(max(1, n),))
+        if tissue_mask is not None:
+            group.create_array(TISSUE_MASK, data=np.asarray(tissue_mask, dtype=bool))
+        n_chunks = n_chunks_of(n, chunk)
+        group.create_array(TILE_CHUNKS_DONE, data=np.zeros(n_chunks, dtype=bool), chunks=(max(1, n_chunks),))
+        group.attrs.update({_FORMAT: STORE_FORMAT, _COMPLETE: False, _CHUNK_TILES: chunk, **tiling.to_attrs()})
+        building.rename(final)
+        return cls(final, mode="r+")
+
+    # ------------------------------------------------------------------ attributes
+
+    @cached_property
+    def info(self) -> StoreInfo:
+        attrs: dict[str, Any] = dict(self.group.attrs)
+        scoring = None
+        if attrs.get(_SCORES_COMPLETE):
+            names = {f.name for f in fields(ScoringRecord)}
+            scoring = ScoringRecord(**{k: attrs[k] for k in names})
+        return StoreInfo(
+            n_tiles=int(self._array(COORDS).shape[0]),
+            chunk_tiles=int(attrs[_CHUNK_TILES]),
+            complete=bool(attrs.get(_COMPLETE, False)),
+            tiling=TilingRecord.from_attrs(attrs),
+            scoring=scoring,
+        )
+
+    def mark_complete(self) -> None:
+        self.group.attrs[_COMPLETE] = True
+        self.__dict__.pop("info", None)
+
+    # ------------------------------------------------------------------ tiles
+
+    def coords(self, rows: slice = slice(None)) -> np.ndarray:
+        return np.asarray(self._array(COORDS)[rows])
+
+    def tissue_fraction(self, rows: slice = slice(None)) -> np.ndarray:
+        return np.asarray(self._array(TISSUE_FRACTION)[rows])
+
+    def tiles(self, rows: slice | int = slice(None)) -> np.ndarray:
+        return np.asarray(self._array(TILES)[rows])
+
+    def tissue_mask(self) -> np.ndarray | None:
+        return np.asarray(self._array(TISSUE_MASK)[:]) if TISSUE_MASK in self.group else None
+
+    def tiles_dask(self) -> dask.array.Array:
+        """The tiles as a Dask array, one block per Zarr chunk (what scoring maps over)."""
+        import dask.array as da
+
+        return da.from_zarr(str(self.path), component=TILES)
+
+    def write_tiles(self, start: int, data: np.ndarray) -> None:
+        self._array(TILES)[start : start + len(data)] = data
+
+    def tile_chunks_done(self) -> np.ndarray:
+        return np.asarray(self._array(TILE_CHUNKS_DONE)[:], dtype=bool)
+
+    def mark_tile_chunk_done(self, index: int, done: np.ndarray) -> None:
+        """Record one chunk as written. One thread only; the whole small array is rewritten."""
+        done[index] = True
+        self._array(TILE_CHUNKS_DONE)[:] = done
+
+    # ------------------------------------------------------------------ scores
+
+    def scores(self, rows: slice = slice(None)) -> np.ndarray:
+        return np.asarray(self._array(SCORES)[rows])
+
+    def cams(self, rows: slice = slice(None)) -> np.ndarray:
+        return np.asarray(self._array(CAMS)[rows])
+
+    def positive_scores(self, rows: slice = slice(None)) -> np.ndarray:
+        """The positive class's probability per tile."""
+        record = self.info.require_scores(str(self.path))
+        return self.scores(rows)[:, record.positive_index]
+
+    def prepare_scores(self, n_classes: int, cam_grid: int, scoring_key: str) -> np.ndarray:
+        """Create (or reset, when the model or precision changed) the score arrays; returns the done flags."""
+        group = self.group
+        if group.attrs.get(_SCORING_KEY) == scoring_key and all(name in group for name in _SCORE_ARRAYS):
+            return np.asarray(self._array(SCORE_CHUNKS_DONE)[:], dtype=bool)
+        n, chunk = self.info.n_tiles, self.info.chunk_tiles
+        # Forget the old key first: a crash below must not leave new arrays under an old key, or the reverse.
+        group.attrs.update({_SCORING_KEY: None, _SCORES_COMPLETE: False})
+        for name in _SCORE_ARRAYS:
+            self._arrays.pop(name, None)
+            if name in group:
+                del group[name]
+        group.create_array(SCORES, shape=(n, n_classes), chunks=(chunk, n_classes), dtype="float32", fill_value=np.nan)
+        group.create_array(
+            CAMS, shape=(n, cam_grid, cam_grid), chunks=(chunk, cam_grid, cam_grid), dtype="float32", fill_value=np.nan
+        )
+        done = np.zeros(n_chunks_of(n, chunk), dtype=bool)
+        group.create_array(SCORE_CHUNKS_DONE, data=done, chunks=(max(1, len(done)),))
+        group.attrs.update({_SCORING_KEY: scoring_key, _SCORES_COMPLETE: False})
+        self.__dict__.pop("info", None)
+        return done
+
+    def write_scores(self, chunk_index: int, probabilities: np.ndarray, cams: np.ndarray) -> None:
+        """One chunk's rows (runs where the task ran, e.g. on a Dask worker)."""
+        start = chunk_index * self.info.chunk_tiles
+        self._array(CAMS)[start : start + len(cams)] = cams
+        self._array(SCORES)[start : start + len(probabilities)] = probabilities
+
+    def mark_score_chunk_done(self, index: int, done: np.ndarray) -> None:
+        done[index] = True
+        self._array(SCORE_CHUNKS_DONE)[:] = done
+
+    def mark_scores_complete(self, record: ScoringRecord) -> None:
+        self.group.attrs.update({_SCORES_COMPLETE: True, **asdict(record)})
+        self.__dict__.pop("info", None)
 
 
-def is_complete(path: str | os.PathLike) -> bool:
+def is_complete(path: str | os.PathLike[str]) -> bool:
     """True when a store exists and its writer finished."""
     try:
-        return bool(open_store(path).attrs.get("complete", False))
+        return bool(zarr.open_group(Path(path), mode="r", zarr_format=3).attrs.get(_COMPLETE, False))
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
         return False
 
 
-def chunks_done(group: zarr.Group, name: str = TILE_CHUNKS_DONE) -> np.ndarray:
-    return np.asarray(group[name][:], dtype=bool)
+def existing_store_state(path: Path, tiling_key: str) -> StoreState:
+    """'new', 'done', 'resume' or 'replace' (ours, but the slide or settings changed). Reads only."""
+    if not path.exists():
+        return "new"
+    try:
+        attrs = dict(zarr.open_group(path, mode="r", zarr_format=3).attrs)
+    except Exception:
+        attrs = {}
+    if attrs.get(_FORMAT) != STORE_FORMAT:
+        raise OutputError(f"{path}: exists and is not a wsi-dala tile store; choose another --out")
+    if attrs.get(_TILING_KEY) == tiling_key:
+        return "done" if attrs.get(_COMPLETE) else "resume"
+    return "replace"
 
 
-def mark_chunk_done(group: zarr.Group, index: int, done: np.ndarray, name: str = TILE_CHUNKS_DONE) -> None:
-    """Record one chunk as written. Called from one thread only; the whole small array is rewritten."""
-    done[index] = True
-    group[name][:] = done
+def open_store(path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> TileStore:
+    return TileStore(path, mode)

@@ -19,6 +19,8 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
+from wsi_dala.layout import building_path
+
 # Label values of the truth map.
 BACKGROUND, TISSUE, TUMOUR, GREEN_PEN, BLUE_PEN, BLACK_INK, DEBRIS = range(7)
 LABEL_NAMES = ("background", "tissue", "tumour", "green-pen", "blue-pen", "black-ink", "debris")
@@ -214,7 +216,7 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSlideSpec | None = No
         photometric="rgb",
         metadata=None,
     )
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = building_path(path)
     with tifffile.TiffWriter(tmp, bigtiff=spec.width * spec.height > 2**31 // 3) as tif:
         for index, (w, h, ds) in enumerate(levels):
             # Aperio marks every level as a full image (subfiletype 0); tifffile relies on that.

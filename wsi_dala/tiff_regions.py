@@ -67,9 +67,11 @@ class TiledLevelReader:
 
     def _tile(self, index: int) -> np.ndarray:
         count = int(self.counts[index])
-        data = os.pread(self.fd, count, int(self.offsets[index])) if count else None
-        if count and len(data) != count:
-            raise OSError(f"short read of tile {index} ({len(data)} of {count} bytes)")
+        data: bytes | None = None
+        if count:
+            data = os.pread(self.fd, count, int(self.offsets[index]))
+            if len(data) != count:
+                raise OSError(f"short read of tile {index} ({len(data)} of {count} bytes)")
         segment, _, shape = self.decode(data, index, jpegtables=self.jpegtables)
         if segment is None:  # empty tile: background
             return np.full((self.tile_h, self.tile_w, 3), 255, dtype=np.uint8)

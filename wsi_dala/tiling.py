@@ -13,7 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,48 +22,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from wsi_dala import __version__
-from wsi_dala.errors import OutputError
+from wsi_dala.config import TilingConfig
 from wsi_dala.fileio import ensure_writable_dir, save_png_atomic
 from wsi_dala.grid import LevelChoice, block_order, choose_level, grid_origins, tissue_fractions
 from wsi_dala.identity import config_hash, slide_fingerprint
 from wsi_dala.layout import RunLayout
-from wsi_dala.slide import Slide
-from wsi_dala.store import (
-    COORDS,
-    STORE_FORMAT,
-    TILE_CHUNKS_DONE,
-    TILES,
-    chunks_done,
-    create_tile_store,
-    mark_chunk_done,
-    open_store,
-)
+from wsi_dala.slide import Resolution, Slide
+from wsi_dala.store import SlideRecord, TileStore, TilingRecord, existing_store_state
 from wsi_dala.tissue import TissueSettings, detect_tissue
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TilingConfig:
-    """How tiles are cut. Sizes in pixels of the stored tiles unless named otherwise."""
-
-    target_mpp: float = 0.5
-    tile_size_px: int = 224
-    stride_px: int | None = None  # None: equal to the tile size (no overlap)
-    min_tissue: float = 0.25  # keep tiles with at least this fraction of tissue
-    tolerance: float = 0.05  # within ±5 % of the target no resize is done
-    allow_upsample: bool = False
-    chunk_tiles: int = 64  # tiles per Zarr chunk (the unit of writing and resuming)
-    workers: int = 2  # reader threads
-    region_level_px: int = 2048  # side of the large region reads, in pixels of the read level
-    tissue: TissueSettings = field(default_factory=TissueSettings)
-
-    @property
-    def stride(self) -> int:
-        return self.stride_px or self.tile_size_px
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -82,21 +50,14 @@ class TilePlan:
 
 @dataclass(frozen=True)
 class TilingResult:
+    """What `tile_slide` did; how the tiles were cut is the store's own record."""
+
     store: Path
     n_tiles: int
-    grid_tiles: int
-    level: int
-    level_mpp: float
-    resize_factor: float
-    effective_mpp: float
-    slide_mpp: float
-    mpp_source: str
+    record: TilingRecord
     seconds: float
     chunks_resumed: int
     skipped: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
 def resize_tile(region: np.ndarray, tile_size_px: int) -> np.ndarray:
@@ -115,7 +76,7 @@ def resize_tile(region: np.ndarray, tile_size_px: int) -> np.ndarray:
     return np.asarray(image.resize((tile_size_px, tile_size_px), method))
 
 
-def plan_tiles(slide: Slide, config: TilingConfig) -> TilePlan:
+def plan_tiles(slide: Slide, config: TilingConfig, tissue: TissueSettings) -> TilePlan:
     """Choose the level, lay the grid, detect tissue and keep tiles with enough of it."""
     info = slide.info
     mpp0 = slide.require_mpp().mpp
@@ -124,17 +85,17 @@ def plan_tiles(slide: Slide, config: TilingConfig) -> TilePlan:
         level_mpps,
         info.level_downsamples,
         config.target_mpp,
-        config.tile_size_px,
+        config.tile_px,
         config.tolerance,
         config.allow_upsample,
         slide_name=str(slide.path),
     )
-    stride_l0 = choice.tile_size_l0 * config.stride / config.tile_size_px
+    stride_l0 = choice.tile_size_l0 * config.stride / config.tile_px
     # The mask must resolve a tile: at least ~16 mask pixels along a tile side.
     tile_um = choice.tile_size_l0 * mpp0
-    mask_mpp = max(mpp0, min(config.tissue.mask_mpp, tile_um / 16))
+    mask_mpp = max(mpp0, min(tissue.mask_mpp, tile_um / 16))
     thumbnail, mask_downsample = slide.read_downsampled(mask_mpp)
-    mask = detect_tissue(thumbnail, mpp0 * mask_downsample, config.tissue)
+    mask = detect_tissue(thumbnail, mpp0 * mask_downsample, tissue)
     origins = grid_origins(info.width, info.height, choice.tile_size_l0, stride_l0)
     fractions = tissue_fractions(mask, mask_downsample, origins, choice.tile_size_l0)
     keep = fractions >= max(config.min_tissue, 1e-9)
@@ -173,50 +134,37 @@ def read_tiles(
     return out
 
 
-def _tiling_key(fingerprint: dict, config: TilingConfig, reader: str, slide_mpp: float | None) -> str:
-    return config_hash({"slide": fingerprint, "config": config.to_dict(), "reader": reader, "slide_mpp": slide_mpp})
-
-
-def _store_state(store_path: Path, key: str) -> str:
-    """'new', 'done', 'resume' or 'replace' (ours, but the slide or settings changed). Reads only."""
-    if not store_path.exists():
-        return "new"
-    try:
-        attrs = dict(open_store(store_path).attrs)
-    except Exception:
-        attrs = {}
-    if attrs.get("format") != STORE_FORMAT:
-        raise OutputError(f"{store_path}: exists and is not a wsi-dala tile store; choose another --out")
-    if attrs.get("tiling_key") == key:
-        return "done" if attrs.get("complete") else "resume"
-    return "replace"
+def _tiling_key(fingerprint: dict[str, Any], config: TilingConfig, tissue: TissueSettings) -> str:
+    # Reader threads change how fast tiles are cut, never which: they are not part of the key.
+    settings = {**config.model_dump(mode="json", exclude={"reader_threads"}), "tissue": tissue.to_dict()}
+    return config_hash({"slide": fingerprint, "config": settings})
 
 
 def tile_slide(
     slide_path: str | Path,
     out_dir: str | Path,
-    config: TilingConfig | None = None,
-    reader: str = "auto",
-    slide_mpp: float | None = None,
+    config: TilingConfig,
     progress: bool = True,
     on_chunk_written: Callable[[int], None] | None = None,
+    tissue: TissueSettings | None = None,
 ) -> TilingResult:
     """Tile one slide into ``<out_dir>/tiles.zarr`` (resuming or skipping when it can).
 
-    ``on_chunk_written(chunk_index)`` is called after each chunk is durably written.
+    ``config`` must have its target set (``TilingConfig.resolved``). ``on_chunk_written(chunk_index)``
+    is called after each chunk is durably written.
     """
-    config = config or TilingConfig()
+    tissue = tissue or TissueSettings()
     started = time.perf_counter()
-    slide = Slide(slide_path, reader=reader, slide_mpp=slide_mpp)
+    slide = Slide(slide_path, reader=config.reader, slide_mpp=config.slide_mpp)
     try:
         resolution = slide.require_mpp()
         layout = RunLayout.for_slide(out_dir, slide_path)
         fingerprint = slide_fingerprint(slide.path)
-        key = _tiling_key(fingerprint, config, slide.reader, slide_mpp)
-        state = _store_state(layout.tiles_store, key)
+        key = _tiling_key(fingerprint, config, tissue)
+        state = existing_store_state(layout.tiles_store, key)
         if state == "done":  # nothing to read, not even the thumbnail
-            return _result(layout, open_store(layout.tiles_store), started, resumed=0, skipped=True)
-        plan = plan_tiles(slide, config)  # validates the target before anything is written or removed
+            return _result(TileStore(layout.tiles_store), started, resumed=0, skipped=True)
+        plan = plan_tiles(slide, config, tissue)  # validates the target before anything is written or removed
         ensure_writable_dir(layout.root)
         if state == "replace":
             log.info("%s: slide or settings changed since it was written; tiling again", layout.tiles_store)
@@ -226,47 +174,39 @@ def tile_slide(
             save_png_atomic(layout.thumbnail_png, Image.fromarray(plan.thumbnail))
             save_png_atomic(layout.tissue_mask_png, Image.fromarray(plan.mask.astype(np.uint8) * 255))
         if state == "new":
-            attrs = _store_attrs(slide, plan, config, fingerprint, key, resolution)
-            group = create_tile_store(
-                layout.tiles_store,
-                plan.origins,
-                plan.tissue_fraction,
-                config.tile_size_px,
-                config.chunk_tiles,
-                attrs,
-                tissue_mask=plan.mask,
+            record = _tiling_record(slide, plan, config, tissue, fingerprint, key, resolution)
+            store = TileStore.create(
+                layout.tiles_store, plan.origins, plan.tissue_fraction, record, config.chunk_tiles, plan.mask
             )
         else:
-            group = open_store(layout.tiles_store, mode="r+")
-        origins = np.asarray(group[COORDS][:])
-        if len(origins) == 0:
+            store = TileStore(layout.tiles_store, mode="r+")
+        if store.info.n_tiles == 0:
             log.warning("%s: no tissue found; writing an empty tile store", slide.path)
-        done = chunks_done(group, TILE_CHUNKS_DONE)
+        done = store.tile_chunks_done()
         resumed = int(done.sum())
-        _write_chunks(slide, group, origins, plan, config, done, progress, on_chunk_written)
-        group.attrs["complete"] = True
-        return _result(layout, group, started, resumed=resumed, skipped=False)
+        _write_chunks(slide, store, plan, config, done, progress, on_chunk_written)
+        store.mark_complete()
+        return _result(store, started, resumed=resumed, skipped=False)
     finally:
         slide.close()
 
 
 def _write_chunks(
     slide: Slide,
-    group: Any,
-    origins: np.ndarray,
+    store: TileStore,
     plan: TilePlan,
     config: TilingConfig,
     done: np.ndarray,
     progress: bool,
     on_chunk_written: Callable[[int], None] | None,
 ) -> None:
-    chunk = int(group.attrs["chunk_tiles"])
+    origins = store.coords()
+    rows = store.info.chunk_rows()
     todo = [i for i in range(len(done)) if not done[i]]
     block_l0 = max(1, config.region_level_px // max(1, plan.choice.read_size_level_px)) * plan.stride_l0
-    tiles = group[TILES]
     bar = tqdm(
         total=len(origins),
-        initial=int(done.sum()) * chunk if todo else len(origins),
+        initial=sum(rows[i].stop - rows[i].start for i in range(len(done)) if done[i]),
         unit="tile",
         desc="tiling",
         disable=not progress,
@@ -274,25 +214,24 @@ def _write_chunks(
     )
 
     def job(index: int) -> np.ndarray:
-        sl = slice(index * chunk, min(len(origins), (index + 1) * chunk))
-        return read_tiles(slide, origins[sl], plan.choice, config.tile_size_px, block_l0)
+        return read_tiles(slide, origins[rows[index]], plan.choice, config.tile_px, block_l0)
 
-    in_flight: dict[Future, int] = {}
-    with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
+    in_flight: dict[Future[np.ndarray], int] = {}
+    threads = config.reader_threads
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         try:
             queue = iter(todo)
             for index in queue:
                 in_flight[pool.submit(job, index)] = index
-                if len(in_flight) >= 2 * max(1, config.workers):
+                if len(in_flight) >= 2 * threads:
                     break
             while in_flight:
                 finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in finished:
                     index = in_flight.pop(future)
                     data = future.result()
-                    start = index * chunk
-                    tiles[start : start + len(data)] = data
-                    mark_chunk_done(group, index, done)
+                    store.write_tiles(rows[index].start, data)
+                    store.mark_tile_chunk_done(index, done)
                     bar.update(len(data))
                     if on_chunk_written is not None:
                         on_chunk_written(index)
@@ -305,57 +244,55 @@ def _write_chunks(
             bar.close()
 
 
-def _store_attrs(
-    slide: Slide, plan: TilePlan, config: TilingConfig, fingerprint: dict, key: str, resolution: Any
-) -> dict[str, Any]:
+def _tiling_record(
+    slide: Slide,
+    plan: TilePlan,
+    config: TilingConfig,
+    tissue: TissueSettings,
+    fingerprint: dict[str, Any],
+    key: str,
+    resolution: Resolution,
+) -> TilingRecord:
     info = slide.info
-    return {
-        "slide": {
-            "path": str(slide.path.resolve()),
-            "name": slide.path.name,
-            **fingerprint,
-            "width": info.width,
-            "height": info.height,
-            "vendor": info.vendor,
-            "objective_power": info.objective_power,
-            "bounds_offset": list(info.bounds_offset),
-        },
-        "reader": slide.reader,
-        "slide_mpp": resolution.mpp,
-        "mpp_source": resolution.source,
-        "target_mpp": config.target_mpp,
-        "effective_mpp": plan.choice.effective_mpp,
-        "level": plan.choice.level,
-        "level_mpp": plan.choice.level_mpp,
-        "level_downsample": info.level_downsamples[plan.choice.level],
-        "read_size_level_px": plan.choice.read_size_level_px,
-        "resize_factor": plan.choice.resize_factor,
-        "tile_size_px": config.tile_size_px,
-        "tile_size_l0": plan.choice.tile_size_l0,
-        "stride_px": config.stride,
-        "stride_l0": plan.stride_l0,
-        "min_tissue": config.min_tissue,
-        "tissue": config.tissue.to_dict(),
-        "mask_downsample": plan.mask_downsample,
-        "grid_tiles": plan.grid_tiles,
-        "tiling_key": key,
-        "software": {"wsi_dala": __version__},
-    }
+    return TilingRecord(
+        slide=SlideRecord(
+            path=str(slide.path.resolve()),
+            name=slide.path.name,
+            width=info.width,
+            height=info.height,
+            vendor=info.vendor,
+            objective_power=info.objective_power,
+            bounds_offset=info.bounds_offset,
+            fingerprint=fingerprint,
+        ),
+        reader=slide.reader,
+        slide_mpp=resolution.mpp,
+        mpp_source=resolution.source,
+        target_mpp=config.target_mpp,
+        effective_mpp=plan.choice.effective_mpp,
+        level=plan.choice.level,
+        level_mpp=plan.choice.level_mpp,
+        level_downsample=info.level_downsamples[plan.choice.level],
+        read_size_level_px=plan.choice.read_size_level_px,
+        resize_factor=plan.choice.resize_factor,
+        tile_size_px=config.tile_px,
+        tile_size_l0=plan.choice.tile_size_l0,
+        stride_px=config.stride,
+        stride_l0=plan.stride_l0,
+        min_tissue=config.min_tissue,
+        tissue=tissue.to_dict(),
+        mask_downsample=plan.mask_downsample,
+        grid_tiles=plan.grid_tiles,
+        tiling_key=key,
+        software={"wsi_dala": __version__},
+    )
 
 
-def _result(layout: RunLayout, group: Any, started: float, resumed: int, skipped: bool) -> TilingResult:
-    """The summary, read from the store's attributes (the one record of how it was cut)."""
-    attrs = group.attrs
+def _result(store: TileStore, started: float, resumed: int, skipped: bool) -> TilingResult:
     return TilingResult(
-        store=layout.tiles_store,
-        n_tiles=int(group[COORDS].shape[0]),
-        grid_tiles=int(attrs["grid_tiles"]),
-        level=int(attrs["level"]),
-        level_mpp=float(attrs["level_mpp"]),
-        resize_factor=float(attrs["resize_factor"]),
-        effective_mpp=float(attrs["effective_mpp"]),
-        slide_mpp=float(attrs["slide_mpp"]),
-        mpp_source=str(attrs["mpp_source"]),
+        store=store.path,
+        n_tiles=store.info.n_tiles,
+        record=store.info.tiling,
         seconds=time.perf_counter() - started,
         chunks_resumed=resumed,
         skipped=skipped,

@@ -1,7 +1,13 @@
 """Models: DALAResNet50, the paper's baselines, and checkpoints with model cards."""
 
 from wsi_dala.model.build import ARCHITECTURES, build_model
-from wsi_dala.model.checkpoint import ModelCard, load_checkpoint, read_card, save_checkpoint
+from wsi_dala.model.checkpoint import (
+    ModelCard,
+    load_checkpoint,
+    read_card,
+    save_checkpoint,
+    write_untrained_checkpoint,
+)
 from wsi_dala.model.dala import DalaOptions, DALAResNet50
 
 __all__ = [
@@ -13,4 +19,5 @@ __all__ = [
     "load_checkpoint",
     "read_card",
     "save_checkpoint",
+    "write_untrained_checkpoint",
 ]

@@ -7,16 +7,16 @@ alternatives, selectable so a user with the full paper can match it.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
 from torch import nn
 
-ATTENTION_KINDS = ("gate", "se", "eca", "cbam-spatial")
-GATE_MODES = ("x*a", "x*(1+a)")
+from wsi_dala.model_choices import ATTENTION_KINDS, GATE_MODES
 
 
-class _Gated(nn.Module):
+class _Gated(nn.Module, abc.ABC):
     """Applies ``y = x * a`` or ``y = x * (1 + a)``; the second keeps pretrained feature scale at start."""
 
     def __init__(self, gate_mode: str):
@@ -27,6 +27,13 @@ class _Gated(nn.Module):
 
     def apply_gate(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return x * a if self.gate_mode == "x*a" else x * (1 + a)
+
+    @abc.abstractmethod
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate ``a`` in [0, 1], broadcastable to ``x``; each kind defines its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply_gate(x, self.attention(x))
 
 
 class GateAttention(_Gated):
@@ -41,25 +48,23 @@ class GateAttention(_Gated):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.expand(torch.relu(self.reduce(x))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply_gate(x, self.attention(x))
 
-
-class SEAttention(_Gated):
-    """Squeeze-and-excitation: one gate per channel from globally pooled features."""
+class SEAttention(GateAttention):
+    """Squeeze-and-excitation: the same bottleneck gate, on globally pooled features (one gate per channel)."""
 
     def __init__(self, channels: int, reduction: int = 16, gate_mode: str = "x*a"):
-        super().__init__(gate_mode)
-        hidden = channels // reduction
-        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1)
-        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1)
+        super().__init__(channels, reduction, gate_mode)
+        self.register_load_state_dict_pre_hook(_renamed_se_weights)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(dim=(2, 3), keepdim=True)
-        return torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
+        return super().attention(x.mean(dim=(2, 3), keepdim=True))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply_gate(x, self.attention(x))
+
+def _renamed_se_weights(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+    """Checkpoints written before 0.2 named SE's two convolutions fc1/fc2 (now reduce/expand)."""
+    for old, new in (("fc1.", "reduce."), ("fc2.", "expand.")):
+        for key in [k for k in state if k.startswith(prefix + old)]:
+            state[prefix + new + key[len(prefix + old) :]] = state.pop(key)
 
 
 class ECAAttention(_Gated):
@@ -75,9 +80,6 @@ class ECAAttention(_Gated):
         pooled = x.mean(dim=(2, 3))[:, None, :]
         return torch.sigmoid(self.conv(pooled))[:, 0, :, None, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply_gate(x, self.attention(x))
-
 
 class SpatialAttention(_Gated):
     """CBAM's spatial branch: a 7x7 convolution over channel-mean and channel-max maps."""
@@ -89,9 +91,6 @@ class SpatialAttention(_Gated):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         stats = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
         return torch.sigmoid(self.conv(stats))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply_gate(x, self.attention(x))
 
 
 def make_attention(kind: str, channels: int, reduction: int = 8, gate_mode: str = "x*a") -> nn.Module:

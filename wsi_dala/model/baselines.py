@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from wsi_dala.model.interface import as_split
+
 
 class SplitClassifier(nn.Module):
     """A backbone split into features and head."""
@@ -54,23 +56,29 @@ class _TorchvisionViTFeatures(nn.Module):
 
 def torchvision_baseline(arch: str, num_classes: int, backbone: nn.Module) -> SplitClassifier:
     """Split a torchvision model (already built, maybe with ImageNet weights) and give it a new last layer."""
+    # Each branch names the torchvision class that ``arch`` builds, for its attributes (features,
+    # classifier, hidden_dim...); torchvision ships no type information, so mypy sees these classes as Any.
     if arch == "resnet50":
         features = nn.Sequential(*list(backbone.children())[:-2])
         return SplitClassifier(features, _pool_head(2048, num_classes), True)
     if arch == "densenet121":
-        features = nn.Sequential(backbone.features, nn.ReLU(inplace=False))
+        densenet: tvm.DenseNet = backbone
+        features = nn.Sequential(densenet.features, nn.ReLU(inplace=False))
         return SplitClassifier(features, _pool_head(1024, num_classes), True)
     if arch == "vgg16":
-        classifier = list(backbone.classifier.children())
+        vgg: tvm.VGG = backbone
+        classifier = list(vgg.classifier.children())
         classifier[-1] = nn.Linear(classifier[-1].in_features, num_classes)
-        head = nn.Sequential(backbone.avgpool, nn.Flatten(1), *classifier)
-        return SplitClassifier(backbone.features, head, True)
+        head = nn.Sequential(vgg.avgpool, nn.Flatten(1), *classifier)
+        return SplitClassifier(vgg.features, head, True)
     if arch == "swin_t":
-        features = nn.Sequential(backbone.features, backbone.norm, _NHWCtoNCHW())
+        swin: tvm.SwinTransformer = backbone
+        features = nn.Sequential(swin.features, swin.norm, _NHWCtoNCHW())
         return SplitClassifier(features, _pool_head(768, num_classes), True)
     if arch == "vit_b_16":
-        head = nn.Sequential(_ClassToken(), nn.Linear(backbone.hidden_dim, num_classes))
-        return SplitClassifier(_TorchvisionViTFeatures(backbone), head, False)
+        vit: tvm.VisionTransformer = backbone
+        head = nn.Sequential(_ClassToken(), nn.Linear(vit.hidden_dim, num_classes))
+        return SplitClassifier(_TorchvisionViTFeatures(vit), head, False)
     raise ValueError(f"not a torchvision baseline: {arch}")
 
 
@@ -87,11 +95,12 @@ class TimmClassifier(nn.Module):
         self.model = model
         self.spatial_features = spatial_features
 
+    # timm's create_model is typed as returning nn.Module; every timm model has the split (as_split checks).
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        return as_split(self.model).forward_features(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(features)
+        return as_split(self.model).forward_head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -19,19 +19,10 @@ from torchvision import models as tvm
 
 from wsi_dala.errors import CheckpointError
 from wsi_dala.model.baselines import TimmClassifier, torchvision_baseline
+from wsi_dala.model.colour import ColourReferenceScorer
 from wsi_dala.model.dala import DalaOptions, DALAResNet50
+from wsi_dala.model_choices import ARCHITECTURES
 
-ARCHITECTURES = (
-    "dalaresnet50",
-    "resnet50",
-    "seresnet50",
-    "densenet121",
-    "vgg16",
-    "vit_b_16",
-    "swin_t",
-    "dinov2_vitb14",
-    "colour-reference",
-)
 _TORCHVISION = {
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
     "densenet121": (tvm.densenet121, tvm.DenseNet121_Weights.IMAGENET1K_V1),
@@ -55,8 +46,6 @@ def build_model(
         raise CheckpointError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     options = dict(options or {})
     if arch == "colour-reference":
-        from wsi_dala.model.colour import ColourReferenceScorer
-
         return ColourReferenceScorer(num_classes, **options)
     if arch == "dalaresnet50":
         known = {f.name for f in fields(DalaOptions)}
@@ -81,7 +70,7 @@ def build_model(
         import timm
 
         name, spatial = _TIMM[arch]
-        kwargs = {"img_size": input_size} if arch == "dinov2_vitb14" else {}
+        kwargs: dict[str, Any] = {"img_size": input_size} if arch == "dinov2_vitb14" else {}
         if pretrained == "imagenet":
             _require_online(f"timm/{name}", "the Hugging Face hub cache (~/.cache/huggingface/hub)")
             try:
@@ -138,10 +127,10 @@ def load_pretrained_file(model: nn.Module, path: Path) -> None:
         state = load_file(str(path))
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"{path}: not a weights-only torch file ({exc})") from exc
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:

@@ -19,12 +19,13 @@ from safetensors.torch import save
 from torch import nn
 
 from wsi_dala import __version__
+from wsi_dala.config import MIN_TILE_SIZE_PX
 from wsi_dala.errors import CheckpointError
 from wsi_dala.fileio import atomic_open
+from wsi_dala.model.build import build_model
+from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
 
 CARD_KEY = "wsi_dala.model_card"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class ModelCard:
     def validate(self, source: str = "model card") -> None:
         if self.positive_class not in self.class_names:
             raise CheckpointError(f"{source}: positive class {self.positive_class!r} not in {self.class_names}")
-        if self.tile_size_px < 8:
+        if self.tile_size_px < MIN_TILE_SIZE_PX:
             raise CheckpointError(f"{source}: tile size {self.tile_size_px} is not usable")
         if self.mpp is not None and not 0.01 <= self.mpp <= 100:
             raise CheckpointError(f"{source}: µm/px {self.mpp} is implausible")
@@ -83,6 +84,28 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, card: ModelCard) 
     return path
 
 
+def write_untrained_checkpoint(
+    path: str | os.PathLike[str],
+    architecture: str = "dalaresnet50",
+    tile_size_px: int = 224,
+    mpp: float | None = 0.5,
+    class_names: tuple[str, ...] = ("Non-tumor", "Tumor"),
+    positive_class: str = "Tumor",
+    note: str = "untrained: randomly initialised weights, for benchmarks and tests",
+) -> Path:
+    """A checkpoint with random (or, for the colour reference scorer, fixed) weights and a valid card."""
+    card = ModelCard(
+        architecture=architecture,
+        class_names=list(class_names),
+        positive_class=positive_class,
+        tile_size_px=tile_size_px,
+        mpp=mpp,
+        mpp_note=note,
+    )
+    model = build_model(architecture, len(class_names), "none", input_size=tile_size_px).eval()
+    return save_checkpoint(path, model, card)
+
+
 def read_card(path: str | os.PathLike) -> ModelCard:
     """The model card alone (cheap: reads the header only)."""
     path = _check_safetensors(Path(path))
@@ -96,8 +119,6 @@ def read_card(path: str | os.PathLike) -> ModelCard:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
     """Rebuild the architecture named in the card and load the weights exactly (strict)."""
     from safetensors.torch import load_file
-
-    from wsi_dala.model.build import build_model
 
     path = Path(path)
     card = read_card(path)

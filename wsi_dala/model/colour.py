@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_dala.model.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
 
 CLASS_NAMES = ["Non-tumor", "Tumor"]
 
@@ -22,6 +22,11 @@ class ColourReferenceScorer(nn.Module):
     Head: the share of purple cells, squashed to a probability around ``half_fraction``."""
 
     spatial_features = True
+    # Buffers (registered in __init__): declared so their type is Tensor, not nn.Module.__getattr__'s union.
+    mean: torch.Tensor
+    std: torch.Tensor
+    half_fraction: torch.Tensor
+    steepness: torch.Tensor
 
     def __init__(self, num_classes: int = 2, cells: int = 8, half_fraction: float = 0.05, steepness: float = 60.0):
         super().__init__()

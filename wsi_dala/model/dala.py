@@ -17,9 +17,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet50
 
-from wsi_dala.model.attention import ATTENTION_KINDS, GATE_MODES, make_attention
-
-ATTENTION_POSITIONS = ("end", "blocks")  # after the whole of layer4 | after each of its 3 blocks
+from wsi_dala.model.attention import make_attention
+from wsi_dala.model_choices import ATTENTION_KINDS, ATTENTION_POSITIONS, GATE_MODES
 
 
 @dataclass(frozen=True)

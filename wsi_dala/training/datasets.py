@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from wsi_dala.errors import ConfigError
+from wsi_dala.store import TileStore
 from wsi_dala.training.splits import group_from_name
 
 log = logging.getLogger(__name__)
@@ -126,20 +127,17 @@ class SampleDataset(Dataset):
     def __init__(self, samples: list[Sample], transform: v2.Compose | None = None):
         self.samples = samples
         self.transform = transform
-        self._stores: dict[str, object] = {}
+        self._stores: dict[str, TileStore] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, sample: Sample) -> np.ndarray:
         if sample.index >= 0:
-            import zarr
-
-            tiles = self._stores.get(sample.source)
-            if tiles is None:
-                tiles = zarr.open_group(sample.source, mode="r")["tiles"]
-                self._stores[sample.source] = tiles
-            return np.asarray(tiles[sample.index])
+            store = self._stores.get(sample.source)
+            if store is None:
+                store = self._stores[sample.source] = TileStore(sample.source)
+            return store.tiles(sample.index)
         try:
             with Image.open(sample.source) as image:
                 return np.array(image.convert("RGB"))

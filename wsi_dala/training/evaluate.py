@@ -1,4 +1,7 @@
-"""Evaluate a checkpoint: metrics overall and per magnification, a confusion-matrix PNG, JSON and a table."""
+"""Evaluate a checkpoint: metrics overall and per magnification, a confusion-matrix PNG, JSON and a table.
+
+File names come from :class:`wsi_dala.layout.EvalLayout`.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,13 @@ import numpy as np
 from wsi_dala.devices import pick_device
 from wsi_dala.errors import ConfigError
 from wsi_dala.fileio import write_json_atomic
+from wsi_dala.layout import EvalLayout
 from wsi_dala.model import load_checkpoint
 from wsi_dala.training.datasets import Sample
+from wsi_dala.training.loaders import make_loader
 from wsi_dala.training.metrics import classification_metrics, format_table
 from wsi_dala.training.plots import plot_confusion
-from wsi_dala.training.train import TrainConfig, _loader, predict
+from wsi_dala.training.train import predict
 
 
 def evaluate_checkpoint(
@@ -26,24 +31,36 @@ def evaluate_checkpoint(
     batch_size: int = 32,
     device: str = "auto",
     progress: bool = True,
+    precision: str = "auto",
 ) -> tuple[dict[str, Any], str]:
-    """Metrics dict (also written to ``metrics.json``) and the printable table."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Metrics dict (also written to the layout's metrics JSON) and the printable table.
+
+    ``precision``: ``auto`` (fp16 autocast on CUDA, bf16 on a CPU with native bf16, else fp32), ``fp32``,
+    ``bf16`` or ``fp16`` (see :mod:`wsi_dala.devices`).
+    """
+    layout = EvalLayout(Path(out_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
     torch_device = pick_device(device)
     model, card = load_checkpoint(checkpoint, torch_device)
     if list(class_names) != list(card.class_names):
         raise ConfigError(f"{checkpoint}: model classes {card.class_names} differ from the data's {class_names}")
-    config = TrainConfig(input_size=card.tile_size_px, batch_size=batch_size, device=device)
-    loader = _loader(samples, config, train=False, epoch=0, n_classes=len(class_names))
+    loader = make_loader(
+        samples, input_size=card.tile_size_px, batch_size=batch_size, train=False, n_classes=len(class_names)
+    )
     probabilities, labels, _ = predict(
-        model, loader, torch_device, card.normalisation["mean"], card.normalisation["std"], amp=True, progress=progress
+        model,
+        loader,
+        torch_device,
+        card.normalisation["mean"],
+        card.normalisation["std"],
+        precision=precision,
+        progress=progress,
     )
     predictions = probabilities.argmax(1)
     overall = classification_metrics(labels, predictions, class_names, card.positive_index, probabilities)
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "overall": overall, "per_magnification": {}}
     tables = [format_table(overall, f"all images (n={len(labels)})")]
-    plot_confusion(out_dir / "confusion.png", overall["confusion_matrix"], class_names)
+    plot_confusion(layout.confusion_png(), overall["confusion_matrix"], class_names)
     by_mag: dict[str, list[int]] = defaultdict(list)
     for i, sample in enumerate(samples):
         if sample.magnification:
@@ -56,6 +73,6 @@ def evaluate_checkpoint(
             )
             result["per_magnification"][mag] = metrics
             tables.append(format_table(metrics, f"{mag} (n={len(idx)})"))
-            plot_confusion(out_dir / f"confusion_{mag}.png", metrics["confusion_matrix"], class_names, mag)
-    write_json_atomic(out_dir / "metrics.json", result)
+            plot_confusion(layout.confusion_png(mag), metrics["confusion_matrix"], class_names, mag)
+    write_json_atomic(layout.metrics_json, result)
     return result, "\n\n".join(tables)

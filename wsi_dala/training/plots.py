@@ -1,27 +1,28 @@
-"""Figures a person would rather look at than read: training curves and confusion matrices."""
+"""Figures a person would rather look at than read: training curves and confusion matrices.
+
+Built on :class:`matplotlib.figure.Figure` directly: no pyplot, no backend to select, no global state
+(so importing this module changes nothing for anyone else, and figures are freed with their object).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never a window
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from wsi_dala.fileio import atomic_open
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_curves(path: Path, history: list[dict[str, float]]) -> None:
     epochs = [row["epoch"] for row in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
     left.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     left.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
     left.set(xlabel="epoch", ylabel="loss", title="Loss")
@@ -39,7 +40,8 @@ def plot_confusion(path: Path, matrix: list[list[int]], class_names: list[str], 
     rows = counts.sum(axis=1, keepdims=True)
     share = counts / np.where(rows == 0, 1, rows)
     size = 1.2 + 0.9 * len(class_names)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for (i, j), value in np.ndenumerate(counts):
         ax.text(

@@ -15,17 +15,18 @@ import numpy as np
 import shapely
 from shapely import STRtree
 
-from qupath_export.annotations import AnnotationError, read_annotations
+from qupath_export.annotations import Annotation, AnnotationError, read_annotations
+from wsi_dala.config import TilingConfig
 from wsi_dala.errors import ConfigError
-from wsi_dala.layout import safe_stem
-from wsi_dala.store import open_store
-from wsi_dala.tiling import TilingConfig, tile_slide
+from wsi_dala.layout import annotations_beside, slide_tiles_dir
+from wsi_dala.store import TileStore
+from wsi_dala.tiling import tile_slide
 from wsi_dala.training.datasets import Sample
 
 log = logging.getLogger(__name__)
 
 
-def _annotations(path: Path) -> list:
+def _annotations(path: Path) -> list[Annotation]:
     try:
         return read_annotations(path)
     except AnnotationError as exc:
@@ -42,7 +43,7 @@ def parse_slide_argument(text: str) -> AnnotatedSlide:
     """``SLIDE`` (GeoJSON beside it: ``<stem>.geojson``) or ``SLIDE=GEOJSON``."""
     slide, _, geojson = text.partition("=")
     slide_path = Path(slide)
-    geojson_path = Path(geojson) if geojson else slide_path.with_suffix(".geojson")
+    geojson_path = Path(geojson) if geojson else annotations_beside(slide_path)
     if not geojson_path.exists():
         raise ConfigError(f"{slide_path}: no annotation file {geojson_path} (give SLIDE=GEOJSON)")
     return AnnotatedSlide(slide_path, geojson_path)
@@ -80,10 +81,11 @@ def annotated_slide_samples(
     tiling: TilingConfig,
     min_cover: float = 0.5,
     unannotated_class: str | None = None,
-    reader: str = "auto",
     progress: bool = True,
 ) -> tuple[list[Sample], list[str], float]:
-    """Tile every slide into ``out_dir/<slide>/tiles.zarr``; return samples, class names, tiles' µm/px."""
+    """Tile every slide into ``out_dir/<slide>/tiles.zarr``; return samples, class names, tiles' µm/px.
+
+    ``tiling`` must have its target (µm/px and tile size) set."""
     names = sorted({a.class_name for s in slides for a in _annotations(s.annotations) if a.class_name})
     if unannotated_class and unannotated_class not in names:
         names.append(unannotated_class)
@@ -95,13 +97,12 @@ def annotated_slide_samples(
     samples: list[Sample] = []
     mpps = set()
     for item in slides:
-        result = tile_slide(item.slide, out_dir / safe_stem(item.slide.name), tiling, reader=reader, progress=progress)
-        group = open_store(result.store)
-        coords = np.asarray(group["coords"][:])
+        result = tile_slide(item.slide, slide_tiles_dir(out_dir, item.slide), tiling, progress=progress)
+        store = TileStore(result.store)
         labels = label_tiles(
-            coords, float(group.attrs["tile_size_l0"]), item.annotations, names, min_cover, unannotated_class
+            store.coords(), store.info.tile_size_l0, item.annotations, names, min_cover, unannotated_class
         )
-        mpps.add(round(result.effective_mpp, 6))
+        mpps.add(round(result.record.effective_mpp, 6))
         samples += [
             Sample(str(result.store), int(label), item.slide.name, index=int(i))
             for i, label in enumerate(labels)

@@ -17,14 +17,14 @@ def group_split(
     labels: Sequence[int], groups: Sequence[str], val_fraction: float = 0.2, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train/validation indices with every group on one side only, classes balanced across sides."""
-    labels = np.asarray(labels)
-    groups = np.asarray(groups)
-    unique = np.unique(groups)
+    label_array = np.asarray(labels)
+    group_array = np.asarray(groups)
+    unique = np.unique(group_array)
     if len(unique) < 2:
         raise ConfigError(f"need at least 2 patients/slides to split, found {len(unique)}")
     n_splits = max(2, min(len(unique), round(1 / max(1e-6, val_fraction))))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train, val = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    train, val = next(splitter.split(np.zeros(len(label_array)), label_array, group_array))
     return np.sort(train), np.sort(val)
 
 

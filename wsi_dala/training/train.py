@@ -2,67 +2,46 @@
 
 Imbalance is handled by the class-balanced loss of Cui et al. 2019 (weight ∝ (1−β)/(1−β^n_c),
 normalised to sum to the number of classes) or by a weighted sampler, never both. Early stopping
-watches the validation loss. Each epoch appends to ``metrics.csv``, redraws ``curves.png`` and saves
-``last-state.pt`` (loaded with ``weights_only=True``), from which an interrupted run resumes.
+watches the validation loss. Every file of a run is named by :class:`wsi_dala.layout.TrainLayout`: each
+epoch appends to the metrics table, redraws the curves and saves the resume state (loaded with
+``weights_only=True``), from which an interrupted run resumes.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
-from wsi_dala.devices import autocast_for, normalise, pick_device
+from wsi_dala.config import TrainConfig
+from wsi_dala.devices import autocast, normalise, pick_device, resolve_precision
+from wsi_dala.errors import ConfigError
 from wsi_dala.fileio import atomic_open, write_json_atomic
 from wsi_dala.identity import config_hash
+from wsi_dala.layout import TrainLayout
 from wsi_dala.model import ModelCard, build_model, save_checkpoint
-from wsi_dala.training.datasets import Sample, SampleDataset, class_counts, eval_transform, train_transform
+from wsi_dala.model.interface import as_split
+from wsi_dala.training.datasets import Sample, class_counts
+from wsi_dala.training.loaders import TileLoader, make_loader
 from wsi_dala.training.metrics import classification_metrics
+from wsi_dala.training.plots import plot_curves
 
 log = logging.getLogger(__name__)
-IMBALANCE_MODES = ("cb-loss", "sampler", "none")
-BEST_CHECKPOINT = "best.safetensors"
-LAST_STATE = "last-state.pt"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Defaults from ``shared/model-spec.md`` (ours, not the paper's)."""
-
-    arch: str = "dalaresnet50"
-    options: dict[str, Any] = field(default_factory=dict)
-    pretrained: str = "imagenet"
-    input_size: int = 224
-    epochs: int = 20
-    batch_size: int = 32
-    lr_backbone: float = 1e-4
-    lr_head: float = 1e-3
-    weight_decay: float = 1e-4
-    imbalance: str = "cb-loss"
-    beta: float = 0.999
-    patience: int = 5
-    seed: int = 0
-    freeze_until: str | None = None  # "layer3": train layer4 + attention + head only (CPU runs)
-    device: str = "auto"
-    amp: bool = True  # mixed precision on CUDA (fp16) / bf16 autocast on a CPU that supports it
-    workers: int = 0
-    precise_bn_batches: int = 0  # >0: re-estimate BatchNorm statistics on this many batches before validating
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+# Settings that may change between a run and its resumption (to train longer, or load data faster).
+_NOT_IN_RUN_KEY = ("epochs", "patience", "loader_workers")
 
 
 @dataclass
@@ -72,6 +51,58 @@ class TrainResult:
     best_metrics: dict[str, Any]
     history: list[dict[str, float]]
     resumed_from_epoch: int
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after its last finished epoch; saved (with the weights) as the resume point."""
+
+    run_key: str  # the run this state belongs to: a state of another run is never resumed
+    epoch: int = 0  # epochs finished, i.e. the 0-based index of the next epoch
+    best_score: float = -1.0  # best validation balanced accuracy so far
+    best_epoch: int = -1  # 1-based epoch of the best checkpoint
+    best_val_loss: float = math.inf
+    stale: int = 0  # epochs since the validation loss last improved (early stopping)
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Session:
+    """What one training run works with, built once before the first epoch."""
+
+    config: TrainConfig
+    class_names: list[str]
+    device: torch.device
+    model: nn.Module
+    frozen_modules: list[nn.Module]  # frozen by ``freeze_until``: kept in eval mode (frozen BatchNorm)
+    criterion: nn.Module  # the training loss (class-balanced with imbalance="cb-loss")
+    plain_criterion: nn.Module  # the validation loss: unweighted
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    card: ModelCard
+
+    @property
+    def mean(self) -> list[float]:
+        return self.card.normalisation["mean"]
+
+    @property
+    def std(self) -> list[float]:
+        return self.card.normalisation["std"]
+
+    def loader(self, samples: list[Sample], train: bool, epoch: int) -> TileLoader:
+        return make_loader(
+            samples,
+            input_size=self.config.input_size,
+            batch_size=self.config.batch_size,
+            train=train,
+            n_classes=len(self.class_names),
+            epoch=epoch,
+            seed=self.config.seed,
+            imbalance=self.config.imbalance,
+            loader_workers=self.config.loader_workers,
+        )
 
 
 def class_balanced_weights(counts: list[int], beta: float) -> torch.Tensor:
@@ -89,7 +120,8 @@ def seed_everything(seed: int) -> None:
 
 
 def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    head, backbone = [], []
+    head: list[nn.Parameter] = []
+    backbone: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -105,7 +137,8 @@ def _freeze(model: nn.Module, freeze_until: str | None) -> list[nn.Module]:
     """Freeze parameters up to ``freeze_until``; returns modules to keep in eval mode (frozen BatchNorm)."""
     if not freeze_until:
         return []
-    prefixes = model.frozen_prefixes(freeze_until) if hasattr(model, "frozen_prefixes") else ()
+    frozen_prefixes = getattr(model, "frozen_prefixes", None)
+    prefixes: tuple[str, ...] = frozen_prefixes(freeze_until) if frozen_prefixes is not None else ()
     if not prefixes:
         raise ValueError(f"--freeze-until is supported for dalaresnet50 only, not {type(model).__name__}")
     for name, param in model.named_parameters():
@@ -114,29 +147,9 @@ def _freeze(model: nn.Module, freeze_until: str | None) -> list[nn.Module]:
     return [module for name, module in model.named_children() if name in prefixes]
 
 
-def _loader(samples: list[Sample], config: TrainConfig, train: bool, epoch: int, n_classes: int) -> DataLoader:
-    dataset = SampleDataset(samples, train_transform(config.input_size) if train else eval_transform(config.input_size))
-    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-    sampler = None
-    if train and config.imbalance == "sampler":
-        counts = np.maximum(class_counts(samples, n_classes), 1)
-        weights = [1.0 / counts[s.label] for s in samples]
-        sampler = WeightedRandomSampler(weights, num_samples=len(samples), replacement=True, generator=generator)
-    return DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        generator=generator,
-        num_workers=config.workers,
-        drop_last=False,
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
 def recalibrate_batchnorm(
     model: nn.Module,
-    loader: DataLoader,
+    loader: TileLoader,
     device: torch.device,
     mean: list[float],
     std: list[float],
@@ -157,32 +170,35 @@ def recalibrate_batchnorm(
         norm.reset_running_stats()
         norm.momentum = None  # cumulative moving average: an exact mean over the batches seen
         norm.train()
+    features = as_split(model)
     with torch.no_grad():
         for i, (images, _) in enumerate(loader):
             if i >= batches:
                 break
-            model.forward_features(normalise(images.to(device), mean, std))
+            features.forward_features(normalise(images.to(device), mean, std))
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
 
 
 def predict(
     model: nn.Module,
-    loader: DataLoader,
+    loader: TileLoader,
     device: torch.device,
     mean: list[float],
     std: list[float],
-    amp: bool,
+    precision: str = "auto",
     criterion: nn.Module | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Probabilities [N, C], labels [N] and mean loss over a loader."""
     model.eval()
-    probabilities, labels, loss_sum = [], [], 0.0
+    probabilities: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    loss_sum = 0.0
     with torch.no_grad():
         for images, targets in tqdm(loader, desc="predict", leave=False, disable=not progress):
             images = normalise(images.to(device, non_blocking=True), mean, std)
-            with autocast_for(device, amp):
+            with autocast(precision, device):
                 logits = model(images)
             logits = logits.float()
             if criterion is not None:
@@ -210,8 +226,42 @@ def train_model(
 
     ``on_epoch_end(row)`` is called after each epoch's state is saved.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    layout = TrainLayout(Path(out_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    session = _start_session(train_samples, class_names, positive_class, config, card_fields)
+    state = _load_state(layout, session, _run_key(config, class_names, train_samples))
+    resumed_from = state.epoch
+    while state.epoch < config.epochs and state.stale < config.patience:
+        row = _run_epoch(session, state, layout, train_samples, val_samples, progress)
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+    _write_train_json(layout, session, positive_class, train_samples, val_samples, state)
+    return TrainResult(layout.best_checkpoint, state.best_epoch, state.best_metrics, state.history, resumed_from)
+
+
+def read_validation_groups(train_dir: str | Path) -> list[str]:
+    """The patients/slides a training run held out for validation (``val_groups`` of its summary)."""
+    path = TrainLayout(Path(train_dir)).train_json
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; is {train_dir} the --out folder of a training run?") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable training summary ({exc})") from exc
+    groups = summary.get("val_groups") if isinstance(summary, dict) else None
+    if not isinstance(groups, list):
+        raise ConfigError(f"{path}: no list of validation groups (val_groups) in this training summary")
+    return [str(group) for group in groups]
+
+
+def _start_session(
+    train_samples: list[Sample],
+    class_names: list[str],
+    positive_class: str,
+    config: TrainConfig,
+    card_fields: dict[str, Any],
+) -> _Session:
+    """Seed, build the model, loss, optimiser, schedule and gradient scaler, and the model card."""
     n_classes = len(class_names)
     device = pick_device(config.device)
     seed_everything(config.seed)
@@ -222,11 +272,8 @@ def train_model(
         model = model.to(memory_format=torch.channels_last)
     counts = class_counts(train_samples, n_classes)
     weights = class_balanced_weights(counts, config.beta).to(device) if config.imbalance == "cb-loss" else None
-    criterion = nn.CrossEntropyLoss(weight=weights)
-    plain_criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.AdamW(_param_groups(model, config), weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.amp)
+    fp16_on_cuda = device.type == "cuda" and resolve_precision(config.precision, device) == "fp16"
     card = ModelCard(
         architecture=config.arch,
         class_names=list(class_names),
@@ -235,174 +282,208 @@ def train_model(
         options=dict(config.options),
         **card_fields,
     )
-    mean, std = card.normalisation["mean"], card.normalisation["std"]
-    # Epoch count and patience may change between a run and its resumption (to train longer).
-    resumable = {k: v for k, v in config.to_dict().items() if k not in ("epochs", "patience", "workers")}
-    run_key = config_hash(
+    return _Session(
+        config=config,
+        class_names=list(class_names),
+        device=device,
+        model=model,
+        frozen_modules=frozen_modules,
+        criterion=nn.CrossEntropyLoss(weight=weights),
+        plain_criterion=nn.CrossEntropyLoss(),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs)),
+        scaler=torch.amp.GradScaler("cuda", enabled=fp16_on_cuda),
+        card=card,
+    )
+
+
+def _run_key(config: TrainConfig, class_names: list[str], train_samples: list[Sample]) -> str:
+    """Identifies a run: a saved state is resumed only by the same settings on the same training data."""
+    resumable = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_RUN_KEY}
+    return config_hash(
         {
             "config": resumable,
             "classes": class_names,
             "train": [(s.source, s.index, s.label) for s in train_samples][:100000],
         }
     )
-    state_path = out_dir / LAST_STATE
-    history: list[dict[str, float]] = []
-    start_epoch, best_score, best_epoch, best_metrics, stale = 0, -1.0, -1, {}, 0
-    best_val_loss = math.inf
-    if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        if state.get("run_key") == run_key:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch = int(state["epoch"]) + 1
-            best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
-            best_val_loss, stale = float(state["best_val_loss"]), int(state["stale"])
-            history = _read_history(out_dir / "metrics.csv")[:start_epoch]
-            best_metrics = classification_metrics_from_state(state)
-            log.info("resuming from epoch %d", start_epoch)
-        else:
-            log.info("%s belongs to another run; starting afresh", state_path)
-    resumed_from = start_epoch
-    for epoch in range(start_epoch, config.epochs):
-        if stale >= config.patience:
-            break
-        started = time.perf_counter()
-        torch.manual_seed(config.seed * 1000 + epoch)  # augmentations replay identically after a resume
-        model.train()
-        for module in frozen_modules:
-            module.eval()
-        loss_sum, correct, seen = 0.0, 0, 0
-        loader = _loader(train_samples, config, True, epoch, n_classes)
-        for images, targets in tqdm(
-            loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress
-        ):
-            images = normalise(images.to(device, non_blocking=True), mean, std)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            targets = targets.to(device)
-            with autocast_for(device, config.amp):
-                logits = model(images)
-            loss = criterion(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += float(loss.detach()) * len(targets)
-            correct += int((logits.argmax(1) == targets).sum())
-            seen += len(targets)
-        scheduler.step()
-        if config.precise_bn_batches > 0:
-            recalibrate_batchnorm(
-                model,
-                _loader(train_samples, config, False, epoch, n_classes),
-                device,
-                mean,
-                std,
-                config.precise_bn_batches,
-                frozen_modules,
-            )
-        probs, labels, val_loss = predict(
-            model, _loader(val_samples, config, False, epoch, n_classes), device, mean, std, config.amp, plain_criterion
+
+
+def _run_epoch(
+    session: _Session,
+    state: TrainState,
+    layout: TrainLayout,
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+    progress: bool,
+) -> dict[str, float]:
+    """Train and validate epoch ``state.epoch``; update the best checkpoint, the table, the curves, the state."""
+    epoch, config = state.epoch, session.config
+    started = time.perf_counter()
+    torch.manual_seed(config.seed * 1000 + epoch)  # augmentations replay identically after a resume
+    train_loss, train_accuracy = _train_one_epoch(
+        session, session.loader(train_samples, True, epoch), f"epoch {epoch + 1}/{config.epochs}", progress
+    )
+    session.scheduler.step()
+    metrics, val_loss = _validate(session, train_samples, val_samples, epoch)
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "train_accuracy": train_accuracy,
+        "val_loss": val_loss,
+        "val_accuracy": metrics["accuracy"],
+        "val_balanced_accuracy": metrics["balanced_accuracy"],
+        "lr_head": session.optimizer.param_groups[1]["lr"],
+        "seconds": time.perf_counter() - started,
+    }
+    state.history.append(row)
+    log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+    if metrics["balanced_accuracy"] > state.best_score:
+        state.best_score, state.best_epoch, state.best_metrics = metrics["balanced_accuracy"], epoch + 1, metrics
+        session.card.validation_metrics = {"epoch": epoch + 1, **_summary(metrics)}
+        save_checkpoint(layout.best_checkpoint, session.model, session.card)
+    if val_loss < state.best_val_loss - 1e-6:
+        state.best_val_loss, state.stale = val_loss, 0
+    else:
+        state.stale += 1
+    state.epoch = epoch + 1
+    _write_history(layout.metrics_csv, state.history)
+    plot_curves(layout.curves_png, state.history)
+    _save_state(layout.last_state, session, state)
+    return row
+
+
+def _train_one_epoch(session: _Session, loader: TileLoader, desc: str, progress: bool) -> tuple[float, float]:
+    """One pass over the training data; the mean loss and the accuracy (of the augmented batches)."""
+    model, device = session.model, session.device
+    model.train()
+    for module in session.frozen_modules:
+        module.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        images = normalise(images.to(device, non_blocking=True), session.mean, session.std)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device)
+        with autocast(session.config.precision, device):
+            logits = model(images)
+        loss = session.criterion(logits.float(), targets)
+        session.optimizer.zero_grad(set_to_none=True)
+        session.scaler.scale(loss).backward()
+        session.scaler.step(session.optimizer)
+        session.scaler.update()
+        loss_sum += float(loss.detach()) * len(targets)
+        correct += int((logits.argmax(1) == targets).sum())
+        seen += len(targets)
+    return loss_sum / max(1, seen), correct / max(1, seen)
+
+
+def _validate(
+    session: _Session, train_samples: list[Sample], val_samples: list[Sample], epoch: int
+) -> tuple[dict[str, Any], float]:
+    """Validation metrics and loss (after re-estimating BatchNorm statistics when asked to)."""
+    config = session.config
+    if config.precise_bn_batches > 0:
+        recalibrate_batchnorm(
+            session.model,
+            session.loader(train_samples, False, epoch),
+            session.device,
+            session.mean,
+            session.std,
+            config.precise_bn_batches,
+            session.frozen_modules,
         )
-        metrics = classification_metrics(labels, probs.argmax(1), class_names, card.positive_index, probs)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(1, seen),
-            "train_accuracy": correct / max(1, seen),
-            "val_loss": val_loss,
-            "val_accuracy": metrics["accuracy"],
-            "val_balanced_accuracy": metrics["balanced_accuracy"],
-            "lr_head": optimizer.param_groups[1]["lr"],
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(row)
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
-        if metrics["balanced_accuracy"] > best_score:
-            best_score, best_epoch, best_metrics = metrics["balanced_accuracy"], epoch + 1, metrics
-            card.validation_metrics = {"epoch": epoch + 1, **_summary(metrics)}
-            save_checkpoint(out_dir / BEST_CHECKPOINT, model, card)
-        if val_loss < best_val_loss - 1e-6:
-            best_val_loss, stale = val_loss, 0
-        else:
-            stale += 1
-        _write_history(out_dir / "metrics.csv", history)
-        _plot_curves(out_dir / "curves.png", history)
-        _save_state(
-            state_path,
-            model,
-            optimizer,
-            scheduler,
-            epoch,
-            best_score,
-            best_epoch,
-            best_val_loss,
-            stale,
-            run_key,
-            best_metrics,
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(row)
+    probs, labels, val_loss = predict(
+        session.model,
+        session.loader(val_samples, False, epoch),
+        session.device,
+        session.mean,
+        session.std,
+        config.precision,
+        session.plain_criterion,
+    )
+    metrics = classification_metrics(labels, probs.argmax(1), session.class_names, session.card.positive_index, probs)
+    return metrics, val_loss
+
+
+def _save_state(path: Path, session: _Session, state: TrainState) -> None:
+    """The resume point. Plain tensors, numbers and strings only, so ``torch.load(weights_only=True)`` reads it:
+    the best metrics (nested dicts, lists) travel as a JSON string."""
+    saved = {
+        "model": session.model.state_dict(),
+        "optimizer": session.optimizer.state_dict(),
+        "scheduler": session.scheduler.state_dict(),
+        "epoch": state.epoch - 1,  # the last finished epoch, 0-based
+        "best_score": state.best_score,
+        "best_epoch": state.best_epoch,
+        "best_val_loss": state.best_val_loss,
+        "stale": state.stale,
+        "run_key": state.run_key,
+        "best_metrics_json": json.dumps(state.best_metrics),
+    }
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    with atomic_open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def _load_state(layout: TrainLayout, session: _Session, run_key: str) -> TrainState:
+    """Resume from the run's saved state when it belongs to this run (weights, optimiser and schedule restored
+    into ``session``); otherwise a fresh state."""
+    path = layout.last_state
+    if not path.exists():
+        return TrainState(run_key)
+    saved = torch.load(path, map_location=session.device, weights_only=True)
+    if saved.get("run_key") != run_key:
+        log.info("%s belongs to another run; starting afresh", path)
+        return TrainState(run_key)
+    session.model.load_state_dict(saved["model"])
+    session.optimizer.load_state_dict(saved["optimizer"])
+    session.scheduler.load_state_dict(saved["scheduler"])
+    start_epoch = int(saved["epoch"]) + 1
+    metrics_text = saved.get("best_metrics_json")
+    log.info("resuming from epoch %d", start_epoch)
+    return TrainState(
+        run_key=run_key,
+        epoch=start_epoch,
+        best_score=float(saved["best_score"]),
+        best_epoch=int(saved["best_epoch"]),
+        best_val_loss=float(saved["best_val_loss"]),
+        stale=int(saved["stale"]),
+        best_metrics=json.loads(metrics_text) if isinstance(metrics_text, str) and metrics_text else {},
+        history=_read_history(layout.metrics_csv)[:start_epoch],
+    )
+
+
+def _write_train_json(
+    layout: TrainLayout,
+    session: _Session,
+    positive_class: str,
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+    state: TrainState,
+) -> None:
+    """The run's summary: settings, classes, counts, the best epoch and the split (by group)."""
+    n_classes = len(session.class_names)
     write_json_atomic(
-        out_dir / "train.json",
+        layout.train_json,
         {
-            "config": config.to_dict(),
-            "class_names": class_names,
+            "config": session.config.to_dict(),
+            "class_names": session.class_names,
             "positive_class": positive_class,
             "counts": {"train": class_counts(train_samples, n_classes), "val": class_counts(val_samples, n_classes)},
-            "best_epoch": best_epoch,
-            "best_validation": best_metrics,
-            "history": history,
+            "best_epoch": state.best_epoch,
+            "best_validation": state.best_metrics,
+            "history": state.history,
             "train_groups": sorted({s.group for s in train_samples}),
             "val_groups": sorted({s.group for s in val_samples}),
         },
     )
-    return TrainResult(out_dir / BEST_CHECKPOINT, best_epoch, best_metrics, history, resumed_from)
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     keep = ("n", "accuracy", "balanced_accuracy", "macro", "weighted", "binary", "roc_auc")
     return {k: metrics[k] for k in keep if k in metrics}
-
-
-def classification_metrics_from_state(state: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    text = state.get("best_metrics_json")
-    return json.loads(text) if isinstance(text, str) and text else {}
-
-
-def _save_state(
-    path: Path,
-    model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    epoch: int,
-    best_score: float,
-    best_epoch: int,
-    best_val_loss: float,
-    stale: int,
-    run_key: str,
-    best_metrics: dict,
-) -> None:
-    import json
-
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "best_score": best_score,
-        "best_epoch": best_epoch,
-        "best_val_loss": best_val_loss,
-        "stale": stale,
-        "run_key": run_key,
-        "best_metrics_json": json.dumps(best_metrics),
-    }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    with atomic_open(path, "wb") as handle:
-        handle.write(buffer.getvalue())
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
@@ -417,9 +498,3 @@ def _read_history(path: Path) -> list[dict[str, float]]:
         return []
     with open(path, newline="") as handle:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-
-
-def _plot_curves(path: Path, history: list[dict[str, float]]) -> None:
-    from wsi_dala.training.plots import plot_curves
-
-    plot_curves(path, history)

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
 
-from wsi_dala.cli import command
+from wsi_dala.cli.common import Verb, add_precision_option, deprecated_flag, tiling_from_flags
+from wsi_dala.config import ThresholdMethod, TrainConfig, build
 from wsi_dala.errors import ConfigError
+from wsi_dala.layout import EvalLayout, TrainLayout
+from wsi_dala.model_choices import ARCHITECTURES, ATTENTION_KINDS, ATTENTION_POSITIONS, GATE_MODES
+
+if TYPE_CHECKING:
+    from wsi_dala.training.datasets import Sample
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("data (give exactly one source)")
     source.add_argument("--breakhis", metavar="ROOT", help="a BreakHis tree (BreaKHis_v1/...)")
     source.add_argument(
-        "--magnification",
+        "--breakhis-magnification",
         metavar="MAG",
         choices=("40X", "100X", "200X", "400X"),
         help="BreakHis magnification to use (default: all four)",
+    )
+    deprecated_flag(
+        source,
+        "--magnification",
+        "--breakhis-magnification",
+        dest="breakhis_magnification",
+        choices=("40X", "100X", "200X", "400X"),
     )
     source.add_argument("--folder", metavar="ROOT", help="image-folder tree: ROOT/<class>/[<group>/]<image>")
     source.add_argument(
@@ -47,11 +60,14 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="--slide: fraction of a tile an annotation must cover to label it",
     )
-    source.add_argument("--tile-mpp", type=float, default=0.5, metavar="UM", help="--slide: tile µm/px")
+    source.add_argument("--mpp", type=float, default=0.5, metavar="UM", help="--slide: tile µm/px")
+    deprecated_flag(source, "--tile-mpp", "--mpp", dest="mpp", type=float)
     source.add_argument("--min-tissue", type=float, default=0.5, metavar="F", help="--slide: tissue fraction")
 
 
-def _load_samples(args: argparse.Namespace, out_dir: Path, input_size: int):
+def _load_samples(
+    args: argparse.Namespace, tiles_dir: Path, input_size: int
+) -> tuple[list[Sample], list[str], float | None, str, str]:
     """(samples, class names, µm/px or None, note, source description)."""
     from wsi_dala.training import datasets
 
@@ -59,31 +75,32 @@ def _load_samples(args: argparse.Namespace, out_dir: Path, input_size: int):
     if sum(given) != 1:
         raise ConfigError("give exactly one data source: --breakhis, --folder or --slide")
     if args.breakhis:
-        samples = datasets.breakhis_samples(args.breakhis, args.magnification)
-        mpp = datasets.BREAKHIS_MPP.get(args.magnification) if args.magnification else None
+        magnification = args.breakhis_magnification
+        samples = datasets.breakhis_samples(args.breakhis, magnification)
+        mpp = datasets.BREAKHIS_MPP.get(magnification) if magnification else None
         note = datasets.BREAKHIS_MPP_NOTE if mpp else "BreakHis, mixed magnifications: no single µm/px"
         return samples, list(datasets.BREAKHIS_CLASSES), mpp, note, f"BreakHis {args.breakhis}"
     if args.folder:
         samples, names = datasets.image_folder_samples(args.folder, args.group_pattern)
         return samples, names, None, "image folder: µm/px unknown (give --train-mpp)", f"image folder {args.folder}"
-    from wsi_dala.tiling import TilingConfig
     from wsi_dala.training.slide_tiles import annotated_slide_samples, parse_slide_argument
 
+    tiling = tiling_from_flags(args, default_tile_px=input_size)
     slides = [parse_slide_argument(text) for text in args.slide]
-    tiling = TilingConfig(target_mpp=args.tile_mpp, tile_size_px=input_size, min_tissue=args.min_tissue)
-    samples, names, mpp = annotated_slide_samples(
-        slides, out_dir / "tiles", tiling, args.min_cover, args.unannotated_class, progress=not args.quiet
+    samples, names, slide_mpp = annotated_slide_samples(
+        slides, tiles_dir, tiling, args.min_cover, args.unannotated_class, progress=not args.quiet
     )
-    return samples, names, mpp, "measured by the wsi-dala tiler", f"{len(slides)} annotated slides"
+    return samples, names, slide_mpp, "measured by the wsi-dala tiler", f"{len(slides)} annotated slides"
 
 
 def _configure_train(parser: argparse.ArgumentParser) -> None:
-    from wsi_dala.model import ARCHITECTURES
-    from wsi_dala.model.attention import ATTENTION_KINDS, GATE_MODES
-    from wsi_dala.model.dala import ATTENTION_POSITIONS
-
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoint, curves, metrics)")
     _add_data_options(parser)
+    _add_model_options(parser)
+    _add_fit_options(parser)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="dalaresnet50", choices=ARCHITECTURES, help="architecture")
     model.add_argument(
@@ -106,6 +123,9 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="class whose probability is the tumour probability (default: malignant/Tumor/last)",
     )
+
+
+def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     fit = parser.add_argument_group("training")
     fit.add_argument("--input-size", type=int, default=224, metavar="PX", help="input side (crops at native scale)")
     fit.add_argument("--epochs", type=int, default=20, help="maximum epochs")
@@ -138,10 +158,10 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--fold", metavar="DSFOLD.txt", help="BreakHis fold file: its train/test split instead")
     fit.add_argument("--seed", type=int, default=0, help="random seed (splits, initialisation, augmentation)")
     fit.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
-    fit.add_argument(
-        "--no-amp", action="store_true", help="full fp32 (default: fp16 AMP on CUDA, bf16 on CPUs with it)"
-    )
-    fit.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    add_precision_option(fit, default="auto")
+    deprecated_flag(fit, "--no-amp", "--precision fp32", dest="precision", nargs=0, const="fp32")
+    fit.add_argument("--loader-workers", type=int, default=0, metavar="N", help="data-loading processes")
+    deprecated_flag(fit, "--workers", "--loader-workers", dest="loader_workers", type=int)
     fit.add_argument(
         "--train-mpp",
         type=float,
@@ -162,19 +182,10 @@ def _positive_class(names: list[str], requested: str | None) -> str:
     return names[-1]
 
 
-@command("train", "fine-tune DALAResNet50 (or a baseline) on BreakHis, image folders or annotated slides")(
-    _configure_train
-)
-def _train(args: argparse.Namespace) -> int:
-    from wsi_dala.training.datasets import class_counts
-    from wsi_dala.training.metrics import format_table
+def _split(args: argparse.Namespace, samples: list[Sample], source: str) -> tuple[list[Sample], list[Sample]]:
+    """Training and validation samples: a BreakHis fold file's split, or a split by patient/slide."""
     from wsi_dala.training.splits import group_split, read_breakhis_fold
-    from wsi_dala.training.train import TrainConfig, train_model
 
-    out_dir = Path(args.out)
-    samples, names, mpp, note, source = _load_samples(args, out_dir, args.input_size)
-    if args.train_mpp:
-        mpp, note = args.train_mpp, "given with --train-mpp"
     if args.fold:
         split = read_breakhis_fold(args.fold)
         train = [s for s in samples if split.get(Path(s.source).name) == "train"]
@@ -186,6 +197,10 @@ def _train(args: argparse.Namespace) -> int:
         train, val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
     if not train or not val:
         raise ConfigError(f"{source}: the split left {len(train)} training and {len(val)} validation images")
+    return train, val
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     options = {}
     if args.arch == "dalaresnet50":
         options = {
@@ -193,27 +208,41 @@ def _train(args: argparse.Namespace) -> int:
             "attention_kind": args.attention_kind,
             "gate_mode": args.gate_mode,
         }
-    config = TrainConfig(
-        arch=args.arch,
-        options=options,
-        pretrained=args.pretrained,
-        input_size=args.input_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr_backbone=args.lr_backbone,
-        lr_head=args.lr_head,
-        imbalance=args.imbalance,
-        beta=args.beta,
-        patience=args.patience,
-        seed=args.seed,
-        freeze_until=args.freeze_until,
-        device=args.device,
-        amp=not args.no_amp,
-        precise_bn_batches=args.precise_bn_batches,
-        workers=args.workers,
-    )
-    groups = {"train": sorted({s.group for s in train}), "val": sorted({s.group for s in val})}
-    card_fields = {
+    values = {
+        "arch": args.arch,
+        "options": options,
+        "pretrained": args.pretrained,
+        "input_size": args.input_size,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr_backbone": args.lr_backbone,
+        "lr_head": args.lr_head,
+        "imbalance": args.imbalance,
+        "beta": args.beta,
+        "patience": args.patience,
+        "seed": args.seed,
+        "freeze_until": args.freeze_until,
+        "device": args.device,
+        "precision": args.precision,
+        "precise_bn_batches": args.precise_bn_batches,
+        "loader_workers": args.loader_workers,
+    }
+    return build(TrainConfig, values, "command line")
+
+
+def _card_fields(
+    args: argparse.Namespace,
+    names: list[str],
+    train: list[Sample],
+    val: list[Sample],
+    mpp_note: tuple[Any, str],
+    source: str,
+) -> dict[str, Any]:
+    """What the model card records about the data (µm/px and where it comes from, counts, split)."""
+    from wsi_dala.training.datasets import class_counts
+
+    mpp, note = (args.train_mpp, "given with --train-mpp") if args.train_mpp else mpp_note
+    return {
         "mpp": mpp,
         "mpp_note": note,
         "training_data": {
@@ -221,24 +250,27 @@ def _train(args: argparse.Namespace) -> int:
             "split": "dataset fold file" if args.fold else f"by patient/slide, seed {args.seed}",
             "counts_train": dict(zip(names, class_counts(train, len(names)), strict=False)),
             "counts_val": dict(zip(names, class_counts(val, len(names)), strict=False)),
-            "groups_train": len(groups["train"]),
-            "groups_val": len(groups["val"]),
+            "groups_train": len({s.group for s in train}),
+            "groups_val": len({s.group for s in val}),
         },
     }
+
+
+def _train(args: argparse.Namespace) -> int:
+    from wsi_dala.training.metrics import format_table
+    from wsi_dala.training.train import train_model
+
+    config = _train_config(args)  # every setting checked before any data is read
+    layout = TrainLayout(Path(args.out))
+    samples, names, mpp, note, source = _load_samples(args, layout.tiles_dir, args.input_size)
+    train, val = _split(args, samples, source)
+    card_fields = _card_fields(args, names, train, val, (mpp, note), source)
     print(
-        f"training on {len(train)} images ({len(groups['train'])} groups), validating on {len(val)} "
-        f"({len(groups['val'])} groups); classes {names}"
+        f"training on {len(train)} images ({card_fields['training_data']['groups_train']} groups), validating on "
+        f"{len(val)} ({card_fields['training_data']['groups_val']} groups); classes {names}"
     )
-    result = train_model(
-        train,
-        val,
-        names,
-        _positive_class(names, args.positive_class),
-        config,
-        out_dir,
-        card_fields,
-        progress=not args.quiet,
-    )
+    positive = _positive_class(names, args.positive_class)
+    result = train_model(train, val, names, positive, config, layout.root, card_fields, progress=not args.quiet)
     print(format_table(result.best_metrics, f"best epoch {result.best_epoch} (validation)"))
     print(f"checkpoint: {result.checkpoint}")
     return 0
@@ -254,48 +286,72 @@ def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32, help="batch size")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda ...")
+    add_precision_option(parser, default="auto")
     _add_data_options(parser)
 
 
-@command("evaluate", "accuracy, precision, recall, F1, GMean, IBA and ROC AUC of a checkpoint")(_configure_evaluate)
 def _evaluate(args: argparse.Namespace) -> int:
     from wsi_dala.model import read_card
     from wsi_dala.training.evaluate import evaluate_checkpoint
+    from wsi_dala.training.train import read_validation_groups
 
     card = read_card(args.model)
-    samples, names, _, _, _ = _load_samples(args, Path(args.out), card.tile_size_px)
+    layout = EvalLayout(Path(args.out))
+    samples, names, _, _, _ = _load_samples(args, layout.tiles_dir, card.tile_size_px)
     if args.split_from:
-        run = json.loads((Path(args.split_from) / "train.json").read_text())
-        held_out = set(run.get("val_groups", []))
+        held_out = set(read_validation_groups(args.split_from))
         samples = [s for s in samples if s.group in held_out]
         if not samples:
             raise ConfigError(f"{args.split_from}: none of its validation patients/slides are in this data")
     _, table = evaluate_checkpoint(
-        args.model, samples, names, args.out, args.batch_size, args.device, progress=not args.quiet
+        args.model,
+        samples,
+        names,
+        layout.root,
+        args.batch_size,
+        args.device,
+        precision=args.precision,
+        progress=not args.quiet,
     )
     print(table)
-    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    print(f"metrics: {layout.metrics_json}")
     return 0
 
 
 def _configure_cam(parser: argparse.ArgumentParser) -> None:
-    from wsi_dala.cam import THRESHOLD_METHODS
-
     parser.add_argument("images", nargs="+", help="image files (tiles)")
     parser.add_argument("--model", required=True, metavar="CKPT", help="a .safetensors checkpoint")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the side-by-side PNGs go")
-    parser.add_argument("--threshold", default="mean_std", choices=THRESHOLD_METHODS, help="dynamic threshold")
+    methods = get_args(ThresholdMethod)
+    parser.add_argument("--threshold-method", default="mean_std", choices=methods, help="dynamic threshold")
+    deprecated_flag(parser, "--threshold", "--threshold-method", dest="threshold_method", choices=methods)
     parser.add_argument("--k", type=float, default=1.0, help="mean_std: τ = mean + k·std")
     parser.add_argument("--percentile", type=float, default=80.0, help="percentile: τ = this percentile")
 
 
-@command("cam", "DT Grad-CAM figures: image | Grad-CAM | DT Grad-CAM, side by side")(_configure_cam)
 def _cam(args: argparse.Namespace) -> int:
-    from wsi_dala.cam import CamSettings
     from wsi_dala.cam_figures import write_cam_figures
+    from wsi_dala.cam_threshold import CamSettings
 
-    settings = CamSettings(method=args.threshold, k=args.k, percentile=args.percentile)
+    settings = CamSettings(method=args.threshold_method, k=args.k, percentile=args.percentile)
     written = write_cam_figures([Path(p) for p in args.images], Path(args.model), Path(args.out), settings)
     for path, probability, tau in written:
         print(f"{path}  tumour probability {probability:.4f}  τ {tau:.3f}")
     return 0
+
+
+VERBS = (
+    Verb(
+        "train",
+        "fine-tune DALAResNet50 (or a baseline) on BreakHis, image folders or annotated slides",
+        _configure_train,
+        _train,
+    ),
+    Verb(
+        "evaluate",
+        "accuracy, precision, recall, F1, GMean, IBA and ROC AUC of a checkpoint",
+        _configure_evaluate,
+        _evaluate,
+    ),
+    Verb("cam", "DT Grad-CAM figures: image | Grad-CAM | DT Grad-CAM, side by side", _configure_cam, _cam),
+)

@@ -1,0 +1,185 @@
+"""The shape of the package: torch only where a network runs, no import cycles, output paths in layout.py,
+array names and attribute keys in store.py, verbs registered explicitly, one meaning per flag."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+PACKAGES = ("wsi_dala", "qupath_export")
+TORCH_FREE = (
+    "wsi_dala.slide",
+    "wsi_dala.tissue",
+    "wsi_dala.grid",
+    "wsi_dala.tiling",
+    "wsi_dala.store",
+    "wsi_dala.heatmap",
+    "wsi_dala.export",
+    "wsi_dala.layout",
+    "wsi_dala.config",
+    "wsi_dala.archive",
+    "wsi_dala.cli",
+    "wsi_dala.cli.app",
+    "qupath_export.geojson",
+    "qupath_export.annotations",
+    "qupath_export.polygons",
+)
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_module_does_not_import_torch(module):
+    code = f"import sys, {module}; sys.exit(1 if 'torch' in sys.modules else 0)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{module} imports torch{result.stderr}"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _sources() -> dict[str, Path]:
+    return {_module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def _module_level_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Modules of ours imported when ``path`` is imported (not inside functions or TYPE_CHECKING)."""
+    found: set[str] = set()
+    todo = list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and not _is_type_checking(node):
+            todo += node.body + node.orelse
+        elif isinstance(node, ast.Try):
+            todo += node.body + node.orelse + node.finalbody + [n for h in node.handlers for n in h.body]
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in modules else node.module)
+    return {name for name in found if name in modules}
+
+
+def test_no_import_cycles():
+    modules = _sources()
+    graph = {name: _module_level_imports(path, modules) for name, path in modules.items()}
+    state: dict[str, str] = {}
+    cycles: list[list[str]] = []
+
+    def visit(name: str, stack: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                cycles.append([*stack[stack.index(target) :], target])
+            elif target not in state:
+                visit(target, [*stack, target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def _string_literals(path: Path) -> list[tuple[int, str]]:
+    """Every string literal (f-string parts joined), with its line."""
+    literals = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            literals.append((node.lineno, node.value))
+        elif isinstance(node, ast.JoinedStr):
+            text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+            literals.append((node.lineno, text))
+    return literals
+
+
+# A file name with a stem (bare suffixes such as ".pt" are input checks, not outputs).
+OUTPUT_NAME = re.compile(r"^\.?[\w{}-][\w{}.-]*\.(json|png|zarr|csv|pt|safetensors|geojson|gz|md|lock|partial)$")
+
+
+def test_output_file_names_live_in_layout_only():
+    offenders = []
+    for name, path in _sources().items():
+        if name == "wsi_dala.layout" or not name.startswith("wsi_dala"):
+            continue
+        offenders += [
+            f"{path.relative_to(ROOT)}:{line}: {text!r}"
+            for line, text in _string_literals(path)
+            if OUTPUT_NAME.match(text)
+        ]
+    assert not offenders, "output paths outside wsi_dala/layout.py:\n" + "\n".join(offenders)
+
+
+STORE_ARRAYS = {"tiles", "coords", "tissue_fraction", "tissue_mask", "tile_chunks_done", "scores", "cams"}
+# Keys only the tile store uses (generic words such as "class_names" also name run.json and metrics fields).
+STORE_ONLY = {"tile_chunks_done", "score_chunks_done", "chunk_tiles", "tile_size_l0", "cam_grid", "scoring_key"}
+STORE_ONLY |= {"scores_complete", "tiling_key", "mask_downsample", "read_size_level_px", "stride_l0"}
+
+
+def _store_spellings(path: Path) -> list[tuple[int, str]]:
+    """Store-only keys anywhere, and any ``x["coords"]``-style subscript by an array name."""
+    found = [(line, text) for line, text in _string_literals(path) if text in STORE_ONLY]
+    for node in ast.walk(ast.parse(path.read_text())):
+        key = node.slice if isinstance(node, ast.Subscript) else None
+        if isinstance(key, ast.Constant) and key.value in STORE_ARRAYS:
+            found.append((node.lineno, key.value))
+    return found
+
+
+def test_store_names_and_keys_live_in_store_only():
+    offenders = []
+    for name, path in _sources().items():
+        if name == "wsi_dala.store" or not name.startswith("wsi_dala"):
+            continue
+        offenders += [f"{path.relative_to(ROOT)}:{line}: {text!r}" for line, text in _store_spellings(path)]
+    assert not offenders, "tile-store names outside wsi_dala/store.py:\n" + "\n".join(offenders)
+
+
+def test_every_verb_is_registered_explicitly():
+    from wsi_dala.cli.app import VERBS, build_parser
+
+    names = [verb.name for verb in VERBS]
+    assert sorted(names) == sorted(["run", "demo", "batch", "train", "evaluate", "cam", "info", "tile", "synthesize"])
+    assert len(set(names)) == len(names)
+    help_text = build_parser().format_help()
+    assert all(name in help_text for name in names)
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "value"),
+    [
+        (["tile", "s.svs", "--out", "o", "--workers", "3"], "reader_threads", 3),
+        (["batch", "a", "--out", "o", "--workers", "2"], "dask_workers", 2),
+        (["train", "--out", "o", "--workers", "4"], "loader_workers", 4),
+        (["train", "--out", "o", "--no-amp"], "precision", "fp32"),
+        (["train", "--out", "o", "--tile-mpp", "1.0"], "mpp", 1.0),
+        (["train", "--out", "o", "--magnification", "40X"], "breakhis_magnification", "40X"),
+        (["cam", "x.png", "--model", "m", "--out", "o", "--threshold", "otsu"], "threshold_method", "otsu"),
+    ],
+)
+def test_old_flag_spellings_still_work_with_a_warning(capsys, argv, dest, value):
+    from wsi_dala.cli.app import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert getattr(args, dest) == value
+    assert "is deprecated; use --" in capsys.readouterr().err
+
+
+def test_new_flag_defaults_survive_when_the_old_spelling_is_absent():
+    from wsi_dala.cli.app import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["tile", "s.svs", "--out", "o"]).reader_threads == 2
+    assert parser.parse_args(["train", "--out", "o"]).precision == "auto"
+    assert parser.parse_args(["batch", "a", "--out", "o"]).dask_workers == 1

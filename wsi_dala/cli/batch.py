@@ -1,0 +1,81 @@
+"""CLI verb for archives: ``batch``."""
+
+from __future__ import annotations
+
+import argparse
+
+from wsi_dala.cli.common import Verb, deprecated_flag, existing_dir
+from wsi_dala.layout import BatchLayout
+
+
+def _configure_batch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "archive",
+        help="folder searched recursively for slides (svs, tif, ndpi, mrxs, scn, bif, vms, DICOM folders, ...)",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="one sub-folder per slide, batch.json, report.md")
+    parser.add_argument("--config", metavar="FILE", help="pipeline YAML (see pipelines/default.yaml)")
+    parser.add_argument("--model", metavar="CKPT", help="checkpoint (default: `model:` in --config)")
+    parser.add_argument("--pattern", default="*", metavar="GLOB", help="only file names matching this glob")
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="spread slides over an existing dask.distributed cluster (tcp://host:8786)",
+    )
+    parser.add_argument(
+        "--dask-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="slides processed at once by a local Dask cluster of this many worker processes",
+    )
+    deprecated_flag(parser, "--workers", "--dask-workers", dest="dask_workers", type=int)
+    parser.add_argument("--retries", type=int, default=2, help="extra attempts for failures not caused by the input")
+    parser.add_argument(
+        "--stale-lock-hours",
+        type=float,
+        default=24.0,
+        help="a lock left by another host is stale after this long (same host: when its pid is gone)",
+    )
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from wsi_dala.config import BatchConfig, build, load_config, with_overrides
+    from wsi_dala.errors import CheckpointError
+
+    config = with_overrides(load_config(args.config), model=args.model)
+    batch = build(
+        BatchConfig,
+        {
+            "pattern": args.pattern,
+            "retries": args.retries,
+            "stale_lock_s": args.stale_lock_hours * 3600,
+            "dask_workers": args.dask_workers,
+            "scheduler": args.scheduler,
+        },
+        "command line",
+    )
+    if not config.model:
+        raise CheckpointError("no model: give --model CKPT or set `model:` in the pipeline config")
+    archive = existing_dir(args.archive, "archive folder")
+    from wsi_dala.archive import run_batch
+    from wsi_dala.model import read_card
+
+    read_card(config.model)  # a missing or unsafe checkpoint stops the batch before any slide
+    result = run_batch(archive, args.out, config, batch, progress=not args.quiet)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts().items())) or "no slides found"
+    print(f"{len(result.outcomes)} slides in {result.seconds:.1f} s: {counts}")
+    for outcome in result.failed:
+        print(f"  FAILED {outcome.path}: {outcome.error}")
+    print(f"report: {BatchLayout(args.out).report_md}")
+    return 1 if result.failed else 0
+
+
+VERBS = (
+    Verb(
+        "batch",
+        "run every slide of an archive: skip what is done, resume, isolate bad slides, report",
+        _configure_batch,
+        _batch,
+    ),
+)

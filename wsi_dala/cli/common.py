@@ -1,0 +1,181 @@
+"""What every verb shares: the verb record, the help formatter, option groups, deprecated spellings, and
+the mapping from errors to exit codes.
+
+Each flag means one thing in every verb: ``--reader-threads`` (slide reader threads), ``--loader-workers``
+(data-loading processes), ``--dask-workers`` (Dask worker processes), ``--precision`` (numeric precision),
+``--threshold-method`` (how a threshold is chosen) vs ``--tile-threshold`` (a probability).
+Old spellings still work for one release, with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+from wsi_dala.config import DEFAULT_TILE_MPP, DEFAULT_TILE_SIZE_PX, Precision, Reader, TilingConfig, build
+from wsi_dala.errors import WsiDalaError
+from wsi_dala.slide import magnification_to_mpp
+
+Handler = Callable[[argparse.Namespace], int]
+EXIT_INPUT_ERROR = 2  # the input's fault: one line on stderr
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One ``wsi-dala`` command: ``configure(parser)`` adds its options, ``handler(args)`` runs it."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    handler: Handler
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default, except where the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a renamed flag: works for one release, says what to use instead."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kwargs: Any) -> None:
+        self.new = new
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        kwargs.setdefault("default", argparse.SUPPRESS)  # never overwrite the new flag's default
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"wsi-dala: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def deprecated_flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, new: str, dest: str, **kwargs: Any
+) -> None:
+    parser.add_argument(old, dest=dest, action=DeprecatedAlias, new=new, **kwargs)
+
+
+def add_slide_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """``--reader`` and ``--slide-mpp``; ``defaults=False`` leaves them None so a config file can set them."""
+    parser.add_argument(
+        "--reader",
+        choices=get_args(Reader),
+        default="auto" if defaults else None,
+        help="slide library; auto: tiffslide first for .svs/.tif/.tiff (fast parallel decoding), "
+        "openslide first otherwise" + ("" if defaults else " (config default: auto)"),
+    )
+    parser.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="the slide's level-0 µm/px, overriding (or standing in for) its metadata",
+    )
+
+
+def add_precision_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str | None) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=get_args(Precision),
+        default=default,
+        help="numeric precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32"
+        + ("" if default else " (config default: auto)"),
+    )
+
+
+def add_tiling_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `wsi-dala tile`."""
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="target µm/px of the tiles (default 0.5 when neither this nor --magnification is given)",
+    )
+    target.add_argument(
+        "--magnification",
+        type=float,
+        default=None,
+        metavar="X",
+        help="target magnification, converted as 10 µm / X (20 -> 0.5 µm/px)",
+    )
+    parser.add_argument("--tile-size", type=int, default=224, metavar="PX", help="tile side in pixels")
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="step between tiles in tile pixels (default: the tile size, no overlap)",
+    )
+    parser.add_argument(
+        "--min-tissue", type=float, default=0.25, metavar="F", help="keep tiles with at least this fraction of tissue"
+    )
+    parser.add_argument(
+        "--allow-upsample",
+        action="store_true",
+        help="upsample when the target is finer than the finest level (otherwise an error)",
+    )
+    parser.add_argument("--reader-threads", type=int, default=2, metavar="N", help="slide reader threads")
+    deprecated_flag(parser, "--workers", "--reader-threads", dest="reader_threads", type=int)
+    add_slide_options(parser)
+
+
+def tiling_from_flags(
+    args: argparse.Namespace, default_mpp: float = DEFAULT_TILE_MPP, default_tile_px: int = DEFAULT_TILE_SIZE_PX
+) -> TilingConfig:
+    """The one mapping from tiling flags (`tile`, `train --slide`) to validated tiling settings."""
+    mpp = getattr(args, "mpp", None)
+    magnification = getattr(args, "magnification", None)
+    if magnification is not None:
+        mpp = magnification_to_mpp(magnification)
+    values = {
+        "mpp": mpp or default_mpp,
+        "tile_size_px": getattr(args, "tile_size", None) or default_tile_px,
+        "stride_px": getattr(args, "stride", None),
+        "min_tissue": args.min_tissue,
+        "allow_upsample": getattr(args, "allow_upsample", False),
+        "reader": getattr(args, "reader", "auto"),
+        "slide_mpp": getattr(args, "slide_mpp", None),
+        "reader_threads": getattr(args, "reader_threads", 2),
+    }
+    return build(TilingConfig, values, "command line: tiling")
+
+
+def existing_dir(path: str, what: str) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise WsiDalaError(f"{path}: {what} not found")
+    return folder
+
+
+def run_handler(handler: Handler, args: argparse.Namespace) -> int:
+    """Run a verb; errors that are the input's fault become one line and exit code 2."""
+    try:
+        return int(handler(args) or 0)
+    except WsiDalaError as exc:
+        print(f"wsi-dala: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except OSError as exc:  # a file the user named is missing or cannot be read/written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"wsi-dala: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print("wsi-dala: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,93 @@
+"""CLI verbs on slides: ``info``, ``tile``, ``synthesize``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from wsi_dala.cli.common import Verb, add_slide_options, add_tiling_options, tiling_from_flags
+
+
+def _configure_info(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slide", help="slide file (SVS, pyramidal TIFF, NDPI, MRXS, ...)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_slide_options(parser)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from wsi_dala.slide import Slide
+
+    with Slide(args.slide, reader=args.reader, slide_mpp=args.slide_mpp) as slide:
+        info = slide.info.to_dict()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        print(f"{key:>20}: {value}")
+    return 0
+
+
+def _configure_tile(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slide", help="slide file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (tiles.zarr is written here)")
+    add_tiling_options(parser)
+
+
+def _tile(args: argparse.Namespace) -> int:
+    config = tiling_from_flags(args)  # settings are checked before the slide is opened
+    from wsi_dala.tiling import tile_slide
+
+    result = tile_slide(args.slide, args.out, config, progress=not args.quiet)
+    what = "already complete, nothing to do" if result.skipped else f"{result.seconds:.1f} s"
+    cut = result.record
+    print(f"tiles kept:   {result.n_tiles} of {cut.grid_tiles} in the grid ({what})")
+    print(f"slide:        {cut.slide_mpp:.4g} µm/px (source: {cut.mpp_source})")
+    print(
+        f"read:         level {cut.level} at {cut.level_mpp:.4g} µm/px, "
+        f"resize factor {cut.resize_factor:.4g} -> {cut.effective_mpp:.4g} µm/px tiles"
+    )
+    if result.chunks_resumed:
+        print(f"resumed:      {result.chunks_resumed} chunks were already written")
+    if not result.skipped and result.seconds > 0:
+        print(f"speed:        {result.n_tiles / result.seconds:.1f} tiles/s")
+    print(f"store:        {result.store}")
+    return 0
+
+
+def _configure_synthesize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="file to write (.svs for Aperio layout, .tif for generic pyramidal TIFF)")
+    parser.add_argument("--width", type=int, default=16384, help="level-0 width in pixels")
+    parser.add_argument("--height", type=int, default=12288, help="level-0 height in pixels")
+    parser.add_argument("--slide-mpp", type=float, default=0.25, metavar="UM", help="level-0 µm/px to record")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the tissue layout")
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+    path = Path(args.path)
+    layout = "svs" if path.suffix.lower() == ".svs" else "tiff"
+    spec = SyntheticSlideSpec(
+        width=args.width,
+        height=args.height,
+        mpp=args.slide_mpp,
+        layout=layout,
+        seed=args.seed,
+        app_mag=round(10 / args.slide_mpp, 1),
+    )
+    slide = write_synthetic_slide(path, spec)
+    print(f"wrote {slide.path} ({args.width}x{args.height} px at {args.slide_mpp} µm/px, {layout})")
+    return 0
+
+
+VERBS = (
+    Verb("info", "print what the reader knows about a slide", _configure_info, _info),
+    Verb("tile", "cut a slide into µm/px-matched tiles stored in Zarr", _configure_tile, _tile),
+    Verb(
+        "synthesize",
+        "write a synthetic H&E-like slide with planted tumour (for trying the pipeline)",
+        _configure_synthesize,
+        _synthesize,
+    ),
+)

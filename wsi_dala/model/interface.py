@@ -1,0 +1,26 @@
+"""The interface every model here offers: features, then a head.
+
+Grad-CAM differentiates only the head, scoring runs the features under autocast, precise-BN runs only
+the features: all of them need the two halves. ``nn.Module`` types its attributes as ``Tensor | Module``,
+so code that holds a plain module gets the typed interface through ``as_split``, which checks it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, cast
+
+import torch
+from torch import nn
+
+
+class SplitModel(Protocol):
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+def as_split(model: nn.Module) -> SplitModel:
+    """``model`` as features + head; every architecture ``build_model`` makes has both (timm's too)."""
+    if not (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))):
+        raise TypeError(f"{type(model).__name__} has no forward_features/forward_head split")
+    return cast(SplitModel, model)

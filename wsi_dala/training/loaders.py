@@ -1,0 +1,55 @@
+"""Data loaders for training, validation and evaluation: one place that decides batching, shuffling and sampling.
+
+Every loader is seeded from ``seed * 1000 + epoch``, so shuffling and weighted sampling replay identically
+when an interrupted run resumes. Images come out as uint8 [N, 3, H, W]; normalisation happens per batch
+on the device (:func:`wsi_dala.devices.normalise`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from wsi_dala.training.datasets import Sample, SampleDataset, class_counts, eval_transform, train_transform
+
+# One item of a SampleDataset: a uint8 [3, H, W] image and its class index.
+TileLoader = DataLoader[tuple[torch.Tensor, int]]
+
+
+def make_loader(
+    samples: list[Sample],
+    *,
+    input_size: int,
+    batch_size: int,
+    train: bool,
+    n_classes: int,
+    epoch: int = 0,
+    seed: int = 0,
+    imbalance: str = "none",
+    loader_workers: int = 0,
+) -> TileLoader:
+    """A loader over ``samples``.
+
+    ``train``: training augmentations and shuffling (or, with ``imbalance="sampler"``, a class-balanced
+    weighted sampler drawing with replacement); otherwise a centre crop in the samples' order.
+    ``loader_workers``: data-loading processes (0: load in the calling process).
+    """
+    transform = train_transform(input_size) if train else eval_transform(input_size)
+    dataset = SampleDataset(samples, transform)
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    sampler: WeightedRandomSampler | None = None
+    if train and imbalance == "sampler":
+        counts = np.maximum(class_counts(samples, n_classes), 1)
+        weights = [1.0 / counts[s.label] for s in samples]
+        sampler = WeightedRandomSampler(weights, num_samples=len(samples), replacement=True, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        generator=generator,
+        num_workers=loader_workers,
+        drop_last=False,
+        pin_memory=torch.cuda.is_available(),
+    )
