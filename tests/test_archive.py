@@ -122,6 +122,7 @@ def test_bad_slides_are_isolated_and_a_rerun_does_no_work(archive, tmp_path):
     assert code.returncode == 1 and "FAILED" in code.stdout
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_rerun_equals_uninterrupted(archive, tmp_path):
     root, config_file = archive
     reference_out = tmp_path / "reference"
@@ -159,6 +160,7 @@ def test_kill_9_at_random_points_then_rerun_equals_uninterrupted(archive, tmp_pa
     assert any(interrupted), "no kill landed before the batch finished: the test proved nothing"
 
 
+@pytest.mark.slow
 def test_concurrent_batches_never_process_a_slide_twice(archive, tmp_path):
     root, config_file = archive
     out = tmp_path / "shared"
@@ -210,6 +212,7 @@ def test_locks_are_exclusive_and_stale_ones_cleared(tmp_path):
         assert held
 
 
+@pytest.mark.slow
 def test_distributed_batch(archive, tmp_path):
     root, config_file = archive
     result = run_batch(root, tmp_path / "dist", _config(config_file), BatchConfig(dask_workers=2), progress=False)

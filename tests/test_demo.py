@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.qupath_rules import check_file
 from wsi_dala.demo import run_demo
 from wsi_dala.model import read_card
 
 
+@pytest.mark.slow
 def test_demo_trains_runs_and_finds_the_tumour(tmp_path):
     messages = []
     summary, iou = run_demo(tmp_path, progress=False, say=messages.append)
