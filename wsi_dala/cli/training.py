@@ -15,6 +15,8 @@ from wsi_dala.model_choices import ARCHITECTURES, ATTENTION_KINDS, ATTENTION_POS
 if TYPE_CHECKING:
     from wsi_dala.training.datasets import Sample
 
+BREAKHIS_MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
+
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("data (give exactly one source)")
@@ -22,7 +24,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--breakhis-magnification",
         metavar="MAG",
-        choices=("40X", "100X", "200X", "400X"),
+        choices=BREAKHIS_MAGNIFICATIONS,
         help="BreakHis magnification to use (default: all four)",
     )
     deprecated_flag(
@@ -30,7 +32,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "--magnification",
         "--breakhis-magnification",
         dest="breakhis_magnification",
-        choices=("40X", "100X", "200X", "400X"),
+        choices=BREAKHIS_MAGNIFICATIONS,
     )
     source.add_argument("--folder", metavar="ROOT", help="image-folder tree: ROOT/<class>/[<group>/]<image>")
     source.add_argument(
