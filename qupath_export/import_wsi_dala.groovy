@@ -2,26 +2,37 @@
  * Import wsi-dala results into the open image and show tumour probability as a measurement map.
  *
  * Run from QuPath's script editor (Automate > Script editor) with the slide open. Set `folder` to the
- * run folder that `wsi-dala run` printed; the script imports <slide>.tiles.geojson[.gz] (tiles, as
- * detections with measurements) and <slide>.tumour.geojson[.gz] (tumour regions, as annotations),
+ * run folder that `wsi-dala run` printed; the script reads the folder's run.json and imports exactly the
+ * two files it lists — <slide>.tiles.geojson[.gz] (tiles, as detections with measurements) and
+ * <slide>.tumour.geojson[.gz] (tumour regions, as annotations) — never other GeoJSON lying there. It
  * then colours the tiles by "Tumor probability" over the fixed range 0-1 (QuPath would otherwise
  * stretch the colour map to the data's min-max). Tested against the rules of QuPath 0.4-0.6.
  */
+import groovy.json.JsonSlurper
 import qupath.lib.gui.tools.MeasurementMapper
 
 def folder = new File('/path/to/wsi-dala/run')   // <- the run folder
 def measurement = 'Tumor probability'
 def colorMapName = 'Viridis'
 
-def files = folder.listFiles().findAll {
-    it.name.endsWith('.tiles.geojson') || it.name.endsWith('.tiles.geojson.gz') ||
-    it.name.endsWith('.tumour.geojson') || it.name.endsWith('.tumour.geojson.gz')
-}
-if (files.isEmpty()) {
-    println "No wsi-dala GeoJSON files in ${folder}"
+def record = new File(folder, 'run.json')
+if (!record.isFile()) {
+    println "No run.json in ${folder}: not a wsi-dala run folder"
     return
 }
-files.sort { it.name }.each { file ->
+def run = new JsonSlurper().parse(record)
+if (run.status != 'complete') {
+    println "The run in ${folder} is not complete (status: ${run.status}); run wsi-dala again first"
+    return
+}
+// Only file names inside this folder (never a path read from a file).
+def files = ['tiles_geojson', 'tumour_geojson'].collect { new File(folder, new File(run.outputs[it] as String).name) }
+def missing = files.findAll { !it.isFile() }
+if (!missing.isEmpty()) {
+    println "Missing from ${folder}: ${missing*.name}"
+    return
+}
+files.each { file ->
     println "Importing ${file.name}"
     importObjectsFromFile(file.absolutePath)
 }

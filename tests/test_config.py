@@ -32,6 +32,7 @@ VALUES = {
     "scoring.precision": ("fp32", "fp64"),
     "scoring.device": ("cuda:1", "gpu"),
     "scoring.scheduler": ("tcp://127.0.0.1:8786", 8786),
+    "scoring.connect_timeout_s": (5.0, 0),
     "scoring.wave": (2, 0),
     "heatmap.cam_scale_percentile": (10.0, 101),
     "heatmap.positive_threshold": (0.7, -0.1),
@@ -110,6 +111,14 @@ def test_renamed_keys_still_load_with_a_warning(tmp_path, caplog):
     assert (config.tiling.reader_threads, config.tiling.tile_size_px, config.tiling.stride_px) == (3, 96, 48)
     assert config.export.cam_threshold_method == "otsu"
     assert "tiling.workers is deprecated; call it tiling.reader_threads" in caplog.text
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"tiling:\n  mpp: {value}\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml\.tiling\.mpp: input should be a finite number"):
+        load_config(path)
 
 
 def test_command_line_values_are_validated_too():

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
 import traceback
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from wsi_dala.fileio import atomic_open, write_json_atomic
 from wsi_dala.formats import SLIDE_SUFFIXES
 from wsi_dala.identity import slide_fingerprint
 from wsi_dala.layout import BatchLayout, BatchSlideLayout, safe_stem
+from wsi_dala.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -99,62 +99,11 @@ def slide_id(root: Path, path: Path) -> str:
 # ---------------------------------------------------------------- locks
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def lock_is_stale(info: dict[str, Any], stale_after_s: float) -> bool:
-    if info.get("host") == socket.gethostname():
-        return not _pid_alive(int(info.get("pid", -1)))
-    return time.time() - float(info.get("time", 0)) > stale_after_s
-
-
 @contextmanager
 def slide_lock(folder: BatchSlideLayout, stale_after_s: float) -> Iterator[bool]:
     """Yields True when this process holds the slide's lock, False when someone else does."""
-    folder.root.mkdir(parents=True, exist_ok=True)
-    path = folder.lock
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                info = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                info = {}
-            if not info:
-                # Created but never filled: its owner is writing it this instant, or died right then.
-                try:
-                    age = time.time() - path.stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                info = {"host": "unknown", "time": time.time() - age} if age < 5 else {"host": "unknown", "time": 0}
-            if lock_is_stale(info, stale_after_s):
-                log.warning("%s: clearing stale lock of %s pid %s", path, info.get("host"), info.get("pid"))
-                # Rename first: of two processes clearing the same stale lock, only one succeeds.
-                try:
-                    os.rename(path, folder.stale_lock(os.getpid()))
-                    os.unlink(folder.stale_lock(os.getpid()))
-                except FileNotFoundError:
-                    pass
-                continue
-            yield False
-            return
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, handle)
-            handle.flush()
-        try:
-            yield True
-        finally:
-            path.unlink(missing_ok=True)
-        return
-    yield False
+    with exclusive_lock(folder.lock, stale_after_s) as holder:
+        yield holder is None
 
 
 # ---------------------------------------------------------------- one slide
@@ -264,8 +213,11 @@ def _execute(
     if batch.scheduler or batch.dask_workers > 1:
         from distributed import Client, LocalCluster, as_completed
 
+        from wsi_dala.cluster import connect
+
         if batch.scheduler:
-            client, cluster = Client(batch.scheduler), None
+            # Bounded connect + handshake; a peer that is not a Dask scheduler is one ConfigError line.
+            client, cluster = connect(batch.scheduler, config.scoring.connect_timeout_s), None
         else:
             cluster = LocalCluster(
                 n_workers=batch.dask_workers,

@@ -40,7 +40,7 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 class Settings(BaseModel):
     """Strict, frozen, no unknown keys."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -64,23 +64,23 @@ class TilingConfig(Settings):
     def resolved(self, mpp: float | None, tile_size_px: int | None) -> TilingConfig:
         """These settings with the target filled in where they leave it open (from the model card)."""
         values = self.model_dump()
-        values["mpp"] = self.mpp or mpp
-        values["tile_size_px"] = self.tile_size_px or tile_size_px
+        values["mpp"] = mpp if self.mpp is None else self.mpp
+        values["tile_size_px"] = tile_size_px if self.tile_size_px is None else self.tile_size_px
         if values["mpp"] is None:
             raise ConfigError("the model card records no µm/px; give the tile resolution with --mpp")
         return build(TilingConfig, values, "tiling")
 
     @property
     def target_mpp(self) -> float:
-        return self.mpp or DEFAULT_TILE_MPP
+        return DEFAULT_TILE_MPP if self.mpp is None else self.mpp
 
     @property
     def tile_px(self) -> int:
-        return self.tile_size_px or DEFAULT_TILE_SIZE_PX
+        return DEFAULT_TILE_SIZE_PX if self.tile_size_px is None else self.tile_size_px
 
     @property
     def stride(self) -> int:
-        return self.stride_px or self.tile_px
+        return self.tile_px if self.stride_px is None else self.stride_px
 
 
 class ScoringConfig(Settings):
@@ -88,6 +88,7 @@ class ScoringConfig(Settings):
     precision: Precision = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     scheduler: str | None = None  # None: local threads; else the address of a dask.distributed scheduler
+    connect_timeout_s: float = Field(30.0, gt=0, le=3600)  # connecting to the scheduler, handshake included
     wave: int = Field(4, ge=1)  # chunks per local compute call (the resume granularity on the local scheduler)
 
 

@@ -8,6 +8,7 @@ output file name (``tests/test_layout.py`` greps for them).
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -57,6 +58,19 @@ def partial_prefix(final: Path) -> str:
     return f".{final.name}."
 
 
+def remove_partials(folder: Path) -> int:
+    """Remove what a killed writer left in ``folder`` (``.*.partial`` files and store folders); returns how
+    many. Only for a folder this process holds the lock of: another writer's partials are live."""
+    removed = 0
+    for path in folder.glob(f".*{PARTIAL_SUFFIX}"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def default_run_dir(slide_path: str | Path) -> Path:
     return DEFAULT_RUNS_DIR / safe_stem(str(slide_path))
 
@@ -89,6 +103,7 @@ class RunLayout:
     overview_png = _Below("overview.png")
     overlay_png = _Below("overlay.png")
     run_json = _Below("run.json")
+    lock = _Below("run.lock", "Held while a run writes this folder: a second run on it is refused.")
 
     def tiles_geojson(self, gzip: bool = False) -> Path:
         return self.root / f"{self.slide_stem}.tiles.geojson{'.gz' if gzip else ''}"
@@ -137,10 +152,6 @@ class BatchSlideLayout:
 
     state_json = _Below("state.json")
     lock = _Below("slide.lock")
-
-    def stale_lock(self, pid: int) -> Path:
-        """A stale lock is renamed here before it is removed, so only one clearer wins."""
-        return self.root / f"slide.lock.stale-{pid}"
 
 
 @dataclass(frozen=True)

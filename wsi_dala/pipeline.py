@@ -19,22 +19,24 @@ import numpy as np
 
 from wsi_dala import __version__
 from wsi_dala.config import PipelineConfig, TilingConfig
-from wsi_dala.errors import CheckpointError, SlideOpenError
+from wsi_dala.errors import CheckpointError, OutputError
 from wsi_dala.export import ExportResult, export_qupath
 from wsi_dala.fileio import ensure_writable_dir, save_png_atomic, write_json_atomic
 from wsi_dala.heatmap import Heatmap, render_overlay, stitch, write_heatmap
 from wsi_dala.identity import config_hash, file_sha256, slide_fingerprint
-from wsi_dala.layout import RunLayout
+from wsi_dala.layout import RunLayout, remove_partials
+from wsi_dala.locks import exclusive_lock
 from wsi_dala.model import ModelCard, read_card
-from wsi_dala.scoring import ScoringResult, score_store
+from wsi_dala.scoring import ScoringResult, cached_model, score_store
 from wsi_dala.store import TileStore
-from wsi_dala.tiling import TilingResult, tile_slide
+from wsi_dala.tiling import TilingResult, check_slide, tile_slide
 
 if TYPE_CHECKING:
     from distributed import Client
 
 log = logging.getLogger(__name__)
 RUN_FORMAT = "wsi-dala.run/1"
+RUN_LOCK_STALE_S = 24 * 3600.0  # a lock left by another host is stale after this long (same host: pid gone)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class RunRecord:
     """``run.json`` of a complete run: what ran, on what, with which settings, how fast, and where it wrote."""
 
     run_key: str
+    slide_stem: str  # outputs are named by it; a folder holds the run of one slide
     slide: dict[str, Any]
     model: dict[str, Any]
     resolution: RunResolution
@@ -69,7 +72,7 @@ class RunRecord:
     tiles_per_s: float | None
     scoring: dict[str, Any]
     settings: dict[str, Any]
-    outputs: dict[str, str]
+    outputs: dict[str, str]  # file names inside the run folder
     versions: dict[str, str]
     status: str = "complete"
     format: str = RUN_FORMAT
@@ -134,26 +137,52 @@ def run_slide(
     progress: bool = True,
     client: Client | None = None,
 ) -> RunSummary:
-    """Run the whole pipeline on one slide (or do nothing if an identical run is complete)."""
+    """Run the whole pipeline on one slide (or do nothing if an identical run is complete).
+
+    Inputs are checked before the output folder is touched: the checkpoint (card and weights against
+    the architecture) and the slide (readable, µm/px known, the target level available). The folder is
+    then locked for the run; a second run on it is refused at once, naming the holder.
+    """
     slide_path = Path(slide_path)
     checkpoint = _require_model(config)
     card = read_card(checkpoint)
     tiling = tiling_for_model(config, card)
+    check_slide(slide_path, tiling)
+    cached_model(str(checkpoint), "cpu")  # weights checked against the architecture now, not after tiling
     layout = RunLayout.for_slide(out_dir, slide_path)
-    if not slide_path.exists():
-        raise SlideOpenError(f"{slide_path}: file not found")
     ensure_writable_dir(layout.root)
+    with exclusive_lock(layout.lock, RUN_LOCK_STALE_S) as holder:
+        if holder is not None:
+            raise OutputError(f"{layout.root}: in use by {holder.describe()}; wait for it or choose another --out")
+        return _run_locked(slide_path, layout, config, checkpoint, card, tiling, progress, client)
+
+
+def _run_locked(
+    slide_path: Path,
+    layout: RunLayout,
+    config: PipelineConfig,
+    checkpoint: Path,
+    card: ModelCard,
+    tiling: TilingConfig,
+    progress: bool,
+    client: Client | None,
+) -> RunSummary:
+    previous = _read_json(layout.run_json)
+    _refuse_another_slide(layout, previous)
+    removed = remove_partials(layout.root)  # left by a run killed while writing (we hold the lock)
+    if removed:
+        log.info("%s: removed %d unfinished file(s) of an interrupted run", layout.root, removed)
     checkpoint_sha = file_sha256(checkpoint)
     key = run_key(slide_path, config, checkpoint_sha)
-    previous = RunRecord.read_complete(layout.run_json)
-    if previous is not None and previous.run_key == key:
-        return RunSummary(layout, previous, skipped=True)
-
+    done = RunRecord.read_complete(layout.run_json)
+    if done is not None and done.run_key == key:
+        return RunSummary(layout, done, skipped=True)
+    write_json_atomic(
+        layout.run_json,
+        {"format": RUN_FORMAT, "status": "running", "run_key": key, "slide_stem": layout.slide_stem},
+    )
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    write_json_atomic(
-        layout.run_json, {"format": RUN_FORMAT, "status": "running", "run_key": key, "slide": str(slide_path)}
-    )
     tiled = tile_slide(slide_path, layout.root, tiling, progress=progress)
     timings["tile"] = tiled.seconds
     scored = score_store(tiled.store, checkpoint, config.scoring, progress=progress, client=client)
@@ -173,7 +202,37 @@ def run_slide(
     stages = _Stages(tiled, scored, heatmap, exported)
     record = _record(slide_path, checkpoint, checkpoint_sha, card, key, config, layout, stages, timings)
     write_json_atomic(layout.run_json, record.to_dict())
+    _remove_outputs_no_longer_written(layout, previous, record)
     return RunSummary(layout, record, skipped=False)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _refuse_another_slide(layout: RunLayout, previous: dict[str, Any]) -> None:
+    """One folder, one slide: outputs are named by the slide, and QuPath imports what the folder lists."""
+    stem = previous.get("slide_stem")
+    if isinstance(stem, str) and stem != layout.slide_stem:
+        raise OutputError(
+            f"{layout.root}: holds the run of another slide ({stem}); choose another --out for {layout.slide_stem}"
+        )
+
+
+def _remove_outputs_no_longer_written(layout: RunLayout, previous: dict[str, Any], record: RunRecord) -> None:
+    """Files the previous run listed that this one does not write (e.g. ``.geojson`` after ``--gzip``)."""
+    old = previous.get("outputs")
+    if not isinstance(old, dict):
+        return
+    for name in set(map(str, old.values())) - set(record.outputs.values()):
+        path = layout.root / Path(name).name  # never trust a path read from a file: stay in this folder
+        if path.is_file():
+            log.info("%s: removing %s, written by an earlier run with other settings", layout.root, path.name)
+            path.unlink()
 
 
 @dataclass(frozen=True)
@@ -200,6 +259,7 @@ def _record(
     tiled, cut, total = stages.tiled, stages.tiled.record, timings["total"]
     return RunRecord(
         run_key=key,
+        slide_stem=layout.slide_stem,
         slide={"path": str(slide_path.resolve()), **slide_fingerprint(slide_path)},
         model={
             "path": str(checkpoint.resolve()),
@@ -233,7 +293,7 @@ def _record(
             "chunks_resumed": stages.scored.chunks_resumed,
         },
         settings=config.to_dict(),
-        outputs={name: str(path) for name, path in _outputs(layout, config).items()},
+        outputs={name: path.name for name, path in _outputs(layout, config).items()},
         versions=_versions(),
     )
 

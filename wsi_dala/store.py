@@ -22,8 +22,11 @@ the attributes) and its arrays through typed methods.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +43,7 @@ from wsi_dala.layout import building_path
 if TYPE_CHECKING:
     import dask.array
 
+log = logging.getLogger(__name__)
 STORE_FORMAT = "wsi-dala.tiles/1"
 
 # Array names.
@@ -273,7 +277,16 @@ class TileStore:
         return da.from_zarr(str(self.path), component=TILES)
 
     def write_tiles(self, start: int, data: np.ndarray) -> None:
-        self._array(TILES)[start : start + len(data)] = data
+        with self._naming_failures():
+            self._array(TILES)[start : start + len(data)] = data
+
+    @contextmanager
+    def _naming_failures(self) -> Iterator[None]:
+        """Disk full or permission lost mid-write: the OS names no file, so we name the store."""
+        try:
+            yield
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot be written ({exc.strerror or exc})") from exc
 
     def tile_chunks_done(self) -> np.ndarray:
         return np.asarray(self._array(TILE_CHUNKS_DONE)[:], dtype=bool)
@@ -299,9 +312,14 @@ class TileStore:
     def prepare_scores(self, n_classes: int, cam_grid: int, scoring_key: str) -> np.ndarray:
         """Create (or reset, when the model or precision changed) the score arrays; returns the done flags."""
         group = self.group
-        if group.attrs.get(_SCORING_KEY) == scoring_key and all(name in group for name in _SCORE_ARRAYS):
-            return np.asarray(self._array(SCORE_CHUNKS_DONE)[:], dtype=bool)
         n, chunk = self.info.n_tiles, self.info.chunk_tiles
+        expected = {
+            SCORES: (n, n_classes),
+            CAMS: (n, cam_grid, cam_grid),
+            SCORE_CHUNKS_DONE: (n_chunks_of(n, chunk),),
+        }
+        if group.attrs.get(_SCORING_KEY) == scoring_key and self._shapes_are(expected):
+            return np.asarray(self._array(SCORE_CHUNKS_DONE)[:], dtype=bool)
         # Forget the old key first: a crash below must not leave new arrays under an old key, or the reverse.
         group.attrs.update({_SCORING_KEY: None, _SCORES_COMPLETE: False})
         for name in _SCORE_ARRAYS:
@@ -318,11 +336,19 @@ class TileStore:
         self.__dict__.pop("info", None)
         return done
 
+    def _shapes_are(self, expected: dict[str, tuple[int, ...]]) -> bool:
+        """All these arrays exist with these shapes (an interrupted or foreign write may have left less)."""
+        try:
+            return all(tuple(self._array(name).shape) == shape for name, shape in expected.items())
+        except (KeyError, AssertionError):
+            return False
+
     def write_scores(self, chunk_index: int, probabilities: np.ndarray, cams: np.ndarray) -> None:
         """One chunk's rows (runs where the task ran, e.g. on a Dask worker)."""
         start = chunk_index * self.info.chunk_tiles
-        self._array(CAMS)[start : start + len(cams)] = cams
-        self._array(SCORES)[start : start + len(probabilities)] = probabilities
+        with self._naming_failures():
+            self._array(CAMS)[start : start + len(cams)] = cams
+            self._array(SCORES)[start : start + len(probabilities)] = probabilities
 
     def mark_score_chunk_done(self, index: int, done: np.ndarray) -> None:
         done[index] = True
@@ -342,7 +368,10 @@ def is_complete(path: str | os.PathLike[str]) -> bool:
 
 
 def existing_store_state(path: Path, tiling_key: str) -> StoreState:
-    """'new', 'done', 'resume' or 'replace' (ours, but the slide or settings changed). Reads only."""
+    """'new', 'done', 'resume' or 'replace' (ours, but the slide or settings changed, or it is damaged).
+
+    Reads only. A folder that is not a tile store is refused, never removed.
+    """
     if not path.exists():
         return "new"
     try:
@@ -351,9 +380,38 @@ def existing_store_state(path: Path, tiling_key: str) -> StoreState:
         attrs = {}
     if attrs.get(_FORMAT) != STORE_FORMAT:
         raise OutputError(f"{path}: exists and is not a wsi-dala tile store; choose another --out")
-    if attrs.get(_TILING_KEY) == tiling_key:
-        return "done" if attrs.get(_COMPLETE) else "resume"
-    return "replace"
+    if attrs.get(_TILING_KEY) != tiling_key:
+        return "replace"
+    problem = store_damage(path)
+    if problem:
+        log.warning("%s: damaged (%s); tiling again", path, problem)
+        return "replace"
+    return "done" if attrs.get(_COMPLETE) else "resume"
+
+
+def store_damage(path: Path) -> str | None:
+    """What is wrong with a store's arrays against its attributes (None: consistent). Cheap: metadata only."""
+    try:
+        group = zarr.open_group(path, mode="r", zarr_format=3)
+        attrs: dict[str, Any] = dict(group.attrs)
+        chunk, side = int(attrs[_CHUNK_TILES]), int(attrs["tile_size_px"])
+        arrays = {name: group[name] for name in (TILES, COORDS, TISSUE_FRACTION, TILE_CHUNKS_DONE)}
+        shapes = {name: tuple(node.shape) for name, node in arrays.items() if isinstance(node, zarr.Array)}
+    except (KeyError, ValueError, TypeError, OSError, zarr.errors.BaseZarrError) as exc:
+        return f"missing {exc}"
+    if len(shapes) < len(arrays):
+        return "an array is a group"
+    n = shapes[COORDS][0]
+    expected = {
+        TILES: (n, side, side, 3),
+        COORDS: (n, 2),
+        TISSUE_FRACTION: (n,),
+        TILE_CHUNKS_DONE: (n_chunks_of(n, max(1, chunk)),),
+    }
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            return f"{name} has shape {shapes[name]}, expected {shape}"
+    return None
 
 
 def open_store(path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> TileStore:

@@ -19,7 +19,10 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
+from wsi_dala.errors import ConfigError
 from wsi_dala.layout import building_path
+
+MIN_SIDE_PX, MAX_SIDE_PX = 256, 200_000  # a slide smaller than one tile is not a slide
 
 # Label values of the truth map.
 BACKGROUND, TISSUE, TUMOUR, GREEN_PEN, BLUE_PEN, BLACK_INK, DEBRIS = range(7)
@@ -59,6 +62,16 @@ class SyntheticSlideSpec:
     tumour_regions: int = 3
     pen_marks: bool = True
     debris: bool = True
+
+    def __post_init__(self) -> None:
+        if not (MIN_SIDE_PX <= self.width <= MAX_SIDE_PX and MIN_SIDE_PX <= self.height <= MAX_SIDE_PX):
+            raise ConfigError(
+                f"slide size {self.width}x{self.height}: each side must be {MIN_SIDE_PX} to {MAX_SIDE_PX} pixels"
+            )
+        if not (math.isfinite(self.mpp) and 0.05 <= self.mpp <= 50):
+            raise ConfigError(f"slide µm/px {self.mpp}: must be a number from 0.05 to 50")
+        if self.layout not in ("svs", "tiff", "single"):
+            raise ConfigError(f"layout {self.layout!r}: svs, tiff or single")
 
 
 @dataclass

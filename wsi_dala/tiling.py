@@ -32,6 +32,7 @@ from wsi_dala.store import SlideRecord, TileStore, TilingRecord, existing_store_
 from wsi_dala.tissue import TissueSettings, detect_tissue
 
 log = logging.getLogger(__name__)
+GREY_CHROMA = 8  # max - min over RGB below this for 99 % of the thumbnail: the slide has no colour
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,12 @@ def resize_tile(region: np.ndarray, tile_size_px: int) -> np.ndarray:
     return np.asarray(image.resize((tile_size_px, tile_size_px), method))
 
 
-def plan_tiles(slide: Slide, config: TilingConfig, tissue: TissueSettings) -> TilePlan:
-    """Choose the level, lay the grid, detect tissue and keep tiles with enough of it."""
+def choose_tile_level(slide: Slide, config: TilingConfig) -> LevelChoice:
+    """The level to read and the resize that serve the target µm/px (errors if the slide cannot)."""
     info = slide.info
     mpp0 = slide.require_mpp().mpp
-    level_mpps = [mpp0 * d for d in info.level_downsamples]
-    choice = choose_level(
-        level_mpps,
+    return choose_level(
+        [mpp0 * d for d in info.level_downsamples],
         info.level_downsamples,
         config.target_mpp,
         config.tile_px,
@@ -90,6 +90,20 @@ def plan_tiles(slide: Slide, config: TilingConfig, tissue: TissueSettings) -> Ti
         config.allow_upsample,
         slide_name=str(slide.path),
     )
+
+
+def check_slide(slide_path: str | Path, config: TilingConfig) -> None:
+    """Open the slide and check it can serve ``config`` (readable, µm/px known, level available): cheap,
+    so a run can refuse a bad slide before it touches its output folder."""
+    with Slide(slide_path, reader=config.reader, slide_mpp=config.slide_mpp) as slide:
+        choose_tile_level(slide, config)
+
+
+def plan_tiles(slide: Slide, config: TilingConfig, tissue: TissueSettings) -> TilePlan:
+    """Choose the level, lay the grid, detect tissue and keep tiles with enough of it."""
+    info = slide.info
+    mpp0 = slide.require_mpp().mpp
+    choice = choose_tile_level(slide, config)
     stride_l0 = choice.tile_size_l0 * config.stride / config.tile_px
     # The mask must resolve a tile: at least ~16 mask pixels along a tile side.
     tile_um = choice.tile_size_l0 * mpp0
@@ -181,7 +195,7 @@ def tile_slide(
         else:
             store = TileStore(layout.tiles_store, mode="r+")
         if store.info.n_tiles == 0:
-            log.warning("%s: no tissue found; writing an empty tile store", slide.path)
+            log.warning("%s: no tissue found%s; writing an empty tile store", slide.path, _why_no_tissue(plan))
         done = store.tile_chunks_done()
         resumed = int(done.sum())
         _write_chunks(slide, store, plan, config, done, progress, on_chunk_written)
@@ -242,6 +256,14 @@ def _write_chunks(
             for future in in_flight:
                 future.cancel()
             bar.close()
+
+
+def _why_no_tissue(plan: TilePlan) -> str:
+    """A hint when the cause is plain to see: a slide without colour is not stained brightfield tissue."""
+    rgb = plan.thumbnail.reshape(-1, 3).astype(np.int16)
+    if len(rgb) and np.percentile(rgb.max(axis=1) - rgb.min(axis=1), 99) < GREY_CHROMA:
+        return " (the slide has no colour: greyscale or fluorescence? tissue detection expects stained brightfield)"
+    return ""
 
 
 def _tiling_record(

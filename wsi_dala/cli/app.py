@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
+import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType
 
 from wsi_dala import __version__
 from wsi_dala.cli import batch, pipeline, slides, training
-from wsi_dala.cli.common import Formatter, Verb, run_handler
+from wsi_dala.cli.common import EXIT_INTERRUPTED, Formatter, Parser, Verb, run_handler
 
 VERBS: tuple[Verb, ...] = (*pipeline.VERBS, *batch.VERBS, *training.VERBS, *slides.VERBS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="wsi-dala",
         description="Whole-slide tumour-probability heatmaps with DALAResNet50 and DT Grad-CAM, for QuPath.",
         formatter_class=Formatter,
@@ -34,18 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool) -> None:
+    logging.captureWarnings(True)  # library warnings (shapely, zarr, torch) go through logging, not raw stderr
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "wsi-dala: %(levelname)s: %(message)s",
     )
     if not verbose:
         logging.getLogger("wsi_dala").setLevel(logging.WARNING)
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)  # shown with --verbose
     else:
         for noisy in ("PIL", "matplotlib", "distributed", "fsspec", "asyncio"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _second_interrupt_exits(signum: int, frame: FrameType | None) -> None:
+    """The first Ctrl-C unwinds normally (outputs stay consistent); a second one while that happens exits at
+    once, instead of interrupting the clean-up (which in torch's threads aborts with a C++ error)."""
+    print("wsi-dala: interrupted twice; exiting now. Rerun the same command to resume", file=sys.stderr)
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _first_interrupt(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGINT, _second_interrupt_exits)
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
-    return run_handler(args.handler, args)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGINT, _first_interrupt)
+    code = run_handler(args.handler, args)
+    if in_main_thread and code == EXIT_INTERRUPTED:
+        # Interrupted and cleaned up: a further Ctrl-C while the interpreter shuts down changes nothing.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code

@@ -10,11 +10,12 @@ Old spellings still work for one release, with a warning.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, NoReturn, get_args
 
 from wsi_dala.config import DEFAULT_TILE_MPP, DEFAULT_TILE_SIZE_PX, Precision, Reader, TilingConfig, build
 from wsi_dala.errors import WsiDalaError
@@ -33,6 +34,13 @@ class Verb:
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
     handler: Handler
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported like every other input error: one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INPUT_ERROR, f"wsi-dala: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -63,6 +71,26 @@ class DeprecatedAlias(argparse.Action):
     ) -> None:
         print(f"wsi-dala: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def number_in(
+    low: float, high: float, *, integer: bool = False, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (ends excluded where open); inf and NaN refused."""
+
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if integer else 'number'}") from None
+        inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and inside):
+            ends = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {ends}")
+        return value
+
+    parse.__name__ = "integer" if integer else "number"
+    return parse
 
 
 def deprecated_flag(
@@ -145,9 +173,10 @@ def tiling_from_flags(
     magnification = getattr(args, "magnification", None)
     if magnification is not None:
         mpp = magnification_to_mpp(magnification)
-    values = {
-        "mpp": mpp or default_mpp,
-        "tile_size_px": getattr(args, "tile_size", None) or default_tile_px,
+    tile_size = getattr(args, "tile_size", None)
+    values = {  # `is None`, never `or`: a 0 given on the command line must be refused, not replaced
+        "mpp": default_mpp if mpp is None else mpp,
+        "tile_size_px": default_tile_px if tile_size is None else tile_size,
         "stride_px": getattr(args, "stride", None),
         "min_tissue": args.min_tissue,
         "allow_upsample": getattr(args, "allow_upsample", False),

@@ -89,8 +89,8 @@ def print_summary(summary: RunSummary) -> None:
         timings = ", ".join(f"{k} {v:.1f} s" for k, v in record.timings_s.items())
         print(f"time:        {timings} ({record.tiles_per_s} tiles/s)")
     print("outputs:")
-    for name, path in record.outputs.items():
-        print(f"  {name:<15} {path}")
+    for name, file_name in record.outputs.items():
+        print(f"  {name:<15} {summary.layout.root / file_name}")
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:

@@ -74,7 +74,7 @@ def _synthesize(args: argparse.Namespace) -> int:
         mpp=args.slide_mpp,
         layout=layout,
         seed=args.seed,
-        app_mag=round(10 / args.slide_mpp, 1),
+        app_mag=round(10 / args.slide_mpp, 1) if args.slide_mpp > 0 else None,
     )
     slide = write_synthetic_slide(path, spec)
     print(f"wrote {slide.path} ({args.width}x{args.height} px at {args.slide_mpp} µm/px, {layout})")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from wsi_dala.cli.common import Verb, add_precision_option, deprecated_flag, tiling_from_flags
+from wsi_dala.cli.common import Verb, add_precision_option, deprecated_flag, number_in, tiling_from_flags
 from wsi_dala.config import ThresholdMethod, TrainConfig, build
 from wsi_dala.errors import ConfigError
 from wsi_dala.layout import EvalLayout, TrainLayout
@@ -37,6 +38,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--folder", metavar="ROOT", help="image-folder tree: ROOT/<class>/[<group>/]<image>")
     source.add_argument(
         "--group-pattern",
+        type=_regex_with_a_group,
         default=r"^(.+?)_",
         metavar="REGEX",
         help="--folder: regex whose first group is the slide/patient of a file name "
@@ -57,7 +59,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     source.add_argument(
         "--min-cover",
-        type=float,
+        type=number_in(0, 1, low_open=True),
         default=0.5,
         metavar="F",
         help="--slide: fraction of a tile an annotation must cover to label it",
@@ -65,6 +67,16 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--mpp", type=float, default=0.5, metavar="UM", help="--slide: tile µm/px")
     deprecated_flag(source, "--tile-mpp", "--mpp", dest="mpp", type=float)
     source.add_argument("--min-tissue", type=float, default=0.5, metavar="F", help="--slide: tissue fraction")
+
+
+def _regex_with_a_group(text: str) -> str:
+    try:
+        groups = re.compile(text).groups
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression ({exc})") from None
+    if groups < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} has no group: its first group names the slide/patient")
+    return text
 
 
 def _load_samples(
@@ -131,7 +143,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     fit = parser.add_argument_group("training")
     fit.add_argument("--input-size", type=int, default=224, metavar="PX", help="input side (crops at native scale)")
     fit.add_argument("--epochs", type=int, default=20, help="maximum epochs")
-    fit.add_argument("--batch-size", type=int, default=32, help="batch size")
+    fit.add_argument("--batch-size", type=number_in(1, 1e6, integer=True), default=32, help="batch size")
     fit.add_argument("--lr-backbone", type=float, default=1e-4, help="AdamW learning rate of the backbone")
     fit.add_argument("--lr-head", type=float, default=1e-3, help="AdamW learning rate of attention and head")
     fit.add_argument(
@@ -156,7 +168,12 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         help="re-estimate BatchNorm statistics on N training batches before each validation "
         "(helps short runs from scratch; 0: off)",
     )
-    fit.add_argument("--val-fraction", type=float, default=0.2, help="share of patients/slides for validation")
+    fit.add_argument(
+        "--val-fraction",
+        type=number_in(0, 1, low_open=True, high_open=True),
+        default=0.2,
+        help="share of patients/slides for validation",
+    )
     fit.add_argument("--fold", metavar="DSFOLD.txt", help="BreakHis fold file: its train/test split instead")
     fit.add_argument("--seed", type=int, default=0, help="random seed (splits, initialisation, augmentation)")
     fit.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
@@ -166,7 +183,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     deprecated_flag(fit, "--workers", "--loader-workers", dest="loader_workers", type=int)
     fit.add_argument(
         "--train-mpp",
-        type=float,
+        type=number_in(0.01, 100),
         default=None,
         metavar="UM",
         help="µm/px of the training images, recorded in the model card (overrides the default)",
@@ -286,7 +303,7 @@ def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
         metavar="TRAIN_DIR",
         help="evaluate only the images that this training run held out for validation",
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size")
+    parser.add_argument("--batch-size", type=number_in(1, 1e6, integer=True), default=32, help="batch size")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda ...")
     add_precision_option(parser, default="auto")
     _add_data_options(parser)
@@ -327,8 +344,8 @@ def _configure_cam(parser: argparse.ArgumentParser) -> None:
     methods = get_args(ThresholdMethod)
     parser.add_argument("--threshold-method", default="mean_std", choices=methods, help="dynamic threshold")
     deprecated_flag(parser, "--threshold", "--threshold-method", dest="threshold_method", choices=methods)
-    parser.add_argument("--k", type=float, default=1.0, help="mean_std: τ = mean + k·std")
-    parser.add_argument("--percentile", type=float, default=80.0, help="percentile: τ = this percentile")
+    parser.add_argument("--k", type=number_in(-10, 10), default=1.0, help="mean_std: τ = mean + k·std")
+    parser.add_argument("--percentile", type=number_in(0, 100), default=80.0, help="percentile: τ = this percentile")
 
 
 def _cam(args: argparse.Namespace) -> int:

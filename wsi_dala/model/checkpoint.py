@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
@@ -109,8 +109,11 @@ def write_untrained_checkpoint(
 def read_card(path: str | os.PathLike) -> ModelCard:
     """The model card alone (cheap: reads the header only)."""
     path = _check_safetensors(Path(path))
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from exc
     if CARD_KEY not in metadata:
         raise CheckpointError(f"{path}: safetensors file without a wsi-dala model card")
     return ModelCard.from_json(metadata[CARD_KEY], source=str(path))
@@ -123,12 +126,19 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = Path(path)
     card = read_card(path)
     model = build_model(card.architecture, len(card.class_names), "none", card.options, card.tile_size_px)
-    state = load_file(str(path), device=str(device))
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as exc:  # e.g. a truncated file whose header still reads
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match {card.architecture} ({str(exc)[:200]})") from exc
+        raise CheckpointError(f"{path}: weights do not match {card.architecture} ({_one_line(exc)})") from exc
     return model.to(device).eval(), card
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
 def _check_safetensors(path: Path) -> Path:
