@@ -202,19 +202,10 @@ def _no_tiles(name: str, tally: _ClassTally, min_cover: float, unannotated_class
     )
 
 
-def annotated_slide_samples(
-    slides: list[AnnotatedSlide],
-    out_dir: Path,
-    tiling: TilingConfig,
-    min_cover: float = 0.5,
-    unannotated_class: str | None = None,
-    progress: bool = True,
-) -> tuple[list[Sample], list[str], float]:
-    """Tile every slide into ``out_dir/<slide>/tiles.zarr``; return samples, class names, tiles' µm/px.
-
-    ``tiling`` must have its target (µm/px and tile size) set. Raises `ConfigError` when fewer than two
-    classes are named, or when any class ends up with no labelled tile."""
-    reads = [_read(item.annotations) for item in slides]
+def _tally_classes(
+    reads: list[AnnotationRead], slides: list[AnnotatedSlide], unannotated_class: str | None
+) -> tuple[list[str], dict[str, _ClassTally]]:
+    """The class names (sorted, then ``unannotated_class``) and a tally per class of its annotations."""
     tallies: dict[str, _ClassTally] = {}
     for read in reads:
         for group, skipped in ((read.annotations, False), (read.skipped, True)):
@@ -233,46 +224,64 @@ def annotated_slide_samples(
             f"{_files_text([item.annotations for item in slides])}: need at least 2 classes in the annotations "
             f"(found {names}); add --unannotated-class for tissue outside annotations"
         )
+    return names, tallies
+
+
+def _label_slide(
+    item: AnnotatedSlide,
+    read: AnnotationRead,
+    store: TileStore,
+    names: list[str],
+    tallies: dict[str, _ClassTally],
+    min_cover: float,
+    unannotated_class: str | None,
+) -> np.ndarray:
+    """Label one slide's tiles (-1: none), clipping its annotations to the slide; updates the tallies."""
+    slide = store.info.tiling.slide
+    used = slide_annotations(read, float(slide.width), float(slide.height))
+    for annotation in used.outside:
+        tallies[str(annotation.class_name)].outside += 1
+    labels = label_tiles(store.coords(), store.info.tile_size_l0, used.annotations, names, min_cover, unannotated_class)
+    counts = np.bincount(labels[labels >= 0], minlength=len(names))
+    for name, count in zip(names, counts, strict=True):
+        tallies[name].tiles += int(count)
+    per_class = ", ".join(f"{name} {int(count)}" for name, count in zip(names, counts, strict=True))
+    level = logging.WARNING if used.changed else logging.INFO
+    labelled = int((labels >= 0).sum())
+    log.log(level, "%s: %d labelled tiles of %d (%s); %s", item.slide, labelled, len(labels), per_class, used.summary())
+    return labels
+
+
+def annotated_slide_samples(
+    slides: list[AnnotatedSlide],
+    out_dir: Path,
+    tiling: TilingConfig,
+    min_cover: float = 0.5,
+    unannotated_class: str | None = None,
+    progress: bool = True,
+) -> tuple[list[Sample], list[str], float]:
+    """Tile every slide into ``out_dir/<slide>/tiles.zarr``; return samples, class names, tiles' µm/px.
+
+    ``tiling`` must have its target (µm/px and tile size) set. Raises `ConfigError` when fewer than two
+    classes are named, or when any class ends up with no labelled tile."""
+    reads = [_read(item.annotations) for item in slides]
+    names, tallies = _tally_classes(reads, slides, unannotated_class)
     # Points and lines label nothing: a class drawn only with them fails before any slide is tiled.
-    _raise_for_classes_without_tiles(
-        [n for n in names if tallies[n].annotations and tallies[n].skipped == tallies[n].annotations],
-        tallies,
-        min_cover,
-        unannotated_class,
-    )
+    only_points = [n for n in names if tallies[n].annotations and tallies[n].skipped == tallies[n].annotations]
+    _raise_for_classes_without_tiles(only_points, tallies, min_cover, unannotated_class)
     samples: list[Sample] = []
     mpps = set()
     n_tiles = 0
     for item, read in zip(slides, reads, strict=True):
         result = tile_slide(item.slide, slide_tiles_dir(out_dir, item.slide), tiling, progress=progress)
-        store = TileStore(result.store)
-        slide = store.info.tiling.slide
-        used = slide_annotations(read, float(slide.width), float(slide.height))
-        for annotation in used.outside:
-            tallies[str(annotation.class_name)].outside += 1
-        labels = label_tiles(
-            store.coords(), store.info.tile_size_l0, used.annotations, names, min_cover, unannotated_class
-        )
+        labels = _label_slide(item, read, TileStore(result.store), names, tallies, min_cover, unannotated_class)
         n_tiles += len(labels)
-        counts = np.bincount(labels[labels >= 0], minlength=len(names))
-        for name, count in zip(names, counts, strict=True):
-            tallies[name].tiles += int(count)
         mpps.add(round(result.record.effective_mpp, 6))
         samples += [
             Sample(str(result.store), int(label), item.slide.name, index=int(i))
             for i, label in enumerate(labels)
             if label >= 0
         ]
-        per_class = ", ".join(f"{name} {int(count)}" for name, count in zip(names, counts, strict=True))
-        log.log(
-            logging.WARNING if used.changed else logging.INFO,
-            "%s: %d labelled tiles of %d (%s); %s",
-            item.slide,
-            int((labels >= 0).sum()),
-            len(labels),
-            per_class,
-            used.summary(),
-        )
     if n_tiles == 0:
         raise ConfigError(
             f"{_files_text([item.slide for item in slides])}: no tissue tiles to label (see --min-tissue)"
