@@ -80,6 +80,8 @@ BAD_RUN_FLAGS = [
     (["--reader-threads", "0"], "command line.tiling.reader_threads"),
     (["--tile-threshold", "1.5"], "command line.export.tile_threshold"),
     (["--device", "gpu"], "command line.scoring.device"),
+    (["--scheduler", "foo://x"], "foo://x: not a Dask scheduler address"),
+    (["--scheduler", "tcp://host"], "tcp://host: a tcp:// scheduler address needs host:port"),
 ]
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_dala import __version__
+from wsi_dala.cluster import check_address
 from wsi_dala.config import PipelineConfig, TilingConfig
 from wsi_dala.errors import CheckpointError, OutputError
 from wsi_dala.export import ExportResult, export_qupath
@@ -144,6 +145,8 @@ def run_slide(
     then locked for the run; a second run on it is refused at once, naming the holder.
     """
     slide_path = Path(slide_path)
+    if config.scoring.scheduler:
+        check_address(config.scoring.scheduler)  # a bad scheme fails now, not after tiling
     checkpoint = _require_model(config)
     card = read_card(checkpoint)
     tiling = tiling_for_model(config, card)

@@ -174,9 +174,10 @@ def score_store(
 def _run(tasks: dict[int, Delayed], config: ScoringConfig, client: Client | None) -> Iterator[int]:
     """Yield chunk indices as their tasks finish."""
     if client is None and config.scheduler:
-        from distributed import Client
+        from wsi_dala.cluster import connect
 
-        with Client(config.scheduler) as own_client:
+        # Bounded connect + handshake; a peer that is not a Dask scheduler is one ConfigError line.
+        with connect(config.scheduler, config.connect_timeout_s) as own_client:
             yield from _run(tasks, config, own_client)
         return
     if client is not None:

@@ -57,6 +57,10 @@ def _batch(args: argparse.Namespace) -> int:
     )
     if not config.model:
         raise CheckpointError("no model: give --model CKPT or set `model:` in the pipeline config")
+    if batch.scheduler:
+        from wsi_dala.cluster import check_address
+
+        check_address(batch.scheduler)
     archive = existing_dir(args.archive, "archive folder")
     from wsi_dala.archive import run_batch
     from wsi_dala.model import read_card
