@@ -171,6 +171,7 @@ def test_tile_and_synthesize_refuse_nonsense(inputs, tmp_path):
         assert not (tmp_path / "t").exists()
     _one_error(_cli("synthesize", tmp_path / "s.svs", "--width", "0"), "slide size 0x")
     _one_error(_cli("synthesize", tmp_path / "s.svs", "--slide-mpp", "0"), "slide µm/px 0.0")
+    _one_error(_cli("synthesize", tmp_path / "s.svs", "--seed", "-1"), "seed -1: must be 0 or more")
     assert not (tmp_path / "s.svs").exists()
 
 

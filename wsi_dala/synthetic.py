@@ -70,6 +70,8 @@ class SyntheticSlideSpec:
             )
         if not (math.isfinite(self.mpp) and 0.05 <= self.mpp <= 50):
             raise ConfigError(f"slide µm/px {self.mpp}: must be a number from 0.05 to 50")
+        if self.seed < 0:
+            raise ConfigError(f"seed {self.seed}: must be 0 or more")
         if self.layout not in ("svs", "tiff", "single"):
             raise ConfigError(f"layout {self.layout!r}: svs, tiff or single")
 
