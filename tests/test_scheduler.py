@@ -136,7 +136,8 @@ def test_an_http_reply_is_refused_without_memory_error():
 
 
 def test_nothing_listening_times_out():
-    _, elapsed = _refused(f"tcp://127.0.0.1:{_closed_port()}", "no Dask scheduler answered within 3 s", "refused")
+    # The last attempt's error is named: "Connection refused", or a TimeoutError when the deadline cut it.
+    _, elapsed = _refused(f"tcp://127.0.0.1:{_closed_port()}", "no Dask scheduler answered within 3 s (no connection;")
     assert elapsed >= TIMEOUT_S - 0.5  # Dask retries a refused connect: the scheduler may be starting
 
 

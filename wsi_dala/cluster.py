@@ -114,7 +114,7 @@ def _probe(address: str, timeout_s: float, security: Security) -> None:
     if isinstance(error, asyncio.TimeoutError):
         why = "connected, but nothing answered the Dask handshake"
     elif type(error) is OSError:  # Dask's "Timed out trying to connect", from the last attempt's error
-        why = _cause(error.__cause__ or error)
+        why = f"no connection; last attempt: {_cause(error.__cause__ or error)}"
     else:  # garbage, a crazy frame length, a closed connection or TLS failure mid-handshake, not a scheduler
         raise ConfigError(f"{address}: not a Dask scheduler ({_cause(error)})") from error
     raise ConfigError(f"{address}: no Dask scheduler answered within {timeout_s:g} s ({why})") from error
