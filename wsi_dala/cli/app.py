@@ -52,16 +52,19 @@ def _configure_logging(verbose: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _second_interrupt_exits(signum: int, frame: FrameType | None) -> None:
-    """The first Ctrl-C unwinds normally (outputs stay consistent); a second one while that happens exits at
-    once, instead of interrupting the clean-up (which in torch's threads aborts with a C++ error)."""
-    print("wsi-dala: interrupted twice; exiting now. Rerun the same command to resume", file=sys.stderr)
-    os._exit(EXIT_INTERRUPTED)
+class _Interrupts:
+    """The first Ctrl-C unwinds normally (outputs stay consistent); any further one exits at once, instead of
+    interrupting the clean-up (which in torch's threads aborts with a C++ error, rc 134)."""
 
+    seen = False
 
-def _first_interrupt(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGINT, _second_interrupt_exits)
-    raise KeyboardInterrupt
+    @classmethod
+    def handle(cls, signum: int, frame: FrameType | None) -> None:
+        if cls.seen:
+            print("wsi-dala: interrupted twice; exiting now. Rerun the same command to resume", file=sys.stderr)
+            os._exit(EXIT_INTERRUPTED)
+        cls.seen = True
+        raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,8 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
-        signal.signal(signal.SIGINT, _first_interrupt)
-    code = run_handler(args.handler, args)
+        _Interrupts.seen = False
+        signal.signal(signal.SIGINT, _Interrupts.handle)
+    try:
+        code = run_handler(args.handler, args)
+    except KeyboardInterrupt:  # raised while the handler was reporting an earlier one
+        code = EXIT_INTERRUPTED
     if in_main_thread and code == EXIT_INTERRUPTED:
         # Interrupted and cleaned up: a further Ctrl-C while the interpreter shuts down changes nothing.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -23,7 +23,7 @@ from wsi_dala.slide import magnification_to_mpp
 
 Handler = Callable[[argparse.Namespace], int]
 EXIT_INPUT_ERROR = 2  # the input's fault: one line on stderr
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # the same as wsi_dala.cli.EXIT_INTERRUPTED
 
 
 @dataclass(frozen=True)
