@@ -412,7 +412,3 @@ def store_damage(path: Path) -> str | None:
         if shapes[name] != shape:
             return f"{name} has shape {shapes[name]}, expected {shape}"
     return None
-
-
-def open_store(path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> TileStore:
-    return TileStore(path, mode)

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 
+from wsi_dala.cli import EXIT_INTERRUPTED
 from wsi_dala.config import DEFAULT_TILE_MPP, DEFAULT_TILE_SIZE_PX, Precision, Reader, TilingConfig, build
 from wsi_dala.errors import WsiDalaError
 from wsi_dala.slide import magnification_to_mpp
 
 Handler = Callable[[argparse.Namespace], int]
 EXIT_INPUT_ERROR = 2  # the input's fault: one line on stderr
-EXIT_INTERRUPTED = 130  # the same as wsi_dala.cli.EXIT_INTERRUPTED
 
 
 @dataclass(frozen=True)
