@@ -6,7 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from wsi_dala.cli.common import Verb, add_slide_options, add_tiling_options, tiling_from_flags
+from wsi_dala.cli.common import Verb, add_slide_options, add_tiling_options, number_in, tiling_from_flags
+
+# Spelled out here so that building the parser does not import the generator (scipy, tifffile);
+# tests/test_synthetic.py checks they match wsi_dala.synthetic.MARKER_NAMES and STAIN_NAMES.
+_MARKERS_HELP = "green, blue, black, dark-grey, red"
+_STAINS_HELP = "default, pale, dark"
 
 
 def _configure_info(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +65,58 @@ def _configure_synthesize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=16384, help="level-0 width in pixels")
     parser.add_argument("--height", type=int, default=12288, help="level-0 height in pixels")
     parser.add_argument("--slide-mpp", type=float, default=0.25, metavar="UM", help="level-0 µm/px to record")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the tissue layout")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the tissue layout (default: 0)")
+    parser.add_argument(
+        "--markers",
+        type=_marker_list,
+        default="green,blue,black",
+        metavar="LIST",
+        help=f"comma-separated marker inks drawn over glass and tissue, from {_MARKERS_HELP}; "
+        "none for a clean slide (default: green,blue,black)",
+    )
+    parser.add_argument(
+        "--folds",
+        type=number_in(0, 50, integer=True),
+        default=0,
+        metavar="N",
+        help="tissue folds (darker, doubled bands) to plant (default: 0)",
+    )
+    parser.add_argument(
+        "--blur-patches",
+        type=number_in(0, 50, integer=True),
+        default=0,
+        metavar="N",
+        help="out-of-focus patches of tissue to plant (default: 0)",
+    )
+    parser.add_argument(
+        "--stain",
+        type=_stain_name,
+        default="default",
+        metavar="NAME",
+        help=f"H&E palette: {_STAINS_HELP} (default: default)",
+    )
+
+
+def _marker_list(text: str) -> tuple[str, ...]:
+    """An argparse type: marker names, comma-separated, or none."""
+    from wsi_dala.synthetic import MARKER_NAMES
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if names == ("none",):
+        return ()
+    unknown = [name for name in names if name not in MARKER_NAMES[1:]]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: markers are none or a comma list of {_MARKERS_HELP}")
+    return names
+
+
+def _stain_name(text: str) -> str:
+    """An argparse type: one of the generator's H&E palettes."""
+    from wsi_dala.synthetic import STAIN_NAMES
+
+    if text not in STAIN_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r}: one of {_STAINS_HELP}")
+    return text
 
 
 def _synthesize(args: argparse.Namespace) -> int:
@@ -74,6 +130,10 @@ def _synthesize(args: argparse.Namespace) -> int:
         mpp=args.slide_mpp,
         layout=layout,
         seed=args.seed,
+        markers=args.markers,
+        folds=args.folds,
+        blur_patches=args.blur_patches,
+        stain=args.stain,
         app_mag=round(10 / args.slide_mpp, 1) if args.slide_mpp > 0 else None,
     )
     slide = write_synthetic_slide(path, spec)
