@@ -173,6 +173,16 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     save_file({"x": torch.zeros(1)}, str(bare))
     with pytest.raises(CheckpointError, match="model card"):
         load_checkpoint(bare)
+    # A real safetensors file whose header length happens to begin with a pickle marker (0x80 0x04):
+    # its JSON header follows at byte 8, so it is not refused as a pickle.
+    lookalike = tmp_path / "lookalike.safetensors"
+    for padding in range(2000):
+        save_file({"x": torch.zeros(1)}, str(lookalike), metadata={"pad": "p" * padding})
+        if lookalike.read_bytes()[:2] == b"\x80\x04":
+            break
+    assert lookalike.read_bytes()[:2] == b"\x80\x04"
+    with pytest.raises(CheckpointError, match="model card"):  # read as safetensors, found without a card
+        load_checkpoint(lookalike)
 
 
 def test_card_is_validated():

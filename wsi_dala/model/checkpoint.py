@@ -20,10 +20,11 @@ from torch import nn
 
 from wsi_dala import __version__
 from wsi_dala.config import MIN_TILE_SIZE_PX
-from wsi_dala.errors import CheckpointError
+from wsi_dala.errors import CheckpointError, ConfigError
 from wsi_dala.fileio import atomic_open
 from wsi_dala.model.build import build_model
 from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
+from wsi_dala.stain import StainProfile
 
 CARD_KEY = "wsi_dala.model_card"
 
@@ -43,6 +44,8 @@ class ModelCard:
         default_factory=lambda: {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     )
     training_data: dict[str, Any] = field(default_factory=dict)
+    # The training tiles' stain (wsi_dala.stain.StainProfile.to_dict()): what --stain-normalise maps slides to.
+    stain_reference: dict[str, Any] | None = None
     validation_metrics: dict[str, Any] = field(default_factory=dict)
     software: dict[str, str] = field(default_factory=lambda: {"wsi_dala": __version__, "torch": torch.__version__})
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -58,6 +61,11 @@ class ModelCard:
             raise CheckpointError(f"{source}: tile size {self.tile_size_px} is not usable")
         if self.mpp is not None and not 0.01 <= self.mpp <= 100:
             raise CheckpointError(f"{source}: µm/px {self.mpp} is implausible")
+        if self.stain_reference is not None:
+            try:
+                StainProfile.from_dict(self.stain_reference, f"{source}: stain_reference")
+            except ConfigError as exc:
+                raise CheckpointError(str(exc)) from exc
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
@@ -146,8 +154,12 @@ def _check_safetensors(path: Path) -> Path:
         raise CheckpointError(f"{path}: checkpoint not found")
     with open(path, "rb") as handle:
         head = handle.read(16)
+    # A safetensors file opens with its JSON header's length (u64, little-endian) and then "{": checked
+    # first, because that length can itself begin with the bytes of a pickle's protocol marker.
+    header_length = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
+    looks_safetensors = head[8:9] == b"{" and 0 < header_length <= path.stat().st_size - 8
     looks_pickle = head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:4] == b"PK\x03\x04"
-    if looks_pickle or path.suffix in (".pt", ".pth", ".ckpt", ".pkl", ".bin"):
+    if (looks_pickle and not looks_safetensors) or path.suffix in (".pt", ".pth", ".ckpt", ".pkl", ".bin"):
         raise CheckpointError(
             f"{path}: pickle checkpoints can run code when loaded and are refused; "
             "use a .safetensors checkpoint written by wsi-dala train"
