@@ -16,6 +16,9 @@ PACKAGES = ("wsi_dala", "qupath_export")
 TORCH_FREE = (
     "wsi_dala.slide",
     "wsi_dala.tissue",
+    "wsi_dala.qc",
+    "wsi_dala.qc_figure",
+    "wsi_dala.stain",
     "wsi_dala.grid",
     "wsi_dala.tiling",
     "wsi_dala.store",

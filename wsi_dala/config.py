@@ -46,6 +46,35 @@ class Settings(BaseModel):
         return self.model_dump(mode="json")
 
 
+QCMode = Literal["flag", "exclude", "off"]
+
+
+class TissueConfig(Settings):
+    """How tissue, marker ink and folds are found on the low-resolution image (wsi_dala.tissue)."""
+
+    mask_mpp: float = Field(8.0, gt=0)  # µm/px of the image the masks are computed on (finer if tiles need it)
+    min_saturation: float = Field(0.05, ge=0, le=1)  # stained: more saturated than this, relative to glass
+    glass_noise_factor: float = Field(3.0, ge=0)  # ... and than this times the glass's own 95th percentile
+    max_brightness: float = Field(0.97, gt=0, le=1)  # brighter than this (relative to glass) is glass
+    min_tissue_area_um2: float = Field(20_000.0, ge=0)  # smaller pieces are debris
+    min_hole_area_um2: float = Field(10_000.0, ge=0)  # smaller holes inside tissue are filled
+    min_ink_area_um2: float = Field(20_000.0, gt=0)  # ink: the unambiguous core of a mark covers this much
+    ink_margin_um: float = Field(24.0, ge=0)  # ink edges blur into neighbours; drop this much around ink
+    fold_od_ratio: float = Field(1.6, gt=1)  # fold: optical density this many times the usual for its colour
+    min_fold_area_um2: float = Field(20_000.0, ge=0)  # smaller dark patches are not folds
+
+
+class QCConfig(Settings):
+    """Quality control per tile (wsi_dala.qc): blur, folds and ink, and what is done with flagged tiles."""
+
+    mode: QCMode = "flag"  # flag: scored, left out of tumour regions, hatched; exclude: not tiled; off: not measured
+    blur_drop: float = Field(0.5, gt=0, lt=1)  # blurred: sharpness below this fraction of the slide's median
+    blur_floor: float = Field(0.2, ge=0, lt=1)  # ... or below this absolute sharpness, whatever the slide
+    max_blur_fraction: Fraction = 0.5  # flagged: at least this share of the tile's tissue is out of focus
+    max_fold_fraction: Fraction = 0.25  # flagged: more of the tile than this is folded tissue
+    max_ink_fraction: Fraction = 0.10  # flagged: more of the tile than this is ink (margin included)
+
+
 class TilingConfig(Settings):
     """How tiles are cut: the one tiling settings type (YAML ``tiling:``, flags, training, the demo)."""
 
@@ -60,6 +89,8 @@ class TilingConfig(Settings):
     tolerance: float = Field(0.05, ge=0, le=0.5)  # within ±this of the target no resize is done
     chunk_tiles: int = Field(64, ge=1)  # tiles per Zarr chunk (the unit of writing and resuming)
     region_level_px: int = Field(2048, ge=64)  # side of the large region reads, in pixels of the read level
+    tissue: TissueConfig = TissueConfig()
+    qc: QCConfig = QCConfig()
 
     def resolved(self, mpp: float | None, tile_size_px: int | None) -> TilingConfig:
         """These settings with the target filled in where they leave it open (from the model card)."""
@@ -83,8 +114,12 @@ class TilingConfig(Settings):
         return self.tile_px if self.stride_px is None else self.stride_px
 
 
+StainNormalisation = Literal["none", "macenko", "reinhard"]
+
+
 class ScoringConfig(Settings):
     batch_size: int = Field(32, ge=1)
+    stain_normalise: StainNormalisation = "none"  # map tiles to the model card's reference stain first
     precision: Precision = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     scheduler: str | None = None  # None: local threads; else the address of a dask.distributed scheduler
@@ -142,6 +177,7 @@ class TrainConfig(Settings):
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, bf16 on a CPU with native bf16, else fp32
     loader_workers: int = Field(0, ge=0)  # data-loading processes (0: load in the training process)
     precise_bn_batches: int = Field(0, ge=0)  # >0: re-estimate BatchNorm statistics on this many batches
+    stain_normalise: StainNormalisation = "none"  # map training batches to the published H&E reference first
 
     @field_validator("arch")
     @classmethod
@@ -276,5 +312,14 @@ def with_overrides(config: PipelineConfig, model: str | None = None, **sections:
     for name, values in sections.items():
         if name not in _SECTIONS:
             raise ConfigError(f"unknown settings section {name!r}")
-        data[name].update({k: v for k, v in values.items() if v is not None})
+        _merge(data[name], values)
     return build(PipelineConfig, data, "command line")
+
+
+def _merge(into: dict[str, Any], values: dict[str, Any]) -> None:
+    """Non-None values into ``into``; nested sections (``{"qc": {"mode": "off"}}``) key by key."""
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        elif value is not None:
+            into[key] = value

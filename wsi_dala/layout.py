@@ -99,6 +99,7 @@ class RunLayout:
     tiles_store = _Below("tiles.zarr")
     tissue_mask_png = _Below("tissue_mask.png")
     thumbnail_png = _Below("thumbnail.png")
+    qc_png = _Below("qc.png", "The thumbnail with tissue outline, ink, folds and blurred tiles, and a legend.")
     heatmap_store = _Below("heatmap.zarr")
     overview_png = _Below("overview.png")
     overlay_png = _Below("overlay.png")

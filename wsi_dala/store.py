@@ -6,11 +6,19 @@ tiles.zarr/                      (Zarr v3)
   coords             [N, 2]       int64    level-0 top-left (x, y), QuPath's frame
   tissue_fraction    [N]          float32
   tissue_mask        [h, w]       bool     ``mask_downsample`` level-0 px per pixel
+  ink_mask           [h, w]       bool     marker ink (margin included), same grid as tissue_mask
+  fold_mask          [h, w]       bool     folded (double-layer) tissue
+  qc_ink             [N]          float32  fraction of the tile covered by ink
+  qc_fold            [N]          float32  fraction of the tile covered by folded tissue
+  qc_sharpness       [N, b, b]    float32  sharpness of each part of the tile (NaN: glass or not measured)
+  qc_blur            [N]          float32  share of the tile's tissue out of focus (at completion)
+  qc_flags           [N]          uint8    wsi_dala.qc bits: 1 blur, 2 fold, 4 ink (at completion)
   tile_chunks_done   [n_chunks]   bool     which tile chunks are fully written (the resume point)
   scores             [N, C]       float32  class probabilities          (written by scoring)
   cams               [N, g, g]    float32  raw Grad-CAM of the positive class (written by scoring)
   score_chunks_done  [n_chunks]   bool
-  attrs: format, complete, chunk_tiles, the ``TilingRecord`` fields, and once scored the
+  attrs: format, complete, chunk_tiles, the ``TilingRecord`` fields, ``qc`` (a ``QCRecord``, at
+         completion), ``stain`` (the slide's measured stain, or null), and once scored the
          ``ScoringRecord`` fields plus scoring_key / scores_complete
 ```
 A store is usable only when ``complete`` is true; zarr writes each chunk atomically and a chunk is
@@ -49,12 +57,17 @@ STORE_FORMAT = "wsi-dala.tiles/1"
 # Array names.
 TILES, COORDS, TISSUE_FRACTION, TISSUE_MASK = "tiles", "coords", "tissue_fraction", "tissue_mask"
 TILE_CHUNKS_DONE = "tile_chunks_done"
+INK_MASK, FOLD_MASK = "ink_mask", "fold_mask"
+QC_INK, QC_FOLD, QC_SHARPNESS, QC_BLUR, QC_FLAGS = "qc_ink", "qc_fold", "qc_sharpness", "qc_blur", "qc_flags"
 SCORES, CAMS, SCORE_CHUNKS_DONE = "scores", "cams", "score_chunks_done"
 _SCORE_ARRAYS = (SCORES, CAMS, SCORE_CHUNKS_DONE)
 
 # Attribute keys that are not fields of the records below.
 _FORMAT, _COMPLETE, _CHUNK_TILES = "format", "complete", "chunk_tiles"
 _SCORING_KEY, _SCORES_COMPLETE = "scoring_key", "scores_complete"
+_QC, _STAIN = "qc", "stain"
+_PER_TILE_QC = (QC_INK, QC_FOLD)
+QC_PARTS = 4  # qc_sharpness holds QC_PARTS x QC_PARTS parts of each tile (wsi_dala.qc judges them)
 _TILING_KEY = "tiling_key"  # the TilingRecord field that says which slide and settings a store was cut with
 
 StoreState = Literal["new", "done", "resume", "replace"]
@@ -121,6 +134,37 @@ class TilingRecord:
 
 
 @dataclass(frozen=True)
+class QCMasks:
+    """What the low-resolution image showed besides tissue, per tile and as masks (tissue_mask's grid)."""
+
+    ink_fraction: np.ndarray  # [N]
+    fold_fraction: np.ndarray  # [N]
+    ink_mask: np.ndarray  # [h, w] bool
+    fold_mask: np.ndarray  # [h, w] bool
+
+
+@dataclass(frozen=True)
+class QCRecord:
+    """How the tiles' quality was judged and what was found; written when tiling completes."""
+
+    mode: str  # flag | exclude | off
+    median_sharpness: float | None  # None: blur not measured (mode off, or no tiles)
+    counts: dict[str, int]  # tiles flagged per reason ("blur", "fold", "ink") and with any flag ("any")
+    areas_um2: dict[str, float]  # "tissue", "ink", "fold" (from the masks), "blur" (tissue of blurred tiles)
+    excluded_tiles: dict[str, int]  # exclude mode: grid tiles with tissue left out for ink or folds
+    glass_rgb: list[float]
+    settings: dict[str, Any]
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> QCRecord | None:
+        data = attrs.get(_QC)
+        if not isinstance(data, dict):
+            return None
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
 class ScoringRecord:
     """What scored the tiles; written when scoring completes."""
 
@@ -143,6 +187,8 @@ class StoreInfo:
     complete: bool
     tiling: TilingRecord
     scoring: ScoringRecord | None  # None until every tile is scored
+    qc: QCRecord | None = None  # None until tiling completes
+    stain: dict[str, Any] | None = None  # wsi_dala.stain.StainProfile.to_dict() of the slide; None: not measured
 
     @property
     def tile_size_px(self) -> int:
@@ -205,6 +251,7 @@ class TileStore:
         tiling: TilingRecord,
         chunk_tiles: int,
         tissue_mask: np.ndarray | None = None,
+        qc: QCMasks | None = None,
     ) -> TileStore:
         """An empty store with its geometry written and no tile chunk done.
 
@@ -229,9 +276,23 @@ class TileStore:
         group.create_array(TISSUE_FRACTION, data=np.asarray(tissue_fraction, dtype=np.float32), chunks=(max(1, n),))
         if tissue_mask is not None:
             group.create_array(TISSUE_MASK, data=np.asarray(tissue_mask, dtype=bool))
+        if qc is not None:
+            group.create_array(INK_MASK, data=np.asarray(qc.ink_mask, dtype=bool))
+            group.create_array(FOLD_MASK, data=np.asarray(qc.fold_mask, dtype=bool))
+        per_tile = (max(1, n),)
+        ink = qc.ink_fraction if qc is not None else np.zeros(n)
+        fold = qc.fold_fraction if qc is not None else np.zeros(n)
+        group.create_array(QC_INK, data=np.asarray(ink, dtype=np.float32), chunks=per_tile)
+        group.create_array(QC_FOLD, data=np.asarray(fold, dtype=np.float32), chunks=per_tile)
+        parts = QC_PARTS
+        group.create_array(
+            QC_SHARPNESS, shape=(n, parts, parts), chunks=(chunk, parts, parts), dtype="float32", fill_value=np.nan
+        )
         n_chunks = n_chunks_of(n, chunk)
         group.create_array(TILE_CHUNKS_DONE, data=np.zeros(n_chunks, dtype=bool), chunks=(max(1, n_chunks),))
-        group.attrs.update({_FORMAT: STORE_FORMAT, _COMPLETE: False, _CHUNK_TILES: chunk, **tiling.to_attrs()})
+        group.attrs.update(
+            {_FORMAT: STORE_FORMAT, _COMPLETE: False, _CHUNK_TILES: chunk, _STAIN: None, **tiling.to_attrs()}
+        )
         building.rename(final)
         return cls(final, mode="r+")
 
@@ -250,10 +311,22 @@ class TileStore:
             complete=bool(attrs.get(_COMPLETE, False)),
             tiling=TilingRecord.from_attrs(attrs),
             scoring=scoring,
+            qc=QCRecord.from_attrs(attrs),
+            stain=attrs.get(_STAIN) if isinstance(attrs.get(_STAIN), dict) else None,
         )
 
-    def mark_complete(self) -> None:
-        self.group.attrs[_COMPLETE] = True
+    def mark_complete(
+        self, blur: np.ndarray, flags: np.ndarray, qc: QCRecord, stain: dict[str, Any] | None = None
+    ) -> None:
+        """Write the per-tile QC verdicts, their record and the slide's stain, then mark the store usable."""
+        n = self.info.n_tiles
+        with self._naming_failures():
+            for name, data, dtype in ((QC_BLUR, blur, np.float32), (QC_FLAGS, flags, np.uint8)):
+                if name in self.group:
+                    del self.group[name]
+                self._arrays.pop(name, None)
+                self.group.create_array(name, data=np.asarray(data, dtype=dtype).reshape(n), chunks=(max(1, n),))
+            self.group.attrs.update({_QC: asdict(qc), _STAIN: stain, _COMPLETE: True})
         self.__dict__.pop("info", None)
 
     # ------------------------------------------------------------------ tiles
@@ -270,15 +343,46 @@ class TileStore:
     def tissue_mask(self) -> np.ndarray | None:
         return np.asarray(self._array(TISSUE_MASK)[:]) if TISSUE_MASK in self.group else None
 
+    def ink_mask(self) -> np.ndarray | None:
+        return np.asarray(self._array(INK_MASK)[:]) if INK_MASK in self.group else None
+
+    def fold_mask(self) -> np.ndarray | None:
+        return np.asarray(self._array(FOLD_MASK)[:]) if FOLD_MASK in self.group else None
+
+    def qc_ink(self, rows: slice = slice(None)) -> np.ndarray:
+        return np.asarray(self._array(QC_INK)[rows])
+
+    def qc_fold(self, rows: slice = slice(None)) -> np.ndarray:
+        return np.asarray(self._array(QC_FOLD)[rows])
+
+    def qc_sharpness(self, rows: slice = slice(None)) -> np.ndarray:
+        return np.asarray(self._array(QC_SHARPNESS)[rows])
+
+    def qc_blur(self, rows: slice = slice(None)) -> np.ndarray:
+        """Share of each tile's tissue out of focus (zeros before the store is complete)."""
+        return np.asarray(self._array(QC_BLUR)[rows]) if QC_BLUR in self.group else self._zeros(rows, np.float32)
+
+    def qc_flags(self, rows: slice = slice(None)) -> np.ndarray:
+        """wsi_dala.qc flag bits per tile (zeros before the store is complete)."""
+        return np.asarray(self._array(QC_FLAGS)[rows]) if QC_FLAGS in self.group else self._zeros(rows, np.uint8)
+
+    def _zeros(self, rows: slice, dtype: type) -> np.ndarray:
+        return np.zeros(len(range(*rows.indices(self.info.n_tiles))), dtype=dtype)
+
     def tiles_dask(self) -> dask.array.Array:
         """The tiles as a Dask array, one block per Zarr chunk (what scoring maps over)."""
         import dask.array as da
 
         return da.from_zarr(str(self.path), component=TILES)
 
-    def write_tiles(self, start: int, data: np.ndarray) -> None:
+    def write_tiles(self, start: int, data: np.ndarray, sharpness: np.ndarray | None = None) -> None:
+        """Tiles from row ``start`` on, with their sharpness (wsi_dala.qc) when it was measured."""
         with self._naming_failures():
             self._array(TILES)[start : start + len(data)] = data
+            if sharpness is not None:
+                parts = np.full((len(sharpness), QC_PARTS, QC_PARTS), np.nan, dtype=np.float32)
+                parts[:, : sharpness.shape[1], : sharpness.shape[2]] = sharpness[:, :QC_PARTS, :QC_PARTS]
+                self._array(QC_SHARPNESS)[start : start + len(sharpness)] = parts
 
     @contextmanager
     def _naming_failures(self) -> Iterator[None]:
@@ -395,7 +499,8 @@ def store_damage(path: Path) -> str | None:
         group = zarr.open_group(path, mode="r", zarr_format=3)
         attrs: dict[str, Any] = dict(group.attrs)
         chunk, side = int(attrs[_CHUNK_TILES]), int(attrs["tile_size_px"])
-        arrays = {name: group[name] for name in (TILES, COORDS, TISSUE_FRACTION, TILE_CHUNKS_DONE)}
+        names = (TILES, COORDS, TISSUE_FRACTION, *_PER_TILE_QC, QC_SHARPNESS, TILE_CHUNKS_DONE)
+        arrays = {name: group[name] for name in names}
         shapes = {name: tuple(node.shape) for name, node in arrays.items() if isinstance(node, zarr.Array)}
     except (KeyError, ValueError, TypeError, OSError, zarr.errors.BaseZarrError) as exc:
         return f"missing {exc}"
@@ -406,6 +511,8 @@ def store_damage(path: Path) -> str | None:
         TILES: (n, side, side, 3),
         COORDS: (n, 2),
         TISSUE_FRACTION: (n,),
+        **{name: (n,) for name in _PER_TILE_QC},
+        QC_SHARPNESS: (n, QC_PARTS, QC_PARTS),
         TILE_CHUNKS_DONE: (n_chunks_of(n, max(1, chunk)),),
     }
     for name, shape in expected.items():

@@ -27,9 +27,11 @@ from wsi_dala.fileio import ensure_writable_dir, save_png_atomic
 from wsi_dala.grid import LevelChoice, block_order, choose_level, grid_origins, tissue_fractions
 from wsi_dala.identity import config_hash, slide_fingerprint
 from wsi_dala.layout import RunLayout
+from wsi_dala.qc import BLUR, FOLD, INK, judge, tile_sharpness
+from wsi_dala.qc_figure import QCPicture, blurred_tiles_mask, render_qc
 from wsi_dala.slide import Resolution, Slide
-from wsi_dala.store import SlideRecord, TileStore, TilingRecord, existing_store_state
-from wsi_dala.tissue import TissueSettings, detect_tissue
+from wsi_dala.store import QCMasks, QCRecord, SlideRecord, TileStore, TilingRecord, existing_store_state
+from wsi_dala.tissue import TissueAnalysis, analyse_tissue
 
 log = logging.getLogger(__name__)
 GREY_CHROMA = 8  # max - min over RGB below this for 99 % of the thumbnail: the slide has no colour
@@ -43,10 +45,18 @@ class TilePlan:
     stride_l0: float
     origins: np.ndarray  # [N, 2] kept tiles, in reading order
     tissue_fraction: np.ndarray  # [N]
+    ink_fraction: np.ndarray  # [N]
+    fold_fraction: np.ndarray  # [N]
     grid_tiles: int  # tiles in the full grid, before the tissue filter
-    mask: np.ndarray
+    excluded: dict[str, int]  # tiles with tissue left out by QC (mode exclude): "ink", "fold"
+    analysis: TissueAnalysis
     mask_downsample: float
+    mask_mpp: float
     thumbnail: np.ndarray
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.analysis.tissue
 
 
 @dataclass(frozen=True)
@@ -99,21 +109,32 @@ def check_slide(slide_path: str | Path, config: TilingConfig) -> None:
         choose_tile_level(slide, config)
 
 
-def plan_tiles(slide: Slide, config: TilingConfig, tissue: TissueSettings) -> TilePlan:
-    """Choose the level, lay the grid, detect tissue and keep tiles with enough of it."""
+def plan_tiles(slide: Slide, config: TilingConfig) -> TilePlan:
+    """Choose the level, lay the grid, find tissue, ink and folds, and keep tiles with enough tissue."""
     info = slide.info
     mpp0 = slide.require_mpp().mpp
     choice = choose_tile_level(slide, config)
     stride_l0 = choice.tile_size_l0 * config.stride / config.tile_px
     # The mask must resolve a tile: at least ~16 mask pixels along a tile side.
     tile_um = choice.tile_size_l0 * mpp0
-    mask_mpp = max(mpp0, min(tissue.mask_mpp, tile_um / 16))
+    mask_mpp = max(mpp0, min(config.tissue.mask_mpp, tile_um / 16))
     thumbnail, mask_downsample = slide.read_downsampled(mask_mpp)
-    mask = detect_tissue(thumbnail, mpp0 * mask_downsample, tissue)
+    analysis = analyse_tissue(thumbnail, mpp0 * mask_downsample, config.tissue)
     origins = grid_origins(info.width, info.height, choice.tile_size_l0, stride_l0)
-    fractions = tissue_fractions(mask, mask_downsample, origins, choice.tile_size_l0)
+
+    def covered(mask: np.ndarray) -> np.ndarray:
+        return tissue_fractions(mask, mask_downsample, origins, choice.tile_size_l0)
+
+    fractions = covered(analysis.tissue)
     keep = fractions >= max(config.min_tissue, 1e-9)
-    origins, fractions = origins[keep], fractions[keep]
+    ink, fold = covered(analysis.ink), covered(analysis.fold)
+    excluded = {"ink": 0, "fold": 0}
+    if config.qc.mode == "exclude":
+        inked = keep & (ink > config.qc.max_ink_fraction)
+        folded = keep & (fold > config.qc.max_fold_fraction)
+        excluded = {"ink": int(inked.sum()), "fold": int(folded.sum())}
+        keep &= ~(inked | folded)
+    origins, fractions, ink, fold = origins[keep], fractions[keep], ink[keep], fold[keep]
     block_l0 = max(1, config.region_level_px // max(1, choice.read_size_level_px)) * stride_l0
     order = block_order(origins, block_l0)
     return TilePlan(
@@ -121,9 +142,13 @@ def plan_tiles(slide: Slide, config: TilingConfig, tissue: TissueSettings) -> Ti
         stride_l0=stride_l0,
         origins=origins[order],
         tissue_fraction=fractions[order],
+        ink_fraction=ink[order],
+        fold_fraction=fold[order],
         grid_tiles=int(keep.size),
-        mask=mask,
+        excluded=excluded,
+        analysis=analysis,
         mask_downsample=mask_downsample,
+        mask_mpp=mpp0 * mask_downsample,
         thumbnail=thumbnail,
     )
 
@@ -148,9 +173,10 @@ def read_tiles(
     return out
 
 
-def _tiling_key(fingerprint: dict[str, Any], config: TilingConfig, tissue: TissueSettings) -> str:
-    # Reader threads change how fast tiles are cut, never which: they are not part of the key.
-    settings = {**config.model_dump(mode="json", exclude={"reader_threads"}), "tissue": tissue.to_dict()}
+def _tiling_key(fingerprint: dict[str, Any], config: TilingConfig) -> str:
+    # Reader threads change how fast tiles are cut, never which: they are not part of the key. Every QC
+    # setting is (exclude changes which tiles are cut; off measures no sharpness).
+    settings = config.model_dump(mode="json", exclude={"reader_threads"})
     return config_hash({"slide": fingerprint, "config": settings})
 
 
@@ -160,25 +186,26 @@ def tile_slide(
     config: TilingConfig,
     progress: bool = True,
     on_chunk_written: Callable[[int], None] | None = None,
-    tissue: TissueSettings | None = None,
 ) -> TilingResult:
     """Tile one slide into ``<out_dir>/tiles.zarr`` (resuming or skipping when it can).
 
     ``config`` must have its target set (``TilingConfig.resolved``). ``on_chunk_written(chunk_index)``
     is called after each chunk is durably written.
     """
-    tissue = tissue or TissueSettings()
     started = time.perf_counter()
     slide = Slide(slide_path, reader=config.reader, slide_mpp=config.slide_mpp)
     try:
         resolution = slide.require_mpp()
         layout = RunLayout.for_slide(out_dir, slide_path)
         fingerprint = slide_fingerprint(slide.path)
-        key = _tiling_key(fingerprint, config, tissue)
+        key = _tiling_key(fingerprint, config)
         state = existing_store_state(layout.tiles_store, key)
         if state == "done":  # nothing to read, not even the thumbnail
-            return _result(TileStore(layout.tiles_store), started, resumed=0, skipped=True)
-        plan = plan_tiles(slide, config, tissue)  # validates the target before anything is written or removed
+            store = TileStore(layout.tiles_store)
+            if not layout.qc_png.exists() and layout.thumbnail_png.exists():
+                write_qc_png(layout, store)
+            return _result(store, started, resumed=0, skipped=True)
+        plan = plan_tiles(slide, config)  # validates the target before anything is written or removed
         ensure_writable_dir(layout.root)
         if state == "replace":
             log.info("%s: slide or settings changed since it was written; tiling again", layout.tiles_store)
@@ -188,18 +215,32 @@ def tile_slide(
             save_png_atomic(layout.thumbnail_png, Image.fromarray(plan.thumbnail))
             save_png_atomic(layout.tissue_mask_png, Image.fromarray(plan.mask.astype(np.uint8) * 255))
         if state == "new":
-            record = _tiling_record(slide, plan, config, tissue, fingerprint, key, resolution)
+            record = _tiling_record(slide, plan, config, fingerprint, key, resolution)
+            masks = QCMasks(plan.ink_fraction, plan.fold_fraction, plan.analysis.ink, plan.analysis.fold)
             store = TileStore.create(
-                layout.tiles_store, plan.origins, plan.tissue_fraction, record, config.chunk_tiles, plan.mask
+                layout.tiles_store,
+                plan.origins,
+                plan.tissue_fraction,
+                record,
+                config.chunk_tiles,
+                plan.mask,
+                qc=masks,
             )
         else:
             store = TileStore(layout.tiles_store, mode="r+")
         if store.info.n_tiles == 0:
-            log.warning("%s: no tissue found%s; writing an empty tile store", slide.path, _why_no_tissue(plan))
+            log.warning(
+                "%s: no tissue found%s; writing an empty tile store (mask: %s, QC picture: %s)",
+                slide.path,
+                _why_no_tissue(plan),
+                layout.tissue_mask_png,
+                layout.qc_png,
+            )
         done = store.tile_chunks_done()
         resumed = int(done.sum())
         _write_chunks(slide, store, plan, config, done, progress, on_chunk_written)
-        store.mark_complete()
+        _complete(store, plan, config)
+        write_qc_png(layout, store)
         return _result(store, started, resumed=resumed, skipped=False)
     finally:
         slide.close()
@@ -227,10 +268,15 @@ def _write_chunks(
         leave=False,
     )
 
-    def job(index: int) -> np.ndarray:
-        return read_tiles(slide, origins[rows[index]], plan.choice, config.tile_px, block_l0)
+    measure_blur = config.qc.mode != "off"
 
-    in_flight: dict[Future[np.ndarray], int] = {}
+    def job(index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        tiles = read_tiles(slide, origins[rows[index]], plan.choice, config.tile_px, block_l0)
+        if not measure_blur:
+            return tiles, None
+        return tiles, tile_sharpness(tiles, plan.choice.effective_mpp, plan.analysis.glass_rgb[1])
+
+    in_flight: dict[Future[tuple[np.ndarray, np.ndarray | None]], int] = {}
     threads = config.reader_threads
     with ThreadPoolExecutor(max_workers=threads) as pool:
         try:
@@ -243,8 +289,8 @@ def _write_chunks(
                 finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in finished:
                     index = in_flight.pop(future)
-                    data = future.result()
-                    store.write_tiles(rows[index].start, data)
+                    data, sharpness = future.result()
+                    store.write_tiles(rows[index].start, data, sharpness)
                     store.mark_tile_chunk_done(index, done)
                     bar.update(len(data))
                     if on_chunk_written is not None:
@@ -270,7 +316,6 @@ def _tiling_record(
     slide: Slide,
     plan: TilePlan,
     config: TilingConfig,
-    tissue: TissueSettings,
     fingerprint: dict[str, Any],
     key: str,
     resolution: Resolution,
@@ -302,12 +347,96 @@ def _tiling_record(
         stride_px=config.stride,
         stride_l0=plan.stride_l0,
         min_tissue=config.min_tissue,
-        tissue=tissue.to_dict(),
+        tissue=config.tissue.to_dict(),
         mask_downsample=plan.mask_downsample,
         grid_tiles=plan.grid_tiles,
         tiling_key=key,
         software={"wsi_dala": __version__},
     )
+
+
+def _complete(store: TileStore, plan: TilePlan, config: TilingConfig) -> None:
+    """Judge every tile's quality against the slide's own tiles, record it, and mark the store usable."""
+    qc = config.qc
+    sharpness = store.qc_sharpness()
+    verdict = judge(sharpness, fold_fraction=store.qc_fold(), ink_fraction=store.qc_ink(), config=qc)
+    flags = verdict.flags if qc.mode != "off" else np.zeros_like(verdict.flags)
+    info = store.info
+    mask_pixel_um2 = plan.mask_mpp**2
+    tile_area_um2 = (min(info.tiling.tile_size_l0, info.tiling.stride_l0) * info.tiling.slide_mpp) ** 2
+    blurred = (flags & BLUR) > 0
+    record = QCRecord(
+        mode=qc.mode,
+        median_sharpness=None
+        if qc.mode == "off" or not np.isfinite(verdict.median_sharpness)
+        else round(verdict.median_sharpness, 4),
+        counts={
+            "blur": int(blurred.sum()),
+            "fold": int(((flags & FOLD) > 0).sum()),
+            "ink": int(((flags & INK) > 0).sum()),
+            "any": int((flags > 0).sum()),
+        },
+        areas_um2={
+            "tissue": round(float(plan.analysis.tissue.sum()) * mask_pixel_um2, 1),
+            "ink": round(float(plan.analysis.ink.sum()) * mask_pixel_um2, 1),
+            "fold": round(float(plan.analysis.fold.sum()) * mask_pixel_um2, 1),
+            "blur": round(float((store.tissue_fraction() * verdict.blur)[blurred].sum()) * tile_area_um2, 1),
+        },
+        excluded_tiles=plan.excluded,
+        glass_rgb=[round(v, 1) for v in plan.analysis.glass_rgb],
+        settings=qc.to_dict(),
+    )
+    store.mark_complete(verdict.blur, flags, record, stain=measure_slide_stain(store, flags, plan.analysis.glass_rgb))
+
+
+STAIN_SAMPLE_TILES = 64  # tiles the slide's stain is measured on, spread evenly over the slide
+
+
+def measure_slide_stain(
+    store: TileStore, flags: np.ndarray, glass_rgb: tuple[float, float, float]
+) -> dict[str, Any] | None:
+    """The slide's H&E stain, measured on a sample of its tiles at the tiles' own µm/px (the resolution
+    the model's reference is measured at, on its training tiles: a thumbnail reads 10° and 1.8x off on
+    CMU-1). QC-flagged tiles are left out. None when there is too little stain to measure."""
+    from wsi_dala.stain import StainError, measure_tiles
+
+    usable = np.flatnonzero(flags == 0)
+    if usable.size == 0:
+        return None
+    picks = usable[np.linspace(0, usable.size - 1, min(STAIN_SAMPLE_TILES, usable.size)).round().astype(int)]
+    tiles = [store.tiles(int(i)) for i in np.unique(picks)]
+    try:
+        return measure_tiles(tiles, glass_rgb).to_dict()
+    except StainError as exc:
+        log.info("%s: stain not measured (%s)", store.path, exc)
+        return None
+
+
+def write_qc_png(layout: RunLayout, store: TileStore) -> None:
+    """``qc.png`` from the thumbnail and what the store recorded."""
+    thumbnail = np.asarray(Image.open(layout.thumbnail_png).convert("RGB"))
+    info = store.info
+    tissue, ink, fold = store.tissue_mask(), store.ink_mask(), store.fold_mask()
+    if tissue is None or ink is None or fold is None or tissue.shape != thumbnail.shape[:2]:
+        return
+    flags = store.qc_flags()
+    blurred = store.coords()[(flags & BLUR) > 0]
+    blur = blurred_tiles_mask(tissue.shape, blurred, info.tiling.tile_size_l0, info.tiling.mask_downsample)
+    areas = info.qc.areas_um2 if info.qc is not None else {}
+    picture = QCPicture(
+        thumbnail=thumbnail,
+        tissue=tissue,
+        ink=ink,
+        fold=fold,
+        blur=blur & tissue,
+        areas_mm2={name: areas.get(name, 0.0) / 1e6 for name in ("tissue", "ink", "fold", "blur")},
+    )
+    counts = info.qc.counts if info.qc is not None else {}
+    title = (
+        f"{layout.slide_stem}: {info.n_tiles} tiles; flagged: {counts.get('blur', 0)} out of focus, "
+        f"{counts.get('fold', 0)} folded, {counts.get('ink', 0)} inked"
+    )
+    render_qc(picture, layout.qc_png, title)
 
 
 def _result(store: TileStore, started: float, resumed: int, skipped: bool) -> TilingResult:
