@@ -65,6 +65,18 @@ def blank_slide(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def colour_checkpoint(tmp_path_factory):
+    """The transparent colour reference scorer (tumour colour -> probability), 64 px at 1 µm/px."""
+    from wsi_dala.model import write_untrained_checkpoint
+    from wsi_dala.model.colour import CLASS_NAMES
+
+    path = tmp_path_factory.mktemp("model") / "colour.safetensors"
+    return write_untrained_checkpoint(
+        path, "colour-reference", tile_size_px=64, mpp=1.0, class_names=tuple(CLASS_NAMES), note="reference scorer"
+    )
+
+
 @pytest.fixture()
 def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"

@@ -13,20 +13,10 @@ from wsi_dala.cli import main
 from wsi_dala.config import PipelineConfig, ScoringConfig, TilingConfig, load_config
 from wsi_dala.demo import tumour_iou
 from wsi_dala.errors import ConfigError
-from wsi_dala.model import write_untrained_checkpoint
-from wsi_dala.model.colour import CLASS_NAMES
 from wsi_dala.pipeline import run_slide
 from wsi_dala.scoring import score_store
 from wsi_dala.store import SCORE_CHUNKS_DONE, SCORES, TileStore
 from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
-
-
-@pytest.fixture(scope="session")
-def colour_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "colour.safetensors"
-    return write_untrained_checkpoint(
-        path, "colour-reference", tile_size_px=64, mpp=1.0, class_names=tuple(CLASS_NAMES), note="reference scorer"
-    )
 
 
 def _slide(tmp_path_factory, mpp, width, height):

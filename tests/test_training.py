@@ -62,6 +62,25 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
 
 
+def test_card_records_the_training_stain_and_normalised_training_maps_to_the_reference(tmp_path):
+    from wsi_dala.stain import REFERENCE_PROFILE, StainProfile
+
+    root = write_blob_folder(tmp_path / "data", size=32, n=24, groups=4)
+    samples, names = image_folder_samples(root)
+    train, val = group_split([s.label for s in samples], [s.group for s in samples], 0.5, seed=0)
+    train_s, val_s = [samples[i] for i in train], [samples[i] for i in val]
+    plain = TrainConfig(input_size=32, epochs=1, **QUICK)
+    result = train_model(train_s, val_s, names, "tumour", plain, tmp_path / "plain", {"mpp": None}, progress=False)
+    card = read_card(result.checkpoint)
+    measured = StainProfile.from_dict(card.stain_reference, "card")
+    assert measured.n_pixels > 100 and card.training_data["stain_normalise"] == "none"
+    normalised = plain.model_copy(update={"stain_normalise": "macenko"})
+    result = train_model(train_s, val_s, names, "tumour", normalised, tmp_path / "norm", {"mpp": None}, progress=False)
+    card = read_card(result.checkpoint)
+    assert card.stain_reference == REFERENCE_PROFILE.to_dict() and card.training_data["stain_normalise"] == "macenko"
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
 def test_class_balanced_weights():
     weights = class_balanced_weights([100, 10], beta=0.999)
     effective = [(1 - 0.999**100) / 0.001, (1 - 0.999**10) / 0.001]

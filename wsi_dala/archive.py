@@ -54,6 +54,7 @@ class SlideOutcome:
     output: str = ""
     started: str = ""
     runs: int = 0  # how many times this slide was actually processed, over all batches
+    quality: list[str] = field(default_factory=list)  # QC and stain findings worth a look ("12 % ... out of focus")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,6 +162,7 @@ def process_slide(
                 continue
             outcome.status = "skipped" if summary.skipped else "done"
             outcome.tiles = summary.record.counts.tiles
+            outcome.quality = quality_notes(summary.record.qc, summary.record.stain)
             outcome.error = None
             if not summary.skipped:
                 outcome.runs += 1
@@ -169,6 +171,22 @@ def process_slide(
         permanent = permanent and outcome.status == "failed"
         write_json_atomic(state_path, {**outcome.to_dict(), "fingerprint": fingerprint, "permanent": permanent})
     return outcome.to_dict()
+
+
+NOTE_PERCENT = 1.0  # QC findings below this share of the tissue are not worth a line in the report
+
+
+def quality_notes(qc: dict[str, Any], stain: dict[str, Any]) -> list[str]:
+    """One short line per finding a person should look at: "12 % of tissue out of focus"."""
+    notes = []
+    percent = qc.get("percent_of_tissue", {}) if isinstance(qc, dict) else {}
+    for name, words in (("blur", "out of focus"), ("fold", "folded"), ("ink", "under marker ink")):
+        value = percent.get(name, 0.0)
+        if isinstance(value, (int, float)) and value >= NOTE_PERCENT:
+            notes.append(f"{value:.0f} % of tissue {words}")
+    if isinstance(stain, dict) and stain.get("out_of_distribution"):
+        notes.append(f"out of distribution: stain ({stain.get('summary', 'far from the model reference')})")
+    return notes
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -267,6 +285,11 @@ def write_reports(layout: BatchLayout, archive: Path, result: BatchResult) -> No
     if result.failed:
         lines += ["## Failures", "", "| slide | attempts | error |", "|---|---|---|"]
         lines += [f"| `{o.path}` | {o.attempts} | {(o.error or '').replace('|', '/')} |" for o in result.failed]
+        lines.append("")
+    flagged = [o for o in result.outcomes if o.quality]
+    if flagged:
+        lines += ["## Quality", ""]
+        lines += [f"- `{o.slide_id}`: {'; '.join(o.quality)}" for o in flagged]
         lines.append("")
     lines += ["## Slides", "", "| slide | id | status | tiles | seconds | output |", "|---|---|---|---|---|---|"]
     lines += [

@@ -33,3 +33,7 @@ class ConfigError(WsiDalaError):
 
 class CheckpointError(WsiDalaError):
     """A model checkpoint is missing, unsafe or inconsistent."""
+
+
+class QualityError(WsiDalaError):
+    """The slide has nothing a classifier can be trusted on: no tissue, or tissue all out of focus."""

@@ -1,8 +1,9 @@
 """From a scored tile store and a stitched heatmap to QuPath GeoJSON (via ``qupath_export``).
 
 Tiles become locked ``tile`` detections classed Tumor / Non-tumor at ``tile_threshold`` with their
-measurements; tumour regions become ``annotation`` polygons traced on the ``tumour`` heatmap layer at
-each threshold, with holes, simplified without self-crossing, at least ``min_region_area_um2``.
+measurements (QC blur, fold and ink among them); tumour regions become ``annotation`` polygons traced
+on the ``tumour`` heatmap layer at each threshold, leaving out cells QC flagged, with holes,
+simplified without self-crossing, at least ``min_region_area_um2``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from qupath_export.geojson import annotation_feature, tile_features, write_featu
 from qupath_export.polygons import mask_to_polygons
 from wsi_dala.cam_threshold import CamSettings, dynamic_threshold
 from wsi_dala.config import ExportConfig
-from wsi_dala.heatmap import Heatmap
+from wsi_dala.heatmap import FLAGGED_CELL, Heatmap
 from wsi_dala.store import TileStore
 
 POSITIVE_CLASS, NEGATIVE_CLASS = "Tumor", "Non-tumor"  # QuPath's built-in Tumor class, and ours
@@ -49,6 +50,8 @@ def _dt_cam_area_fraction(raw: np.ndarray, settings: CamSettings) -> np.ndarray:
 
 def _tile_feature_stream(store: TileStore, config: ExportConfig, cam_scale: float) -> Iterator[dict[str, Any]]:
     settings = CamSettings(method=config.cam_threshold_method)
+    qc = store.info.qc
+    exclude_flagged = qc is not None and qc.mode == "exclude"  # flagged tiles are as if never cut
     for rows in store.info.chunk_rows():
         probability = store.positive_scores(rows)
         raw = store.cams(rows)
@@ -59,9 +62,19 @@ def _tile_feature_stream(store: TileStore, config: ExportConfig, cam_scale: floa
             "CAM max (slide scale)": scaled.max(axis=1),
             "DT-CAM area fraction": _dt_cam_area_fraction(raw, settings),
             "Tissue fraction": store.tissue_fraction(rows),
+            "QC blur": store.qc_blur(rows),
+            "QC fold": store.qc_fold(rows),
+            "QC ink": store.qc_ink(rows),
+            "QC flagged": (store.qc_flags(rows) > 0).astype(np.float32),
         }
         classes = np.where(probability >= config.tile_threshold, POSITIVE_CLASS, NEGATIVE_CLASS)
-        yield from tile_features(store.coords(rows), store.info.tile_size_l0, measurements, classes)
+        keep = np.ones(len(probability), dtype=bool) if not exclude_flagged else store.qc_flags(rows) == 0
+        yield from tile_features(
+            store.coords(rows)[keep],
+            store.info.tile_size_l0,
+            {name: values[keep] for name, values in measurements.items()},
+            classes[keep],
+        )
 
 
 def region_features(heatmap: Heatmap, config: ExportConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -73,8 +86,9 @@ def region_features(heatmap: Heatmap, config: ExportConfig) -> tuple[list[dict[s
     centres_x = (cols.ravel() + 0.5) * heatmap.cell_l0
     centres_y = (rows.ravel() + 0.5) * heatmap.cell_l0
     values = layer.ravel()
+    trusted = np.nan_to_num(heatmap.qc_flagged, nan=0.0) < FLAGGED_CELL  # QC-flagged cells make no region
     for threshold in sorted(config.region_thresholds):
-        mask = np.nan_to_num(layer, nan=0.0) >= threshold
+        mask = (np.nan_to_num(layer, nan=0.0) >= threshold) & trusted
         regions = mask_to_polygons(
             mask, heatmap.cell_l0, simplify_tolerance=config.simplify_cells * heatmap.cell_l0, min_area=min_area_px
         )

@@ -10,7 +10,11 @@ where no tile lies, i.e. no tissue):
   min-max normalisation would stretch a benign tile's weak map to 1; one scale keeps tiles comparable
   and gives regions finer than a tile (``shared/model-spec.md``, DT Grad-CAM step 7).
 
-Both are stored as a multiscale Zarr (level k = 2^k cells per pixel) with their level-0 pixel size and
+A third layer, ``qc_flagged``, is the share of the tiles over each cell that quality control flagged
+(out of focus, folded, inked): drawn hatched on the overlay and left out of tumour regions. Under
+``qc.mode: exclude`` flagged tiles are not stitched at all.
+
+All are stored as a multiscale Zarr (level k = 2^k cells per pixel) with their level-0 pixel size and
 µm/px in the attributes, and rendered as ``overview.png`` and ``overlay.png`` (with a colour bar).
 """
 
@@ -31,7 +35,9 @@ from wsi_dala.grid import grid_origins, tissue_fractions
 from wsi_dala.layout import building_path
 from wsi_dala.store import TileStore
 
-LAYERS = ("probability", "tumour")
+LAYERS = ("probability", "tumour", "qc_flagged")
+HATCH_RGB = (0, 230, 255)  # cyan: not in the inferno scale, not in H&E
+FLAGGED_CELL = 0.5  # a cell at least this much covered by flagged tiles is drawn hatched, and is no region
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Heatmap:
 
     probability: np.ndarray  # [rows, cols] float32, NaN where no tile
     tumour: np.ndarray
+    qc_flagged: np.ndarray  # share of the tiles over the cell that QC flagged, NaN where no tile
     cell_l0: float
     cam_scale: float
     slide_mpp: float
@@ -76,18 +83,21 @@ def stitch(store_path: str | Path, config: HeatmapConfig | None = None) -> Heatm
     cell_l0 = info.tile_size_l0 / grid
     width, height = info.tiling.slide.width, info.tiling.slide.height
     rows, cols = math.ceil(height / cell_l0), math.ceil(width / cell_l0)
-    sums = np.zeros((2, rows + grid, cols + grid), dtype=np.float64)  # margin for edge tiles
+    sums = np.zeros((3, rows + grid, cols + grid), dtype=np.float64)  # margin for edge tiles
     counts = np.zeros((rows + grid, cols + grid), dtype=np.int32)
     scale = slide_cam_scale(store, config)
+    exclude_flagged = info.qc is not None and info.qc.mode == "exclude"
     for chunk in info.chunk_rows():
         cells = np.round(store.coords(chunk) / cell_l0).astype(np.int64)
         probability = store.positive_scores(chunk)
         cams = np.clip(store.cams(chunk) / scale, 0.0, 1.0)
-        for (cx, cy), p, cam in zip(cells, probability, cams, strict=True):
-            if not np.isfinite(p):
+        flagged = store.qc_flags(chunk) > 0
+        for (cx, cy), p, cam, bad in zip(cells, probability, cams, flagged, strict=True):
+            if not np.isfinite(p) or (bad and exclude_flagged):
                 continue
             sums[0, cy : cy + grid, cx : cx + grid] += p
             sums[1, cy : cy + grid, cx : cx + grid] += p * cam
+            sums[2, cy : cy + grid, cx : cx + grid] += bad
             counts[cy : cy + grid, cx : cx + grid] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, sums / counts, np.nan)[:, :rows, :cols].astype(np.float32)
@@ -97,7 +107,7 @@ def stitch(store_path: str | Path, config: HeatmapConfig | None = None) -> Heatm
         cells_xy = grid_origins(cols * cell_l0, rows * cell_l0, cell_l0, cell_l0).astype(np.float64)
         tissue = tissue_fractions(mask, info.tiling.mask_downsample, cells_xy, cell_l0).reshape(rows, cols)
         mean[:, tissue < config.min_cell_tissue] = np.nan
-    return Heatmap(mean[0], mean[1], cell_l0, scale, info.slide_mpp)
+    return Heatmap(mean[0], mean[1], mean[2], cell_l0, scale, info.slide_mpp)
 
 
 def _halve(layer: np.ndarray) -> np.ndarray:
@@ -151,6 +161,7 @@ def write_heatmap(
             "layers": {
                 "probability": "tile tumour probability, overlap-averaged",
                 "tumour": "tile probability x Grad-CAM (one slide-wide scale), overlap-averaged",
+                "qc_flagged": "share of the tiles over the cell that quality control flagged",
             },
             "levels": levels,
             "cell_l0": heatmap.cell_l0,
@@ -166,10 +177,13 @@ def write_heatmap(
     tmp.rename(path)
 
 
-def render_overlay(thumbnail: np.ndarray, layer: np.ndarray, path: Path, title: str) -> None:
+def render_overlay(
+    thumbnail: np.ndarray, layer: np.ndarray, path: Path, title: str, flagged: np.ndarray | None = None
+) -> None:
     """Heatmap (0-1, no colour where there is no value) over the thumbnail, with a colour bar.
 
-    Drawn on a bare ``matplotlib.figure.Figure``: no pyplot, no global backend to switch.
+    Cells mostly covered by QC-flagged tiles (``flagged`` ≥ FLAGGED_CELL) are hatched. Drawn on a bare
+    ``matplotlib.figure.Figure``: no pyplot, no global backend to switch.
     """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
@@ -188,6 +202,9 @@ def render_overlay(thumbnail: np.ndarray, layer: np.ndarray, path: Path, title: 
     coloured = colormaps["inferno"](value[..., 0])[..., :3] * 255
     alpha = np.where(valid[..., None], 0.15 + 0.6 * value, 0.0)  # low probability: the tissue shows through
     blend = ((1 - alpha) * thumbnail + alpha * coloured).astype(np.uint8)
+    hatched = _hatch_mask(flagged, (height, width)) if flagged is not None else None
+    if hatched is not None:
+        blend[hatched] = HATCH_RGB
     dpi = 100
     fig = Figure(figsize=(width / dpi + 1.6, height / dpi + 0.6), dpi=dpi)
     ax = fig.subplots()
@@ -196,5 +213,26 @@ def render_overlay(thumbnail: np.ndarray, layer: np.ndarray, path: Path, title: 
     ax.set_title(title, fontsize=9)
     mappable = ScalarMappable(cmap="inferno", norm=Normalize(0, 1))
     fig.colorbar(mappable, ax=ax, fraction=0.035, pad=0.02, label="tumour probability")
+    if hatched is not None and hatched.any():
+        from matplotlib.patches import Patch
+
+        key = Patch(
+            facecolor="white",
+            edgecolor=(HATCH_RGB[0] / 255, HATCH_RGB[1] / 255, HATCH_RGB[2] / 255),
+            hatch="///",
+            label="QC-flagged tiles",
+        )
+        ax.legend(handles=[key], loc="upper left", bbox_to_anchor=(0.0, -0.01), fontsize=8, frameon=False)
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", bbox_inches="tight")
+
+
+def _hatch_mask(flagged: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels of diagonal hatch lines (every 6th diagonal) over cells flagged by QC."""
+    from PIL import Image
+
+    height, width = shape
+    cells = np.nan_to_num(flagged, nan=0.0) >= FLAGGED_CELL
+    resized = np.asarray(Image.fromarray(cells).resize((width, height), Image.Resampling.NEAREST))
+    rows, cols = np.mgrid[0:height, 0:width]
+    return resized & ((rows + cols) % 6 == 0)

@@ -11,7 +11,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ import numpy as np
 from wsi_dala import __version__
 from wsi_dala.cluster import check_address
 from wsi_dala.config import PipelineConfig, TilingConfig
-from wsi_dala.errors import CheckpointError, OutputError
+from wsi_dala.errors import CheckpointError, OutputError, QualityError
 from wsi_dala.export import ExportResult, export_qupath
 from wsi_dala.fileio import ensure_writable_dir, save_png_atomic, write_json_atomic
 from wsi_dala.heatmap import Heatmap, render_overlay, stitch, write_heatmap
@@ -75,6 +75,8 @@ class RunRecord:
     settings: dict[str, Any]
     outputs: dict[str, str]  # file names inside the run folder
     versions: dict[str, str]
+    qc: dict[str, Any] = field(default_factory=dict)  # counts, areas in µm², percentages of tissue
+    stain: dict[str, Any] = field(default_factory=dict)  # the slide's, the model's reference, their distance
     status: str = "complete"
     format: str = RUN_FORMAT
 
@@ -188,6 +190,7 @@ def _run_locked(
     started = time.perf_counter()
     tiled = tile_slide(slide_path, layout.root, tiling, progress=progress)
     timings["tile"] = tiled.seconds
+    check_quality(TileStore(tiled.store), slide_path, layout)
     scored = score_store(tiled.store, checkpoint, config.scoring, progress=progress, client=client)
     timings["score"] = scored.seconds
     t = time.perf_counter()
@@ -207,6 +210,72 @@ def _run_locked(
     write_json_atomic(layout.run_json, record.to_dict())
     _remove_outputs_no_longer_written(layout, previous, record)
     return RunSummary(layout, record, skipped=False)
+
+
+MOSTLY_BLURRED = 0.9  # this share of tissue tiles out of focus: the slide is not worth a heatmap
+
+
+def check_quality(store: TileStore, slide_path: Path, layout: RunLayout) -> None:
+    """Refuse a slide with no tissue, or with tissue almost all out of focus, in one line naming the
+    pictures that show why (they are written before this is called)."""
+    info, qc = store.info, store.info.qc
+    pictures = f"mask written to {layout.tissue_mask_png}, QC picture to {layout.qc_png}"
+    if info.n_tiles == 0:
+        why = ""
+        if qc is not None and qc.areas_um2.get("ink", 0.0) > qc.areas_um2.get("tissue", 0.0):
+            why = f" (marker ink covers {qc.areas_um2['ink'] / 1e6:.2f} mm², more than any tissue)"
+        raise QualityError(f"no tissue found in {slide_path}{why}; {pictures}")
+    if qc is not None and qc.mode != "off" and qc.counts.get("blur", 0) >= MOSTLY_BLURRED * info.n_tiles:
+        share = 100 * qc.counts["blur"] / info.n_tiles
+        raise QualityError(
+            f"{slide_path}: {share:.0f} % of the tissue tiles are out of focus (rescan it, or run with "
+            f"--qc off to score it anyway); {pictures}"
+        )
+
+
+def qc_summary(store: TileStore) -> dict[str, Any]:
+    """QC for run.json and the batch report: counts, areas in µm² and shares of the tissue in percent."""
+    qc = store.info.qc
+    if qc is None:
+        return {}
+    tissue = qc.areas_um2.get("tissue", 0.0)
+    percent = {
+        name: round(100 * qc.areas_um2.get(name, 0.0) / tissue, 2) if tissue > 0 else 0.0
+        for name in ("blur", "fold", "ink")
+    }
+    return {
+        "mode": qc.mode,
+        "tiles_flagged": qc.counts,
+        "tiles_excluded": qc.excluded_tiles,
+        "areas_um2": qc.areas_um2,
+        "percent_of_tissue": percent,
+        "median_sharpness": qc.median_sharpness,
+    }
+
+
+def stain_summary(store: TileStore, card: ModelCard, normalised: str) -> dict[str, Any]:
+    """The slide's measured stain against the model's reference, for run.json and the batch report."""
+    from wsi_dala.stain import REFERENCE_PROFILE, StainProfile, is_out_of_distribution, stain_distance
+
+    measured = store.info.stain
+    reference = card.stain_reference or REFERENCE_PROFILE.to_dict()
+    summary: dict[str, Any] = {
+        "slide": measured,
+        "reference": reference,
+        "reference_source": "model card" if card.stain_reference else "published Macenko H&E reference",
+        "normalised": normalised,
+    }
+    if measured is None:
+        return {**summary, "distance": None, "out_of_distribution": None}
+    slide_profile = StainProfile.from_dict(measured, f"{store.path} stain")
+    distance = stain_distance(slide_profile, StainProfile.from_dict(reference, "model card stain reference"))
+    return {
+        **summary,
+        "distance": {k: round(v, 3) for k, v in distance.items()},
+        "out_of_distribution": is_out_of_distribution(distance),
+        "summary": f"H {distance['h_angle_deg']:.0f}°, E {distance['e_angle_deg']:.0f}° from the reference, "
+        f"intensity ×{2 ** distance['h_log2_ratio']:.2f} H, ×{2 ** distance['e_log2_ratio']:.2f} E",
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -298,6 +367,8 @@ def _record(
         settings=config.to_dict(),
         outputs={name: path.name for name, path in _outputs(layout, config).items()},
         versions=_versions(),
+        qc=qc_summary(TileStore(tiled.store)),
+        stain=stain_summary(TileStore(tiled.store), card, config.scoring.stain_normalise),
     )
 
 
@@ -318,6 +389,7 @@ def _render(layout: RunLayout, heatmap: Heatmap) -> None:
         heatmap.tumour,
         layout.overlay_png,
         f"{layout.slide_stem}: tumour probability (cell {heatmap.cell_mpp:.1f} µm)",
+        flagged=heatmap.qc_flagged,
     )
 
 
@@ -330,6 +402,7 @@ def _outputs(layout: RunLayout, config: PipelineConfig) -> dict[str, Path]:
         "tiles_geojson": layout.tiles_geojson(config.export.gzip),
         "tumour_geojson": layout.tumour_geojson(config.export.gzip),
         "tissue_mask": layout.tissue_mask_png,
+        "qc": layout.qc_png,
         "run_json": layout.run_json,
     }
 

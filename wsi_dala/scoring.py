@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.array as da
@@ -32,10 +32,11 @@ from tqdm import tqdm
 from wsi_dala.cam import logits_and_raw_cams
 from wsi_dala.config import ScoringConfig
 from wsi_dala.devices import autocast, normalise, resolve_device, resolve_precision
-from wsi_dala.errors import ConfigError
+from wsi_dala.errors import ConfigError, QualityError
 from wsi_dala.identity import file_sha256
 from wsi_dala.model import ModelCard, load_checkpoint, read_card
 from wsi_dala.model.interface import as_split
+from wsi_dala.stain_normalise import StainNormaliser
 from wsi_dala.store import ScoringRecord, TileStore
 
 if TYPE_CHECKING:
@@ -71,15 +72,38 @@ def cached_model(checkpoint: str, device: str) -> tuple[torch.nn.Module, ModelCa
         return _MODELS[key]
 
 
-def score_tiles(tiles: np.ndarray, checkpoint: str, device: str, precision: str, batch_size: int) -> np.ndarray:
+@dataclass(frozen=True)
+class StainPlan:
+    """How tiles are mapped to the model's stain before scoring: plain data, so it travels to Dask workers."""
+
+    method: str  # macenko | reinhard
+    source: dict[str, Any]  # the slide's StainProfile, measured when it was tiled
+    target: dict[str, Any]  # the model card's reference StainProfile
+
+    def normaliser(self) -> StainNormaliser:
+        from wsi_dala.stain import StainProfile
+
+        return StainNormaliser(
+            self.method,
+            StainProfile.from_dict(self.source, "tile store stain"),
+            StainProfile.from_dict(self.target, "model card stain reference"),
+        )
+
+
+def score_tiles(
+    tiles: np.ndarray, checkpoint: str, device: str, precision: str, batch_size: int, stain: StainPlan | None = None
+) -> np.ndarray:
     """Packed rows [n, C + g*g]: class probabilities, then the raw Grad-CAM map of the positive class."""
     model, card = cached_model(checkpoint, device)
     mean, std = card.normalisation["mean"], card.normalisation["std"]
+    normaliser = stain.normaliser() if stain is not None else None
     rows = []
     for start in range(0, len(tiles), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(tiles[start : start + batch_size])).permute(0, 3, 1, 2)
         if device.startswith("cuda"):
             batch = batch.pin_memory().to(device, non_blocking=True)
+        if normaliser is not None:
+            batch = normaliser(batch)  # on the batch, on the device: one vectorised pass
         images = normalise(batch, mean, std).contiguous(memory_format=torch.channels_last)
         logits, raw = logits_and_raw_cams(model, images, card.positive_index, autocast(precision, device))
         probabilities = torch.softmax(logits.float(), dim=1)
@@ -123,6 +147,7 @@ def _chunk_tasks(
     config: ScoringConfig,
     n_classes: int,
     grid: int,
+    stain: StainPlan | None,
 ) -> dict[int, Delayed]:
     """One Dask task per chunk still to do: score its tiles, write its rows back into the store."""
     tiles = store.tiles_dask()
@@ -133,6 +158,7 @@ def _chunk_tasks(
         device,
         precision,
         config.batch_size,
+        stain,
         dtype=np.float32,
         drop_axis=[2, 3],
         chunks=(tiles.chunks[0], (n_classes + grid * grid,)),
@@ -157,11 +183,13 @@ def score_store(
     store = TileStore(store_path, mode="r+")
     _check_store(store, card)
     n_classes, grid = len(card.class_names), feature_grid(checkpoint, card.tile_size_px)
-    done = store.prepare_scores(n_classes, grid, scoring_key=f"{file_sha256(checkpoint)[:16]}:{precision}")
+    stain = stain_plan(store, card, config.stain_normalise)
+    key = f"{file_sha256(checkpoint)[:16]}:{precision}:{config.stain_normalise}"
+    done = store.prepare_scores(n_classes, grid, scoring_key=key)
     resumed = int(done.sum())
     todo = [i for i in range(len(done)) if not done[i]]
     if todo:
-        tasks = _chunk_tasks(store, todo, checkpoint, device, precision, config, n_classes, grid)
+        tasks = _chunk_tasks(store, todo, checkpoint, device, precision, config, n_classes, grid, stain)
         desc = f"scoring ({store.info.chunk_tiles} tiles/chunk)"
         with tqdm(total=len(done), initial=resumed, unit="chunk", desc=desc, disable=not progress, leave=False) as bar:
             for index in _run(tasks, config, client):
@@ -169,6 +197,26 @@ def score_store(
                 bar.update(1)
     store.mark_scores_complete(ScoringRecord(card.class_names, card.positive_class, grid, precision))
     return ScoringResult(store.info.n_tiles, time.perf_counter() - started, resumed, not todo, precision, device)
+
+
+def stain_plan(store: TileStore, card: ModelCard, method: str) -> StainPlan | None:
+    """The stain mapping for ``method`` (None for "none"); the model's reference is its card's, or the
+    published Macenko reference for a checkpoint that records none."""
+    if method == "none":
+        return None
+    from wsi_dala.stain import REFERENCE_PROFILE
+
+    source = store.info.stain
+    if source is None:
+        raise QualityError(
+            f"{store.info.tiling.slide.path}: its stain could not be measured (too little stained tissue); "
+            "run without --stain-normalise"
+        )
+    target = card.stain_reference
+    if target is None:
+        log.warning("%s records no reference stain; normalising to the published Macenko reference", card.architecture)
+        target = REFERENCE_PROFILE.to_dict()
+    return StainPlan(method, source, target)
 
 
 def _run(tasks: dict[int, Delayed], config: ScoringConfig, client: Client | None) -> Iterator[int]:

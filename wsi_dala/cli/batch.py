@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from wsi_dala.cli.common import Verb, deprecated_flag, existing_dir
+from wsi_dala.cli.common import Verb, add_qc_option, add_stain_option, deprecated_flag, existing_dir
 from wsi_dala.layout import BatchLayout
 
 
@@ -30,6 +30,8 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
         help="slides processed at once by a local Dask cluster of this many worker processes",
     )
     deprecated_flag(parser, "--workers", "--dask-workers", dest="dask_workers", type=int)
+    add_qc_option(parser, default=None)
+    add_stain_option(parser)
     parser.add_argument("--retries", type=int, default=2, help="extra attempts for failures not caused by the input")
     parser.add_argument(
         "--stale-lock-hours",
@@ -43,7 +45,12 @@ def _batch(args: argparse.Namespace) -> int:
     from wsi_dala.config import BatchConfig, build, load_config, with_overrides
     from wsi_dala.errors import CheckpointError
 
-    config = with_overrides(load_config(args.config), model=args.model)
+    config = with_overrides(
+        load_config(args.config),
+        model=args.model,
+        tiling={"qc": {"mode": args.qc}},
+        scoring={"stain_normalise": args.stain_normalise},
+    )
     batch = build(
         BatchConfig,
         {

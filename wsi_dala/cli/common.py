@@ -162,7 +162,32 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--reader-threads", type=int, default=2, metavar="N", help="slide reader threads")
     deprecated_flag(parser, "--workers", "--reader-threads", dest="reader_threads", type=int)
+    add_qc_option(parser, default="flag")
     add_slide_options(parser)
+
+
+def add_qc_option(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--qc``: what quality control does with out-of-focus, folded and inked tiles."""
+    shown = default or "flag, or `tiling.qc.mode` in --config"
+    parser.add_argument(
+        "--qc",
+        choices=("flag", "exclude", "off"),
+        default=default,
+        help="flag: score flagged tiles but leave them out of tumour regions and hatch them on the overlay; "
+        "exclude: do not tile inked or folded tiles, and drop blurred ones from heatmap and GeoJSON; "
+        f"off: measure nothing (default: {shown})",
+    )
+
+
+def add_stain_option(parser: argparse.ArgumentParser) -> None:
+    """``--stain-normalise``: map tiles to the model's reference stain before scoring."""
+    parser.add_argument(
+        "--stain-normalise",
+        choices=("none", "macenko", "reinhard"),
+        default=None,
+        help="map each tile to the model card's reference stain before scoring, from the slide's stain measured "
+        "once at low resolution (default: none, or `scoring.stain_normalise` in --config)",
+    )
 
 
 def tiling_from_flags(
@@ -183,6 +208,7 @@ def tiling_from_flags(
         "reader": getattr(args, "reader", "auto"),
         "slide_mpp": getattr(args, "slide_mpp", None),
         "reader_threads": getattr(args, "reader_threads", 2),
+        "qc": {"mode": getattr(args, "qc", "flag") or "flag"},
     }
     return build(TilingConfig, values, "command line: tiling")
 

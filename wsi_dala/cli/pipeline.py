@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wsi_dala.cli.common import Verb, add_precision_option, add_slide_options
+from wsi_dala.cli.common import Verb, add_precision_option, add_qc_option, add_slide_options, add_stain_option
 from wsi_dala.layout import DEFAULT_DEMO_DIR, default_run_dir
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
         help="tiles at or above this probability are classed Tumor (default 0.5)",
     )
     parser.add_argument("--gzip", action="store_true", default=None, help="write .geojson.gz (QuPath reads it)")
+    add_qc_option(parser, default=None)
+    add_stain_option(parser)
     add_slide_options(parser, defaults=False)
     parser.add_argument(
         "--allow-upsample",
@@ -59,8 +61,10 @@ def _run(args: argparse.Namespace) -> int:
             "slide_mpp": args.slide_mpp,
             "allow_upsample": args.allow_upsample,
             "reader_threads": args.reader_threads,
+            "qc": {"mode": args.qc},
         },
         scoring={
+            "stain_normalise": args.stain_normalise,
             "batch_size": args.batch_size,
             "precision": args.precision,
             "device": args.device,
@@ -85,6 +89,14 @@ def print_summary(summary: RunSummary) -> None:
         f"resolution:  slide {res.slide_mpp:.4g} µm/px ({res.slide_mpp_source}), tiles "
         f"{res.tile_mpp:.4g} µm/px, heatmap cell {res.heatmap_cell_mpp:.3g} µm"
     )
+    if record.qc:
+        percent, flagged = record.qc["percent_of_tissue"], record.qc["tiles_flagged"]
+        print(
+            f"QC:          {flagged['any']} tiles flagged ({record.qc['mode']}); of the tissue {percent['blur']:.0f} % "
+            f"out of focus, {percent['fold']:.0f} % folded, {percent['ink']:.0f} % under ink"
+        )
+    if record.stain.get("out_of_distribution"):
+        print(f"stain:       out of distribution ({record.stain['summary']}); consider --stain-normalise macenko")
     if not summary.skipped:
         timings = ", ".join(f"{k} {v:.1f} s" for k, v in record.timings_s.items())
         print(f"time:        {timings} ({record.tiles_per_s} tiles/s)")

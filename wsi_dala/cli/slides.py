@@ -54,6 +54,17 @@ def _tile(args: argparse.Namespace) -> int:
     )
     if result.chunks_resumed:
         print(f"resumed:      {result.chunks_resumed} chunks were already written")
+    from wsi_dala.layout import RunLayout
+    from wsi_dala.store import TileStore
+
+    qc = TileStore(result.store).info.qc
+    if qc is not None:
+        flagged = qc.counts
+        print(
+            f"QC ({qc.mode}):    {flagged['blur']} tiles out of focus, {flagged['fold']} folded, "
+            f"{flagged['ink']} inked; ink {qc.areas_um2['ink'] / 1e6:.2f} mm², "
+            f"folds {qc.areas_um2['fold'] / 1e6:.2f} mm² (see {RunLayout(Path(args.out)).qc_png})"
+        )
     if not result.skipped and result.seconds > 0:
         print(f"speed:        {result.n_tiles / result.seconds:.1f} tiles/s")
     print(f"store:        {result.store}")

@@ -182,6 +182,13 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--loader-workers", type=int, default=0, metavar="N", help="data-loading processes")
     deprecated_flag(fit, "--workers", "--loader-workers", dest="loader_workers", type=int)
     fit.add_argument(
+        "--stain-normalise",
+        choices=("none", "macenko", "reinhard"),
+        default="none",
+        help="map training batches from the training images' stain to the published H&E reference, which the "
+        "model card records; `run --stain-normalise` then maps slides to it (default: none)",
+    )
+    fit.add_argument(
         "--train-mpp",
         type=number_in(0.01, 100),
         default=None,
@@ -245,6 +252,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         "precision": args.precision,
         "precise_bn_batches": args.precise_bn_batches,
         "loader_workers": args.loader_workers,
+        "stain_normalise": args.stain_normalise,
     }
     return build(TrainConfig, values, "command line")
 

@@ -15,12 +15,30 @@ from wsi_dala.devices import pick_device
 from wsi_dala.errors import ConfigError
 from wsi_dala.fileio import write_json_atomic
 from wsi_dala.layout import EvalLayout
-from wsi_dala.model import load_checkpoint
+from wsi_dala.model import ModelCard, load_checkpoint
+from wsi_dala.stain import StainProfile
+from wsi_dala.stain_normalise import StainNormaliser
 from wsi_dala.training.datasets import Sample
 from wsi_dala.training.loaders import make_loader
 from wsi_dala.training.metrics import classification_metrics, format_table
 from wsi_dala.training.plots import plot_confusion
-from wsi_dala.training.train import predict
+from wsi_dala.training.train import predict, training_stain
+
+
+def _evaluation_stain(card: ModelCard, samples: list[Sample]) -> StainNormaliser | None:
+    """A model trained on stain-normalised batches sees evaluation images mapped the same way: from the
+    evaluation set's own stain to the card's reference."""
+    method = card.training_data.get("stain_normalise", "none")
+    if method == "none" or card.stain_reference is None:
+        return None
+    measured = training_stain(samples)
+    if measured is None:
+        raise ConfigError("the evaluation images' stain could not be measured; the model needs it normalised")
+    return StainNormaliser(
+        method,
+        StainProfile.from_dict(measured, "evaluation images"),
+        StainProfile.from_dict(card.stain_reference, "model card stain reference"),
+    )
 
 
 def evaluate_checkpoint(
@@ -55,6 +73,7 @@ def evaluate_checkpoint(
         card.normalisation["std"],
         precision=precision,
         progress=progress,
+        stain=_evaluation_stain(card, samples),
     )
     predictions = probabilities.argmax(1)
     overall = classification_metrics(labels, predictions, class_names, card.positive_index, probabilities)

@@ -34,7 +34,9 @@ from wsi_dala.identity import config_hash
 from wsi_dala.layout import TrainLayout
 from wsi_dala.model import ModelCard, build_model, save_checkpoint
 from wsi_dala.model.interface import as_split
-from wsi_dala.training.datasets import Sample, class_counts
+from wsi_dala.stain import REFERENCE_PROFILE
+from wsi_dala.stain_normalise import StainNormaliser
+from wsi_dala.training.datasets import Sample, SampleDataset, class_counts
 from wsi_dala.training.loaders import TileLoader, make_loader
 from wsi_dala.training.metrics import classification_metrics
 from wsi_dala.training.plots import plot_curves
@@ -82,6 +84,7 @@ class _Session:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     card: ModelCard
+    stain: StainNormaliser | None = None  # config.stain_normalise: training set's stain -> the reference
 
     @property
     def mean(self) -> list[float]:
@@ -155,6 +158,7 @@ def recalibrate_batchnorm(
     std: list[float],
     batches: int,
     frozen_modules: list[nn.Module],
+    stain: StainNormaliser | None = None,
 ) -> None:
     """ "Precise BN": replace running statistics by an exact average over ``batches`` training batches.
 
@@ -175,7 +179,8 @@ def recalibrate_batchnorm(
         for i, (images, _) in enumerate(loader):
             if i >= batches:
                 break
-            features.forward_features(normalise(images.to(device), mean, std))
+            images = images.to(device)
+            features.forward_features(normalise(stain(images) if stain is not None else images, mean, std))
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
 
@@ -189,15 +194,19 @@ def predict(
     precision: str = "auto",
     criterion: nn.Module | None = None,
     progress: bool = False,
+    stain: StainNormaliser | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Probabilities [N, C], labels [N] and mean loss over a loader."""
+    """Probabilities [N, C], labels [N] and mean loss over a loader (``stain``: mapped first)."""
     model.eval()
     probabilities: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     loss_sum = 0.0
     with torch.no_grad():
         for images, targets in tqdm(loader, desc="predict", leave=False, disable=not progress):
-            images = normalise(images.to(device, non_blocking=True), mean, std)
+            images = images.to(device, non_blocking=True)
+            if stain is not None:
+                images = stain(images)
+            images = normalise(images, mean, std)
             with autocast(precision, device):
                 logits = model(images)
             logits = logits.float()
@@ -282,6 +291,10 @@ def _start_session(
         options=dict(config.options),
         **card_fields,
     )
+    measured = training_stain(train_samples)
+    stain = stain_normaliser(config, measured)
+    card.stain_reference = REFERENCE_PROFILE.to_dict() if stain is not None else measured
+    card.training_data = {**card.training_data, "stain_normalise": config.stain_normalise}
     return _Session(
         config=config,
         class_names=list(class_names),
@@ -294,6 +307,40 @@ def _start_session(
         scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs)),
         scaler=torch.amp.GradScaler("cuda", enabled=fp16_on_cuda),
         card=card,
+        stain=stain,
+    )
+
+
+STAIN_SAMPLE_IMAGES = 64  # training images the reference stain is measured on (evenly spread)
+
+
+def training_stain(samples: list[Sample]) -> dict[str, Any] | None:
+    """The training images' stain (Macenko vectors, L*a*b* statistics), measured as a slide's is
+    (:func:`wsi_dala.stain.measure_tiles`). None when the images hold too little stain to measure."""
+    from wsi_dala.stain import StainError, measure_tiles
+
+    if not samples:
+        return None
+    dataset = SampleDataset(samples)
+    picks = np.linspace(0, len(samples) - 1, min(STAIN_SAMPLE_IMAGES, len(samples))).round().astype(int)
+    try:
+        return measure_tiles([dataset.load(samples[i]) for i in sorted(set(picks))]).to_dict()
+    except StainError as exc:
+        log.warning("training images: stain not measured (%s)", exc)
+        return None
+
+
+def stain_normaliser(config: TrainConfig, measured: dict[str, Any] | None) -> StainNormaliser | None:
+    """``config.stain_normalise``: training batches mapped from the training set's own stain to the
+    published reference, which the model card then records as the model's (slides are mapped to it)."""
+    if config.stain_normalise == "none":
+        return None
+    if measured is None:
+        raise ConfigError("--stain-normalise: the training images' stain could not be measured")
+    from wsi_dala.stain import REFERENCE_PROFILE, StainProfile
+
+    return StainNormaliser(
+        config.stain_normalise, StainProfile.from_dict(measured, "training images"), REFERENCE_PROFILE
     )
 
 
@@ -361,7 +408,10 @@ def _train_one_epoch(session: _Session, loader: TileLoader, desc: str, progress:
         module.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        images = normalise(images.to(device, non_blocking=True), session.mean, session.std)
+        images = images.to(device, non_blocking=True)
+        if session.stain is not None:
+            images = session.stain(images)
+        images = normalise(images, session.mean, session.std)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device)
@@ -392,6 +442,7 @@ def _validate(
             session.std,
             config.precise_bn_batches,
             session.frozen_modules,
+            session.stain,
         )
     probs, labels, val_loss = predict(
         session.model,
@@ -401,6 +452,7 @@ def _validate(
         session.std,
         config.precision,
         session.plain_criterion,
+        stain=session.stain,
     )
     metrics = classification_metrics(labels, probs.argmax(1), session.class_names, session.card.positive_index, probs)
     return metrics, val_loss
