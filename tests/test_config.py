@@ -41,7 +41,7 @@ VALUES = {
     "tiling.qc.mode": ("exclude", "drop"),
     "tiling.qc.blur_drop": (0.5, 1.0),
     "tiling.qc.blur_floor": (0.1, 1.0),
-    "tiling.qc.max_blur_fraction": (0.7, 2.0),
+    "tiling.qc.max_blur_fraction": (0.7, 0.0),
     "tiling.qc.max_fold_fraction": (0.5, 1.5),
     "tiling.qc.max_ink_fraction": (0.2, -0.1),
     "scoring.stain_normalise": ("macenko", "vahadane"),

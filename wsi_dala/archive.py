@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_dala.config import BatchConfig, PipelineConfig
-from wsi_dala.errors import ResolutionError, SlideOpenError, SlideReadError, WsiDalaError
+from wsi_dala.errors import QualityError, ResolutionError, SlideOpenError, SlideReadError, WsiDalaError
 from wsi_dala.fileio import atomic_open, write_json_atomic
 from wsi_dala.formats import SLIDE_SUFFIXES
 from wsi_dala.identity import slide_fingerprint
@@ -111,12 +111,13 @@ def slide_lock(folder: BatchSlideLayout, stale_after_s: float) -> Iterator[bool]
 
 
 def _transient(exc: BaseException) -> bool:
-    """Errors of the slide file itself (corrupt, unreadable, no µm/px) fail again: don't retry them.
+    """Errors of the slide file itself (corrupt, unreadable, no µm/px, no usable tissue) fail again: don't
+    retry them.
 
     Everything else (output problems, a crash artefact, an overloaded machine) may pass on a retry;
     settings and model errors are caught before the batch starts.
     """
-    return not isinstance(exc, (SlideOpenError, SlideReadError, ResolutionError))
+    return not isinstance(exc, (SlideOpenError, SlideReadError, ResolutionError, QualityError))
 
 
 def process_slide(
@@ -180,10 +181,13 @@ def quality_notes(qc: dict[str, Any], stain: dict[str, Any]) -> list[str]:
     """One short line per finding a person should look at: "12 % of tissue out of focus"."""
     notes = []
     percent = qc.get("percent_of_tissue", {}) if isinstance(qc, dict) else {}
-    for name, words in (("blur", "out of focus"), ("fold", "folded"), ("ink", "under marker ink")):
+    for name, words in (("blur", "out of focus"), ("fold", "folded")):
         value = percent.get(name, 0.0)
         if isinstance(value, (int, float)) and value >= NOTE_PERCENT:
             notes.append(f"{value:.0f} % of tissue {words}")
+    ink_mm2 = qc.get("ink_mm2", 0.0) if isinstance(qc, dict) else 0.0
+    if isinstance(ink_mm2, (int, float)) and ink_mm2 > 0:
+        notes.append(f"marker ink on {ink_mm2:.2f} mm² (removed from the tissue)")
     if isinstance(stain, dict) and stain.get("out_of_distribution"):
         notes.append(f"out of distribution: stain ({stain.get('summary', 'far from the model reference')})")
     return notes

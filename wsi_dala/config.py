@@ -70,7 +70,9 @@ class QCConfig(Settings):
     mode: QCMode = "flag"  # flag: scored, left out of tumour regions, hatched; exclude: not tiled; off: not measured
     blur_drop: float = Field(0.5, gt=0, lt=1)  # blurred: sharpness below this fraction of the slide's median
     blur_floor: float = Field(0.2, ge=0, lt=1)  # ... or below this absolute sharpness, whatever the slide
-    max_blur_fraction: Fraction = 0.5  # flagged: at least this share of the tile's tissue is out of focus
+    max_blur_fraction: float = Field(
+        0.5, gt=0, le=1
+    )  # flagged: at least this share of the tile's tissue is out of focus
     max_fold_fraction: Fraction = 0.25  # flagged: more of the tile than this is folded tissue
     max_ink_fraction: Fraction = 0.10  # flagged: more of the tile than this is ink (margin included)
 

@@ -47,10 +47,17 @@ def write_truth_annotations(slide: SyntheticSlide, path: Path) -> Path:
     return path
 
 
-def tumour_iou(slide: SyntheticSlide, regions_geojson: Path) -> float:
-    """IoU of exported tumour annotations with the planted tumour (level-0 polygons)."""
+INK_MARGIN_UM = 150.0  # tiles QC flags for ink reach about a tile (and the ink margin) beyond the ink
+
+
+def tumour_iou(slide: SyntheticSlide, regions_geojson: Path, ink_margin_um: float = INK_MARGIN_UM) -> float:
+    """IoU of exported tumour annotations with the planted tumour (level-0 polygons), outside marker ink
+    and ``ink_margin_um`` around it: tissue under ink cannot be assessed, and QC leaves it out of regions."""
     truth = mask_to_polygons(slide.labels == TUMOUR, pixel_size=slide.label_px)
     found = shapely.union_all([a.geometry for a in read_annotations(regions_geojson)])
+    if slide.ink.any():
+        ink = mask_to_polygons(slide.ink_mask(), pixel_size=slide.label_px).buffer(ink_margin_um / slide.spec.mpp)
+        truth, found = shapely.difference(truth, ink), shapely.difference(found, ink)
     union = shapely.union(truth, found).area
     return float(shapely.intersection(truth, found).area / union) if union > 0 else 0.0
 

@@ -50,8 +50,6 @@ def _dt_cam_area_fraction(raw: np.ndarray, settings: CamSettings) -> np.ndarray:
 
 def _tile_feature_stream(store: TileStore, config: ExportConfig, cam_scale: float) -> Iterator[dict[str, Any]]:
     settings = CamSettings(method=config.cam_threshold_method)
-    qc = store.info.qc
-    exclude_flagged = qc is not None and qc.mode == "exclude"  # flagged tiles are as if never cut
     for rows in store.info.chunk_rows():
         probability = store.positive_scores(rows)
         raw = store.cams(rows)
@@ -68,7 +66,7 @@ def _tile_feature_stream(store: TileStore, config: ExportConfig, cam_scale: floa
             "QC flagged": (store.qc_flags(rows) > 0).astype(np.float32),
         }
         classes = np.where(probability >= config.tile_threshold, POSITIVE_CLASS, NEGATIVE_CLASS)
-        keep = np.ones(len(probability), dtype=bool) if not exclude_flagged else store.qc_flags(rows) == 0
+        keep = store.usable_tiles(rows)  # QC exclude mode: flagged tiles are as if never cut
         yield from tile_features(
             store.coords(rows)[keep],
             store.info.tile_size_l0,

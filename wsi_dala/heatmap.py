@@ -64,7 +64,7 @@ def slide_cam_scale(store: TileStore, config: HeatmapConfig) -> float:
     """
     values = []
     for rows in store.info.chunk_rows():
-        positive = store.positive_scores(rows) >= config.positive_threshold
+        positive = (store.positive_scores(rows) >= config.positive_threshold) & store.usable_tiles(rows)
         if positive.any():
             cams = store.cams(rows)[positive]
             values.append(cams.reshape(len(cams), -1).max(axis=1))
@@ -86,14 +86,14 @@ def stitch(store_path: str | Path, config: HeatmapConfig | None = None) -> Heatm
     sums = np.zeros((3, rows + grid, cols + grid), dtype=np.float64)  # margin for edge tiles
     counts = np.zeros((rows + grid, cols + grid), dtype=np.int32)
     scale = slide_cam_scale(store, config)
-    exclude_flagged = info.qc is not None and info.qc.mode == "exclude"
     for chunk in info.chunk_rows():
         cells = np.round(store.coords(chunk) / cell_l0).astype(np.int64)
         probability = store.positive_scores(chunk)
         cams = np.clip(store.cams(chunk) / scale, 0.0, 1.0)
         flagged = store.qc_flags(chunk) > 0
-        for (cx, cy), p, cam, bad in zip(cells, probability, cams, flagged, strict=True):
-            if not np.isfinite(p) or (bad and exclude_flagged):
+        usable = store.usable_tiles(chunk)
+        for (cx, cy), p, cam, bad, use in zip(cells, probability, cams, flagged, usable, strict=True):
+            if not np.isfinite(p) or not use:
                 continue
             sums[0, cy : cy + grid, cx : cx + grid] += p
             sums[1, cy : cy + grid, cx : cx + grid] += p * cam

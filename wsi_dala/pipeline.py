@@ -221,10 +221,17 @@ def check_quality(store: TileStore, slide_path: Path, layout: RunLayout) -> None
     info, qc = store.info, store.info.qc
     pictures = f"mask written to {layout.tissue_mask_png}, QC picture to {layout.qc_png}"
     if info.n_tiles == 0:
+        excluded = sum(qc.excluded_tiles.values()) if qc is not None else 0
+        if qc is not None and excluded:
+            raise QualityError(
+                f"{slide_path}: all {excluded} tissue tiles were excluded by QC (ink "
+                f"{qc.excluded_tiles.get('ink', 0)}, folds {qc.excluded_tiles.get('fold', 0)}); run with "
+                f"--qc flag to score them flagged; {pictures}"
+            )
         why = ""
         if qc is not None and qc.areas_um2.get("ink", 0.0) > qc.areas_um2.get("tissue", 0.0):
             why = f" (marker ink covers {qc.areas_um2['ink'] / 1e6:.2f} mm², more than any tissue)"
-        raise QualityError(f"no tissue found in {slide_path}{why}; {pictures}")
+        raise QualityError(f"{slide_path}: no tissue found{why}; {pictures}")
     if qc is not None and qc.mode != "off" and qc.counts.get("blur", 0) >= MOSTLY_BLURRED * info.n_tiles:
         share = 100 * qc.counts["blur"] / info.n_tiles
         raise QualityError(
@@ -239,9 +246,8 @@ def qc_summary(store: TileStore) -> dict[str, Any]:
     if qc is None:
         return {}
     tissue = qc.areas_um2.get("tissue", 0.0)
-    percent = {
-        name: round(100 * qc.areas_um2.get(name, 0.0) / tissue, 2) if tissue > 0 else 0.0
-        for name in ("blur", "fold", "ink")
+    percent = {  # ink is not tissue (it is cut out of the mask), so it is given as an area only
+        name: round(100 * qc.areas_um2.get(name, 0.0) / tissue, 2) if tissue > 0 else 0.0 for name in ("blur", "fold")
     }
     return {
         "mode": qc.mode,
@@ -249,6 +255,7 @@ def qc_summary(store: TileStore) -> dict[str, Any]:
         "tiles_excluded": qc.excluded_tiles,
         "areas_um2": qc.areas_um2,
         "percent_of_tissue": percent,
+        "ink_mm2": round(qc.areas_um2.get("ink", 0.0) / 1e6, 4),
         "median_sharpness": qc.median_sharpness,
     }
 
@@ -259,20 +266,28 @@ def stain_summary(store: TileStore, card: ModelCard, normalised: str) -> dict[st
 
     measured = store.info.stain
     reference = card.stain_reference or REFERENCE_PROFILE.to_dict()
+    trained_normalised = card.training_data.get("stain_normalise", "none") != "none"
+    # Only a reference measured on the training tiles says what the model has seen; the published
+    # Macenko reference is a normalisation target, and most real H&E is far from it (CMU-1: 20°).
+    measured_reference = card.stain_reference is not None and not trained_normalised
+    source = "training tiles (model card)" if measured_reference else "published Macenko H&E reference"
     summary: dict[str, Any] = {
         "slide": measured,
         "reference": reference,
-        "reference_source": "model card" if card.stain_reference else "published Macenko H&E reference",
+        "reference_source": source,
         "normalised": normalised,
     }
     if measured is None:
         return {**summary, "distance": None, "out_of_distribution": None}
-    slide_profile = StainProfile.from_dict(measured, f"{store.path} stain")
+    slide_profile = StainProfile.from_dict(measured, f"{store.path}: stain")
     distance = stain_distance(slide_profile, StainProfile.from_dict(reference, "model card stain reference"))
     return {
         **summary,
         "distance": {k: round(v, 3) for k, v in distance.items()},
-        "out_of_distribution": is_out_of_distribution(distance),
+        # None: not judged (no measured reference, or the tiles were mapped to the reference before scoring)
+        "out_of_distribution": is_out_of_distribution(distance)
+        if measured_reference and normalised == "none"
+        else None,
         "summary": f"H {distance['h_angle_deg']:.0f}°, E {distance['e_angle_deg']:.0f}° from the reference, "
         f"intensity ×{2 ** distance['h_log2_ratio']:.2f} H, ×{2 ** distance['e_log2_ratio']:.2f} E",
     }
@@ -351,7 +366,7 @@ def _record(
             heatmap_cell_mpp=stages.heatmap.cell_mpp,
         ),
         counts=RunCounts(
-            tiles=tiled.n_tiles,
+            tiles=int(TileStore(tiled.store).usable_tiles().sum()),
             grid_tiles=cut.grid_tiles,
             tumour_tiles=_count_positive(tiled.store, config.export.tile_threshold),
             regions=stages.exported.n_regions,
@@ -376,7 +391,7 @@ def _count_positive(store_path: Path, threshold: float) -> int:
     store = TileStore(store_path)
     if store.info.n_tiles == 0:
         return 0
-    return int((store.positive_scores() >= threshold).sum())
+    return int(((store.positive_scores() >= threshold) & store.usable_tiles()).sum())
 
 
 def _render(layout: RunLayout, heatmap: Heatmap) -> None:

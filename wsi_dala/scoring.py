@@ -202,16 +202,23 @@ def score_store(
 def stain_plan(store: TileStore, card: ModelCard, method: str) -> StainPlan | None:
     """The stain mapping for ``method`` (None for "none"); the model's reference is its card's, or the
     published Macenko reference for a checkpoint that records none."""
+    trained_with = card.training_data.get("stain_normalise", "none")
     if method == "none":
+        if trained_with != "none":
+            log.warning(
+                "the model was trained on %s-normalised tiles; scoring raw tiles (set scoring.stain_normalise)",
+                trained_with,
+            )
         return None
-    from wsi_dala.stain import REFERENCE_PROFILE
+    from wsi_dala.stain import REFERENCE_PROFILE, StainProfile
 
     source = store.info.stain
     if source is None:
         raise QualityError(
-            f"{store.info.tiling.slide.path}: its stain could not be measured (too little stained tissue); "
-            "run without --stain-normalise"
+            f"{store.info.tiling.slide.path}: its stain could not be measured (too little unflagged stained "
+            "tissue); score it with scoring.stain_normalise: none"
         )
+    source = StainProfile.from_dict(source, f"{store.path}: stain").to_dict()  # untrusted: checked once, here
     target = card.stain_reference
     if target is None:
         log.warning("%s records no reference stain; normalising to the published Macenko reference", card.architecture)

@@ -1,7 +1,8 @@
 """Stain measurement of H&E pixels: Macenko stain vectors and L*a*b* statistics, numpy only.
 
-A slide's stain is measured once (on its low-resolution tissue) into a :class:`StainProfile`; a model
-records the profile of its training set. Comparing the two (:func:`stain_distance`) says whether a slide
+A slide's stain is measured once (on a sample of its tiles, at the tiles' µm/px) into a
+:class:`StainProfile`; a model records the profile of its training images, measured the same way
+(:func:`measure_tiles`). Comparing the two (:func:`stain_distance`) says whether a slide
 is stained unlike anything the model saw, and :mod:`wsi_dala.stain_normalise` uses both to map tiles to
 the model's stain. This module belongs to the slide/tile core, so it must not import torch.
 

@@ -1,7 +1,7 @@
 """Stain normalisation of tile batches in torch: Macenko (2009) and Reinhard (2001), vectorised.
 
-Design choice: the *source* stain is the slide's own profile, measured once from its low-resolution
-tissue (:func:`wsi_dala.stain.measure_stain`), not fitted per tile as most implementations do. A
+Design choice: the *source* stain is the slide's own profile, measured once on a sample of its tiles
+(:func:`wsi_dala.stain.measure_tiles`), not fitted per tile as most implementations do. A
 per-tile fit is unstable on tiles with little tissue (a handful of pixels decide the stain vectors, and
 neighbouring tiles come out in different colours) and costs an eigendecomposition and percentiles per
 tile; with one profile per slide every tile of the slide gets the same map, and a batch is one

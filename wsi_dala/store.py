@@ -156,10 +156,13 @@ class QCRecord:
     settings: dict[str, Any]
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> QCRecord | None:
+    def from_attrs(cls, attrs: dict[str, Any], where: str = "tile store") -> QCRecord | None:
         data = attrs.get(_QC)
         if not isinstance(data, dict):
             return None
+        dicts = ("counts", "areas_um2", "excluded_tiles", "settings")
+        if data.get("mode") not in ("flag", "exclude", "off") or not all(isinstance(data.get(k), dict) for k in dicts):
+            raise OutputError(f"{where}: its QC record is damaged (mode or counts missing); tile the slide again")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -311,7 +314,7 @@ class TileStore:
             complete=bool(attrs.get(_COMPLETE, False)),
             tiling=TilingRecord.from_attrs(attrs),
             scoring=scoring,
-            qc=QCRecord.from_attrs(attrs),
+            qc=QCRecord.from_attrs(attrs, str(self.path)),
             stain=attrs.get(_STAIN) if isinstance(attrs.get(_STAIN), dict) else None,
         )
 
@@ -365,6 +368,12 @@ class TileStore:
     def qc_flags(self, rows: slice = slice(None)) -> np.ndarray:
         """wsi_dala.qc flag bits per tile (zeros before the store is complete)."""
         return np.asarray(self._array(QC_FLAGS)[rows]) if QC_FLAGS in self.group else self._zeros(rows, np.uint8)
+
+    def usable_tiles(self, rows: slice = slice(None)) -> np.ndarray:
+        """Tiles the later stages use: all, except QC-flagged tiles when QC ran in ``exclude`` mode."""
+        flags = self.qc_flags(rows)
+        qc = self.info.qc
+        return flags == 0 if qc is not None and qc.mode == "exclude" else np.ones(len(flags), dtype=bool)
 
     def _zeros(self, rows: slice, dtype: type) -> np.ndarray:
         return np.zeros(len(range(*rows.indices(self.info.n_tiles))), dtype=dtype)

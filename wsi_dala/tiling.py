@@ -386,7 +386,9 @@ def _complete(store: TileStore, plan: TilePlan, config: TilingConfig) -> None:
         glass_rgb=[round(v, 1) for v in plan.analysis.glass_rgb],
         settings=qc.to_dict(),
     )
-    store.mark_complete(verdict.blur, flags, record, stain=measure_slide_stain(store, flags, plan.analysis.glass_rgb))
+    # The stain is measured on tiles QC would flag in any mode (off only stops flagging, not ink being ink).
+    stain = measure_slide_stain(store, verdict.flags, plan.analysis.glass_rgb)
+    store.mark_complete(verdict.blur, flags, record, stain=stain)
 
 
 STAIN_SAMPLE_TILES = 64  # tiles the slide's stain is measured on, spread evenly over the slide
@@ -403,8 +405,12 @@ def measure_slide_stain(
     usable = np.flatnonzero(flags == 0)
     if usable.size == 0:
         return None
-    picks = usable[np.linspace(0, usable.size - 1, min(STAIN_SAMPLE_TILES, usable.size)).round().astype(int)]
-    tiles = [store.tiles(int(i)) for i in np.unique(picks)]
+    picks = np.unique(usable[np.linspace(0, usable.size - 1, min(STAIN_SAMPLE_TILES, usable.size)).round().astype(int)])
+    tiles = []
+    for rows in store.info.chunk_rows():  # one read (one decompression) per chunk that holds picks
+        inside = picks[(picks >= rows.start) & (picks < rows.stop)]
+        if inside.size:
+            tiles.extend(store.tiles(slice(int(inside[0]), int(inside[-1]) + 1))[inside - inside[0]])
     try:
         return measure_tiles(tiles, glass_rgb).to_dict()
     except StainError as exc:
@@ -431,12 +437,20 @@ def write_qc_png(layout: RunLayout, store: TileStore) -> None:
         blur=blur & tissue,
         areas_mm2={name: areas.get(name, 0.0) / 1e6 for name in ("tissue", "ink", "fold", "blur")},
     )
-    counts = info.qc.counts if info.qc is not None else {}
-    title = (
-        f"{layout.slide_stem}: {info.n_tiles} tiles; flagged: {counts.get('blur', 0)} out of focus, "
-        f"{counts.get('fold', 0)} folded, {counts.get('ink', 0)} inked"
-    )
+    title = f"{layout.slide_stem}: {info.n_tiles} tiles; {qc_words(info.qc)}"
     render_qc(picture, layout.qc_png, title)
+
+
+def qc_words(qc: QCRecord | None) -> str:
+    """What QC did, in the words of its mode (for qc.png, `tile` and `run`)."""
+    if qc is None or qc.mode == "off":
+        return "QC off (blur not measured, nothing flagged)"
+    counts = qc.counts
+    words = f"flagged: {counts['blur']} out of focus, {counts['fold']} folded, {counts['ink']} inked"
+    if qc.mode == "exclude":
+        excluded = qc.excluded_tiles
+        words += f"; not tiled: {excluded.get('fold', 0)} folded, {excluded.get('ink', 0)} inked"
+    return words
 
 
 def _result(store: TileStore, started: float, resumed: int, skipped: bool) -> TilingResult:

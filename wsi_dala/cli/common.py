@@ -186,7 +186,7 @@ def add_stain_option(parser: argparse.ArgumentParser) -> None:
         choices=("none", "macenko", "reinhard"),
         default=None,
         help="map each tile to the model card's reference stain before scoring, from the slide's stain measured "
-        "once at low resolution (default: none, or `scoring.stain_normalise` in --config)",
+        "once on a sample of its tiles (default: none, or `scoring.stain_normalise` in --config)",
     )
 
 

@@ -89,11 +89,15 @@ def print_summary(summary: RunSummary) -> None:
         f"resolution:  slide {res.slide_mpp:.4g} µm/px ({res.slide_mpp_source}), tiles "
         f"{res.tile_mpp:.4g} µm/px, heatmap cell {res.heatmap_cell_mpp:.3g} µm"
     )
-    if record.qc:
-        percent, flagged = record.qc["percent_of_tissue"], record.qc["tiles_flagged"]
+    qc = record.qc
+    if qc and qc["mode"] == "off":
+        print("QC:          off (blur not measured, nothing flagged)")
+    elif qc:
+        percent, flagged, excluded = qc["percent_of_tissue"], qc["tiles_flagged"], qc["tiles_excluded"]
+        what = "excluded" if qc["mode"] == "exclude" else "flagged"
         print(
-            f"QC:          {flagged['any']} tiles flagged ({record.qc['mode']}); of the tissue {percent['blur']:.0f} % "
-            f"out of focus, {percent['fold']:.0f} % folded, {percent['ink']:.0f} % under ink"
+            f"QC:          {flagged['any']} tiles {what} (+{sum(excluded.values())} not tiled); of the tissue "
+            f"{percent['blur']:.0f} % out of focus, {percent['fold']:.0f} % folded; marker ink {qc['ink_mm2']:.2f} mm²"
         )
     if record.stain.get("out_of_distribution"):
         print(f"stain:       out of distribution ({record.stain['summary']}); consider --stain-normalise macenko")

@@ -41,7 +41,7 @@ def _configure_tile(parser: argparse.ArgumentParser) -> None:
 
 def _tile(args: argparse.Namespace) -> int:
     config = tiling_from_flags(args)  # settings are checked before the slide is opened
-    from wsi_dala.tiling import tile_slide
+    from wsi_dala.tiling import qc_words, tile_slide
 
     result = tile_slide(args.slide, args.out, config, progress=not args.quiet)
     what = "already complete, nothing to do" if result.skipped else f"{result.seconds:.1f} s"
@@ -59,10 +59,8 @@ def _tile(args: argparse.Namespace) -> int:
 
     qc = TileStore(result.store).info.qc
     if qc is not None:
-        flagged = qc.counts
         print(
-            f"QC ({qc.mode}):    {flagged['blur']} tiles out of focus, {flagged['fold']} folded, "
-            f"{flagged['ink']} inked; ink {qc.areas_um2['ink'] / 1e6:.2f} mm², "
+            f"QC:           {qc_words(qc)}; ink {qc.areas_um2['ink'] / 1e6:.2f} mm², "
             f"folds {qc.areas_um2['fold'] / 1e6:.2f} mm² (see {RunLayout(Path(args.out)).qc_png})"
         )
     if not result.skipped and result.seconds > 0:

@@ -33,7 +33,10 @@ def _evaluation_stain(card: ModelCard, samples: list[Sample]) -> StainNormaliser
         return None
     measured = training_stain(samples)
     if measured is None:
-        raise ConfigError("the evaluation images' stain could not be measured; the model needs it normalised")
+        raise ConfigError(
+            f"{Path(samples[0].source).parent if samples else 'evaluation data'}: the evaluation images' stain "
+            "could not be measured, and this model was trained on stain-normalised tiles"
+        )
     return StainNormaliser(
         method,
         StainProfile.from_dict(measured, "evaluation images"),

@@ -316,7 +316,8 @@ STAIN_SAMPLE_IMAGES = 64  # training images the reference stain is measured on (
 
 def training_stain(samples: list[Sample]) -> dict[str, Any] | None:
     """The training images' stain (Macenko vectors, L*a*b* statistics), measured as a slide's is
-    (:func:`wsi_dala.stain.measure_tiles`). None when the images hold too little stain to measure."""
+    (:func:`wsi_dala.stain.measure_tiles`), at the images' own resolution: the loaders crop, never resize,
+    so that is the resolution the model sees. None when the images hold too little stain to measure."""
     from wsi_dala.stain import StainError, measure_tiles
 
     if not samples:
@@ -336,7 +337,7 @@ def stain_normaliser(config: TrainConfig, measured: dict[str, Any] | None) -> St
     if config.stain_normalise == "none":
         return None
     if measured is None:
-        raise ConfigError("--stain-normalise: the training images' stain could not be measured")
+        raise ConfigError("--stain-normalise: the training images' stain could not be measured (too little stain)")
     from wsi_dala.stain import REFERENCE_PROFILE, StainProfile
 
     return StainNormaliser(
