@@ -138,3 +138,15 @@ def test_stain_recorded_in_the_store(flawed_slide, tmp_path):
     h, e = (np.asarray(v) for v in stain["stain_matrix"])
     assert abs(np.linalg.norm(h) - 1) < 1e-3 and abs(np.linalg.norm(e) - 1) < 1e-3
     json.dumps(stain)  # plain JSON, for run.json
+
+
+def test_slide_stain_ignores_marker_ink(cmu_tiles):
+    """Blue and black marker over a tenth of the tiles does not turn the measured H&E vectors."""
+    from wsi_dala.stain import measure_tiles, stain_distance
+
+    clean = measure_tiles(list(cmu_tiles))
+    inked = cmu_tiles.copy()
+    inked[:, :22] = (60, 90, 190)  # a blue band over the top tenth of every tile
+    inked[:, 22:30] = (40, 40, 45)  # and a black one
+    distance = stain_distance(measure_tiles(list(inked)), clean)
+    assert distance["h_angle_deg"] < 2 and distance["e_angle_deg"] < 2

@@ -28,6 +28,7 @@ import numpy as np
 from skimage.color import rgb2lab
 
 from wsi_dala.errors import ConfigError
+from wsi_dala.tissue import hsv, ink_candidates
 
 BACKGROUND_INTENSITY = 240.0  # Macenko's Io: the brightness of glass, in grey levels
 MIN_PIXELS = 100  # fewer stained pixels than this give no usable covariance
@@ -304,6 +305,9 @@ def measure_tiles(images: Sequence[np.ndarray] | np.ndarray, glass_rgb: Sequence
         top = brightness >= np.percentile(brightness, 99) * 0.97
         estimate = np.median(pixels[top], axis=0)
         glass = estimate if float(np.max(estimate)) >= 150 else glass  # no glass in view: do not amplify
-    relative = pixels.astype(np.float32) / np.maximum(glass.astype(np.float32), 1.0)
-    stained = (relative.max(axis=1) - relative.min(axis=1) > GLASS_CHROMA) | (relative.max(axis=1) < 0.8)
+    relative = np.clip(pixels.astype(np.float32) / np.maximum(glass.astype(np.float32), 1.0), 0.0, 1.0)
+    hue, saturation, value = hsv(relative)
+    stained = (value - value * (1 - saturation) > GLASS_CHROMA) | (value < 0.8)  # chroma above the glass's, or dark
+    for strong, weak in ink_candidates(hue, saturation, value).values():
+        stained &= ~(strong | weak)  # marker ink is no stain: a few percent of it turns Macenko's vectors
     return measure_stain(pixels[None], stained[None])
