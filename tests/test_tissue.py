@@ -127,3 +127,11 @@ def test_folds_found_where_planted(tmp_path):
     tumour = _truth_at(analysis.fold.shape, slide.truth_mask(TUMOUR)) & ~truth
     assert (analysis.fold & ~truth).sum() <= 0.05 * truth.sum(), "tumour nests are not folds"
     assert not (analysis.fold & tumour & ~ndimage.binary_dilation(truth, iterations=3)).any()
+
+
+def test_a_view_full_of_tissue_is_tissue():
+    """No glass in view (a biopsy filling the scan, a training patch): the brightest pixels are pink
+    tissue, not glass, and must not become the reference that makes all tissue look like glass."""
+    rng = np.random.default_rng(1)
+    rgb = np.clip(np.full((200, 200, 3), (225, 160, 200), np.float32) + rng.normal(0, 6, (200, 200, 3)), 0, 255)
+    assert detect_tissue(rgb.astype(np.uint8), 8.0).mean() > 0.99

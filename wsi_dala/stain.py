@@ -286,6 +286,7 @@ def is_out_of_distribution(
     return angle > max_angle_deg or ratio > max_log2_ratio
 
 
+GLASS_MAX_CHROMA_8BIT = 40  # the brightest pixels are glass only when nearly grey, else tissue fills the view
 GLASS_CHROMA = 0.05  # relative to the glass: pixels with less chroma than this and bright are glass
 
 
@@ -304,7 +305,8 @@ def measure_tiles(images: Sequence[np.ndarray] | np.ndarray, glass_rgb: Sequence
         brightness = pixels.max(axis=1)
         top = brightness >= np.percentile(brightness, 99) * 0.97
         estimate = np.median(pixels[top], axis=0)
-        glass = estimate if float(np.max(estimate)) >= 150 else glass  # no glass in view: do not amplify
+        neutral = float(np.max(estimate) - np.min(estimate)) <= GLASS_MAX_CHROMA_8BIT
+        glass = estimate if float(np.max(estimate)) >= 150 and neutral else glass  # no glass in view: white
     relative = np.clip(pixels.astype(np.float32) / np.maximum(glass.astype(np.float32), 1.0), 0.0, 1.0)
     hue, saturation, value = hsv(relative)
     stained = (value - value * (1 - saturation) > GLASS_CHROMA) | (value < 0.8)  # chroma above the glass's, or dark

@@ -109,7 +109,7 @@ def glass_colour(rgb: np.ndarray) -> np.ndarray:
     brightness = np.maximum(np.maximum(pixels[:, 0], pixels[:, 1]), pixels[:, 2])
     top = brightness >= np.percentile(brightness, 99) * 0.97
     glass = np.median(pixels[top], axis=0).astype(np.float32)
-    if glass.max() < 150:  # no glass in view (all tissue, or a dark scan): do not amplify
+    if glass.max() < 150 or glass.max() - glass.min() > 40:  # no glass in view (all tissue, a dark scan)
         return np.full(3, 255.0, dtype=np.float32)
     return np.maximum(glass, 1.0)
 
