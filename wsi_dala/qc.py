@@ -35,7 +35,6 @@ from wsi_dala.config import QCConfig
 from wsi_dala.store import QC_PARTS
 
 BLUR, FOLD, INK = 1, 2, 4  # bits of the per-tile flags
-FLAG_NAMES = {BLUR: "blur", FOLD: "fold", INK: "ink"}
 SMOOTH_RATIO = 0.25  # the detail ratio of an image without detail
 DETAIL_UM = 2.0  # the finer of the two scales compared, in µm per pixel
 MIN_SIDE_PX = 12  # the coarser image must keep at least this many pixels a side
@@ -139,14 +138,3 @@ def judge(sharpness: np.ndarray, fold_fraction: np.ndarray, ink_fraction: np.nda
     flags[fold_fraction > config.max_fold_fraction] |= FOLD
     flags[ink_fraction > config.max_ink_fraction] |= INK
     return QCResult(blur=np.nan_to_num(blur, nan=0.0), flags=flags, median_sharpness=median)
-
-
-def flag_counts(flags: np.ndarray) -> dict[str, int]:
-    """Tiles per flag, and tiles with any flag."""
-    counts = {name: int(((flags & bit) > 0).sum()) for bit, name in FLAG_NAMES.items()}
-    counts["any"] = int((flags > 0).sum())
-    return counts
-
-
-def flag_names(value: int) -> list[str]:
-    return [name for bit, name in FLAG_NAMES.items() if value & bit]

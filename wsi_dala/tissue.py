@@ -47,7 +47,6 @@ from skimage import morphology
 
 from wsi_dala.config import TissueConfig
 
-INK_COLOURS = ("chromatic", "red", "neutral")  # green/blue/cyan; red; black and dark grey
 CHROMATIC_AREA_DIVISOR = 4  # green-to-blue ink needs only a quarter of ``min_ink_area_um2``
 
 
@@ -225,8 +224,3 @@ def hsv(rgb01: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     hue = np.where(value == r, (g - b) / safe, np.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
     hue = np.where(delta > 0, (hue / 6.0) % 1.0, 0.0)
     return hue.astype(np.float32), saturation.astype(np.float32), value
-
-
-def hsv_uint8(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`hsv` of a uint8 RGB image."""
-    return hsv(rgb[..., :3].astype(np.float32) / 255.0)
