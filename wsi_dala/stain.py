@@ -28,7 +28,7 @@ import numpy as np
 from skimage.color import rgb2lab
 
 from wsi_dala.errors import ConfigError
-from wsi_dala.tissue import hsv, ink_candidates
+from wsi_dala.tissue import glass_colour, hsv, ink_candidates
 
 BACKGROUND_INTENSITY = 240.0  # Macenko's Io: the brightness of glass, in grey levels
 MIN_PIXELS = 100  # fewer stained pixels than this give no usable covariance
@@ -286,7 +286,6 @@ def is_out_of_distribution(
     return angle > max_angle_deg or ratio > max_log2_ratio
 
 
-GLASS_MAX_CHROMA_8BIT = 40  # the brightest pixels are glass only when nearly grey, else tissue fills the view
 GLASS_CHROMA = 0.05  # relative to the glass: pixels with less chroma than this and bright are glass
 
 
@@ -298,15 +297,10 @@ def measure_tiles(images: Sequence[np.ndarray] | np.ndarray, glass_rgb: Sequence
     resolution. ``glass_rgb``: the slide's background colour; estimated from the pixels when None.
     """
     pixels = np.concatenate([np.asarray(image)[..., :3].reshape(-1, 3) for image in images])
-    glass = np.full(3, 255.0)
     if glass_rgb is not None:
         glass = np.asarray(glass_rgb, dtype=np.float64)
-    elif len(pixels):
-        brightness = pixels.max(axis=1)
-        top = brightness >= np.percentile(brightness, 99) * 0.97
-        estimate = np.median(pixels[top], axis=0)
-        neutral = float(np.max(estimate) - np.min(estimate)) <= GLASS_MAX_CHROMA_8BIT
-        glass = estimate if float(np.max(estimate)) >= 150 and neutral else glass  # no glass in view: white
+    else:  # the tissue detector's estimate, which falls back to white when no glass is in view
+        glass = glass_colour(pixels[None]) if len(pixels) else np.full(3, 255.0)
     relative = np.clip(pixels.astype(np.float32) / np.maximum(glass.astype(np.float32), 1.0), 0.0, 1.0)
     hue, saturation, value = hsv(relative)
     stained = (value - value * (1 - saturation) > GLASS_CHROMA) | (value < 0.8)  # chroma above the glass's, or dark

@@ -47,6 +47,7 @@ from skimage import morphology
 
 from wsi_dala.config import TissueConfig
 
+GLASS_MAX_CHROMA_8BIT = 40  # the brightest pixels are glass only when nearly grey, else tissue fills the view
 CHROMATIC_AREA_DIVISOR = 4  # green-to-blue ink needs only a quarter of ``min_ink_area_um2``
 
 
@@ -108,7 +109,7 @@ def glass_colour(rgb: np.ndarray) -> np.ndarray:
     brightness = np.maximum(np.maximum(pixels[:, 0], pixels[:, 1]), pixels[:, 2])
     top = brightness >= np.percentile(brightness, 99) * 0.97
     glass = np.median(pixels[top], axis=0).astype(np.float32)
-    if glass.max() < 150 or glass.max() - glass.min() > 40:  # no glass in view (all tissue, a dark scan)
+    if glass.max() < 150 or glass.max() - glass.min() > GLASS_MAX_CHROMA_8BIT:  # no glass in view, or a dark scan
         return np.full(3, 255.0, dtype=np.float32)
     return np.maximum(glass, 1.0)
 
