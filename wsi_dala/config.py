@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # what each means: wsi_dala.devices.resolve_precision
 Reader = Literal["auto", "openslide", "tiffslide"]
 ThresholdMethod = Literal["mean_std", "otsu", "percentile"]  # DT Grad-CAM's dynamic threshold
+TestTimeAugmentation = Literal["none", "flips", "d4"]  # views of the dihedral group averaged per tile (wsi_dala.tta)
 MIN_TILE_SIZE_PX = 8
 DEFAULT_TILE_MPP = 0.5  # what tiles are cut at when neither the settings nor a model card say
 DEFAULT_TILE_SIZE_PX = 224
@@ -127,11 +128,21 @@ class ScoringConfig(Settings):
     scheduler: str | None = None  # None: local threads; else the address of a dask.distributed scheduler
     connect_timeout_s: float = Field(30.0, gt=0, le=3600)  # connecting to the scheduler, handshake included
     wave: int = Field(4, ge=1)  # chunks per local compute call (the resume granularity on the local scheduler)
+    tta: TestTimeAugmentation = "none"  # flips: 4 views, d4: 8 (8x the backbone work); gives a per-tile SD
+    mc_dropout: int = Field(0, ge=0, le=1000)  # >0: this many extra passes of the head with dropout on (per-tile SD)
+
+    @field_validator("mc_dropout")
+    @classmethod
+    def _several_passes(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("one pass gives no spread: use 0 (off) or at least 2")
+        return value
 
 
 class HeatmapConfig(Settings):
-    cam_scale_percentile: float = Field(5.0, ge=0, le=100)  # of the peak raw CAM of positive tiles
-    positive_threshold: Fraction = 0.5  # tiles at or above this probability define that scale
+    cam_scale_percentile: float = Field(25.0, ge=0, le=100)  # of the positive tiles' border-corrected CAM cells
+    positive_threshold: Fraction = 0.5  # tiles at or above this probability define that scale and the border profile
+    border_correction: bool = True  # divide each CAM by the model's mean CAM profile over a tile (no tile seams)
     min_level_px: int = Field(64, ge=1)  # stop the pyramid when a level is smaller than this
     min_cell_tissue: Fraction = 0.5  # cells with less tissue (by the tissue mask) get no value
 

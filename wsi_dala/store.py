@@ -60,7 +60,8 @@ TILE_CHUNKS_DONE = "tile_chunks_done"
 INK_MASK, FOLD_MASK = "ink_mask", "fold_mask"
 QC_INK, QC_FOLD, QC_SHARPNESS, QC_BLUR, QC_FLAGS = "qc_ink", "qc_fold", "qc_sharpness", "qc_blur", "qc_flags"
 SCORES, CAMS, SCORE_CHUNKS_DONE = "scores", "cams", "score_chunks_done"
-_SCORE_ARRAYS = (SCORES, CAMS, SCORE_CHUNKS_DONE)
+SCORE_SD = "score_sd"  # per tile: SD of the positive probability over TTA views / MC-dropout passes (NaN: not measured)
+_SCORE_ARRAYS = (SCORES, CAMS, SCORE_SD, SCORE_CHUNKS_DONE)
 
 # Attribute keys that are not fields of the records below.
 _FORMAT, _COMPLETE, _CHUNK_TILES = "format", "complete", "chunk_tiles"
@@ -175,6 +176,8 @@ class ScoringRecord:
     positive_class: str
     cam_grid: int  # the Grad-CAM map of a tile is cam_grid x cam_grid cells
     precision: str
+    uncertainty: str = "none"  # how score_sd was measured: none | tta:flips | tta:d4 | mc-dropout:N | both, joined by +
+    temperature: float | None = None  # the model card's temperature the probabilities were scaled with (None: T = 1)
 
     @property
     def positive_index(self) -> int:
@@ -307,7 +310,7 @@ class TileStore:
         scoring = None
         if attrs.get(_SCORES_COMPLETE):
             names = {f.name for f in fields(ScoringRecord)}
-            scoring = ScoringRecord(**{k: attrs[k] for k in names})
+            scoring = ScoringRecord(**{k: attrs[k] for k in names if k in attrs})
         return StoreInfo(
             n_tiles=int(self._array(COORDS).shape[0]),
             chunk_tiles=int(attrs[_CHUNK_TILES]),
@@ -417,6 +420,13 @@ class TileStore:
     def cams(self, rows: slice = slice(None)) -> np.ndarray:
         return np.asarray(self._array(CAMS)[rows])
 
+    def score_sd(self, rows: slice = slice(None)) -> np.ndarray:
+        """Per tile: SD of the positive probability over TTA views and MC-dropout passes; NaN where not
+        measured (and for a store scored before uncertainty existed)."""
+        if SCORE_SD not in self.group:
+            return np.full(len(range(*rows.indices(self.info.n_tiles))), np.nan, dtype=np.float32)
+        return np.asarray(self._array(SCORE_SD)[rows])
+
     def positive_scores(self, rows: slice = slice(None)) -> np.ndarray:
         """The positive class's probability per tile."""
         record = self.info.require_scores(str(self.path))
@@ -429,6 +439,7 @@ class TileStore:
         expected = {
             SCORES: (n, n_classes),
             CAMS: (n, cam_grid, cam_grid),
+            SCORE_SD: (n,),
             SCORE_CHUNKS_DONE: (n_chunks_of(n, chunk),),
         }
         if group.attrs.get(_SCORING_KEY) == scoring_key and self._shapes_are(expected):
@@ -443,6 +454,7 @@ class TileStore:
         group.create_array(
             CAMS, shape=(n, cam_grid, cam_grid), chunks=(chunk, cam_grid, cam_grid), dtype="float32", fill_value=np.nan
         )
+        group.create_array(SCORE_SD, shape=(n,), chunks=(chunk,), dtype="float32", fill_value=np.nan)
         done = np.zeros(n_chunks_of(n, chunk), dtype=bool)
         group.create_array(SCORE_CHUNKS_DONE, data=done, chunks=(max(1, len(done)),))
         group.attrs.update({_SCORING_KEY: scoring_key, _SCORES_COMPLETE: False})
@@ -456,11 +468,15 @@ class TileStore:
         except (KeyError, AssertionError):
             return False
 
-    def write_scores(self, chunk_index: int, probabilities: np.ndarray, cams: np.ndarray) -> None:
-        """One chunk's rows (runs where the task ran, e.g. on a Dask worker)."""
+    def write_scores(
+        self, chunk_index: int, probabilities: np.ndarray, cams: np.ndarray, sd: np.ndarray | None = None
+    ) -> None:
+        """One chunk's rows (runs where the task ran, e.g. on a Dask worker); ``sd``: None when not measured."""
         start = chunk_index * self.info.chunk_tiles
         with self._naming_failures():
             self._array(CAMS)[start : start + len(cams)] = cams
+            if sd is not None:
+                self._array(SCORE_SD)[start : start + len(sd)] = sd
             self._array(SCORES)[start : start + len(probabilities)] = probabilities
 
     def mark_score_chunk_done(self, index: int, done: np.ndarray) -> None:

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
@@ -27,6 +28,7 @@ from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
 from wsi_dala.stain import StainProfile
 
 CARD_KEY = "wsi_dala.model_card"
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # outside this, temperature scaling has gone wrong
 
 
 @dataclass
@@ -47,6 +49,13 @@ class ModelCard:
     # The training tiles' stain (wsi_dala.stain.StainProfile.to_dict()): what --stain-normalise maps slides to.
     stain_reference: dict[str, Any] | None = None
     validation_metrics: dict[str, Any] = field(default_factory=dict)
+    # Temperature scaling (one scalar, fitted on validation tiles by NLL): probabilities are softmax(logits / T).
+    # None: uncalibrated, used as T = 1. ``calibration`` says where it was fitted and ECE/Brier/NLL before/after.
+    temperature: float | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+    # The mean Grad-CAM over a tile of the positive class (g x g, mean 1), measured on validation tiles: how much
+    # weaker the CAM is at a tile's borders; the heatmap divides it out (wsi_dala.cam_profile). None: not measured.
+    cam_profile: list[list[float]] | None = None
     software: dict[str, str] = field(default_factory=lambda: {"wsi_dala": __version__, "torch": torch.__version__})
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -61,6 +70,22 @@ class ModelCard:
             raise CheckpointError(f"{source}: tile size {self.tile_size_px} is not usable")
         if self.mpp is not None and not 0.01 <= self.mpp <= 100:
             raise CheckpointError(f"{source}: µm/px {self.mpp} is implausible")
+        if self.temperature is not None and not (
+            isinstance(self.temperature, (int, float)) and MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
+        ):
+            raise CheckpointError(
+                f"{source}: temperature {self.temperature!r} is not a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}"
+            )
+        if self.cam_profile is not None:
+            profile = np.asarray(self.cam_profile, dtype=object)
+            try:
+                values = np.asarray(self.cam_profile, dtype=np.float64)
+            except (TypeError, ValueError):
+                values = np.zeros(0)
+            if profile.ndim != 2 or values.ndim != 2 or values.shape[0] != values.shape[1] or not (
+                np.isfinite(values).all() and (values > 0).all()
+            ):
+                raise CheckpointError(f"{source}: cam_profile must be a square grid of positive numbers")
         if self.stain_reference is not None:
             try:
                 StainProfile.from_dict(self.stain_reference, f"{source}: stain_reference")
