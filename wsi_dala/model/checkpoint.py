@@ -74,7 +74,7 @@ class ModelCard:
             isinstance(self.temperature, (int, float)) and MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
         ):
             raise CheckpointError(
-                f"{source}: temperature {self.temperature!r} is not a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}"
+                f"{source}: temperature {self.temperature!r} is not from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}"
             )
         if self.cam_profile is not None:
             profile = np.asarray(self.cam_profile, dtype=object)
@@ -82,8 +82,11 @@ class ModelCard:
                 values = np.asarray(self.cam_profile, dtype=np.float64)
             except (TypeError, ValueError):
                 values = np.zeros(0)
-            if profile.ndim != 2 or values.ndim != 2 or values.shape[0] != values.shape[1] or not (
-                np.isfinite(values).all() and (values > 0).all()
+            if (
+                profile.ndim != 2
+                or values.ndim != 2
+                or values.shape[0] != values.shape[1]
+                or not (np.isfinite(values).all() and (values > 0).all())
             ):
                 raise CheckpointError(f"{source}: cam_profile must be a square grid of positive numbers")
         if self.stain_reference is not None:
