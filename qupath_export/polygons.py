@@ -57,3 +57,46 @@ def clean_polygons(geometry: BaseGeometry, min_area: float = 0.0) -> MultiPolygo
     if not result.is_valid:  # parts touching along an edge after simplification: merge them
         result = clean_polygons(shapely.union_all(parts), min_area) if len(parts) > 1 else result
     return result
+
+
+def contour_polygons(
+    values: np.ndarray,
+    threshold: float,
+    cell_size: float = 1.0,
+    origin: tuple[float, float] = (0.0, 0.0),
+    simplify_tolerance: float = 0.0,
+    min_area: float = 0.0,
+) -> MultiPolygon:
+    """Polygons where a map of cell values is at least ``threshold``, traced between cell centres.
+
+    Marching squares (``skimage.measure.find_contours``) puts each boundary where the values,
+    interpolated linearly between neighbouring cell centres, cross the threshold: no cell staircase, and
+    a boundary between a cell above and one below runs between them, so it moves by at most half a cell
+    from the cells' own edges. Cell (r, c) is centred on origin + (c + 0.5, r + 0.5)·cell_size; NaN (no
+    value: glass) reads as 0, or as the map's minimum if that is lower, so a region at the tissue's edge
+    ends close to the edge of its last cell. The map is padded so every contour closes; a contour is a ring, and rings
+    nest (the level sets of one map never cross), so their even-odd combination (symmetric difference)
+    is the region with its holes.
+    """
+    from skimage.measure import find_contours
+
+    values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=-np.inf)
+    if not (values >= threshold).any():
+        return MultiPolygon()
+    finite = values[np.isfinite(values)]
+    floor = min(0.0, float(finite.min()) if finite.size else 0.0, float(threshold) - 1e-6)
+    padded = np.pad(np.where(np.isfinite(values), values, floor), 1, constant_values=floor)
+    rings = []
+    for contour in find_contours(padded, level=threshold):
+        if len(contour) < 4:
+            continue
+        x = origin[0] + (contour[:, 1] - 0.5) * cell_size  # padded column c is cell c - 1, centred at c - 0.5
+        y = origin[1] + (contour[:, 0] - 0.5) * cell_size
+        ring = shapely.Polygon(np.column_stack([x, y]))
+        rings.append(ring if ring.is_valid else make_valid(ring))
+    region: BaseGeometry = Polygon()
+    for ring in sorted(rings, key=lambda r: -r.area):  # large first: fewer vertices in the running result
+        region = shapely.symmetric_difference(region, ring)
+    if simplify_tolerance > 0:
+        region = region.simplify(simplify_tolerance, preserve_topology=True)
+    return clean_polygons(region, min_area)

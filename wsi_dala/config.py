@@ -140,7 +140,7 @@ class ScoringConfig(Settings):
 
 
 class HeatmapConfig(Settings):
-    cam_scale_percentile: float = Field(25.0, ge=0, le=100)  # of the positive tiles' border-corrected CAM cells
+    cam_scale_percentile: float = Field(25.0, ge=0, le=100)  # of the tumour tiles' peak border-corrected CAM
     positive_threshold: Fraction = 0.5  # tiles at or above this probability define that scale and the border profile
     border_correction: bool = True  # divide each CAM by the model's mean CAM profile over a tile (no tile seams)
     min_level_px: int = Field(64, ge=1)  # stop the pyramid when a level is smaller than this
@@ -151,7 +151,7 @@ class ExportConfig(Settings):
     tile_threshold: Fraction = 0.5  # tiles at or above: class Tumor
     region_thresholds: Annotated[tuple[Probability, ...], Field(strict=False, min_length=1)] = (0.5,)
     min_region_area_um2: float = Field(10_000.0, ge=0)  # 0.01 mm²
-    simplify_cells: float = Field(0.25, ge=0)  # simplification tolerance, in heatmap cells
+    simplify_cells: float = Field(0.1, ge=0)  # simplification tolerance, in heatmap cells (outlines move ≤ half a cell)
     gzip: bool = False
     cam_threshold_method: ThresholdMethod = "mean_std"  # for the per-tile "DT-CAM area fraction"
 

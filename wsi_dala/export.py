@@ -2,8 +2,10 @@
 
 Tiles become locked ``tile`` detections classed Tumor / Non-tumor at ``tile_threshold`` with their
 measurements (QC blur, fold and ink among them); tumour regions become ``annotation`` polygons traced
-on the ``tumour`` heatmap layer at each threshold, leaving out cells QC flagged, with holes,
-simplified without self-crossing, at least ``min_region_area_um2``.
+on the ``tumour`` heatmap layer (calibrated probability, sub-tile through the CAM) at each threshold,
+leaving out cells QC flagged, with holes, at least ``min_region_area_um2``. Outlines are traced between
+cell centres by marching squares (:func:`qupath_export.polygons.contour_polygons`): no cell staircase,
+and no boundary moved by more than half a cell.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 import shapely
 
 from qupath_export.geojson import annotation_feature, tile_features, write_feature_collection
-from qupath_export.polygons import mask_to_polygons
+from qupath_export.polygons import contour_polygons
+from wsi_dala.cam_profile import correct
 from wsi_dala.cam_threshold import CamSettings, dynamic_threshold
 from wsi_dala.config import ExportConfig
 from wsi_dala.heatmap import FLAGGED_CELL, Heatmap
@@ -48,14 +51,17 @@ def _dt_cam_area_fraction(raw: np.ndarray, settings: CamSettings) -> np.ndarray:
     )
 
 
-def _tile_feature_stream(store: TileStore, config: ExportConfig, cam_scale: float) -> Iterator[dict[str, Any]]:
+def _tile_feature_stream(store: TileStore, config: ExportConfig, heatmap: Heatmap) -> Iterator[dict[str, Any]]:
     settings = CamSettings(method=config.cam_threshold_method)
+    scoring = store.info.require_scores(str(store.path))
     for rows in store.info.chunk_rows():
         probability = store.positive_scores(rows)
         raw = store.cams(rows)
-        scaled = np.clip(raw / cam_scale, 0.0, 1.0).reshape(len(raw), -1)
+        scaled = np.clip(correct(raw, heatmap.cam_profile) / heatmap.cam_scale, 0.0, 1.0).reshape(len(raw), -1)
+        spread = {"Tumor probability SD": store.score_sd(rows)} if scoring.uncertainty != "none" else {}
         measurements = {
             "Tumor probability": probability,
+            **spread,
             "CAM mean (slide scale)": scaled.mean(axis=1),
             "CAM max (slide scale)": scaled.max(axis=1),
             "DT-CAM area fraction": _dt_cam_area_fraction(raw, settings),
@@ -80,15 +86,18 @@ def region_features(heatmap: Heatmap, config: ExportConfig) -> tuple[list[dict[s
     features, summary = [], []
     layer = heatmap.tumour
     min_area_px = config.min_region_area_um2 / heatmap.slide_mpp**2
+    traced = np.where(np.nan_to_num(heatmap.qc_flagged, nan=0.0) < FLAGGED_CELL, layer, np.nan)
     rows, cols = np.mgrid[0 : layer.shape[0], 0 : layer.shape[1]]
     centres_x = (cols.ravel() + 0.5) * heatmap.cell_l0
     centres_y = (rows.ravel() + 0.5) * heatmap.cell_l0
     values = layer.ravel()
-    trusted = np.nan_to_num(heatmap.qc_flagged, nan=0.0) < FLAGGED_CELL  # QC-flagged cells make no region
     for threshold in sorted(config.region_thresholds):
-        mask = (np.nan_to_num(layer, nan=0.0) >= threshold) & trusted
-        regions = mask_to_polygons(
-            mask, heatmap.cell_l0, simplify_tolerance=config.simplify_cells * heatmap.cell_l0, min_area=min_area_px
+        regions = contour_polygons(  # QC-flagged cells make no region: traced as if they had no value
+            traced,
+            threshold,
+            heatmap.cell_l0,
+            simplify_tolerance=config.simplify_cells * heatmap.cell_l0,
+            min_area=min_area_px,
         )
         for number, polygon in enumerate(regions.geoms, start=1):
             inside = shapely.contains_xy(polygon, centres_x, centres_y) & np.isfinite(values)
@@ -115,7 +124,7 @@ def export_qupath(
 ) -> ExportResult:
     """Write both GeoJSON files (each atomically); returns counts and the regions' summary."""
     store = TileStore(store_path)
-    n_tiles = write_feature_collection(tiles_path, _tile_feature_stream(store, config, heatmap.cam_scale))
+    n_tiles = write_feature_collection(tiles_path, _tile_feature_stream(store, config, heatmap))
     features, summary = region_features(heatmap, config)
     write_feature_collection(regions_path, features)
     return ExportResult(tiles_path, regions_path, n_tiles, len(features), summary)

@@ -1,43 +1,58 @@
 """Stitch tile probabilities and DT Grad-CAM maps into a slide-level tumour-probability map.
 
 The map's cells are the CAM's cells: ``cell = tile size (level-0 px) / g`` for a g x g feature map, so
-a tile covers exactly g x g cells. Two layers, each overlap-averaged (sum and count; no value — NaN —
-where no tile lies, i.e. no tissue):
+a tile covers exactly g x g cells. Layers, each overlap-averaged (sum and count over the tiles that
+cover a cell; no value — NaN — where no tile lies, i.e. no tissue):
 
-- ``probability``: the tile's tumour probability over its whole area;
-- ``tumour``: the probability weighted, cell by cell, by the tile's Grad-CAM normalised with ONE
-  slide-wide scale (a percentile of the raw CAM over positive tiles), clipped to [0, 1]. Per-tile
-  min-max normalisation would stretch a benign tile's weak map to 1; one scale keeps tiles comparable
-  and gives regions finer than a tile (``shared/model-spec.md``, DT Grad-CAM step 7).
+- ``probability``: the tile's (calibrated) tumour probability over its whole area;
+- ``tumour``: that probability, lowered cell by cell where the tile's Grad-CAM is cooler than the
+  hottest cell of a typical tumour tile of this slide: ``p x min(1, CAM' / s)``. ``CAM'`` is the raw
+  map divided by the model's border profile (:mod:`wsi_dala.cam_profile`; without it every tile's dim
+  corners print the tile grid into the map), ``s`` is one slide-wide scale (a percentile of the tumour
+  tiles' corrected peaks). One scale, not per-tile min-max, so a benign tile's weak map is not stretched to 1;
+  no clipping of the probability itself, so the layer keeps the model's gradations;
+- ``uncertainty``: the SD of the tile's probability over test-time views or MC-dropout passes (only when
+  scoring measured it);
+- ``qc_flagged``: the share of the tiles over each cell that quality control flagged (out of focus,
+  folded, inked): drawn hatched on the overlay and left out of tumour regions. Under ``qc.mode:
+  exclude`` flagged tiles are not stitched at all.
 
-A third layer, ``qc_flagged``, is the share of the tiles over each cell that quality control flagged
-(out of focus, folded, inked): drawn hatched on the overlay and left out of tumour regions. Under
-``qc.mode: exclude`` flagged tiles are not stitched at all.
-
-All are stored as a multiscale Zarr (level k = 2^k cells per pixel) with their level-0 pixel size and
-µm/px in the attributes, and rendered as ``overview.png`` and ``overlay.png`` (with a colour bar).
+The stitch is vectorised (``np.add.at`` over every cell of a chunk of tiles): its cost grows linearly
+with the tiles and stays a small share of scoring (``benchmarks/heatmap.py``). All layers are stored as a
+multiscale Zarr (level k = 2^k cells per pixel) with their level-0 pixel size and µm/px in the
+attributes, and rendered as ``overview.png`` and ``overlay.png`` (with a colour bar).
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from scipy import ndimage
 
+from wsi_dala.cam_profile import MIN_SLIDE_TILES, blend_profile, correct, profile_sum
 from wsi_dala.config import HeatmapConfig
 from wsi_dala.fileio import atomic_open
 from wsi_dala.grid import grid_origins, tissue_fractions
 from wsi_dala.layout import building_path
 from wsi_dala.store import TileStore
 
-LAYERS = ("probability", "tumour", "qc_flagged")
+LAYERS = ("probability", "tumour", "uncertainty", "qc_flagged")
+LAYER_MEANINGS = {
+    "probability": "the tile's calibrated tumour probability, overlap-averaged over the tiles covering the cell",
+    "tumour": "the probability lowered where the tile's border-corrected Grad-CAM is cooler than the hottest "
+    "cell of a typical tumour tile of the slide: p x min(1, CAM / slide scale)",
+    "uncertainty": "SD of the tile's tumour probability over test-time views / MC-dropout passes",
+    "qc_flagged": "share of the tiles over the cell that quality control flagged",
+}
 HATCH_RGB = (0, 230, 255)  # cyan: not in the inferno scale, not in H&E
 FLAGGED_CELL = 0.5  # a cell at least this much covered by flagged tiles is drawn hatched, and is no region
+MIN_SEAM_TILES = 4  # interior tumour tiles needed before the seam index means anything
 
 
 @dataclass
@@ -50,64 +65,199 @@ class Heatmap:
     cell_l0: float
     cam_scale: float
     slide_mpp: float
+    uncertainty: np.ndarray | None = None  # None: scoring measured no spread
+    cam_profile: np.ndarray = field(default_factory=lambda: np.ones((1, 1)))  # what each CAM was divided by
+    profile_tiles: int = 0  # positive tiles of this slide the profile was measured on
+    seam_index: float | None = None  # mean of tile-corner cells / mean of the other cells, inside tumour
 
     @property
     def cell_mpp(self) -> float:
         return self.cell_l0 * self.slide_mpp
 
+    @property
+    def layers(self) -> dict[str, np.ndarray]:
+        """The layers that hold values, by name, in LAYERS order."""
+        present = {name: getattr(self, name) for name in LAYERS}
+        return {name: layer for name, layer in present.items() if layer is not None}
 
-def slide_cam_scale(store: TileStore, config: HeatmapConfig) -> float:
-    """One scale for the whole slide: a percentile of the positive tiles' peak raw CAM values.
+    def summary(self) -> dict[str, Any]:
+        """For run.json: how the map was made, and whether it shows the tile grid."""
+        return {
+            "cell_um": round(self.cell_mpp, 3),
+            "cam_scale": round(self.cam_scale, 6),
+            "border_profile": {
+                "tiles": self.profile_tiles,
+                "min": round(float(self.cam_profile.min()), 3),
+                "max": round(float(self.cam_profile.max()), 3),
+            },
+            "seam_index": None if self.seam_index is None else round(self.seam_index, 4),
+            "layers": list(self.layers),
+        }
 
-    A cell as hot as a typical positive tile's hottest cell maps to 1; tiles stay comparable (one
-    scale), and the cold part of a tile that is only partly tumour stays cold.
+
+def _positive(store: TileStore, rows: slice, config: HeatmapConfig) -> np.ndarray:
+    probability = store.positive_scores(rows)
+    return np.isfinite(probability) & (probability >= config.positive_threshold) & store.usable_tiles(rows)
+
+
+def interior_positive(store: TileStore, config: HeatmapConfig) -> np.ndarray:
+    """Per tile: positive, and so are its eight neighbours on the tile grid — deep inside tumour, where
+    every cell should be tumour (what the CAM's border profile and scale are measured on)."""
+    coords, positive = store.coords(), _positive(store, slice(None), config)
+    if not positive.any():
+        return positive
+    lattice = np.round((coords - coords.min(axis=0)) / store.info.tiling.stride_l0).astype(np.int64)
+    grid = np.zeros(tuple(lattice.max(axis=0)[::-1] + 3), dtype=bool)  # margin: edge tiles are never interior
+    grid[lattice[positive, 1] + 1, lattice[positive, 0] + 1] = True
+    interior = ndimage.binary_erosion(grid, structure=np.ones((3, 3), dtype=bool))
+    return positive & interior[lattice[:, 1] + 1, lattice[:, 0] + 1]
+
+
+def reference_tiles(store: TileStore, config: HeatmapConfig) -> np.ndarray:
+    """The tiles a "typical tumour cell" is learnt from: the interior positive tiles when there are at
+    least MIN_SLIDE_TILES of them, else every positive tile (small tumours: tiles that are partly tumour
+    dilute the estimate, but it is all there is)."""
+    interior = interior_positive(store, config)
+    return interior if interior.sum() >= MIN_SLIDE_TILES else _positive(store, slice(None), config)
+
+
+def border_profile(
+    store: TileStore, config: HeatmapConfig, reference: np.ndarray, prior: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
+    """The CAM profile over a tile (mean 1) the slide's maps are divided by, and the tiles it rests on.
+
+    Measured on this slide's ``reference`` tiles and shrunk towards ``prior`` (the model card's profile);
+    flat when ``border_correction`` is off.
+    """
+    grid = store.info.require_scores(str(store.path)).cam_grid
+    if not config.border_correction:
+        return np.ones((grid, grid)), 0
+    total, n = np.zeros((grid, grid)), 0
+    for rows in store.info.chunk_rows():
+        chosen = reference[rows]
+        if chosen.any():
+            part, count = profile_sum(store.cams(rows)[chosen])
+            total, n = total + part, n + count
+    return blend_profile(total, n, prior), n
+
+
+def slide_cam_scale(store: TileStore, config: HeatmapConfig, reference: np.ndarray, profile: np.ndarray) -> float:
+    """One scale for the whole slide: a percentile of the reference tiles' peak corrected CAM.
+
+    A cell at least as hot as the hottest cell of a typical tumour tile counts as fully tumour (its
+    tile's probability); cooler cells lower it in proportion. Peaks, not all cells: a positive tile is
+    often mostly something else (a model that calls a tile tumour from a few cells), and its peak is
+    still its tumour. One scale keeps tiles comparable, and the cold part of a partly tumorous tile
+    stays cold.
     """
     values = []
     for rows in store.info.chunk_rows():
-        positive = (store.positive_scores(rows) >= config.positive_threshold) & store.usable_tiles(rows)
-        if positive.any():
-            cams = store.cams(rows)[positive]
-            values.append(cams.reshape(len(cams), -1).max(axis=1))
+        chosen = reference[rows]
+        if chosen.any():
+            corrected = correct(store.cams(rows)[chosen], profile)
+            values.append(corrected.reshape(len(corrected), -1).max(axis=1))
     if not values:
         return 1.0
-    scale = float(np.percentile(np.concatenate(values), config.cam_scale_percentile))
+    finite = np.concatenate(values)
+    finite = finite[np.isfinite(finite)]
+    scale = float(np.percentile(finite, config.cam_scale_percentile)) if finite.size else 0.0
     return scale if scale > 0 else 1.0
 
 
-def stitch(store_path: str | Path, config: HeatmapConfig | None = None) -> Heatmap:
-    """Sum-and-count stitching, chunk by chunk (memory: the map, plus one chunk of scores)."""
+def stitch(
+    store_path: str | Path, config: HeatmapConfig | None = None, card_profile: np.ndarray | None = None
+) -> Heatmap:
+    """Sum-and-count stitching, chunk by chunk (memory: the map, plus one chunk of scores).
+
+    ``card_profile``: the model card's CAM border profile, the prior for this slide's own estimate.
+    """
     config = config or HeatmapConfig()
     store = TileStore(store_path)
     info = store.info
-    grid = info.require_scores(str(store.path)).cam_grid
+    scoring = info.require_scores(str(store.path))
+    grid = scoring.cam_grid
     cell_l0 = info.tile_size_l0 / grid
     width, height = info.tiling.slide.width, info.tiling.slide.height
     rows, cols = math.ceil(height / cell_l0), math.ceil(width / cell_l0)
-    sums = np.zeros((3, rows + grid, cols + grid), dtype=np.float64)  # margin for edge tiles
-    counts = np.zeros((rows + grid, cols + grid), dtype=np.int32)
-    scale = slide_cam_scale(store, config)
+    stride = cols + grid  # margin for edge tiles
+    size = (rows + grid) * stride
+    measured_sd = scoring.uncertainty != "none"
+    names = ("probability", "tumour", "uncertainty", "qc_flagged")
+    sums = {name: np.zeros(size, dtype=np.float64) for name in names}
+    counts = np.zeros(size, dtype=np.float64)
+    reference = reference_tiles(store, config)
+    profile, profile_tiles = border_profile(store, config, reference, card_profile)
+    scale = slide_cam_scale(store, config, reference, profile)
+    offsets = (np.arange(grid)[:, None] * stride + np.arange(grid)[None, :]).ravel()  # the cells of a tile
     for chunk in info.chunk_rows():
-        cells = np.round(store.coords(chunk) / cell_l0).astype(np.int64)
-        probability = store.positive_scores(chunk)
-        cams = np.clip(store.cams(chunk) / scale, 0.0, 1.0)
-        flagged = store.qc_flags(chunk) > 0
-        usable = store.usable_tiles(chunk)
-        for (cx, cy), p, cam, bad, use in zip(cells, probability, cams, flagged, usable, strict=True):
-            if not np.isfinite(p) or not use:
-                continue
-            sums[0, cy : cy + grid, cx : cx + grid] += p
-            sums[1, cy : cy + grid, cx : cx + grid] += p * cam
-            sums[2, cy : cy + grid, cx : cx + grid] += bad
-            counts[cy : cy + grid, cx : cx + grid] += 1
+        probability = store.positive_scores(chunk).astype(np.float64)
+        keep = np.isfinite(probability) & store.usable_tiles(chunk)
+        if not keep.any():
+            continue
+        cells = np.round(store.coords(chunk)[keep] / cell_l0).astype(np.int64)
+        index = (cells[:, 1] * stride + cells[:, 0])[:, None] + offsets[None, :]  # [n, g*g]
+        p = probability[keep][:, None]
+        evidence = np.clip(correct(store.cams(chunk)[keep], profile) / scale, 0.0, 1.0).reshape(len(p), -1)
+        evidence = np.nan_to_num(evidence, nan=0.0)
+        per_tile = {
+            "probability": np.broadcast_to(p, index.shape),
+            "tumour": p * evidence,
+            "uncertainty": np.broadcast_to(np.nan_to_num(store.score_sd(chunk)[keep])[:, None], index.shape),
+            "qc_flagged": np.broadcast_to((store.qc_flags(chunk)[keep] > 0)[:, None], index.shape),
+        }
+        flat = index.ravel()
+        for name in names:
+            np.add.at(sums[name], flat, np.asarray(per_tile[name], dtype=np.float64).ravel())
+        np.add.at(counts, flat, 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(counts > 0, sums / counts, np.nan)[:, :rows, :cols].astype(np.float32)
+        mean = {
+            name: np.where(counts > 0, total / counts, np.nan).reshape(rows + grid, stride)[:rows, :cols]
+            for name, total in sums.items()
+        }
     mask = store.tissue_mask()
     if mask is not None:
         # A tile is kept for its tissue, but parts of it are glass or ink: no value there either.
         cells_xy = grid_origins(cols * cell_l0, rows * cell_l0, cell_l0, cell_l0).astype(np.float64)
         tissue = tissue_fractions(mask, info.tiling.mask_downsample, cells_xy, cell_l0).reshape(rows, cols)
-        mean[:, tissue < config.min_cell_tissue] = np.nan
-    return Heatmap(mean[0], mean[1], mean[2], cell_l0, scale, info.slide_mpp)
+        for layer in mean.values():
+            layer[tissue < config.min_cell_tissue] = np.nan
+    layers = {name: layer.astype(np.float32) for name, layer in mean.items()}
+    heatmap = Heatmap(
+        probability=layers["probability"],
+        tumour=layers["tumour"],
+        qc_flagged=layers["qc_flagged"],
+        cell_l0=cell_l0,
+        cam_scale=scale,
+        slide_mpp=info.slide_mpp,
+        uncertainty=layers["uncertainty"] if measured_sd else None,
+        cam_profile=profile,
+        profile_tiles=profile_tiles,
+    )
+    interior = interior_positive(store, config)
+    corners = np.round(store.coords()[interior] / cell_l0).astype(np.int64)
+    heatmap.seam_index = seam_index(heatmap.tumour, corners, grid)
+    return heatmap
+
+
+def seam_index(layer: np.ndarray, tile_cells: np.ndarray, grid: int) -> float | None:
+    """Mean of the cells at the four corners of these tiles ÷ mean of their other cells (1: no seams).
+
+    The CAM is weakest at a tile's corners; a map that shows the tile grid reads well below 1. None with
+    fewer than MIN_SEAM_TILES tiles (grid 1 has no corners apart from its one cell).
+    """
+    if len(tile_cells) < MIN_SEAM_TILES or grid < 2:
+        return None
+    rows, cols = np.mgrid[0:grid, 0:grid]
+    corner = ((rows == 0) | (rows == grid - 1)) & ((cols == 0) | (cols == grid - 1))
+    y = tile_cells[:, 1, None, None] + rows[None]
+    x = tile_cells[:, 0, None, None] + cols[None]
+    inside = (y < layer.shape[0]) & (x < layer.shape[1])
+    values = np.where(inside, layer[np.minimum(y, layer.shape[0] - 1), np.minimum(x, layer.shape[1] - 1)], np.nan)
+    at_corners = np.nanmean(values[:, corner]) if np.isfinite(values[:, corner]).any() else np.nan
+    elsewhere = np.nanmean(values[:, ~corner]) if np.isfinite(values[:, ~corner]).any() else np.nan
+    if not (np.isfinite(at_corners) and np.isfinite(elsewhere)) or elsewhere <= 0:
+        return None
+    return float(at_corners / elsewhere)
 
 
 def _halve(layer: np.ndarray) -> np.ndarray:
@@ -133,8 +283,8 @@ def write_heatmap(
         shutil.rmtree(tmp)
     group = zarr.open_group(tmp, mode="w", zarr_format=3)
     levels = []
-    for name in LAYERS:
-        layer = getattr(heatmap, name)
+    first = next(iter(heatmap.layers))
+    for name, layer in heatmap.layers.items():
         level = 0
         while True:
             group.create_array(
@@ -142,7 +292,7 @@ def write_heatmap(
                 data=layer,
                 chunks=(min(512, max(1, layer.shape[0])), min(512, max(1, layer.shape[1]))),
             )
-            if name == LAYERS[0]:
+            if name == first:
                 downsample = heatmap.cell_l0 * 2**level
                 levels.append(
                     {
@@ -158,15 +308,13 @@ def write_heatmap(
     group.attrs.update(
         {
             "format": "wsi-dala.heatmap/1",
-            "layers": {
-                "probability": "tile tumour probability, overlap-averaged",
-                "tumour": "tile probability x Grad-CAM (one slide-wide scale), overlap-averaged",
-                "qc_flagged": "share of the tiles over the cell that quality control flagged",
-            },
+            "layers": {name: LAYER_MEANINGS[name] for name in heatmap.layers},
             "levels": levels,
             "cell_l0": heatmap.cell_l0,
             "cell_mpp": heatmap.cell_mpp,
             "cam_scale": heatmap.cam_scale,
+            "cam_border_profile": np.round(heatmap.cam_profile, 4).tolist(),
+            "seam_index": heatmap.seam_index,
             "config": config.to_dict(),
             "no_value": "NaN where no tile was scored (no tissue)",
             **(extra_attrs or {}),
@@ -178,28 +326,31 @@ def write_heatmap(
 
 
 def render_overlay(
-    thumbnail: np.ndarray, layer: np.ndarray, path: Path, title: str, flagged: np.ndarray | None = None
+    thumbnail: np.ndarray,
+    layer: np.ndarray,
+    path: Path,
+    title: str,
+    flagged: np.ndarray | None = None,
+    label: str = "tumour probability",
+    top: float = 1.0,
+    colour_map: str = "inferno",
 ) -> None:
-    """Heatmap (0-1, no colour where there is no value) over the thumbnail, with a colour bar.
+    """Heatmap (0-``top``, no colour where there is no value) over the thumbnail, with a colour bar.
 
-    Cells mostly covered by QC-flagged tiles (``flagged`` ≥ FLAGGED_CELL) are hatched. Drawn on a bare
-    ``matplotlib.figure.Figure``: no pyplot, no global backend to switch.
+    Cells are interpolated bilinearly between their centres (values and coverage apart, so no value
+    bleeds onto glass): the picture shows the map, not the cell grid. Cells mostly covered by QC-flagged
+    tiles (``flagged`` ≥ FLAGGED_CELL) are hatched. Drawn on a bare ``matplotlib.figure.Figure``: no
+    pyplot, no global backend to switch.
     """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
-    from PIL import Image
 
     height, width = thumbnail.shape[:2]
-    resized = np.asarray(
-        Image.fromarray(np.nan_to_num(layer, nan=-1.0).astype(np.float32), mode="F").resize(
-            (width, height), Image.Resampling.NEAREST
-        )
-    )
-    valid = resized >= 0
-    value = np.clip(resized, 0, 1)[..., None]
-    coloured = colormaps["inferno"](value[..., 0])[..., :3] * 255
+    valid, value = _resample(layer, (height, width))
+    value = np.clip(value / top, 0, 1)[..., None]
+    coloured = colormaps[colour_map](value[..., 0])[..., :3] * 255
     alpha = np.where(valid[..., None], 0.15 + 0.6 * value, 0.0)  # low probability: the tissue shows through
     blend = ((1 - alpha) * thumbnail + alpha * coloured).astype(np.uint8)
     hatched = _hatch_mask(flagged, (height, width)) if flagged is not None else None
@@ -211,8 +362,8 @@ def render_overlay(
     ax.imshow(blend)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
-    mappable = ScalarMappable(cmap="inferno", norm=Normalize(0, 1))
-    fig.colorbar(mappable, ax=ax, fraction=0.035, pad=0.02, label="tumour probability")
+    mappable = ScalarMappable(cmap=colour_map, norm=Normalize(0, top))
+    fig.colorbar(mappable, ax=ax, fraction=0.035, pad=0.02, label=label)
     if hatched is not None and hatched.any():
         from matplotlib.patches import Patch
 
@@ -225,6 +376,25 @@ def render_overlay(
         ax.legend(handles=[key], loc="upper left", bbox_to_anchor=(0.0, -0.01), fontsize=8, frameon=False)
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", bbox_inches="tight")
+
+
+def _resample(layer: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Where a value is (nearest cell: the map's own outline) and the value there, interpolated bilinearly
+    from the neighbouring cells that have one (normalised convolution: glass contributes nothing)."""
+    from PIL import Image
+
+    height, width = shape
+    has_value = np.isfinite(layer)
+
+    def resize(image: np.ndarray, method: Image.Resampling) -> np.ndarray:
+        return np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((width, height), method))
+
+    weight = resize(has_value, Image.Resampling.BILINEAR)
+    total = resize(np.where(has_value, layer, 0.0), Image.Resampling.BILINEAR)
+    valid = resize(has_value, Image.Resampling.NEAREST) > 0.5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = np.where(weight > 1e-6, total / weight, 0.0)
+    return valid, np.where(valid, value, 0.0)
 
 
 def _hatch_mask(flagged: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -103,6 +103,7 @@ class RunLayout:
     heatmap_store = _Below("heatmap.zarr")
     overview_png = _Below("overview.png")
     overlay_png = _Below("overlay.png")
+    uncertainty_png = _Below("uncertainty.png", "The per-tile probability SD over the thumbnail (--tta, --mc-dropout).")
     run_json = _Below("run.json")
     lock = _Below("run.lock", "Held while a run writes this folder: a second run on it is refused.")
 

@@ -77,6 +77,8 @@ class RunRecord:
     versions: dict[str, str]
     qc: dict[str, Any] = field(default_factory=dict)  # counts, areas in µm², percentages of tissue
     stain: dict[str, Any] = field(default_factory=dict)  # the slide's, the model's reference, their distance
+    calibration: dict[str, Any] = field(default_factory=dict)  # the temperature applied, or "uncalibrated"
+    heatmap: dict[str, Any] = field(default_factory=dict)  # cell size, CAM scale, border profile, seam index
     status: str = "complete"
     format: str = RUN_FORMAT
 
@@ -194,7 +196,7 @@ def _run_locked(
     scored = score_store(tiled.store, checkpoint, config.scoring, progress=progress, client=client)
     timings["score"] = scored.seconds
     t = time.perf_counter()
-    heatmap = stitch(tiled.store, config.heatmap)
+    heatmap = stitch(tiled.store, config.heatmap, card_profile(card))
     write_heatmap(heatmap, layout.heatmap_store, config.heatmap, {"slide": str(slide_path), "run_key": key})
     _render(layout, heatmap)
     timings["stitch"] = time.perf_counter() - t
@@ -293,6 +295,24 @@ def stain_summary(store: TileStore, card: ModelCard, normalised: str) -> dict[st
     }
 
 
+def card_profile(card: ModelCard) -> np.ndarray | None:
+    """The model card's CAM border profile (the stitch's prior), if the card has one."""
+    return np.asarray(card.cam_profile, dtype=np.float64) if card.cam_profile is not None else None
+
+
+def calibration_summary(card: ModelCard) -> dict[str, Any]:
+    """What run.json says about the probabilities: scaled by the card's temperature, or uncalibrated."""
+    if card.temperature is None:
+        return {
+            "status": "uncalibrated",
+            "temperature": 1.0,
+            "note": "the model card has no temperature: probabilities are the network's softmax as is "
+            "(wsi-dala calibrate fits one)",
+        }
+    fitted = card.calibration if isinstance(card.calibration, dict) else {}
+    return {"status": "calibrated", "temperature": card.temperature, **{k: v for k, v in fitted.items()}}
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -384,6 +404,8 @@ def _record(
         versions=_versions(),
         qc=qc_summary(TileStore(tiled.store)),
         stain=stain_summary(TileStore(tiled.store), card, config.scoring.stain_normalise),
+        calibration=calibration_summary(card),
+        heatmap=stages.heatmap.summary(),
     )
 
 
@@ -406,10 +428,28 @@ def _render(layout: RunLayout, heatmap: Heatmap) -> None:
         f"{layout.slide_stem}: tumour probability (cell {heatmap.cell_mpp:.1f} µm)",
         flagged=heatmap.qc_flagged,
     )
+    if heatmap.uncertainty is not None:
+        top = (
+            max(0.05, float(np.nanpercentile(heatmap.uncertainty, 99)))
+            if np.isfinite(heatmap.uncertainty).any()
+            else 0.5
+        )
+        render_overlay(
+            thumbnail,
+            heatmap.uncertainty,
+            layout.uncertainty_png,
+            f"{layout.slide_stem}: SD of the tumour probability per tile",
+            flagged=heatmap.qc_flagged,
+            label="probability SD",
+            top=top,
+            colour_map="viridis",
+        )
 
 
 def _outputs(layout: RunLayout, config: PipelineConfig) -> dict[str, Path]:
+    measured_sd = config.scoring.tta != "none" or config.scoring.mc_dropout > 0
     return {
+        **({"uncertainty": layout.uncertainty_png} if measured_sd else {}),
         "tiles_store": layout.tiles_store,
         "heatmap": layout.heatmap_store,
         "overview": layout.overview_png,
