@@ -1,0 +1,156 @@
+"""Stitching: the vectorised sum-and-count equals a plain per-tile loop; the CAM's border attenuation is
+measured and divided out (no tile grid in the map); the uncertainty layer; outlines between cell centres."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import shapely
+import zarr
+
+from qupath_export.polygons import contour_polygons, mask_to_polygons
+from wsi_dala.cam_profile import blend_profile, correct, measure_profile, profile_sum
+from wsi_dala.config import HeatmapConfig, PipelineConfig, TilingConfig
+from wsi_dala.heatmap import interior_positive, reference_tiles, stitch
+from wsi_dala.pipeline import run_slide
+from wsi_dala.store import ScoringRecord, TileStore
+from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, colour_checkpoint):
+    """A small slide run end to end with the colour reference scorer (8 x 8 CAM cells per tile)."""
+    folder = tmp_path_factory.mktemp("heatmap")
+    spec = SyntheticSlideSpec(width=4096, height=3072, mpp=0.5, seed=3, label_px=8, pen_marks=False)
+    slide = write_synthetic_slide(folder / "slide.svs", spec)
+    config = PipelineConfig(model=str(colour_checkpoint), tiling=TilingConfig(min_tissue=0.05))
+    return run_slide(slide.path, folder / "run", config, progress=False)
+
+
+def _copy_store(summary, tmp_path):
+    import shutil
+
+    target = tmp_path / "tiles.zarr"
+    shutil.copytree(summary.layout.tiles_store, target)
+    return TileStore(target, mode="r+")
+
+
+def _loop_stitch(store: TileStore, profile: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: one tile at a time, as the stitch did before it was vectorised."""
+    info = store.info
+    grid = info.scoring.cam_grid
+    cell = info.tile_size_l0 / grid
+    rows, cols = int(np.ceil(info.tiling.slide.height / cell)), int(np.ceil(info.tiling.slide.width / cell))
+    sums = np.zeros((2, rows + grid, cols + grid))
+    counts = np.zeros((rows + grid, cols + grid))
+    cells = np.round(store.coords() / cell).astype(int)
+    for (cx, cy), p, cam in zip(cells, store.positive_scores(), store.cams(), strict=True):
+        sums[0, cy : cy + grid, cx : cx + grid] += p
+        sums[1, cy : cy + grid, cx : cx + grid] += p * np.clip(correct(cam[None], profile)[0] / scale, 0, 1)
+        counts[cy : cy + grid, cx : cx + grid] += 1
+    with np.errstate(invalid="ignore"):
+        mean = np.where(counts > 0, sums / counts, np.nan)[:, :rows, :cols]
+    return mean[0], mean[1]
+
+
+def test_vectorised_stitch_equals_the_per_tile_loop(scored):
+    config = HeatmapConfig(min_cell_tissue=0.0)
+    heatmap = stitch(scored.layout.tiles_store, config)
+    probability, tumour = _loop_stitch(TileStore(scored.layout.tiles_store), heatmap.cam_profile, heatmap.cam_scale)
+    assert np.isfinite(heatmap.probability).sum() > 1000
+    np.testing.assert_allclose(heatmap.probability, probability, rtol=1e-5, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(heatmap.tumour, tumour, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert heatmap.uncertainty is None  # scoring measured no spread: no layer
+
+
+def test_border_attenuation_is_divided_out(scored, tmp_path):
+    """CAMs dimmed at tile borders and corners, as a CNN's are: without correction the map shows the
+    tile grid (seam index well below 1); with it the seam index is within 0.97-1.03."""
+    store = _copy_store(scored, tmp_path)
+    grid = store.info.scoring.cam_grid
+    edge = np.where((np.arange(grid) == 0) | (np.arange(grid) == grid - 1), 0.45, 1.0)
+    attenuation = np.outer(edge, edge)  # corners 0.2, edges 0.45, inside 1
+    cams = store.cams()
+    store.group["cams"][:] = (cams * attenuation).astype(np.float32)
+    reference = reference_tiles(store, HeatmapConfig())
+    assert interior_positive(store, HeatmapConfig()).sum() >= 8 and reference.sum() >= 8
+    plain = stitch(store.path, HeatmapConfig(border_correction=False))
+    corrected = stitch(store.path, HeatmapConfig())
+    assert plain.seam_index is not None and plain.seam_index < 0.9
+    assert corrected.seam_index is not None and 0.97 <= corrected.seam_index <= 1.03
+    profile = corrected.cam_profile
+    corners = profile[[0, 0, -1, -1], [0, -1, 0, -1]].mean()
+    assert corners < 0.5 * profile[1:-1, 1:-1].mean()  # the planted dimming, measured back (the colour
+    # scorer's own maps are patchy, so the profile is only roughly the planted one; see the next test)
+
+
+def test_profile_estimate_and_prior():
+    rng = np.random.default_rng(0)
+    truth = np.outer([0.3, 1.0, 1.0, 0.5], [0.4, 1.0, 1.0, 0.6])
+    cams = truth[None] * rng.gamma(8.0, 1 / 8.0, size=(400, 4, 4))  # ~35 % noise per cell
+    profile = measure_profile(cams)
+    assert profile is not None and profile.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(profile, truth / truth.mean(), rtol=0.08)
+    total, n = profile_sum(cams[:3])
+    assert n == 3 and np.array_equal(blend_profile(total, n, None), np.ones((4, 4)))  # too few tiles: flat
+    prior = truth / truth.mean()
+    np.testing.assert_allclose(blend_profile(total, n, prior), prior, rtol=0.1)  # the card's profile dominates
+    assert measure_profile(np.zeros((5, 4, 4))) is None
+
+
+def test_uncertainty_layer_when_scoring_measured_a_spread(scored, tmp_path):
+    store = _copy_store(scored, tmp_path)
+    n = store.info.n_tiles
+    sd = np.linspace(0.0, 0.2, n).astype(np.float32)
+    store.group["score_sd"][:] = sd
+    record = store.info.scoring
+    store.mark_scores_complete(
+        ScoringRecord(record.class_names, record.positive_class, record.cam_grid, record.precision, "tta:d4")
+    )
+    heatmap = stitch(store.path, HeatmapConfig(min_cell_tissue=0.0))
+    assert heatmap.uncertainty is not None
+    values = heatmap.uncertainty[np.isfinite(heatmap.uncertainty)]
+    assert values.min() >= 0.0 and values.max() <= 0.2 + 1e-6 and values.std() > 0.01
+
+
+def test_run_json_says_uncalibrated_and_records_the_seam_index(scored):
+    record = json.loads(scored.layout.run_json.read_text())
+    assert record["calibration"]["status"] == "uncalibrated" and record["calibration"]["temperature"] == 1.0
+    assert set(record["heatmap"]) >= {"seam_index", "cam_scale", "border_profile", "cell_um"}
+    group = zarr.open_group(scored.layout.heatmap_store, mode="r")
+    assert set(group.attrs["layers"]) == {"probability", "tumour", "qc_flagged"}
+
+
+def test_contours_have_holes_no_staircase_and_stay_within_half_a_cell():
+    values = np.zeros((30, 30))
+    values[4:24, 5:25] = 0.9
+    values[10:14, 10:14] = 0.1  # a hole
+    values[12:20, 22:28] = 0.8  # a bump: corners to round
+    cell = 16.0
+    regions = contour_polygons(values, 0.5, cell)
+    staircase = mask_to_polygons(values >= 0.5, cell)
+    assert len(regions.geoms) == 1 and len(regions.geoms[0].interiors) == 1 and regions.is_valid
+    assert shapely.hausdorff_distance(regions.boundary, staircase.boundary) <= 0.5 * cell + 1e-9
+    assert regions.area == pytest.approx(staircase.area, rel=0.02)
+    diagonal = [
+        (a, b)
+        for ring in [regions.geoms[0].exterior]
+        for a, b in zip(ring.coords[:-1], ring.coords[1:], strict=True)
+        if a[0] != b[0] and a[1] != b[1]
+    ]
+    assert diagonal  # corners are cut: the cell staircase is gone
+    assert contour_polygons(values, 0.95, cell).is_empty
+
+
+def test_contours_end_at_the_tissue_edge_and_honour_thresholds():
+    values = np.full((8, 8), np.nan)
+    values[2:6, 2:6] = 0.9
+    square = contour_polygons(values, 0.5, 10.0)
+    x0, y0, x1, _y1 = square.bounds
+    assert 20.0 <= x0 <= 21.0 and 59.0 <= x1 <= 60.0 and 20.0 <= y0 <= 21.0  # within a tenth of a cell
+    ramp = np.tile(np.linspace(0, 1, 11), (5, 1))
+    for threshold in (0.3, 0.7):
+        region = contour_polygons(ramp, threshold, 1.0)
+        assert region.bounds[0] == pytest.approx(threshold * 10 + 0.5, abs=1e-6)  # where the ramp crosses
