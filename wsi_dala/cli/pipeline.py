@@ -89,6 +89,13 @@ def print_summary(summary: RunSummary) -> None:
         f"resolution:  slide {res.slide_mpp:.4g} µm/px ({res.slide_mpp_source}), tiles "
         f"{res.tile_mpp:.4g} µm/px, heatmap cell {res.heatmap_cell_mpp:.3g} µm"
     )
+    calibration, heatmap = record.calibration, record.heatmap
+    if calibration.get("status") == "calibrated":
+        print(f"model:       calibrated, temperature {calibration['temperature']:.3g}")
+    elif calibration:
+        print("model:       uncalibrated (no temperature in the model card; `wsi-dala calibrate` fits one)")
+    if heatmap.get("seam_index") is not None:
+        print(f"heatmap:     seam index {heatmap['seam_index']:.3f} (tile corners / other cells in tumour; 1: no grid)")
     qc = record.qc
     if qc and qc["mode"] == "off":
         print("QC:          off (blur not measured, nothing flagged)")
