@@ -26,6 +26,7 @@ TORCH_FREE = (
     "wsi_dala.export",
     "wsi_dala.layout",
     "wsi_dala.config",
+    "wsi_dala.calibration",
     "wsi_dala.archive",
     "wsi_dala.cli",
     "wsi_dala.cli.app",
@@ -154,7 +155,8 @@ def test_every_verb_is_registered_explicitly():
     from wsi_dala.cli.app import VERBS, build_parser
 
     names = [verb.name for verb in VERBS]
-    assert sorted(names) == sorted(["run", "demo", "batch", "train", "evaluate", "cam", "info", "tile", "synthesize"])
+    expected = ["run", "demo", "batch", "train", "evaluate", "calibrate", "cam", "info", "tile", "synthesize"]
+    assert sorted(names) == sorted(expected)
     assert len(set(names)) == len(names)
     help_text = build_parser().format_help()
     assert all(name in help_text for name in names)

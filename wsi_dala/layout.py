@@ -1,8 +1,8 @@
 """Every path the program writes, in one place, so no two modules disagree on a file name.
 
 One small frozen object per kind of output folder: a slide's run, a training run, an evaluation, a
-batch over an archive (and each slide's folder in it), the demo. Nothing else in the package spells an
-output file name (``tests/test_layout.py`` greps for them).
+calibration, a batch over an archive (and each slide's folder in it), the demo. Nothing else in the
+package spells an output file name (``tests/test_layout.py`` greps for them).
 """
 
 from __future__ import annotations
@@ -124,6 +124,10 @@ class TrainLayout:
     last_state = _Below("last-state.pt", "Weights, optimiser and scheduler after the last epoch: the resume point.")
     metrics_csv = _Below("metrics.csv")
     curves_png = _Below("curves.png")
+    reliability_png = _Below(
+        "reliability.png",
+        "The best checkpoint's reliability on the validation split, before and after its temperature.",
+    )
     train_json = _Below("train.json", "The run's summary; `evaluate --split-from` reads its validation groups back.")
     tiles_dir = _Below("tiles", "`train --slide`: one tile-store folder per annotated slide below this.")
 
@@ -140,10 +144,23 @@ class EvalLayout:
     root: Path
 
     metrics_json = _Below("metrics.json")
+    reliability_png = _Below("reliability.png", "Accuracy against confidence, at T = 1 and at the card's temperature.")
     tiles_dir = _Below("tiles", "`evaluate --slide`: one tile-store folder per annotated slide below this.")
 
     def confusion_png(self, magnification: str | None = None) -> Path:
         return self.root / (f"confusion_{magnification}.png" if magnification else "confusion.png")
+
+
+@dataclass(frozen=True)
+class CalibrateLayout:
+    """The folder of one calibration (`wsi-dala calibrate --out DIR`); the input checkpoint is never touched."""
+
+    root: Path
+
+    checkpoint = _Below("calibrated.safetensors", "The same weights, with temperature, calibration and CAM profile.")
+    calibration_json = _Below("calibration.json", "Written last: the temperature, ECE/Brier/NLL before and after.")
+    reliability_png = _Below("reliability.png")
+    tiles_dir = _Below("tiles", "`calibrate --slide`: one tile-store folder per annotated slide below this.")
 
 
 @dataclass(frozen=True)

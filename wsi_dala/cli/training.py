@@ -1,4 +1,4 @@
-"""CLI verbs for models: ``train``, ``evaluate``, ``cam``."""
+"""CLI verbs for models: ``train``, ``evaluate``, ``calibrate``, ``cam``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any, get_args
 from wsi_dala.cli.common import Verb, add_precision_option, deprecated_flag, number_in, tiling_from_flags
 from wsi_dala.config import ThresholdMethod, TrainConfig, build
 from wsi_dala.errors import ConfigError
-from wsi_dala.layout import EvalLayout, TrainLayout
+from wsi_dala.layout import CalibrateLayout, EvalLayout, TrainLayout
 from wsi_dala.model_choices import ARCHITECTURES, ATTENTION_KINDS, ATTENTION_POSITIONS, GATE_MODES
 
 if TYPE_CHECKING:
+    from wsi_dala.model import ModelCard
     from wsi_dala.training.datasets import Sample
 
 BREAKHIS_MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
@@ -283,7 +284,20 @@ def _card_fields(
     }
 
 
+def _calibration_line(card: ModelCard) -> str:
+    """What training says about the temperature it fitted (or why it fitted none)."""
+    record = card.calibration
+    if card.temperature is None:
+        return f"uncalibrated (T = 1): {record.get('skipped', 'no temperature in the model card')}"
+    before, after = record.get("before", {}), record.get("after", {})
+    return (
+        f"temperature {card.temperature:.4g} (fitted on {record.get('n_tiles')} validation tiles): "
+        f"ECE {before.get('ece', float('nan')):.4f} -> {after.get('ece', float('nan')):.4f}"
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
+    from wsi_dala.model import read_card
     from wsi_dala.training.metrics import format_table
     from wsi_dala.training.train import train_model
 
@@ -299,17 +313,25 @@ def _train(args: argparse.Namespace) -> int:
     positive = _positive_class(names, args.positive_class)
     result = train_model(train, val, names, positive, config, layout.root, card_fields, progress=not args.quiet)
     print(format_table(result.best_metrics, f"best epoch {result.best_epoch} (validation)"))
+    print(_calibration_line(read_card(result.checkpoint)))
     print(f"checkpoint: {result.checkpoint}")
     return 0
 
 
 def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="CKPT", help="a .safetensors checkpoint")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where metrics.json and confusion PNGs go")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="where metrics.json, confusion and reliability PNGs go"
+    )
+    _add_held_out_options(parser)
+
+
+def _add_held_out_options(parser: argparse.ArgumentParser) -> None:
+    """What `evaluate` and `calibrate` share: which labelled tiles, and how to run the model over them."""
     parser.add_argument(
         "--split-from",
         metavar="TRAIN_DIR",
-        help="evaluate only the images that this training run held out for validation",
+        help="use only the images that this training run held out for validation (default: all of the data)",
     )
     parser.add_argument("--batch-size", type=number_in(1, 1e6, integer=True), default=32, help="batch size")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda ...")
@@ -317,19 +339,30 @@ def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
     _add_data_options(parser)
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from wsi_dala.model import read_card
-    from wsi_dala.training.evaluate import evaluate_checkpoint
+def _held_out_samples(
+    args: argparse.Namespace, tiles_dir: Path, input_size: int
+) -> tuple[list[Sample], list[str], str]:
+    """The labelled images of the data options, narrowed to a training run's validation groups with
+    ``--split-from``; (samples, class names, what they are)."""
     from wsi_dala.training.train import read_validation_groups
 
-    card = read_card(args.model)
-    layout = EvalLayout(Path(args.out))
-    samples, names, _, _, _ = _load_samples(args, layout.tiles_dir, card.tile_size_px)
+    samples, names, _, _, source = _load_samples(args, tiles_dir, input_size)
     if args.split_from:
         held_out = set(read_validation_groups(args.split_from))
         samples = [s for s in samples if s.group in held_out]
         if not samples:
             raise ConfigError(f"{args.split_from}: none of its validation patients/slides are in this data")
+        source += f", validation groups of {args.split_from}"
+    return samples, names, source
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from wsi_dala.model import read_card
+    from wsi_dala.training.evaluate import evaluate_checkpoint
+
+    card = read_card(args.model)
+    layout = EvalLayout(Path(args.out))
+    samples, names, _ = _held_out_samples(args, layout.tiles_dir, card.tile_size_px)
     _, table = evaluate_checkpoint(
         args.model,
         samples,
@@ -342,6 +375,42 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     print(table)
     print(f"metrics: {layout.metrics_json}")
+    return 0
+
+
+def _configure_calibrate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="CKPT", help="a .safetensors checkpoint; never modified")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="where calibrated.safetensors (same weights, card with temperature and CAM profile), "
+        "calibration.json and reliability.png go",
+    )
+    _add_held_out_options(parser)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from wsi_dala.model import read_card
+    from wsi_dala.training.calibrate import summary_lines
+    from wsi_dala.training.evaluate import calibrate_checkpoint
+
+    card = read_card(args.model)
+    layout = CalibrateLayout(Path(args.out))
+    samples, names, source = _held_out_samples(args, layout.tiles_dir, card.tile_size_px)
+    calibration, profile = calibrate_checkpoint(
+        args.model,
+        samples,
+        names,
+        layout.root,
+        source,
+        args.batch_size,
+        args.device,
+        precision=args.precision,
+        progress=not args.quiet,
+    )
+    print("\n".join(summary_lines(calibration, profile)))
+    print(f"checkpoint: {layout.checkpoint}")
     return 0
 
 
@@ -379,6 +448,12 @@ VERBS = (
         "accuracy, precision, recall, F1, GMean, IBA and ROC AUC of a checkpoint",
         _configure_evaluate,
         _evaluate,
+    ),
+    Verb(
+        "calibrate",
+        "fit a checkpoint's temperature (and Grad-CAM profile) on labelled data; writes a new checkpoint",
+        _configure_calibrate,
+        _calibrate,
     ),
     Verb("cam", "DT Grad-CAM figures: image | Grad-CAM | DT Grad-CAM, side by side", _configure_cam, _cam),
 )

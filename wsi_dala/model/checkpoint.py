@@ -20,6 +20,7 @@ from safetensors.torch import save
 from torch import nn
 
 from wsi_dala import __version__
+from wsi_dala.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 from wsi_dala.config import MIN_TILE_SIZE_PX
 from wsi_dala.errors import CheckpointError, ConfigError
 from wsi_dala.fileio import atomic_open
@@ -28,7 +29,6 @@ from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
 from wsi_dala.stain import StainProfile
 
 CARD_KEY = "wsi_dala.model_card"
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # outside this, temperature scaling has gone wrong
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Figures a person would rather look at than read: training curves and confusion matrices.
+"""Figures a person would rather look at than read: training curves, confusion matrices, reliability diagrams.
 
 Built on :class:`matplotlib.figure.Figure` directly: no pyplot, no backend to select, no global state
 (so importing this module changes nothing for anyone else, and figures are freed with their object).
@@ -6,11 +6,14 @@ Built on :class:`matplotlib.figure.Figure` directly: no pyplot, no backend to se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
+from wsi_dala.calibration import ReliabilityBins, ece_of
 from wsi_dala.fileio import atomic_open
 
 
@@ -56,4 +59,34 @@ def plot_confusion(path: Path, matrix: list[list[int]], class_names: list[str], 
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set(xlabel="predicted", ylabel="true", title=title or "Confusion matrix")
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
+    _save(fig, path)
+
+
+def plot_reliability(path: Path, curves: Sequence[tuple[str, ReliabilityBins]], title: str) -> None:
+    """Reliability diagram: accuracy against mean top-label confidence per bin (on the diagonal: calibrated;
+    below it: over-confident), each curve's ECE in the legend, and beneath, how many tiles each bin holds
+    (on a log scale when they differ widely: a good model puts most tiles in the last bin)."""
+    fig = Figure(figsize=(6.4, 7))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    for i, (label, binned) in enumerate(curves):
+        used = binned.count > 0
+        top.plot(
+            binned.confidence[used],
+            binned.accuracy[used],
+            "o-",
+            color=f"C{i}",
+            label=f"{label}, ECE {ece_of(binned):.3f}",
+        )
+        width = np.diff(binned.edges) / len(curves)
+        bottom.bar(binned.edges[:-1] + i * width, binned.count, width=width, align="edge", color=f"C{i}", label=label)
+    top.set(ylabel="accuracy (share of top labels right)", xlim=(0, 1), ylim=(0, 1.02), title=title)
+    top.legend(loc="upper left")
+    top.grid(alpha=0.3)
+    counts = np.concatenate([binned.count for _, binned in curves])
+    if counts.max(initial=0) > 20 * counts[counts > 0].min(initial=1):
+        bottom.set_yscale("log")
+        bottom.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    bottom.set(xlabel="confidence (top-label probability)", ylabel="tiles per bin")
+    bottom.grid(alpha=0.3)
     _save(fig, path)

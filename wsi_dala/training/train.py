@@ -4,7 +4,8 @@ Imbalance is handled by the class-balanced loss of Cui et al. 2019 (weight ∝ (
 normalised to sum to the number of classes) or by a weighted sampler, never both. Early stopping
 watches the validation loss. Every file of a run is named by :class:`wsi_dala.layout.TrainLayout`: each
 epoch appends to the metrics table, redraws the curves and saves the resume state (loaded with
-``weights_only=True``), from which an interrupted run resumes.
+``weights_only=True``), from which an interrupted run resumes. At the end, the best checkpoint's temperature
+and Grad-CAM profile are fitted on the validation split and written into its model card.
 """
 
 from __future__ import annotations
@@ -26,22 +27,33 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from wsi_dala.calibration import check_labels
 from wsi_dala.config import TrainConfig
 from wsi_dala.devices import autocast, normalise, pick_device, resolve_precision
 from wsi_dala.errors import ConfigError
 from wsi_dala.fileio import atomic_open, write_json_atomic
 from wsi_dala.identity import config_hash
 from wsi_dala.layout import TrainLayout
-from wsi_dala.model import ModelCard, build_model, save_checkpoint
+from wsi_dala.model import ModelCard, build_model, load_checkpoint, save_checkpoint
 from wsi_dala.model.interface import as_split
 from wsi_dala.stain import REFERENCE_PROFILE
 from wsi_dala.stain_normalise import StainNormaliser
+from wsi_dala.training.calibrate import (
+    CamProfile,
+    calibrated_card,
+    fit_calibration,
+    positive_cam_profile,
+    uncalibrated_card,
+    write_reliability,
+)
 from wsi_dala.training.datasets import Sample, SampleDataset, class_counts
 from wsi_dala.training.loaders import TileLoader, make_loader
 from wsi_dala.training.metrics import classification_metrics
 from wsi_dala.training.plots import plot_curves
+from wsi_dala.training.predict import predict
 
 log = logging.getLogger(__name__)
+VALIDATION = "validation split"  # what the temperature of a trained model is fitted on
 # Settings that may change between a run and its resumption (to train longer, or load data faster).
 _NOT_IN_RUN_KEY = ("epochs", "patience", "loader_workers")
 
@@ -185,41 +197,6 @@ def recalibrate_batchnorm(
         norm.momentum = momentum
 
 
-def predict(
-    model: nn.Module,
-    loader: TileLoader,
-    device: torch.device,
-    mean: list[float],
-    std: list[float],
-    precision: str = "auto",
-    criterion: nn.Module | None = None,
-    progress: bool = False,
-    stain: StainNormaliser | None = None,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Probabilities [N, C], labels [N] and mean loss over a loader (``stain``: mapped first)."""
-    model.eval()
-    probabilities: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    loss_sum = 0.0
-    with torch.no_grad():
-        for images, targets in tqdm(loader, desc="predict", leave=False, disable=not progress):
-            images = images.to(device, non_blocking=True)
-            if stain is not None:
-                images = stain(images)
-            images = normalise(images, mean, std)
-            with autocast(precision, device):
-                logits = model(images)
-            logits = logits.float()
-            if criterion is not None:
-                loss_sum += float(criterion(logits, targets.to(device))) * len(targets)
-            probabilities.append(torch.softmax(logits, dim=1).cpu().numpy())
-            labels.append(targets.numpy())
-    n = sum(len(x) for x in labels)
-    if n == 0:
-        return np.zeros((0, 0)), np.zeros(0, dtype=int), 0.0
-    return np.concatenate(probabilities), np.concatenate(labels), loss_sum / n
-
-
 def train_model(
     train_samples: list[Sample],
     val_samples: list[Sample],
@@ -231,7 +208,8 @@ def train_model(
     progress: bool = True,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train, validate every epoch, keep the best checkpoint; resume from ``out_dir`` when it can.
+    """Train, validate every epoch, keep the best checkpoint, then calibrate it on the validation split;
+    resume from ``out_dir`` when it can.
 
     ``on_epoch_end(row)`` is called after each epoch's state is saved.
     """
@@ -244,6 +222,7 @@ def train_model(
         row = _run_epoch(session, state, layout, train_samples, val_samples, progress)
         if on_epoch_end is not None:
             on_epoch_end(row)
+    _calibrate_best(session, layout, val_samples, progress)
     _write_train_json(layout, session, positive_class, train_samples, val_samples, state)
     return TrainResult(layout.best_checkpoint, state.best_epoch, state.best_metrics, state.history, resumed_from)
 
@@ -445,7 +424,7 @@ def _validate(
             session.frozen_modules,
             session.stain,
         )
-    probs, labels, val_loss = predict(
+    predictions = predict(
         session.model,
         session.loader(val_samples, False, epoch),
         session.device,
@@ -455,8 +434,43 @@ def _validate(
         session.plain_criterion,
         stain=session.stain,
     )
+    probs, labels = predictions.probabilities, predictions.labels
     metrics = classification_metrics(labels, probs.argmax(1), session.class_names, session.card.positive_index, probs)
-    return metrics, val_loss
+    return metrics, predictions.loss
+
+
+def _calibrate_best(session: _Session, layout: TrainLayout, val_samples: list[Sample], progress: bool) -> None:
+    """Fit the best checkpoint's temperature and CAM profile on the validation tiles and re-save it, with its
+    reliability diagram. From the checkpoint's own weights and raw logits, so a resumed run that has nothing
+    left to train refits to the same card. Never fails the run: validation that fits no temperature (empty,
+    one class, every tile right) is recorded in the card as the reason there is none."""
+    path = layout.best_checkpoint
+    if not path.exists():
+        return
+    model, card = load_checkpoint(path, session.device)
+    profile = CamProfile(None, 0)
+    try:
+        check_labels(np.array([s.label for s in val_samples]), VALIDATION, session.class_names)
+        predictions = predict(
+            model,
+            session.loader(val_samples, False, 0),
+            session.device,
+            session.mean,
+            session.std,
+            session.config.precision,
+            progress=progress,
+            stain=session.stain,
+            cam_class=card.positive_index,
+        )
+        profile = positive_cam_profile(predictions, card.positive_index)
+        calibration = fit_calibration(predictions, session.class_names, VALIDATION)
+    except ConfigError as exc:
+        log.warning("%s; the model stays uncalibrated (T = 1)", exc)
+        save_checkpoint(path, model, uncalibrated_card(card, str(exc), profile))
+        layout.reliability_png.unlink(missing_ok=True)  # an earlier run's figure would describe another model
+        return
+    save_checkpoint(path, model, calibrated_card(card, calibration, profile, VALIDATION))
+    write_reliability(layout.reliability_png, calibration, "the validation split")
 
 
 def _save_state(path: Path, session: _Session, state: TrainState) -> None:

@@ -1,0 +1,231 @@
+"""Temperature scaling and the measures of calibration: ECE, Brier score, NLL, reliability bins.
+
+A network trained with cross-entropy is usually over-confident: of the tiles it calls tumour with 0.95,
+far fewer than 95 % are. Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural
+Networks") divides the logits by one scalar T fitted on held-out data by negative log-likelihood: it
+changes no prediction (the argmax and every ranking stay), only how far the probabilities are believed.
+
+Pure numpy/scipy: evaluation reports and the heatmap use these without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+
+from wsi_dala.errors import ConfigError
+
+# The model card's accepted range (wsi_dala.model.checkpoint): outside it, the fit has gone wrong.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+ECE_BINS = 15  # Guo et al. 2017
+
+
+@dataclass(frozen=True)
+class CalibrationMetrics:
+    """How well probabilities match frequencies (all: lower is better)."""
+
+    ece: float  # expected calibration error, top-label, equal-width bins
+    brier: float  # multi-class Brier score: mean over tiles of Σ_c (p_c − y_c)², from 0 to 2
+    nll: float  # mean negative log-likelihood of the true class, nats
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """A fitted temperature and what it did to the data it was fitted on."""
+
+    temperature: float
+    n: int  # tiles it was fitted on
+    before: CalibrationMetrics  # T = 1
+    after: CalibrationMetrics  # T = temperature
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "temperature": self.temperature,
+            "n": self.n,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Top-label confidence in equal-width bins over [0, 1]: the points of a reliability diagram."""
+
+    edges: np.ndarray  # [bins + 1]
+    confidence: np.ndarray  # [bins] mean top-label probability of the tiles in each bin; NaN where empty
+    accuracy: np.ndarray  # [bins] share of those tiles whose top label is right; NaN where empty
+    count: np.ndarray  # [bins] tiles per bin
+
+    def to_dict(self) -> dict[str, list[float | None]]:
+        def listed(values: np.ndarray) -> list[float | None]:
+            return [None if not np.isfinite(v) else float(v) for v in values]
+
+        return {
+            "edges": [float(e) for e in self.edges],
+            "confidence": listed(self.confidence),
+            "accuracy": listed(self.accuracy),
+            "count": [float(c) for c in self.count],
+        }
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / T) per row, computed in float64 through the log-softmax (no overflow)."""
+    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1))
+
+
+def check_labels(labels: np.ndarray, where: str, class_names: Sequence[str] | None = None) -> None:
+    """Refuse data a temperature cannot be fitted on: none, or tiles of one class only (where the NLL is
+    lowest for an infinitely sharp or flat model, whatever the model is worth)."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        raise ConfigError(f"{where}: calibration needs labelled tiles; there are none")
+    present = np.unique(labels)
+    if len(present) < 2:
+        only = int(present[0])
+        name = class_names[only] if class_names is not None and 0 <= only < len(class_names) else str(only)
+        raise ConfigError(f"{where}: calibration needs tiles of at least two classes; all {labels.size} are {name!r}")
+
+
+def nll_logits(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of softmax(logits / T), from the log-softmax (exact for huge logits)."""
+    logits, labels = _checked(logits, labels)
+    log_p = log_softmax(logits / temperature, axis=1)
+    return float(-log_p[np.arange(len(labels)), labels].mean())
+
+
+def nll(probabilities: np.ndarray, labels: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood of given probabilities (floored at ``eps``: a confident mistake costs
+    ~27.6 nats, not infinity). Prefer :func:`nll_logits` where the logits are at hand."""
+    probabilities, labels = _checked(probabilities, labels)
+    picked = probabilities[np.arange(len(labels)), labels]
+    return float(-np.log(np.maximum(picked, eps)).mean())
+
+
+def brier(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-class Brier score: mean over tiles of Σ_c (p_c − y_c)² with y one-hot (0 perfect, 2 worst).
+
+    Not the binary form (p_positive − y)², which for two classes is half of this."""
+    probabilities, labels = _checked(probabilities, labels)
+    one_hot = np.eye(probabilities.shape[1])[labels]
+    return float(((probabilities - one_hot) ** 2).sum(axis=1).mean())
+
+
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> ReliabilityBins:
+    """Top-label confidence per bin ((m−1)/M, m/M], its accuracy and count."""
+    probabilities, labels = _checked(probabilities, labels)
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, weights=confidence, minlength=bins) / count
+        accuracy = np.bincount(index, weights=correct, minlength=bins) / count
+    return ReliabilityBins(np.linspace(0.0, 1.0, bins + 1), mean_confidence, accuracy, count)
+
+
+def ece(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error (Guo et al. 2017): Σ_bins (n_b / N) · |accuracy_b − confidence_b| over the
+    top-label confidence in ``bins`` equal-width bins."""
+    return ece_of(reliability_bins(probabilities, labels, bins))
+
+
+def ece_of(binned: ReliabilityBins) -> float:
+    used = binned.count > 0
+    total = binned.count.sum()
+    if total == 0:
+        return 0.0
+    gaps = np.abs(binned.accuracy[used] - binned.confidence[used])
+    return float((binned.count[used] / total * gaps).sum())
+
+
+def calibration_metrics(
+    logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0, bins: int = ECE_BINS
+) -> CalibrationMetrics:
+    """ECE, Brier and NLL of softmax(logits / T)."""
+    probabilities = softmax(logits, temperature)
+    return CalibrationMetrics(
+        ece=ece(probabilities, labels, bins),
+        brier=brier(probabilities, labels),
+        nll=nll_logits(logits, labels, temperature),
+    )
+
+
+def fit_temperature(
+    logits: np.ndarray, labels: np.ndarray, where: str, class_names: Sequence[str] | None = None
+) -> float:
+    """The one T > 0 minimising the NLL of softmax(logits / T), within the model card's range.
+
+    Optimised over log T (bounded Brent): the NLL is convex in 1/T, hence unimodal in log T, and the
+    log scale treats 0.5 and 2 alike. A minimum exists only if some tile is classified wrong: with every
+    tile right the NLL falls all the way to T -> 0 and the "fit" would be wherever float underflow stops
+    it. Refused with a ConfigError naming ``where``: no tiles, one class, non-finite logits, every tile right.
+    """
+    logits, labels = _checked(logits, labels)
+    check_labels(labels, where, class_names)
+    finite = np.isfinite(logits).all(axis=1)
+    if not finite.all():
+        raise ConfigError(f"{where}: {int((~finite).sum())} of {len(logits)} tiles have non-finite logits")
+    if (_margins(logits, labels) > 0).all():
+        raise ConfigError(
+            f"{where}: all {len(labels)} tiles are classified right, so the likelihood rises without end as T -> 0 "
+            "and fits no temperature; calibrate on more or harder tiles"
+        )
+    result = minimize_scalar(
+        lambda log_t: nll_logits(logits, labels, math.exp(log_t)),
+        bounds=(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)),
+        method="bounded",
+        options={"xatol": 1e-5},
+    )
+    return float(min(max(math.exp(result.x), MIN_TEMPERATURE), MAX_TEMPERATURE))
+
+
+def calibration_report(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    where: str,
+    class_names: Sequence[str] | None = None,
+    bins: int = ECE_BINS,
+) -> CalibrationReport:
+    """Fit T on these tiles and measure them before and after."""
+    temperature = fit_temperature(logits, labels, where, class_names)
+    return CalibrationReport(
+        temperature=temperature,
+        n=len(labels),
+        before=calibration_metrics(logits, labels, 1.0, bins),
+        after=calibration_metrics(logits, labels, temperature, bins),
+    )
+
+
+def bound_warning(temperature: float) -> str | None:
+    """Why a fitted T at the top of its range is not to be trusted: the NLL kept falling as T -> infinity,
+    so the logits say nothing about the labels (an untrained model, or data of another kind). None otherwise.
+    (The bottom of the range is never reached: data that would drive T -> 0, every tile right, is refused.)"""
+    if math.isclose(temperature, MAX_TEMPERATURE, rel_tol=1e-2):
+        return f"temperature {temperature:.3g} is at the top of its range: the logits carry no information"
+    return None
+
+
+def _margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each tile's true-class logit minus the largest other logit: > 0 where the tile is classified right."""
+    rows = np.arange(len(labels))
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    return logits[rows, labels] - others.max(axis=1)
+
+
+def _checked(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64, copy=False)
+    if scores.ndim != 2 or labels.ndim != 1 or len(scores) != len(labels):
+        raise ValueError(f"scores [N, C] and labels [N] expected, got {scores.shape} and {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= scores.shape[1]):
+        raise ValueError(f"labels outside 0..{scores.shape[1] - 1}")
+    return scores, labels
