@@ -46,6 +46,18 @@ def logits_and_raw_cams(
     The backbone runs under ``no_grad`` (and under ``autocast`` when given: bf16/fp16 where it is
     fast); the head runs in fp32 with autograd, so the gradients that weight the map stay exact.
     """
+    _features, logits, raw = features_logits_and_raw_cams(model, images, positive_index, autocast)
+    return logits, raw
+
+
+def features_logits_and_raw_cams(
+    model: nn.Module,
+    images: torch.Tensor,
+    positive_index: int,
+    autocast: AbstractContextManager[object] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`logits_and_raw_cams`, and the fp32 feature map [N, C', h, w] the head ran on (so more
+    passes of the head — MC dropout — need no second backbone pass)."""
     if not getattr(model, "spatial_features", False):
         raise ValueError(f"{type(model).__name__} has no spatial feature map: Grad-CAM is not defined for it")
     split = as_split(model)
@@ -57,7 +69,7 @@ def logits_and_raw_cams(
         (gradients,) = torch.autograd.grad(logits[:, positive_index].sum(), features)
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # α_k: spatial mean of the gradient
     raw = torch.relu((weights * features.detach()).sum(dim=1))
-    return logits.detach(), raw
+    return features.detach(), logits.detach(), raw
 
 
 def upsample(raw: torch.Tensor | np.ndarray, size: int) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wsi_dala.cam import logits_and_raw_cams
+from wsi_dala.cam import features_logits_and_raw_cams
 from wsi_dala.config import ScoringConfig
 from wsi_dala.devices import autocast, normalise, resolve_device, resolve_precision
 from wsi_dala.errors import ConfigError, QualityError
@@ -38,6 +38,7 @@ from wsi_dala.model import ModelCard, load_checkpoint, read_card
 from wsi_dala.model.interface import as_split
 from wsi_dala.stain_normalise import StainNormaliser
 from wsi_dala.store import ScoringRecord, TileStore
+from wsi_dala.tta import apply_view, describe, dropout_on, require_dropout, require_square, undo_view, views
 
 if TYPE_CHECKING:
     from dask.delayed import Delayed
@@ -90,13 +91,36 @@ class StainPlan:
         )
 
 
+@dataclass(frozen=True)
+class Uncertainty:
+    """How each tile is looked at more than once: plain data, so it travels to Dask workers."""
+
+    tta: str = "none"  # none | flips | d4 (wsi_dala.tta.VIEWS)
+    mc_dropout: int = 0  # head passes with dropout on, per view (0: none)
+
+    @property
+    def measured(self) -> bool:
+        return self.tta != "none" or self.mc_dropout > 0
+
+
 def score_tiles(
-    tiles: np.ndarray, checkpoint: str, device: str, precision: str, batch_size: int, stain: StainPlan | None = None
+    tiles: np.ndarray,
+    checkpoint: str,
+    device: str,
+    precision: str,
+    batch_size: int,
+    stain: StainPlan | None = None,
+    uncertainty: Uncertainty | None = None,
 ) -> np.ndarray:
-    """Packed rows [n, C + g*g]: class probabilities, then the raw Grad-CAM map of the positive class."""
+    """Packed rows [n, C + 1 + g*g]: class probabilities (softmax of logits / the card's temperature,
+    averaged over the views), the SD of the positive probability over views and dropout passes (NaN
+    when neither is asked for), then the raw Grad-CAM map of the positive class (averaged over the views,
+    each mapped back into the tile's frame)."""
     model, card = cached_model(checkpoint, device)
     mean, std = card.normalisation["mean"], card.normalisation["std"]
+    temperature = card.temperature or 1.0
     normaliser = stain.normaliser() if stain is not None else None
+    uncertainty = uncertainty or Uncertainty()
     rows = []
     for start in range(0, len(tiles), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(tiles[start : start + batch_size])).permute(0, 3, 1, 2)
@@ -105,19 +129,49 @@ def score_tiles(
         if normaliser is not None:
             batch = normaliser(batch)  # on the batch, on the device: one vectorised pass
         images = normalise(batch, mean, std).contiguous(memory_format=torch.channels_last)
-        logits, raw = logits_and_raw_cams(model, images, card.positive_index, autocast(precision, device))
-        probabilities = torch.softmax(logits.float(), dim=1)
-        rows.append(torch.cat([probabilities, raw.flatten(1)], dim=1).cpu().numpy())
+        probabilities, spread, raw = _score_views(model, card, images, precision, device, temperature, uncertainty)
+        rows.append(torch.cat([probabilities, spread[:, None], raw.flatten(1)], dim=1).cpu().numpy())
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(rows).astype(np.float32)
 
 
-def _write_chunk(packed: np.ndarray, store_path: str, index: int, n_classes: int) -> int:
+def _score_views(
+    model: torch.nn.Module,
+    card: ModelCard,
+    images: torch.Tensor,
+    precision: str,
+    device: str,
+    temperature: float,
+    uncertainty: Uncertainty,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean probabilities [n, C], SD of the positive probability [n] and mean raw CAM [n, g, g] over the views."""
+    probabilities, cams, samples = [], [], []
+    for view in views(uncertainty.tta):
+        features, logits, raw = features_logits_and_raw_cams(
+            model, apply_view(images, view), card.positive_index, autocast(precision, device)
+        )
+        scaled = torch.softmax(logits.float() / temperature, dim=1)
+        probabilities.append(scaled)
+        cams.append(undo_view(raw, view))
+        if uncertainty.mc_dropout:
+            head = as_split(model).forward_head
+            with torch.no_grad(), dropout_on(model, features.device):
+                for _ in range(uncertainty.mc_dropout):
+                    samples.append(torch.softmax(head(features).float() / temperature, dim=1)[:, card.positive_index])
+        else:
+            samples.append(scaled[:, card.positive_index])
+    stacked = torch.stack(samples)
+    spread = stacked.std(dim=0, unbiased=False) if uncertainty.measured else torch.full_like(stacked[0], np.nan)
+    return torch.stack(probabilities).mean(dim=0), spread, torch.stack(cams).mean(dim=0)
+
+
+def _write_chunk(packed: np.ndarray, store_path: str, index: int, n_classes: int, measured: bool) -> int:
     """Write one chunk's rows (runs where the task ran, e.g. on a Dask worker); returns the index."""
     store = TileStore(store_path, mode="r+")
-    grid = round((packed.shape[1] - n_classes) ** 0.5)  # rows pack C probabilities, then a g x g map
-    store.write_scores(index, packed[:, :n_classes], packed[:, n_classes:].reshape(len(packed), grid, grid))
+    grid = round((packed.shape[1] - n_classes - 1) ** 0.5)  # rows pack C probabilities, the SD, a g x g map
+    cams = packed[:, n_classes + 1 :].reshape(len(packed), grid, grid)
+    store.write_scores(index, packed[:, :n_classes], cams, packed[:, n_classes] if measured else None)
     return index
 
 
@@ -148,6 +202,7 @@ def _chunk_tasks(
     n_classes: int,
     grid: int,
     stain: StainPlan | None,
+    uncertainty: Uncertainty,
 ) -> dict[int, Delayed]:
     """One Dask task per chunk still to do: score its tiles, write its rows back into the store."""
     tiles = store.tiles_dask()
@@ -159,11 +214,13 @@ def _chunk_tasks(
         precision,
         config.batch_size,
         stain,
+        uncertainty,
         dtype=np.float32,
         drop_axis=[2, 3],
-        chunks=(tiles.chunks[0], (n_classes + grid * grid,)),
+        chunks=(tiles.chunks[0], (n_classes + 1 + grid * grid,)),
     )
-    return {i: dask.delayed(_write_chunk)(packed.blocks[i], str(store.path), i, n_classes) for i in todo}
+    measured = uncertainty.measured
+    return {i: dask.delayed(_write_chunk)(packed.blocks[i], str(store.path), i, n_classes, measured) for i in todo}
 
 
 def score_store(
@@ -183,20 +240,42 @@ def score_store(
     store = TileStore(store_path, mode="r+")
     _check_store(store, card)
     n_classes, grid = len(card.class_names), feature_grid(checkpoint, card.tile_size_px)
+    uncertainty = check_uncertainty(store, checkpoint, config)
     stain = stain_plan(store, card, config.stain_normalise)
-    key = f"{file_sha256(checkpoint)[:16]}:{precision}:{config.stain_normalise}"
+    key = (
+        f"{file_sha256(checkpoint)[:16]}:{precision}:{config.stain_normalise}:{describe(config.tta, config.mc_dropout)}"
+    )
     done = store.prepare_scores(n_classes, grid, scoring_key=key)
     resumed = int(done.sum())
     todo = [i for i in range(len(done)) if not done[i]]
     if todo:
-        tasks = _chunk_tasks(store, todo, checkpoint, device, precision, config, n_classes, grid, stain)
+        tasks = _chunk_tasks(store, todo, checkpoint, device, precision, config, n_classes, grid, stain, uncertainty)
         desc = f"scoring ({store.info.chunk_tiles} tiles/chunk)"
         with tqdm(total=len(done), initial=resumed, unit="chunk", desc=desc, disable=not progress, leave=False) as bar:
             for index in _run(tasks, config, client):
                 store.mark_score_chunk_done(index, done)
                 bar.update(1)
-    store.mark_scores_complete(ScoringRecord(card.class_names, card.positive_class, grid, precision))
+    record = ScoringRecord(
+        card.class_names,
+        card.positive_class,
+        grid,
+        precision,
+        uncertainty=describe(config.tta, config.mc_dropout),
+        temperature=card.temperature,
+    )
+    store.mark_scores_complete(record)
     return ScoringResult(store.info.n_tiles, time.perf_counter() - started, resumed, not todo, precision, device)
+
+
+def check_uncertainty(store: TileStore, checkpoint: str, config: ScoringConfig) -> Uncertainty:
+    """``--tta`` and ``--mc-dropout`` checked against the tiles and the model, before any work."""
+    if config.tta != "none":
+        _n, height, width, _c = store.tiles_dask().shape
+        require_square(height, width, str(store.path))
+    if config.mc_dropout:
+        model, _card = cached_model(checkpoint, "cpu")
+        require_dropout(model, checkpoint)
+    return Uncertainty(config.tta, config.mc_dropout)
 
 
 def stain_plan(store: TileStore, card: ModelCard, method: str) -> StainPlan | None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from wsi_dala.cli.common import Verb, add_qc_option, add_stain_option, deprecated_flag, existing_dir
+from wsi_dala.cli.common import (
+    Verb,
+    add_qc_option,
+    add_stain_option,
+    add_uncertainty_options,
+    deprecated_flag,
+    existing_dir,
+)
 from wsi_dala.layout import BatchLayout
 
 
@@ -32,6 +39,7 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
     deprecated_flag(parser, "--workers", "--dask-workers", dest="dask_workers", type=int)
     add_qc_option(parser, default=None)
     add_stain_option(parser)
+    add_uncertainty_options(parser)
     parser.add_argument("--retries", type=int, default=2, help="extra attempts for failures not caused by the input")
     parser.add_argument(
         "--stale-lock-hours",
@@ -49,7 +57,7 @@ def _batch(args: argparse.Namespace) -> int:
         load_config(args.config),
         model=args.model,
         tiling={"qc": {"mode": args.qc}},
-        scoring={"stain_normalise": args.stain_normalise},
+        scoring={"stain_normalise": args.stain_normalise, "tta": args.tta, "mc_dropout": args.mc_dropout},
     )
     batch = build(
         BatchConfig,

@@ -190,6 +190,26 @@ def add_stain_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_uncertainty_options(parser: argparse.ArgumentParser) -> None:
+    """``--tta`` and ``--mc-dropout``: a per-tile probability SD (uncertainty layer, QuPath measurement)."""
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flips", "d4"),
+        default=None,
+        help="test-time augmentation: average each tile's probability and Grad-CAM over its mirror images "
+        "(flips: 4 views, 4x the model work) or all 8 turns and mirrors (d4: 8x); gives each tile a probability "
+        "SD (default: none, or `scoring.tta` in --config)",
+    )
+    parser.add_argument(
+        "--mc-dropout",
+        type=int,
+        metavar="N",
+        default=None,
+        help="run the model's head N more times with dropout on (the backbone's features are computed once, so "
+        "this costs a few per cent); gives each tile a probability SD (default: 0 = off, or `scoring.mc_dropout`)",
+    )
+
+
 def tiling_from_flags(
     args: argparse.Namespace, default_mpp: float = DEFAULT_TILE_MPP, default_tile_px: int = DEFAULT_TILE_SIZE_PX
 ) -> TilingConfig:

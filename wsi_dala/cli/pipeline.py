@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wsi_dala.cli.common import Verb, add_precision_option, add_qc_option, add_slide_options, add_stain_option
+from wsi_dala.cli.common import (
+    Verb,
+    add_precision_option,
+    add_qc_option,
+    add_slide_options,
+    add_stain_option,
+    add_uncertainty_options,
+)
 from wsi_dala.layout import DEFAULT_DEMO_DIR, default_run_dir
 
 if TYPE_CHECKING:
@@ -38,6 +45,7 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gzip", action="store_true", default=None, help="write .geojson.gz (QuPath reads it)")
     add_qc_option(parser, default=None)
     add_stain_option(parser)
+    add_uncertainty_options(parser)
     add_slide_options(parser, defaults=False)
     parser.add_argument(
         "--allow-upsample",
@@ -65,6 +73,8 @@ def _run(args: argparse.Namespace) -> int:
         },
         scoring={
             "stain_normalise": args.stain_normalise,
+            "tta": args.tta,
+            "mc_dropout": args.mc_dropout,
             "batch_size": args.batch_size,
             "precision": args.precision,
             "device": args.device,
