@@ -60,10 +60,19 @@ def test_fit_also_recovers_a_temperature_below_one():
     assert fit_temperature(logits, labels, "synthetic") == pytest.approx(0.5, abs=0.05)
 
 
-def test_data_classified_all_right_is_refused_and_uninformative_logits_flagged():
-    separated = np.array([[3.0, -3.0], [-2.0, 2.0], [4.0, 0.0], [0.0, 5.0]])
-    with pytest.raises(ConfigError, match="easy: all 4 tiles are classified right"):
-        fit_temperature(separated, np.array([0, 1, 0, 1]), "easy")
+def test_data_classified_all_right_is_confident_never_certain_and_uninformative_logits_flagged():
+    """n right out of n: Laplace's rule puts the error rate at 1/(n+2); T is where the model's mean
+    confidence in the true class says so — also when a few tiles have enormous margins."""
+    rng = np.random.default_rng(3)
+    labels = np.arange(200) % 2
+    margins = np.r_[rng.uniform(10.0, 20.0, size=190), rng.uniform(300, 500, size=10)]  # all right, some hugely
+    separated = np.stack([-margins / 2, margins / 2], axis=1) * np.where(labels == 1, 1, -1)[:, None]
+    temperature = fit_temperature(separated, labels, "easy")
+    report = calibration_report(separated, labels, "easy")
+    true_class = np.exp(-np.logaddexp(0, -margins / temperature))  # sigmoid(margin / T)
+    assert 1.0 < temperature < 10.0 and report.smoothing == pytest.approx(1 / 202)
+    assert true_class.mean() == pytest.approx(1 - 1 / 202, abs=1e-6)  # confident, not certain
+    assert report.after.ece < 0.01 and report.after.nll > report.before.nll  # honest about a finite sample
     uninformative = fit_temperature(np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([0, 1]), "random")
     assert "no information" in (bound_warning(uninformative) or "") and bound_warning(2.0) is None
 
@@ -114,17 +123,17 @@ def test_model_card_refuses_a_temperature_the_fit_cannot_give():
 
 
 def test_training_measures_the_cam_profile_even_where_every_validation_tile_is_right(blob_model):
-    """The blob model gets all its validation tiles right: no temperature can be fitted (the NLL falls all the
-    way to T -> 0), which the card says; the CAM profile needs none and is measured."""
+    """The blob model gets all its validation tiles right: the temperature is fitted against targets smoothed
+    by Laplace's rule (the card says so), and the CAM profile is measured."""
     result, out = blob_model
     card = read_card(result.checkpoint)
     n_val = card.validation_metrics["n"]
     assert card.validation_metrics["accuracy"] == 1.0  # re-saving kept the rest of the card
-    assert card.temperature is None and f"all {n_val} tiles are classified right" in card.calibration["skipped"]
+    assert card.temperature is not None and card.calibration["smoothing"] == pytest.approx(1 / (n_val + 2))
     profile = np.asarray(card.cam_profile)
     assert profile.shape == (3, 3) and profile.mean() == pytest.approx(1.0, rel=0.05)
     assert 0 < card.calibration["cam_profile_tiles"] < n_val
-    assert not (out / "reliability.png").exists()
+    assert (out / "reliability.png").exists()
 
 
 def _tiny_split(tmp_path):

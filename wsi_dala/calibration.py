@@ -45,11 +45,13 @@ class CalibrationReport:
     n: int  # tiles it was fitted on
     before: CalibrationMetrics  # T = 1
     after: CalibrationMetrics  # T = temperature
+    smoothing: float = 0.0  # > 0: every tile was right, targets smoothed by Laplace's rule, 1/(n+2)
 
     def to_dict(self) -> dict[str, object]:
         return {
             "temperature": self.temperature,
             "n": self.n,
+            "smoothing": self.smoothing,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
         }
@@ -165,19 +167,20 @@ def fit_temperature(
 
     Optimised over log T (bounded Brent): the NLL is convex in 1/T, hence unimodal in log T, and the
     log scale treats 0.5 and 2 alike. A minimum exists only if some tile is classified wrong: with every
-    tile right the NLL falls all the way to T -> 0 and the "fit" would be wherever float underflow stops
-    it. Refused with a ConfigError naming ``where``: no tiles, one class, non-finite logits, every tile right.
+    tile right the NLL falls all the way to T -> 0, which would claim an error rate of exactly 0 from a
+    finite sample. Then T is the one at which the mean probability given to the wrong classes equals
+    Laplace's rule of succession — n right out of n is an error rate of 1/(n+2), not 0 —: calibration in
+    the large, confident, never certain. (Cross-entropy against smoothed targets was tried first and is
+    wrong here: one tile with a huge margin drags T to the top of its range and every other tile to 0.5.)
+    Refused with a ConfigError naming ``where``: no tiles, one class, non-finite logits.
     """
     logits, labels = _checked(logits, labels)
     check_labels(labels, where, class_names)
     finite = np.isfinite(logits).all(axis=1)
     if not finite.all():
         raise ConfigError(f"{where}: {int((~finite).sum())} of {len(logits)} tiles have non-finite logits")
-    if (_margins(logits, labels) > 0).all():
-        raise ConfigError(
-            f"{where}: all {len(labels)} tiles are classified right, so the likelihood rises without end as T -> 0 "
-            "and fits no temperature; calibrate on more or harder tiles"
-        )
+    if all_right(logits, labels):
+        return _matching_error_rate(logits, labels, 1.0 / (len(labels) + 2))
     result = minimize_scalar(
         lambda log_t: nll_logits(logits, labels, math.exp(log_t)),
         bounds=(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)),
@@ -199,6 +202,7 @@ def calibration_report(
     return CalibrationReport(
         temperature=temperature,
         n=len(labels),
+        smoothing=1.0 / (len(labels) + 2) if all_right(logits, labels) else 0.0,
         before=calibration_metrics(logits, labels, 1.0, bins),
         after=calibration_metrics(logits, labels, temperature, bins),
     )
@@ -211,6 +215,32 @@ def bound_warning(temperature: float) -> str | None:
     if math.isclose(temperature, MAX_TEMPERATURE, rel_tol=1e-2):
         return f"temperature {temperature:.3g} is at the top of its range: the logits carry no information"
     return None
+
+
+def all_right(logits: np.ndarray, labels: np.ndarray) -> bool:
+    """Every tile's true class has the largest logit (then NLL alone fits no temperature)."""
+    return bool((_margins(np.asarray(logits, dtype=np.float64), np.asarray(labels)) > 0).all())
+
+
+def _matching_error_rate(logits: np.ndarray, labels: np.ndarray, error_rate: float) -> float:
+    """The T at which the mean of 1 − p(true class) equals ``error_rate`` (bisection on log T: that mean
+    rises monotonically with T), clipped to the model card's range."""
+
+    def wrong(temperature: float) -> float:
+        scaled = logits / temperature
+        log_p = scaled - scaled.max(axis=1, keepdims=True)
+        log_p = log_p - np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        return float(1.0 - np.exp(log_p[np.arange(len(labels)), labels]).mean())
+
+    low, high = math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)
+    if wrong(math.exp(high)) <= error_rate:
+        return MAX_TEMPERATURE
+    if wrong(math.exp(low)) >= error_rate:
+        return MIN_TEMPERATURE
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if wrong(math.exp(middle)) < error_rate else (low, middle)
+    return float(math.exp((low + high) / 2))
 
 
 def _margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -50,6 +50,7 @@ class Calibration:
             "bins": len(self.before.count),
             "before": self.report.before.to_dict(),
             "after": self.report.after.to_dict(),
+            "smoothing": self.report.smoothing,  # > 0: all tiles right, Laplace-smoothed targets
         }
         return record | ({"warning": self.warning} if self.warning else {})
 
@@ -67,7 +68,8 @@ class CamProfile:
 
 def fit_calibration(predictions: Predictions, class_names: list[str], where: str, bins: int = ECE_BINS) -> Calibration:
     """The temperature (by NLL) of one pass's raw logits; a ConfigError naming ``where`` when none can be
-    fitted (no tiles, one class, every tile right)."""
+    fitted (no tiles, one class). Every tile right: fitted against Laplace-smoothed targets (see
+    :func:`wsi_dala.calibration.fit_temperature`)."""
     report = calibration_report(predictions.logits, predictions.labels, where, class_names, bins)
     warning = bound_warning(report.temperature)
     if warning is not None:
@@ -101,7 +103,7 @@ def calibrated_card(card: ModelCard, calibration: Calibration, profile: CamProfi
 
 def uncalibrated_card(card: ModelCard, reason: str, profile: CamProfile) -> ModelCard:
     """A copy of ``card`` that says why it has no temperature (it is used at T = 1), with the CAM profile
-    (which needs no temperature: a validation split of tiles all classified right still measures it)."""
+    (which needs no temperature: a validation split that cannot fit one still measures it)."""
     record = {"skipped": reason} | ({"cam_profile_tiles": profile.n_tiles} if profile.grid is not None else {})
     return dataclasses.replace(card, temperature=None, calibration=record, cam_profile=profile.card_value())
 
