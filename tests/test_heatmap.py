@@ -11,9 +11,16 @@ import shapely
 import zarr
 
 from qupath_export.polygons import contour_polygons, mask_to_polygons
-from wsi_dala.cam_profile import blend_profile, correct, measure_profile, profile_sum
+from wsi_dala.cam_profile import (
+    PRIOR_TILES_CARD,
+    blend_profile,
+    correct,
+    measure_profile,
+    profile_sum,
+    symmetrised,
+)
 from wsi_dala.config import HeatmapConfig, PipelineConfig, TilingConfig
-from wsi_dala.heatmap import interior_positive, reference_tiles, stitch
+from wsi_dala.heatmap import cam_evidence, interior_positive, reference_tiles, stitch
 from wsi_dala.pipeline import run_slide
 from wsi_dala.store import ScoringRecord, TileStore
 from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
@@ -48,7 +55,7 @@ def _loop_stitch(store: TileStore, profile: np.ndarray, scale: float) -> tuple[n
     cells = np.round(store.coords() / cell).astype(int)
     for (cx, cy), p, cam in zip(cells, store.positive_scores(), store.cams(), strict=True):
         sums[0, cy : cy + grid, cx : cx + grid] += p
-        sums[1, cy : cy + grid, cx : cx + grid] += p * np.clip(correct(cam[None], profile)[0] / scale, 0, 1)
+        sums[1, cy : cy + grid, cx : cx + grid] += p * cam_evidence(correct(cam[None], profile)[0] / scale)
         counts[cy : cy + grid, cx : cx + grid] += 1
     with np.errstate(invalid="ignore"):
         mean = np.where(counts > 0, sums / counts, np.nan)[:, :rows, :cols]
@@ -86,6 +93,13 @@ def test_border_attenuation_is_divided_out(scored, tmp_path):
     # scorer's own maps are patchy, so the profile is only roughly the planted one; see the next test)
 
 
+def test_evidence_saturates_smoothly_and_keeps_gradations(scored):
+    np.testing.assert_allclose(cam_evidence(np.array([0.0, 1.0, 2.0, -1.0, np.nan])), [0, 0.95, 0.9975, 0, 0])
+    heatmap = stitch(scored.layout.tiles_store, HeatmapConfig())
+    values = heatmap.tumour[np.isfinite(heatmap.tumour) & (heatmap.probability >= 0.5)]
+    assert values.size > 100 and (values >= np.nanmax(heatmap.tumour) - 1e-6).mean() <= 0.05  # not a mask
+
+
 def test_profile_estimate_and_prior():
     rng = np.random.default_rng(0)
     truth = np.outer([0.3, 1.0, 1.0, 0.5], [0.4, 1.0, 1.0, 0.6])
@@ -96,8 +110,14 @@ def test_profile_estimate_and_prior():
     total, n = profile_sum(cams[:3])
     assert n == 3 and np.array_equal(blend_profile(total, n, None), np.ones((4, 4)))  # too few tiles: flat
     prior = truth / truth.mean()
-    np.testing.assert_allclose(blend_profile(total, n, prior), prior, rtol=0.1)  # the card's profile dominates
+    expected = (total + PRIOR_TILES_CARD * prior) / (n + PRIOR_TILES_CARD)
+    np.testing.assert_allclose(blend_profile(total, n, prior), expected / expected.mean())  # the card as prior
+    many, n_many = profile_sum(cams)
+    assert np.abs(blend_profile(many, n_many, np.ones((4, 4))) - prior).max() < 0.1  # 400 tiles: the slide wins
     assert measure_profile(np.zeros((5, 4, 4))) is None
+    flips, d4 = symmetrised(truth, "flips"), symmetrised(truth, "d4")  # a card's profile under --tta
+    assert np.allclose(flips, flips[::-1, :]) and np.allclose(flips, flips[:, ::-1]) and not np.allclose(flips, flips.T)
+    assert np.allclose(d4, np.rot90(d4)) and d4.mean() == pytest.approx(truth.mean())
 
 
 def test_uncertainty_layer_when_scoring_measured_a_spread(scored, tmp_path):

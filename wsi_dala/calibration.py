@@ -45,7 +45,7 @@ class CalibrationReport:
     n: int  # tiles it was fitted on
     before: CalibrationMetrics  # T = 1
     after: CalibrationMetrics  # T = temperature
-    smoothing: float = 0.0  # > 0: every tile was right, targets smoothed by Laplace's rule, 1/(n+2)
+    smoothing: float = 0.0  # > 0: every tile was right; T set so the mean error is Laplace's 1/(n+2)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -210,8 +210,7 @@ def calibration_report(
 
 def bound_warning(temperature: float) -> str | None:
     """Why a fitted T at the top of its range is not to be trusted: the NLL kept falling as T -> infinity,
-    so the logits say nothing about the labels (an untrained model, or data of another kind). None otherwise.
-    (The bottom of the range is never reached: data that would drive T -> 0, every tile right, is refused.)"""
+    so the logits say nothing about the labels (an untrained model, or data of another kind). None otherwise."""
     if math.isclose(temperature, MAX_TEMPERATURE, rel_tol=1e-2):
         return f"temperature {temperature:.3g} is at the top of its range: the logits carry no information"
     return None

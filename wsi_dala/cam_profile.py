@@ -65,6 +65,20 @@ def blend_profile(slide_sum: np.ndarray, n_tiles: int, prior: np.ndarray | None)
     return normalised(total / n_tiles) if n_tiles >= MIN_SLIDE_TILES else np.ones(grid)
 
 
+def symmetrised(profile: np.ndarray, views: str) -> np.ndarray:
+    """The profile averaged over the test-time views (``flips``: the two mirrors and the half turn, ``d4``:
+    all turns and mirrors): what a card's profile, measured on plain tiles, looks like in CAMs that were
+    averaged over those views (wsi_dala.tta maps each view's CAM back into the tile's frame)."""
+    profile = np.asarray(profile, dtype=np.float64)
+    if views == "flips":
+        images = [profile, profile[:, ::-1], profile[::-1, :], profile[::-1, ::-1]]
+    elif views == "d4":
+        images = [np.rot90(p, k) for p in (profile, profile[:, ::-1]) for k in range(4)]
+    else:
+        return profile
+    return np.mean(images, axis=0)
+
+
 def correct(cams: np.ndarray, profile: np.ndarray) -> np.ndarray:
     """Each map divided by the profile (floored at MIN_PROFILE)."""
     return np.asarray(cams, dtype=np.float64) / np.maximum(profile, MIN_PROFILE)

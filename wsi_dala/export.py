@@ -5,7 +5,7 @@ measurements (QC blur, fold and ink among them); tumour regions become ``annotat
 on the ``tumour`` heatmap layer (calibrated probability, sub-tile through the CAM) at each threshold,
 leaving out cells QC flagged, with holes, at least ``min_region_area_um2``. Outlines are traced between
 cell centres by marching squares (:func:`qupath_export.polygons.contour_polygons`): no cell staircase,
-and no boundary moved by more than half a cell.
+and a boundary within half a cell of the cells' edges (plus the ``simplify_cells`` tolerance).
 """
 
 from __future__ import annotations

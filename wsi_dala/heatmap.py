@@ -6,11 +6,11 @@ cover a cell; no value — NaN — where no tile lies, i.e. no tissue):
 
 - ``probability``: the tile's (calibrated) tumour probability over its whole area;
 - ``tumour``: that probability, lowered cell by cell where the tile's Grad-CAM is cooler than the
-  hottest cell of a typical tumour tile of this slide: ``p x min(1, CAM' / s)``. ``CAM'`` is the raw
+  hottest cell of a typical tumour tile of this slide: ``p x (1 - exp(-3 CAM' / s))``. ``CAM'`` is the raw
   map divided by the model's border profile (:mod:`wsi_dala.cam_profile`; without it every tile's dim
   corners print the tile grid into the map), ``s`` is one slide-wide scale (a percentile of the tumour
   tiles' corrected peaks). One scale, not per-tile min-max, so a benign tile's weak map is not stretched to 1;
-  no clipping of the probability itself, so the layer keeps the model's gradations;
+  a smooth saturation, not a clip, so the layer keeps gradations inside a tumour;
 - ``uncertainty``: the SD of the tile's probability over test-time views or MC-dropout passes (only when
   scoring measured it);
 - ``qc_flagged``: the share of the tiles over each cell that quality control flagged (out of focus,
@@ -35,7 +35,7 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from wsi_dala.cam_profile import MIN_SLIDE_TILES, blend_profile, correct, profile_sum
+from wsi_dala.cam_profile import MIN_SLIDE_TILES, blend_profile, correct, profile_sum, symmetrised
 from wsi_dala.config import HeatmapConfig
 from wsi_dala.fileio import atomic_open
 from wsi_dala.grid import grid_origins, tissue_fractions
@@ -46,7 +46,7 @@ LAYERS = ("probability", "tumour", "uncertainty", "qc_flagged")
 LAYER_MEANINGS = {
     "probability": "the tile's calibrated tumour probability, overlap-averaged over the tiles covering the cell",
     "tumour": "the probability lowered where the tile's border-corrected Grad-CAM is cooler than the hottest "
-    "cell of a typical tumour tile of the slide: p x min(1, CAM / slide scale)",
+    "cell of a typical tumour tile of the slide: p x (1 - exp(-3 CAM / slide scale))",
     "uncertainty": "SD of the tile's tumour probability over test-time views / MC-dropout passes",
     "qc_flagged": "share of the tiles over the cell that quality control flagged",
 }
@@ -164,6 +164,18 @@ def slide_cam_scale(store: TileStore, config: HeatmapConfig, reference: np.ndarr
     return scale if scale > 0 else 1.0
 
 
+EVIDENCE_AT_SCALE = 0.95  # a cell as hot as the slide scale reads this share of its tile's probability
+_EVIDENCE_RATE = -math.log(1.0 - EVIDENCE_AT_SCALE)
+
+
+def cam_evidence(relative: np.ndarray) -> np.ndarray:
+    """How much of its tile's probability a cell keeps, from its CAM relative to the slide scale:
+    1 − exp(−3·x), so 0 → 0, the scale → 0.95, twice the scale → 0.9975. It saturates smoothly and never
+    reaches 1, so the layer shows how strong the evidence is inside a tumour as well as where it ends
+    (a hard clip at the scale made most of a tumour read exactly its tiles' probability: a mask)."""
+    return 1.0 - np.exp(-_EVIDENCE_RATE * np.clip(np.nan_to_num(relative, nan=0.0), 0.0, None))
+
+
 def stitch(
     store_path: str | Path, config: HeatmapConfig | None = None, card_profile: np.ndarray | None = None
 ) -> Heatmap:
@@ -186,6 +198,8 @@ def stitch(
     sums = {name: np.zeros(size, dtype=np.float64) for name in names}
     counts = np.zeros(size, dtype=np.float64)
     reference = reference_tiles(store, config)
+    if card_profile is not None and scoring.uncertainty.startswith("tta:"):
+        card_profile = symmetrised(card_profile, scoring.uncertainty.split("+")[0].removeprefix("tta:"))
     profile, profile_tiles = border_profile(store, config, reference, card_profile)
     scale = slide_cam_scale(store, config, reference, profile)
     offsets = (np.arange(grid)[:, None] * stride + np.arange(grid)[None, :]).ravel()  # the cells of a tile
@@ -197,7 +211,7 @@ def stitch(
         cells = np.round(store.coords(chunk)[keep] / cell_l0).astype(np.int64)
         index = (cells[:, 1] * stride + cells[:, 0])[:, None] + offsets[None, :]  # [n, g*g]
         p = probability[keep][:, None]
-        evidence = np.clip(correct(store.cams(chunk)[keep], profile) / scale, 0.0, 1.0).reshape(len(p), -1)
+        evidence = cam_evidence(correct(store.cams(chunk)[keep], profile) / scale).reshape(len(p), -1)
         evidence = np.nan_to_num(evidence, nan=0.0)
         per_tile = {
             "probability": np.broadcast_to(p, index.shape),

@@ -309,8 +309,7 @@ def calibration_summary(card: ModelCard) -> dict[str, Any]:
             "note": "the model card has no temperature: probabilities are the network's softmax as is "
             "(wsi-dala calibrate fits one)",
         }
-    fitted = card.calibration if isinstance(card.calibration, dict) else {}
-    return {"status": "calibrated", "temperature": card.temperature, **{k: v for k, v in fitted.items()}}
+    return {"status": "calibrated", "temperature": card.temperature, "fit": card.calibration}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -38,7 +38,16 @@ from wsi_dala.model import ModelCard, load_checkpoint, read_card
 from wsi_dala.model.interface import as_split
 from wsi_dala.stain_normalise import StainNormaliser
 from wsi_dala.store import ScoringRecord, TileStore
-from wsi_dala.tta import apply_view, describe, dropout_on, require_dropout, require_square, undo_view, views
+from wsi_dala.tta import (
+    MODEL_LOCK,
+    apply_view,
+    describe,
+    dropout_on,
+    require_dropout,
+    require_square,
+    undo_view,
+    views,
+)
 
 if TYPE_CHECKING:
     from dask.delayed import Delayed
@@ -129,7 +138,8 @@ def score_tiles(
         if normaliser is not None:
             batch = normaliser(batch)  # on the batch, on the device: one vectorised pass
         images = normalise(batch, mean, std).contiguous(memory_format=torch.channels_last)
-        probabilities, spread, raw = _score_views(model, card, images, precision, device, temperature, uncertainty)
+        with MODEL_LOCK:  # MC dropout switches the shared model's dropout on: no other thread may run it then
+            probabilities, spread, raw = _score_views(model, card, images, precision, device, temperature, uncertainty)
         rows.append(torch.cat([probabilities, spread[:, None], raw.flatten(1)], dim=1).cpu().numpy())
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
@@ -242,9 +252,10 @@ def score_store(
     n_classes, grid = len(card.class_names), feature_grid(checkpoint, card.tile_size_px)
     uncertainty = check_uncertainty(store, checkpoint, config)
     stain = stain_plan(store, card, config.stain_normalise)
-    key = (
-        f"{file_sha256(checkpoint)[:16]}:{precision}:{config.stain_normalise}:{describe(config.tta, config.mc_dropout)}"
-    )
+    uncertain = describe(config.tta, config.mc_dropout)
+    # Dropout masks are drawn per batch: with MC dropout the batch size changes the SDs, so it is in the key.
+    batching = f":batch {config.batch_size}" if config.mc_dropout else ""
+    key = f"{file_sha256(checkpoint)[:16]}:{precision}:{config.stain_normalise}:{uncertain}{batching}"
     done = store.prepare_scores(n_classes, grid, scoring_key=key)
     resumed = int(done.sum())
     todo = [i for i in range(len(done)) if not done[i]]

@@ -76,24 +76,28 @@ def require_dropout(model: nn.Module, where: str) -> None:
         raise ConfigError(f"{where}: --mc-dropout needs dropout in the model's head; {type(model).__name__} has none")
 
 
-_DROPOUT_LOCK = threading.Lock()  # one cached model serves every thread of a worker: one MC section at a time
+# One cached model serves every thread of a worker, and MC dropout switches its dropout layers on: while
+# one thread does that, no other may run the model at all (scoring holds this around each batch).
+MODEL_LOCK = threading.RLock()
 
 
 @contextmanager
 def dropout_on(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Dropout layers in training mode (BatchNorm untouched), a private random stream seeded with
-    MC_SEED, and everything as it was afterwards."""
+    MC_SEED, and every layer's mode as it was afterwards. Holds MODEL_LOCK (re-entrant: the caller
+    scoring the batch holds it too)."""
     modules = dropout_modules(model)
+    before = [module.training for module in modules]
     devices = [device] if device.type == "cuda" else []
-    with _DROPOUT_LOCK, torch.random.fork_rng(devices=devices):
+    with MODEL_LOCK, torch.random.fork_rng(devices=devices):
         torch.manual_seed(MC_SEED)
         for module in modules:
             module.train()
         try:
             yield
         finally:
-            for module in modules:
-                module.eval()
+            for module, training in zip(modules, before, strict=True):
+                module.train(training)
 
 
 def describe(tta: str, mc_dropout: int) -> str:

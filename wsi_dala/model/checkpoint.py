@@ -7,6 +7,7 @@ checkpoint (``.pt``, ``.pth``, ``.ckpt``, or any file that is not safetensors) i
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -76,6 +77,8 @@ class ModelCard:
             raise CheckpointError(
                 f"{source}: temperature {self.temperature!r} is not from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}"
             )
+        if not _plain_json(self.calibration):
+            raise CheckpointError(f"{source}: calibration must be a small record of names, numbers and text")
         if self.cam_profile is not None:
             profile = np.asarray(self.cam_profile, dtype=object)
             try:
@@ -108,6 +111,24 @@ class ModelCard:
             raise CheckpointError(f"{source}: unreadable model card ({exc})") from exc
         card.validate(source)
         return card
+
+
+def _plain_json(value: Any, depth: int = 0) -> bool:
+    """A dict of short names to finite numbers, short text, lists and such dicts, a few levels deep: what
+    a card's free-form records may hold before they are copied into run.json (never trusted as is)."""
+    if depth > 4:
+        return False
+    if isinstance(value, dict):
+        return (depth > 0 or len(value) <= 64) and all(
+            isinstance(k, str) and len(k) <= 64 and _plain_json(v, depth + 1) for k, v in value.items()
+        )
+    if isinstance(value, list):
+        return len(value) <= 256 and all(_plain_json(v, depth + 1) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return len(value) <= 500
+    return value is None or isinstance(value, (bool, int))
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, card: ModelCard) -> Path:

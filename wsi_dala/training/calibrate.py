@@ -50,7 +50,7 @@ class Calibration:
             "bins": len(self.before.count),
             "before": self.report.before.to_dict(),
             "after": self.report.after.to_dict(),
-            "smoothing": self.report.smoothing,  # > 0: all tiles right, Laplace-smoothed targets
+            "smoothing": self.report.smoothing,  # > 0: all tiles right, T set for a mean error of 1/(n+2)
         }
         return record | ({"warning": self.warning} if self.warning else {})
 
@@ -68,7 +68,7 @@ class CamProfile:
 
 def fit_calibration(predictions: Predictions, class_names: list[str], where: str, bins: int = ECE_BINS) -> Calibration:
     """The temperature (by NLL) of one pass's raw logits; a ConfigError naming ``where`` when none can be
-    fitted (no tiles, one class). Every tile right: fitted against Laplace-smoothed targets (see
+    fitted (no tiles, one class). Every tile right: T for a mean error of Laplace's 1/(n+2) (see
     :func:`wsi_dala.calibration.fit_temperature`)."""
     report = calibration_report(predictions.logits, predictions.labels, where, class_names, bins)
     warning = bound_warning(report.temperature)

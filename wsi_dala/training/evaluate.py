@@ -186,7 +186,7 @@ def calibrate_checkpoint(
     """Fit the temperature and CAM profile of ``checkpoint`` on ``samples`` and write a new checkpoint (same
     weights, updated card), the reliability diagram and the calibration JSON (last) into ``out_dir``.
 
-    Refused before anything is written: data that fits no temperature (one class, every tile right;
+    Refused before anything is written: data that fits no temperature (no tiles, one class;
     ``fitted_on`` names it in the error), an output that would replace the input checkpoint.
     """
     layout = CalibrateLayout(Path(out_dir))

@@ -443,7 +443,7 @@ def _calibrate_best(session: _Session, layout: TrainLayout, val_samples: list[Sa
     """Fit the best checkpoint's temperature and CAM profile on the validation tiles and re-save it, with its
     reliability diagram. From the checkpoint's own weights and raw logits, so a resumed run that has nothing
     left to train refits to the same card. Never fails the run: validation that fits no temperature (empty,
-    one class, every tile right) is recorded in the card as the reason there is none."""
+    one class) is recorded in the card as the reason there is none."""
     path = layout.best_checkpoint
     if not path.exists():
         return
