@@ -62,10 +62,19 @@ def _loop_stitch(store: TileStore, profile: np.ndarray, scale: float) -> tuple[n
     return mean[0], mean[1]
 
 
-def test_vectorised_stitch_equals_the_per_tile_loop(scored):
+@pytest.fixture(scope="module")
+def overlapping(tmp_path_factory, colour_checkpoint, scored):
+    """The same slide cut at half stride: every cell under four tiles."""
+    config = PipelineConfig(model=str(colour_checkpoint), tiling=TilingConfig(min_tissue=0.05, stride_px=32))
+    return run_slide(scored.record.slide["path"], tmp_path_factory.mktemp("overlap"), config, progress=False)
+
+
+@pytest.mark.parametrize("run", ["scored", "overlapping"])
+def test_vectorised_stitch_equals_the_per_tile_loop(request, run):
+    summary = request.getfixturevalue(run)
     config = HeatmapConfig(min_cell_tissue=0.0)
-    heatmap = stitch(scored.layout.tiles_store, config)
-    probability, tumour = _loop_stitch(TileStore(scored.layout.tiles_store), heatmap.cam_profile, heatmap.cam_scale)
+    heatmap = stitch(summary.layout.tiles_store, config)
+    probability, tumour = _loop_stitch(TileStore(summary.layout.tiles_store), heatmap.cam_profile, heatmap.cam_scale)
     assert np.isfinite(heatmap.probability).sum() > 1000
     np.testing.assert_allclose(heatmap.probability, probability, rtol=1e-5, atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(heatmap.tumour, tumour, rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -81,8 +90,8 @@ def test_border_attenuation_is_divided_out(scored, tmp_path):
     attenuation = np.outer(edge, edge)  # corners 0.2, edges 0.45, inside 1
     cams = store.cams()
     store.group["cams"][:] = (cams * attenuation).astype(np.float32)
-    reference = reference_tiles(store, HeatmapConfig())
-    assert interior_positive(store, HeatmapConfig()).sum() >= 8 and reference.sum() >= 8
+    interior = interior_positive(store, HeatmapConfig())
+    assert interior.sum() >= 8 and reference_tiles(store, HeatmapConfig(), interior).sum() >= 8
     plain = stitch(store.path, HeatmapConfig(border_correction=False))
     corrected = stitch(store.path, HeatmapConfig())
     assert plain.seam_index is not None and plain.seam_index < 0.9

@@ -113,11 +113,10 @@ def interior_positive(store: TileStore, config: HeatmapConfig) -> np.ndarray:
     return positive & interior[lattice[:, 1] + 1, lattice[:, 0] + 1]
 
 
-def reference_tiles(store: TileStore, config: HeatmapConfig) -> np.ndarray:
-    """The tiles a "typical tumour cell" is learnt from: the interior positive tiles when there are at
+def reference_tiles(store: TileStore, config: HeatmapConfig, interior: np.ndarray) -> np.ndarray:
+    """The tiles a "typical tumour cell" is learnt from: the ``interior`` positive tiles when there are at
     least MIN_SLIDE_TILES of them, else every positive tile (small tumours: tiles that are partly tumour
     dilute the estimate, but it is all there is)."""
-    interior = interior_positive(store, config)
     return interior if interior.sum() >= MIN_SLIDE_TILES else _positive(store, slice(None), config)
 
 
@@ -194,10 +193,10 @@ def stitch(
     stride = cols + grid  # margin for edge tiles
     size = (rows + grid) * stride
     measured_sd = scoring.uncertainty != "none"
-    names = ("probability", "tumour", "uncertainty", "qc_flagged")
-    sums = {name: np.zeros(size, dtype=np.float64) for name in names}
+    sums = {name: np.zeros(size, dtype=np.float64) for name in LAYERS}
     counts = np.zeros(size, dtype=np.float64)
-    reference = reference_tiles(store, config)
+    interior = interior_positive(store, config)
+    reference = reference_tiles(store, config, interior)
     if card_profile is not None and scoring.uncertainty.startswith("tta:"):
         card_profile = symmetrised(card_profile, scoring.uncertainty.split("+")[0].removeprefix("tta:"))
     profile, profile_tiles = border_profile(store, config, reference, card_profile)
@@ -220,7 +219,7 @@ def stitch(
             "qc_flagged": np.broadcast_to((store.qc_flags(chunk)[keep] > 0)[:, None], index.shape),
         }
         flat = index.ravel()
-        for name in names:
+        for name in LAYERS:
             np.add.at(sums[name], flat, np.asarray(per_tile[name], dtype=np.float64).ravel())
         np.add.at(counts, flat, 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -247,7 +246,6 @@ def stitch(
         cam_profile=profile,
         profile_tiles=profile_tiles,
     )
-    interior = interior_positive(store, config)
     corners = np.round(store.coords()[interior] / cell_l0).astype(np.int64)
     heatmap.seam_index = seam_index(heatmap.tumour, corners, grid)
     return heatmap
