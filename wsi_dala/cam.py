@@ -13,6 +13,7 @@ per-tile figures only.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -55,21 +56,33 @@ def features_logits_and_raw_cams(
     images: torch.Tensor,
     positive_index: int,
     autocast: AbstractContextManager[object] | None = None,
+    backbone: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As :func:`logits_and_raw_cams`, and the fp32 feature map [N, C', h, w] the head ran on (so more
-    passes of the head — MC dropout — need no second backbone pass)."""
+    passes of the head — MC dropout — need no second backbone pass). ``backbone`` computes the features
+    instead of the model's own ``forward_features`` (another engine: ``wsi_dala.engines``)."""
     if not getattr(model, "spatial_features", False):
         raise ValueError(f"{type(model).__name__} has no spatial feature map: Grad-CAM is not defined for it")
-    split = as_split(model)
-    with torch.no_grad(), autocast or contextlib.nullcontext():
-        features = split.forward_features(images)
+    if backbone is None:
+        with torch.no_grad(), autocast or contextlib.nullcontext():
+            features = as_split(model).forward_features(images)
+    else:
+        features = backbone(images)
+    logits, raw = head_logits_and_raw_cams(model, features, positive_index)
+    return features.detach().float(), logits, raw
+
+
+def head_logits_and_raw_cams(
+    model: nn.Module, features: torch.Tensor, positive_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and raw Grad-CAM maps from a feature map: only the head runs, in fp32, with autograd."""
     features = features.detach().float().requires_grad_(True)
     with torch.enable_grad():
-        logits = split.forward_head(features)
+        logits = as_split(model).forward_head(features)
         (gradients,) = torch.autograd.grad(logits[:, positive_index].sum(), features)
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # α_k: spatial mean of the gradient
     raw = torch.relu((weights * features.detach()).sum(dim=1))
-    return features.detach(), logits.detach(), raw
+    return logits.detach(), raw
 
 
 def upsample(raw: torch.Tensor | np.ndarray, size: int) -> np.ndarray:

@@ -27,6 +27,8 @@ from wsi_dala.model_choices import ARCHITECTURES
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # what each means: wsi_dala.devices.resolve_precision
+ScoringPrecision = Literal["auto", "fp32", "bf16", "fp16", "int8"]  # int8: the backbone, quantised (wsi_dala.engines)
+Backend = Literal["auto", "torch", "onnxruntime", "openvino"]  # where the backbone runs (wsi_dala.engines.plan)
 Reader = Literal["auto", "openslide", "tiffslide"]
 ThresholdMethod = Literal["mean_std", "otsu", "percentile"]  # DT Grad-CAM's dynamic threshold
 TestTimeAugmentation = Literal["none", "flips", "d4"]  # views of the dihedral group averaged per tile (wsi_dala.tta)
@@ -123,7 +125,10 @@ StainNormalisation = Literal["none", "macenko", "reinhard"]
 class ScoringConfig(Settings):
     batch_size: int = Field(32, ge=1)
     stain_normalise: StainNormalisation = "none"  # map tiles to the model card's reference stain first
-    precision: Precision = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
+    precision: ScoringPrecision = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
+    backend: Backend = "auto"  # auto: the fastest installed engine for the precision, measured once per CPU
+    int8_calibration: str | None = None  # int8: a tile store whose tiles calibrate it (None: the slide's own)
+    int8_calibration_tiles: int = Field(64, ge=1, le=4096)  # int8: tiles spread over the store
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     scheduler: str | None = None  # None: local threads; else the address of a dask.distributed scheduler
     connect_timeout_s: float = Field(30.0, gt=0, le=3600)  # connecting to the scheduler, handshake included

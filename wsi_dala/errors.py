@@ -37,3 +37,11 @@ class CheckpointError(WsiDalaError):
 
 class QualityError(WsiDalaError):
     """The slide has nothing a classifier can be trusted on: no tissue, or tissue all out of focus."""
+
+
+class EngineError(WsiDalaError):
+    """An inference engine is not installed, cannot run the asked precision, or cannot take the model."""
+
+
+class EngineExportError(EngineError):
+    """A model could not be exported or quantised for an engine: the pipeline falls back to torch."""

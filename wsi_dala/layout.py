@@ -212,3 +212,34 @@ class DemoLayout:
         return RunLayout.for_slide(self.root / "run", self.case_slide)
 
     demo_json = _Below("demo.json")
+
+
+def engine_dir_beside(checkpoint: Path) -> Path:
+    """The folder beside a checkpoint that holds its engine files (``wsi_dala.engines``)."""
+    return checkpoint.parent / f"{checkpoint.name}.engines"
+
+
+def writing_path(final: Path, pid: int, step: str = "") -> Path:
+    """The hidden file one process writes before renaming it to ``final`` (``step``: an intermediate file)."""
+    return final.with_name(f".{final.name}.{pid}{step}{PARTIAL_SUFFIX}")
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    """One checkpoint's engine files: ONNX exports (fp32, int8), measured speeds, OpenVINO's compile cache."""
+
+    root: Path
+    stem: str  # the checkpoint's file stem
+
+    def onnx(self, sha256: str, tile_px: int, variant: str = "") -> Path:
+        return self.root / f"{self.stem}-{sha256[:16]}-{tile_px}px{variant}.onnx"
+
+    def exports(self) -> list[Path]:
+        """Every export of this checkpoint name, whatever its hash."""
+        return sorted(self.root.glob(f"{self.stem}-*px*.onnx"))
+
+    def is_of(self, path: Path, sha256: str) -> bool:
+        return path.name.startswith(f"{self.stem}-{sha256[:16]}-")
+
+    speed_json = _Below("speed.json", "tiles/s per engine, CPU, checkpoint, tile size, batch and threads")
+    openvino_cache = _Below("openvino-cache")

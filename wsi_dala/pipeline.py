@@ -397,6 +397,7 @@ def _record(
             "precision": stages.scored.precision,
             "device": stages.scored.device,
             "chunks_resumed": stages.scored.chunks_resumed,
+            "backend": stages.scored.backend,
         },
         settings=config.to_dict(),
         outputs={name: path.name for name, path in _outputs(layout, config).items()},

@@ -9,7 +9,9 @@ Where it runs: Dask's local threaded scheduler by default (one model task at a t
 the cores), or an existing ``dask.distributed`` cluster (``scheduler="tcp://host:8786"``, or a
 ``distributed.Client``). The model is loaded once per worker process and cached, never per batch.
 CUDA when present (fp16 autocast, pinned memory), else the CPU (bf16 autocast where the CPU has native
-bf16, fp32 otherwise); channels_last on both.
+bf16, fp32 otherwise); channels_last on both. On the CPU the backbone may run on another engine (ONNX
+Runtime, OpenVINO; int8 too): ``wsi_dala.engines`` chooses it once, on the driver, and the plan travels
+with the tasks. The head and the Grad-CAM gradient always run in torch.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from tqdm import tqdm
 
 from wsi_dala.cam import features_logits_and_raw_cams
 from wsi_dala.config import ScoringConfig
-from wsi_dala.devices import autocast, normalise, resolve_device, resolve_precision
+from wsi_dala.devices import normalise, resolve_device
+from wsi_dala.engines import Backbone, BackbonePlan, load_backbone, plan_backbone
+from wsi_dala.engines.plan import BackboneChoice, BackboneRequest
 from wsi_dala.errors import ConfigError, QualityError
 from wsi_dala.identity import file_sha256
 from wsi_dala.model import ModelCard, load_checkpoint, read_card
@@ -64,6 +68,7 @@ class ScoringResult:
     skipped: bool
     precision: str
     device: str
+    backend: dict[str, Any]  # the engine, how it was chosen, its check against torch fp32 (BackboneChoice.summary)
 
 
 _MODELS: dict[tuple[str, str], tuple[torch.nn.Module, ModelCard]] = {}
@@ -116,7 +121,7 @@ def score_tiles(
     tiles: np.ndarray,
     checkpoint: str,
     device: str,
-    precision: str,
+    plan: BackbonePlan | str,
     batch_size: int,
     stain: StainPlan | None = None,
     uncertainty: Uncertainty | None = None,
@@ -124,34 +129,42 @@ def score_tiles(
     """Packed rows [n, C + 1 + g*g]: class probabilities (softmax of logits / the card's temperature,
     averaged over the views), the SD of the positive probability over views and dropout passes (NaN
     when neither is asked for), then the raw Grad-CAM map of the positive class (averaged over the views,
-    each mapped back into the tile's frame)."""
+    each mapped back into the tile's frame). ``plan``: where the backbone runs (a precision alone: torch)."""
     model, card = cached_model(checkpoint, device)
-    mean, std = card.normalisation["mean"], card.normalisation["std"]
+    if isinstance(plan, str):
+        plan = BackbonePlan("torch", plan, None, torch.get_num_threads())
+    backbone = load_backbone(plan, model, device)
     temperature = card.temperature or 1.0
     normaliser = stain.normaliser() if stain is not None else None
     uncertainty = uncertainty or Uncertainty()
     rows = []
     for start in range(0, len(tiles), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(tiles[start : start + batch_size])).permute(0, 3, 1, 2)
-        if device.startswith("cuda"):
-            batch = batch.pin_memory().to(device, non_blocking=True)
-        if normaliser is not None:
-            batch = normaliser(batch)  # on the batch, on the device: one vectorised pass
-        images = normalise(batch, mean, std).contiguous(memory_format=torch.channels_last)
+        images = prepared_images(tiles[start : start + batch_size], card, device, normaliser)
         with MODEL_LOCK:  # MC dropout switches the shared model's dropout on: no other thread may run it then
-            probabilities, spread, raw = _score_views(model, card, images, precision, device, temperature, uncertainty)
+            probabilities, spread, raw = _score_views(model, card, images, backbone, temperature, uncertainty)
         rows.append(torch.cat([probabilities, spread[:, None], raw.flatten(1)], dim=1).cpu().numpy())
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(rows).astype(np.float32)
 
 
+def prepared_images(
+    tiles: np.ndarray, card: ModelCard, device: str, normaliser: StainNormaliser | None = None
+) -> torch.Tensor:
+    """uint8 tiles [n, H, W, 3] → the model's normalised float input [n, 3, H, W] on ``device``."""
+    batch = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
+    if device.startswith("cuda"):
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    if normaliser is not None:
+        batch = normaliser(batch)  # on the batch, on the device: one vectorised pass
+    return normalise(batch, card.normalisation["mean"], card.normalisation["std"])
+
+
 def _score_views(
     model: torch.nn.Module,
     card: ModelCard,
     images: torch.Tensor,
-    precision: str,
-    device: str,
+    backbone: Backbone,
     temperature: float,
     uncertainty: Uncertainty,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,7 +172,7 @@ def _score_views(
     probabilities, cams, samples = [], [], []
     for view in views(uncertainty.tta):
         features, logits, raw = features_logits_and_raw_cams(
-            model, apply_view(images, view), card.positive_index, autocast(precision, device)
+            model, apply_view(images, view), card.positive_index, backbone=backbone
         )
         scaled = torch.softmax(logits.float() / temperature, dim=1)
         probabilities.append(scaled)
@@ -207,7 +220,7 @@ def _chunk_tasks(
     todo: list[int],
     checkpoint: str,
     device: str,
-    precision: str,
+    plan: BackbonePlan,
     config: ScoringConfig,
     n_classes: int,
     grid: int,
@@ -221,7 +234,7 @@ def _chunk_tasks(
         tiles,
         checkpoint,
         device,
-        precision,
+        plan,
         config.batch_size,
         stain,
         uncertainty,
@@ -245,22 +258,25 @@ def score_store(
     started = time.perf_counter()
     checkpoint = str(checkpoint)
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
     card = read_card(checkpoint)
     store = TileStore(store_path, mode="r+")
     _check_store(store, card)
     n_classes, grid = len(card.class_names), feature_grid(checkpoint, card.tile_size_px)
     uncertainty = check_uncertainty(store, checkpoint, config)
     stain = stain_plan(store, card, config.stain_normalise)
+    sha256 = file_sha256(checkpoint)
+    choice = choose_backbone(store, checkpoint, sha256, device, config, stain)
+    plan, precision = choice.plan, choice.plan.precision
     uncertain = describe(config.tta, config.mc_dropout)
     # Dropout masks are drawn per batch: with MC dropout the batch size changes the SDs, so it is in the key.
     batching = f":batch {config.batch_size}" if config.mc_dropout else ""
-    key = f"{file_sha256(checkpoint)[:16]}:{precision}:{config.stain_normalise}:{uncertain}{batching}"
+    engine = "" if plan.engine == "torch" else f":{plan.engine}"  # torch keeps the keys of stores scored before
+    key = f"{sha256[:16]}:{precision}{engine}:{config.stain_normalise}:{uncertain}{batching}"
     done = store.prepare_scores(n_classes, grid, scoring_key=key)
     resumed = int(done.sum())
     todo = [i for i in range(len(done)) if not done[i]]
     if todo:
-        tasks = _chunk_tasks(store, todo, checkpoint, device, precision, config, n_classes, grid, stain, uncertainty)
+        tasks = _chunk_tasks(store, todo, checkpoint, device, plan, config, n_classes, grid, stain, uncertainty)
         desc = f"scoring ({store.info.chunk_tiles} tiles/chunk)"
         with tqdm(total=len(done), initial=resumed, unit="chunk", desc=desc, disable=not progress, leave=False) as bar:
             for index in _run(tasks, config, client):
@@ -275,7 +291,60 @@ def score_store(
         temperature=card.temperature,
     )
     store.mark_scores_complete(record)
-    return ScoringResult(store.info.n_tiles, time.perf_counter() - started, resumed, not todo, precision, device)
+    seconds = time.perf_counter() - started
+    return ScoringResult(store.info.n_tiles, seconds, resumed, not todo, precision, device, choice.summary())
+
+
+def choose_backbone(
+    store: TileStore,
+    checkpoint: str,
+    sha256: str,
+    device: str,
+    config: ScoringConfig,
+    stain: StainPlan | None,
+) -> BackboneChoice:
+    """The backbone's engine for this store, from a batch of its own tiles (``wsi_dala.engines.plan``)."""
+    model, card = cached_model(checkpoint, device)
+    normaliser = stain.normaliser() if stain is not None else None
+    n_tiles = store.info.n_tiles
+    if n_tiles:  # one scoring batch of the slide's own tiles (repeated when the slide has fewer)
+        tiles = store.tiles_at(spread_rows(n_tiles, config.batch_size))
+        tiles = tiles[np.resize(np.arange(len(tiles)), min(config.batch_size, 64))]
+        sample = prepared_images(tiles, card, device, normaliser)
+    else:
+        sample = torch.zeros(1, 3, card.tile_size_px, card.tile_size_px, device=device)
+
+    def calibration() -> torch.Tensor:
+        source = TileStore(config.int8_calibration) if config.int8_calibration else store
+        rows = spread_rows(source.info.n_tiles, config.int8_calibration_tiles)
+        if not len(rows):
+            raise ConfigError(f"{source.path}: no tiles to calibrate int8 on")
+        return prepared_images(source.tiles_at(rows), card, "cpu", normaliser)
+
+    def probabilities(features: torch.Tensor) -> torch.Tensor:
+        logits = as_split(model).forward_head(features)
+        return torch.softmax(logits.float() / (card.temperature or 1.0), dim=1)[:, card.positive_index]
+
+    request = BackboneRequest(
+        checkpoint,
+        sha256,
+        model,
+        card.tile_size_px,
+        device,
+        config.backend,
+        config.precision,
+        sample,
+        calibration if config.precision == "int8" else None,
+        probabilities,
+    )
+    return plan_backbone(request)
+
+
+def spread_rows(n_tiles: int, count: int) -> np.ndarray:
+    """``count`` rows spread evenly over ``n_tiles`` (all of them when there are fewer), sorted, unique."""
+    if n_tiles <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.linspace(0, n_tiles - 1, min(count, n_tiles)).round().astype(np.int64))
 
 
 def check_uncertainty(store: TileStore, checkpoint: str, config: ScoringConfig) -> Uncertainty:

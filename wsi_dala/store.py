@@ -346,6 +346,10 @@ class TileStore:
     def tiles(self, rows: slice | int = slice(None)) -> np.ndarray:
         return np.asarray(self._array(TILES)[rows])
 
+    def tiles_at(self, rows: np.ndarray) -> np.ndarray:
+        """Tiles at scattered rows (a sample spread over the slide), one read per chunk touched."""
+        return np.asarray(self._array(TILES).oindex[np.asarray(rows, dtype=np.int64)])
+
     def tissue_mask(self) -> np.ndarray | None:
         return np.asarray(self._array(TISSUE_MASK)[:]) if TISSUE_MASK in self.group else None
 

@@ -6,6 +6,7 @@ import argparse
 
 from wsi_dala.cli.common import (
     Verb,
+    add_engine_options,
     add_qc_option,
     add_stain_option,
     add_uncertainty_options,
@@ -40,6 +41,7 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
     add_qc_option(parser, default=None)
     add_stain_option(parser)
     add_uncertainty_options(parser)
+    add_engine_options(parser)
     parser.add_argument("--retries", type=int, default=2, help="extra attempts for failures not caused by the input")
     parser.add_argument(
         "--stale-lock-hours",
@@ -57,7 +59,13 @@ def _batch(args: argparse.Namespace) -> int:
         load_config(args.config),
         model=args.model,
         tiling={"qc": {"mode": args.qc}},
-        scoring={"stain_normalise": args.stain_normalise, "tta": args.tta, "mc_dropout": args.mc_dropout},
+        scoring={
+            "stain_normalise": args.stain_normalise,
+            "tta": args.tta,
+            "mc_dropout": args.mc_dropout,
+            "precision": args.precision,
+            "backend": args.backend,
+        },
     )
     batch = build(
         BatchConfig,

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any, NoReturn, get_args
 
 from wsi_dala.cli import EXIT_INTERRUPTED
-from wsi_dala.config import DEFAULT_TILE_MPP, DEFAULT_TILE_SIZE_PX, Precision, Reader, TilingConfig, build
+from wsi_dala.config import (
+    DEFAULT_TILE_MPP,
+    DEFAULT_TILE_SIZE_PX,
+    Backend,
+    Precision,
+    Reader,
+    ScoringPrecision,
+    TilingConfig,
+    build,
+)
 from wsi_dala.errors import WsiDalaError
 from wsi_dala.slide import magnification_to_mpp
 
@@ -124,6 +133,25 @@ def add_precision_option(parser: argparse.ArgumentParser | argparse._ArgumentGro
         default=default,
         help="numeric precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32"
         + ("" if default else " (config default: auto)"),
+    )
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` (int8 included) and ``--backend``: how scoring runs the backbone."""
+    parser.add_argument(
+        "--precision",
+        choices=get_args(ScoringPrecision),
+        default=None,
+        help="numeric precision of the backbone; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; "
+        "int8: quantised on tiles of the slide (onnxruntime or openvino) (config default: auto)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=get_args(Backend),
+        default=None,
+        help="engine that runs the backbone: auto measures the installed engines that offer the precision on this "
+        "CPU once (cached beside the checkpoint) and takes the fastest; the head and Grad-CAM stay in torch "
+        "(config default: auto)",
     )
 
 

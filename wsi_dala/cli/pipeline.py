@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from wsi_dala.cli.common import (
     Verb,
-    add_precision_option,
+    add_engine_options,
     add_qc_option,
     add_slide_options,
     add_stain_option,
@@ -31,7 +31,7 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
         help="a dask.distributed scheduler, e.g. tcp://host:8786 (default: local threads)",
     )
     parser.add_argument("--batch-size", type=int, metavar="N", help="tiles per model batch (config default: 32)")
-    add_precision_option(parser, default=None)
+    add_engine_options(parser)
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (config default: auto)")
     parser.add_argument("--mpp", type=float, metavar="UM", help="tile µm/px (default: the model card's)")
     parser.add_argument("--min-tissue", type=float, metavar="F", help="tissue fraction to keep a tile (default 0.25)")
@@ -77,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
             "mc_dropout": args.mc_dropout,
             "batch_size": args.batch_size,
             "precision": args.precision,
+            "backend": args.backend,
             "device": args.device,
             "scheduler": args.scheduler,
         },

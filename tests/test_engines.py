@@ -1,0 +1,140 @@
+"""The backbone on ONNX Runtime and OpenVINO: equal to torch fp32, chosen by measured speed, cached by
+checkpoint hash, int8 where the engine has it, and clear refusals or recorded fallbacks otherwise."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_dala.cli import main
+from wsi_dala.config import PipelineConfig, ScoringConfig, TilingConfig
+from wsi_dala.engines import plan as engine_plan
+from wsi_dala.engines.exports import engine_layout, ensure_onnx
+from wsi_dala.engines.plan import BackboneRequest, plan_backbone
+from wsi_dala.errors import EngineError
+from wsi_dala.model import load_checkpoint, write_untrained_checkpoint
+from wsi_dala.pipeline import run_slide
+from wsi_dala.store import TileStore
+
+TILE_PX = 64
+
+
+@pytest.fixture(scope="module")
+def dala(tmp_path_factory):
+    """An untrained DALAResNet50 at 64 px and 2 µm/px: the real architecture, tiny tiles."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dala") / "dala.safetensors"
+    return write_untrained_checkpoint(path, tile_size_px=TILE_PX, mpp=2.0)
+
+
+def _config(checkpoint, backend: str, precision: str) -> PipelineConfig:
+    return PipelineConfig(
+        model=str(checkpoint),
+        tiling=TilingConfig(mpp=2.0, tile_size_px=TILE_PX),
+        scoring=ScoringConfig(backend=backend, precision=precision, int8_calibration_tiles=16),
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, svs_050, dala):
+    """The same slide scored by torch, ONNX Runtime and OpenVINO at fp32, and by ONNX Runtime at int8."""
+    out = tmp_path_factory.mktemp("engines")
+    results = {}
+    combinations = (("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("onnxruntime", "int8"))
+    for backend, precision in combinations:
+        summary = run_slide(svs_050.path, out / f"{backend}-{precision}", _config(dala, backend, precision), progress=False)
+        store = TileStore(summary.layout.tiles_store)
+        results[(backend, precision)] = (store.positive_scores(), store.cams(), summary.record.scoring["backend"])
+    return results
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_fp32_engines_equal_torch_fp32(runs, engine):
+    reference, reference_cams, _ = runs[("torch", "fp32")]
+    scores, cams, backend = runs[(engine, "fp32")]
+    assert len(scores) == len(reference) > 50
+    assert np.abs(scores - reference).max() <= 1e-3
+    assert ((scores >= 0.5) == (reference >= 0.5)).all()
+    assert np.abs(cams - reference_cams).max() <= 0.01 * reference_cams.max()
+    assert (backend["engine"], backend["precision"], backend["reason"]) == (engine, "fp32", "asked")
+    assert backend["check_against_torch_fp32"][f"{engine} fp32"]["max_feature_rel_diff"] <= 1e-3
+
+
+def test_int8_runs_close_to_fp32_and_names_its_calibration(runs, dala):
+    reference, _, _ = runs[("torch", "fp32")]
+    scores, _, backend = runs[("onnxruntime", "int8")]
+    assert (backend["engine"], backend["precision"]) == ("onnxruntime", "int8")
+    assert 0 < np.abs(scores - reference).max() < 0.05  # quantised: not identical, close
+    int8_files = [p.name for p in engine_layout(dala).exports() if "-int8-" in p.name]
+    assert len(int8_files) == 1 and int8_files[0].startswith("dala-")
+
+
+def _request(dala, backend: str, precision: str, device: str = "cpu") -> BackboneRequest:
+    model, _card = load_checkpoint(dala)
+    sample = torch.randn(8, 3, TILE_PX, TILE_PX)
+    return BackboneRequest(str(dala), "ab" * 32, model, TILE_PX, device, backend, precision, sample)
+
+
+def test_auto_measures_each_engine_once_and_takes_the_fastest(dala, monkeypatch):
+    choice = plan_backbone(_request(dala, "auto", "fp32"))
+    rates = choice.rates_tiles_per_s
+    assert set(rates) == {"torch fp32", "onnxruntime fp32", "openvino fp32"}
+    assert choice.plan.label == max(rates, key=rates.__getitem__) and choice.reason == "measured fastest"
+    cached = json.loads(engine_layout(dala).speed_json.read_text())
+    assert any(set(v) >= set(rates) for v in cached.values())
+
+    def measured_again(*_args, **_kwargs):
+        raise AssertionError("measured again: the speed cache was not used")
+
+    monkeypatch.setattr(engine_plan, "measure_rate", measured_again)
+    again = plan_backbone(_request(dala, "auto", "fp32"))
+    assert again.plan == choice.plan and again.rates_tiles_per_s == rates
+
+
+def test_a_changed_checkpoint_is_exported_again_and_the_stale_file_removed(tmp_path):
+    checkpoint = tmp_path / "m.safetensors"
+    torch.manual_seed(1)
+    write_untrained_checkpoint(checkpoint, tile_size_px=TILE_PX)
+    first = ensure_onnx(load_checkpoint(checkpoint)[0], str(checkpoint), "1" * 64, TILE_PX)
+    assert ensure_onnx(load_checkpoint(checkpoint)[0], str(checkpoint), "1" * 64, TILE_PX) == first  # cached
+    second = ensure_onnx(load_checkpoint(checkpoint)[0], str(checkpoint), "2" * 64, TILE_PX)
+    assert second != first and second.exists() and not first.exists()
+
+
+def test_engines_refuse_what_they_cannot_do(dala):
+    with pytest.raises(EngineError, match="the torch backend has none"):
+        plan_backbone(_request(dala, "torch", "int8"))
+    with pytest.raises(EngineError, match="runs fp32, int8 only"):
+        plan_backbone(_request(dala, "onnxruntime", "bf16"))
+    with pytest.raises(EngineError, match="runs on the CPU only"):
+        plan_backbone(_request(dala, "openvino", "fp32", device="cuda"))
+    # auto precision on an engine without bf16: fp32, never an error
+    assert plan_backbone(_request(dala, "onnxruntime", "auto")).plan.precision == "fp32"
+
+
+def test_a_failed_export_falls_back_to_torch_and_says_so(dala, tmp_path, monkeypatch):
+    monkeypatch.setenv("WSI_DALA_ENGINE_CACHE", str(tmp_path / "cache"))
+
+    def unexportable(*_args, **_kwargs):
+        raise RuntimeError("aten::weird_op has no ONNX symbolic")
+
+    monkeypatch.setattr(torch.onnx, "export", unexportable)
+    choice = plan_backbone(_request(dala, "onnxruntime", "fp32"))
+    assert choice.plan.engine == "torch"
+    assert choice.reason.startswith("fallback:") and "weird_op" in choice.reason
+    assert not list((tmp_path / "cache").glob("*.partial"))
+
+
+def test_an_engine_that_is_not_installed_is_one_line_and_exit_2(svs_050, dala, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # importing it now raises ImportError
+    out = tmp_path / "run"
+    code = main(["run", str(svs_050.path), "--model", str(dala), "--out", str(out), "--backend", "openvino", "-q"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert error == "wsi-dala: error: --backend openvino: the openvino package is not installed (pip install openvino)"
+    assert json.loads((out / "run.json").read_text())["status"] == "running"  # never claims to be complete
+    assert not list(out.glob("*.geojson"))
