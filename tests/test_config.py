@@ -50,6 +50,7 @@ VALUES = {
     "scoring.backend": ("onnxruntime", "tensorrt"),
     "scoring.int8_calibration": ("other/tiles.zarr", 5),
     "scoring.int8_calibration_tiles": (32, 0),
+    "scoring.overlap_tiling": (False, "sometimes"),
     "scoring.device": ("cuda:1", "gpu"),
     "scoring.scheduler": ("tcp://127.0.0.1:8786", 8786),
     "scoring.connect_timeout_s": (5.0, 0),

@@ -53,7 +53,7 @@ def test_exported_regions_match_planted_tumour(request, tmp_path, colour_checkpo
     record = json.loads(summary.layout.run_json.read_text())
     assert record["status"] == "complete" and record["resolution"]["tile_mpp"] == pytest.approx(1.0)
     assert record["resolution"]["slide_mpp_source"] == "vendor"
-    assert set(record["timings_s"]) == {"tile", "score", "stitch", "export", "total"}
+    assert set(record["timings_s"]) == {"tile", "score", "tile_and_score", "stitch", "export", "total"}
     for path in record["outputs"].values():
         assert (summary.layout.root / path).exists() or __import__("pathlib").Path(path).exists()
     heatmap = zarr.open_group(summary.layout.heatmap_store, mode="r")

@@ -129,6 +129,7 @@ class ScoringConfig(Settings):
     backend: Backend = "auto"  # auto: the fastest installed engine for the precision, measured once per CPU
     int8_calibration: str | None = None  # int8: a tile store whose tiles calibrate it (None: the slide's own)
     int8_calibration_tiles: int = Field(64, ge=1, le=4096)  # int8: tiles spread over the store
+    overlap_tiling: bool = True  # score chunks as the tiler writes them (local scheduler, no stain normalisation)
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     scheduler: str | None = None  # None: local threads; else the address of a dask.distributed scheduler
     connect_timeout_s: float = Field(30.0, gt=0, le=3600)  # connecting to the scheduler, handshake included

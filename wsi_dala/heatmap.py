@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from scipy import ndimage
 from wsi_dala.cam_profile import MIN_SLIDE_TILES, blend_profile, correct, profile_sum, symmetrised
 from wsi_dala.config import HeatmapConfig
 from wsi_dala.fileio import atomic_open
-from wsi_dala.grid import grid_origins, tissue_fractions
+from wsi_dala.grid import grid_origins
 from wsi_dala.layout import building_path
 from wsi_dala.store import TileStore
 
@@ -132,10 +133,11 @@ def border_profile(
     if not config.border_correction:
         return np.ones((grid, grid)), 0
     total, n = np.zeros((grid, grid)), 0
+    cams = _ChunkCams(store)
     for rows in store.info.chunk_rows():
         chosen = reference[rows]
         if chosen.any():
-            part, count = profile_sum(store.cams(rows)[chosen])
+            part, count = profile_sum(cams(rows)[chosen])
             total, n = total + part, n + count
     return blend_profile(total, n, prior), n
 
@@ -150,10 +152,11 @@ def slide_cam_scale(store: TileStore, config: HeatmapConfig, reference: np.ndarr
     stays cold.
     """
     values = []
+    cams = _ChunkCams(store)
     for rows in store.info.chunk_rows():
         chosen = reference[rows]
         if chosen.any():
-            corrected = correct(store.cams(rows)[chosen], profile)
+            corrected = correct(cams(rows)[chosen], profile)
             values.append(corrected.reshape(len(corrected), -1).max(axis=1))
     if not values:
         return 1.0
@@ -178,9 +181,12 @@ def cam_evidence(relative: np.ndarray) -> np.ndarray:
 def stitch(
     store_path: str | Path, config: HeatmapConfig | None = None, card_profile: np.ndarray | None = None
 ) -> Heatmap:
-    """Sum-and-count stitching, chunk by chunk (memory: the map, plus one chunk of scores).
+    """Sum-and-count stitching, a block of chunks at a time and one layer at a time.
 
     ``card_profile``: the model card's CAM border profile, the prior for this slide's own estimate.
+    Memory: the map's float32 layers, plus one float64 sum and the counts over the map while a layer is
+    summed, plus a few bytes per tile; the CAMs are read a block of chunks at a time. Each cell's sum
+    adds the tiles over it in store order, as a per-tile loop would.
     """
     config = config or HeatmapConfig()
     store = TileStore(store_path)
@@ -193,48 +199,52 @@ def stitch(
     stride = cols + grid  # margin for edge tiles
     size = (rows + grid) * stride
     measured_sd = scoring.uncertainty != "none"
-    sums = {name: np.zeros(size, dtype=np.float64) for name in LAYERS}
-    counts = np.zeros(size, dtype=np.float64)
     interior = interior_positive(store, config)
     reference = reference_tiles(store, config, interior)
     if card_profile is not None and scoring.uncertainty.startswith("tta:"):
         card_profile = symmetrised(card_profile, scoring.uncertainty.split("+")[0].removeprefix("tta:"))
     profile, profile_tiles = border_profile(store, config, reference, card_profile)
     scale = slide_cam_scale(store, config, reference, profile)
+    # A tile is kept for its tissue, but parts of it are glass or ink: no value there either.
+    no_tissue = _cells_without_tissue(store, config, rows, cols, cell_l0)
+    probability = store.positive_scores().astype(np.float64)
+    kept = np.isfinite(probability) & store.usable_tiles()
+    cells = np.round(store.coords()[kept] / cell_l0).astype(np.int64)
+    first_cell = cells[:, 1] * stride + cells[:, 0]  # of each kept tile, in the flat map
+    del cells
     offsets = (np.arange(grid)[:, None] * stride + np.arange(grid)[None, :]).ravel()  # the cells of a tile
-    for chunk in info.chunk_rows():
-        probability = store.positive_scores(chunk).astype(np.float64)
-        keep = np.isfinite(probability) & store.usable_tiles(chunk)
-        if not keep.any():
-            continue
-        cells = np.round(store.coords(chunk)[keep] / cell_l0).astype(np.int64)
-        index = (cells[:, 1] * stride + cells[:, 0])[:, None] + offsets[None, :]  # [n, g*g]
-        p = probability[keep][:, None]
-        evidence = cam_evidence(correct(store.cams(chunk)[keep], profile) / scale).reshape(len(p), -1)
-        evidence = np.nan_to_num(evidence, nan=0.0)
-        per_tile = {
-            "probability": np.broadcast_to(p, index.shape),
-            "tumour": p * evidence,
-            "uncertainty": np.broadcast_to(np.nan_to_num(store.score_sd(chunk)[keep])[:, None], index.shape),
-            "qc_flagged": np.broadcast_to((store.qc_flags(chunk)[keep] > 0)[:, None], index.shape),
-        }
-        flat = index.ravel()
-        for name in LAYERS:
-            np.add.at(sums[name], flat, np.asarray(per_tile[name], dtype=np.float64).ravel())
-        np.add.at(counts, flat, 1.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = {
-            name: np.where(counts > 0, total / counts, np.nan).reshape(rows + grid, stride)[:rows, :cols]
-            for name, total in sums.items()
-        }
-    mask = store.tissue_mask()
-    if mask is not None:
-        # A tile is kept for its tissue, but parts of it are glass or ink: no value there either.
-        cells_xy = grid_origins(cols * cell_l0, rows * cell_l0, cell_l0, cell_l0).astype(np.float64)
-        tissue = tissue_fractions(mask, info.tiling.mask_downsample, cells_xy, cell_l0).reshape(rows, cols)
-        for layer in mean.values():
-            layer[tissue < config.min_cell_tissue] = np.nan
-    layers = {name: layer.astype(np.float32) for name, layer in mean.items()}
+    counts = np.zeros(size, dtype=np.int32)
+    for part in _blocks(len(first_cell), STITCH_BLOCK_TILES):
+        index = (first_cell[part, None] + offsets[None, :]).ravel()
+        low = int(index.min())
+        counts[low : low + int(index.max()) - low + 1] += np.bincount(index - low).astype(np.int32)
+    empty = counts == 0
+
+    def layer_of(per_tile: Iterator[tuple[slice, np.ndarray]]) -> np.ndarray:
+        """Overlap-averaged layer [rows, cols] (float32) from (kept-tile rows, values [n, g*g] or [n])."""
+        sums = np.zeros(size, dtype=np.float64)
+        for part, values in per_tile:
+            index = (first_cell[part, None] + offsets[None, :]).ravel()
+            spread = np.repeat(values, len(offsets)) if values.ndim == 1 else values.ravel()
+            np.add.at(sums, index, np.asarray(spread, dtype=np.float64))
+        np.divide(sums, counts, out=sums, where=~empty)
+        sums[empty] = np.nan
+        layer = sums.reshape(rows + grid, stride)[:rows, :cols]
+        if no_tissue is not None:
+            layer[no_tissue] = np.nan
+        return layer.astype(np.float32)
+
+    p = probability[kept]
+    flagged = store.qc_flags()[kept] > 0
+    blocks = _blocks(len(p), STITCH_BLOCK_TILES)
+    layers = {
+        "probability": layer_of((part, p[part]) for part in blocks),
+        "tumour": layer_of(_tumour_values(store, kept, p, profile, scale)),
+        "qc_flagged": layer_of((part, flagged[part]) for part in blocks),
+    }
+    if measured_sd:
+        sd = np.nan_to_num(store.score_sd()[kept])
+        layers["uncertainty"] = layer_of((part, sd[part]) for part in blocks)
     heatmap = Heatmap(
         probability=layers["probability"],
         tumour=layers["tumour"],
@@ -249,6 +259,82 @@ def stitch(
     corners = np.round(store.coords()[interior] / cell_l0).astype(np.int64)
     heatmap.seam_index = seam_index(heatmap.tumour, corners, grid)
     return heatmap
+
+
+STITCH_BLOCK_TILES = 16384  # tiles stitched (and whose CAMs are read) at once: a few MB
+
+
+def _blocks(n: int, step: int) -> list[slice]:
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def _tumour_values(
+    store: TileStore, kept: np.ndarray, probability: np.ndarray, profile: np.ndarray, scale: float
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """Per block of kept tiles: p x CAM evidence per cell ([n, g*g]), reading whole chunks of CAMs."""
+    info = store.info
+    step = info.chunk_tiles * max(1, STITCH_BLOCK_TILES // info.chunk_tiles)
+    done = 0
+    for rows in _blocks(info.n_tiles, step):
+        chosen = kept[rows]
+        n = int(chosen.sum())
+        if not n:
+            continue
+        part = slice(done, done + n)
+        evidence = cam_evidence(correct(store.cams(rows)[chosen], profile) / scale).reshape(n, -1)
+        yield part, probability[part][:, None] * np.nan_to_num(evidence, nan=0.0)
+        done += n
+
+
+def _cells_without_tissue(
+    store: TileStore, config: HeatmapConfig, rows: int, cols: int, cell_l0: float
+) -> np.ndarray | None:
+    """[rows, cols] True where less than ``min_cell_tissue`` of the cell is tissue by the tissue mask
+    (None: no mask). The cells' tissue fractions are :func:`wsi_dala.grid.tissue_fractions` of the cell
+    grid, counted a band of cell rows at a time (its integral image of the whole mask is 8 bytes a pixel)."""
+    mask = store.tissue_mask()
+    if mask is None:
+        return None
+    downsample = store.info.tiling.mask_downsample
+    xs = grid_origins(cols * cell_l0, cell_l0, cell_l0, cell_l0)[:, 0].astype(np.float64)
+    ys = grid_origins(cell_l0, rows * cell_l0, cell_l0, cell_l0)[:, 1].astype(np.float64)
+    side = max(1, round(cell_l0 / downsample))
+    height, width = mask.shape
+    x0 = np.round(xs / downsample).astype(np.int64)
+    y0 = np.round(ys / downsample).astype(np.int64)
+    cx0, cx1 = np.clip(x0, 0, width), np.clip(x0 + side, 0, width)
+    cy0, cy1 = np.clip(y0, 0, height), np.clip(y0 + side, 0, height)
+    out = np.empty((len(ys), len(xs)), dtype=bool)
+    band = max(1, 2**22 // max(1, width * side))  # cell rows at a time: ~16 MB of column sums
+    for top in range(0, len(ys), band):
+        part = slice(top, min(len(ys), top + band))
+        low, high = int(cy0[part].min()), int(cy1[part].max())
+        columns = np.zeros((high - low + 1, width), dtype=np.int64)
+        np.cumsum(mask[low:high], axis=0, out=columns[1:])
+        strips = columns[cy1[part] - low] - columns[cy0[part] - low]  # per cell row: tissue pixels per column
+        along = np.zeros((len(strips), width + 1), dtype=np.int64)
+        np.cumsum(strips, axis=1, out=along[:, 1:])
+        inside = along[:, cx1] - along[:, cx0]
+        fraction = (inside / float(side * side)).astype(np.float32)
+        out[part] = fraction < config.min_cell_tissue
+    return out.reshape(rows, cols)
+
+
+class _ChunkCams:
+    """``store.cams(rows)`` for the rows of one chunk, read a block of whole chunks at a time."""
+
+    def __init__(self, store: TileStore) -> None:
+        self._store = store
+        self._rows = slice(0, 0)
+        self._cams = np.zeros(0)
+
+    def __call__(self, rows: slice) -> np.ndarray:
+        if not (self._rows.start <= rows.start and rows.stop <= self._rows.stop):
+            info = self._store.info
+            step = info.chunk_tiles * max(1, STITCH_BLOCK_TILES // info.chunk_tiles)
+            self._rows = slice(rows.start, max(rows.stop, min(info.n_tiles, rows.start + step)))
+            self._cams = self._store.cams(self._rows)
+        return self._cams[rows.start - self._rows.start : rows.stop - self._rows.start]
 
 
 def seam_index(layer: np.ndarray, tile_cells: np.ndarray, grid: int) -> float | None:

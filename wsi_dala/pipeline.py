@@ -29,6 +29,7 @@ from wsi_dala.layout import RunLayout, remove_partials
 from wsi_dala.locks import exclusive_lock
 from wsi_dala.model import ModelCard, read_card
 from wsi_dala.scoring import ScoringResult, cached_model, score_store
+from wsi_dala.scoring_stream import StreamingScorer, can_overlap
 from wsi_dala.store import TileStore
 from wsi_dala.tiling import TilingResult, check_slide, tile_slide
 
@@ -190,11 +191,17 @@ def _run_locked(
     )
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    tiled = tile_slide(slide_path, layout.root, tiling, progress=progress)
-    timings["tile"] = tiled.seconds
-    check_quality(TileStore(tiled.store), slide_path, layout)
-    scored = score_store(tiled.store, checkpoint, config.scoring, progress=progress, client=client)
-    timings["score"] = scored.seconds
+    streaming = StreamingScorer(str(layout.tiles_store), str(checkpoint), config.scoring, progress)
+    overlap = can_overlap(config.scoring, client)
+    with streaming:
+        callback = streaming.chunk_written if overlap else None
+        tiled = tile_slide(slide_path, layout.root, tiling, progress=progress, on_chunk_written=callback)
+        timings["tile"] = tiled.seconds
+        check_quality(TileStore(tiled.store), slide_path, layout)
+        setup = streaming.finish()
+    scored = score_store(tiled.store, checkpoint, config.scoring, progress=progress, client=client, setup=setup)
+    timings["score"] = scored.seconds  # with overlap: only what was left once tiling ended
+    timings["tile_and_score"] = time.perf_counter() - started  # less than tile + score when they overlapped
     t = time.perf_counter()
     heatmap = stitch(tiled.store, config.heatmap, card_profile(card))
     write_heatmap(heatmap, layout.heatmap_store, config.heatmap, {"slide": str(slide_path), "run_key": key})
@@ -207,7 +214,7 @@ def _run_locked(
     )
     timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
-    stages = _Stages(tiled, scored, heatmap, exported)
+    stages = _Stages(tiled, scored, heatmap, exported, streaming.scored_chunks)
     record = _record(slide_path, checkpoint, checkpoint_sha, card, key, config, layout, stages, timings)
     write_json_atomic(layout.run_json, record.to_dict())
     _remove_outputs_no_longer_written(layout, previous, record)
@@ -349,6 +356,7 @@ class _Stages:
     scored: ScoringResult
     heatmap: Heatmap
     exported: ExportResult
+    overlapped_chunks: int  # chunks scored while the tiler was still writing
 
 
 def _record(
@@ -396,7 +404,8 @@ def _record(
         scoring={
             "precision": stages.scored.precision,
             "device": stages.scored.device,
-            "chunks_resumed": stages.scored.chunks_resumed,
+            "chunks_resumed": stages.scored.chunks_resumed - stages.overlapped_chunks,
+            "chunks_scored_while_tiling": stages.overlapped_chunks,
             "backend": stages.scored.backend,
         },
         settings=config.to_dict(),

@@ -206,8 +206,8 @@ def feature_grid(checkpoint: str, tile_size_px: int) -> int:
     return int(features.shape[-1])
 
 
-def _check_store(store: TileStore, card: ModelCard) -> None:
-    if not store.info.complete:
+def _check_store(store: TileStore, card: ModelCard, complete: bool = True) -> None:
+    if complete and not store.info.complete:
         raise ConfigError(f"{store.path}: tile store is incomplete; tile the slide first")
     if store.info.tile_size_px != card.tile_size_px:
         raise ConfigError(
@@ -215,35 +215,68 @@ def _check_store(store: TileStore, card: ModelCard) -> None:
         )
 
 
-def _chunk_tasks(
+@dataclass(frozen=True)
+class ScoringSetup:
+    """Everything decided once per store before any chunk is scored: plain data, reused by a streaming
+    scorer (``scoring_stream.py``) and by the final pass, so both write under the same scoring key."""
+
+    checkpoint: str
+    device: str
+    card: ModelCard
+    n_classes: int
+    grid: int
+    uncertainty: Uncertainty
+    stain: StainPlan | None
+    choice: BackboneChoice
+    key: str
+
+
+def setup_scoring(
     store: TileStore,
-    todo: list[int],
     checkpoint: str,
-    device: str,
-    plan: BackbonePlan,
     config: ScoringConfig,
-    n_classes: int,
-    grid: int,
-    stain: StainPlan | None,
-    uncertainty: Uncertainty,
-) -> dict[int, Delayed]:
-    """One Dask task per chunk still to do: score its tiles, write its rows back into the store."""
+    sample_rows: np.ndarray | None = None,
+    complete: bool = True,
+) -> ScoringSetup:
+    """Check the store and the model, choose the backbone's engine, and derive the scoring key.
+
+    ``sample_rows``: rows the engine is chosen on (default: spread over the slide); ``complete=False``
+    for a store still being tiled (scoring overlapped with tiling: no slide-wide stain yet)."""
+    device = resolve_device(config.device)
+    card = read_card(checkpoint)
+    _check_store(store, card, complete)
+    n_classes, grid = len(card.class_names), feature_grid(checkpoint, card.tile_size_px)
+    uncertainty = check_uncertainty(store, checkpoint, config)
+    stain = stain_plan(store, card, config.stain_normalise)
+    sha256 = file_sha256(checkpoint)
+    choice = choose_backbone(store, checkpoint, sha256, device, config, stain, sample_rows)
+    plan = choice.plan
+    uncertain = describe(config.tta, config.mc_dropout)
+    # Dropout masks are drawn per batch: with MC dropout the batch size changes the SDs, so it is in the key.
+    batching = f":batch {config.batch_size}" if config.mc_dropout else ""
+    engine = "" if plan.engine == "torch" else f":{plan.engine}"  # torch keeps the keys of stores scored before
+    key = f"{sha256[:16]}:{plan.precision}{engine}:{config.stain_normalise}:{uncertain}{batching}"
+    return ScoringSetup(checkpoint, device, card, n_classes, grid, uncertainty, stain, choice, key)
+
+
+def chunk_tasks(store: TileStore, todo: list[int], setup: ScoringSetup, batch_size: int) -> dict[int, Delayed]:
+    """One Dask task per chunk in ``todo``: score its tiles, write its rows back into the store."""
     tiles = store.tiles_dask()
     packed = da.map_blocks(
         score_tiles,
         tiles,
-        checkpoint,
-        device,
-        plan,
-        config.batch_size,
-        stain,
-        uncertainty,
+        setup.checkpoint,
+        setup.device,
+        setup.choice.plan,
+        batch_size,
+        setup.stain,
+        setup.uncertainty,
         dtype=np.float32,
         drop_axis=[2, 3],
-        chunks=(tiles.chunks[0], (n_classes + 1 + grid * grid,)),
+        chunks=(tiles.chunks[0], (setup.n_classes + 1 + setup.grid * setup.grid,)),
     )
-    measured = uncertainty.measured
-    return {i: dask.delayed(_write_chunk)(packed.blocks[i], str(store.path), i, n_classes, measured) for i in todo}
+    measured, n_classes, path = setup.uncertainty.measured, setup.n_classes, str(store.path)
+    return {i: dask.delayed(_write_chunk)(packed.blocks[i], path, i, n_classes, measured) for i in todo}
 
 
 def score_store(
@@ -252,47 +285,40 @@ def score_store(
     config: ScoringConfig | None = None,
     progress: bool = True,
     client: Client | None = None,
+    setup: ScoringSetup | None = None,
 ) -> ScoringResult:
-    """Score every tile of a complete tile store, resuming where an earlier run stopped."""
+    """Score every tile of a complete tile store, resuming where an earlier run (or a scorer overlapped
+    with tiling, which passes its ``setup``) stopped."""
     config = config or ScoringConfig()
     started = time.perf_counter()
-    checkpoint = str(checkpoint)
-    device = resolve_device(config.device)
-    card = read_card(checkpoint)
     store = TileStore(store_path, mode="r+")
-    _check_store(store, card)
-    n_classes, grid = len(card.class_names), feature_grid(checkpoint, card.tile_size_px)
-    uncertainty = check_uncertainty(store, checkpoint, config)
-    stain = stain_plan(store, card, config.stain_normalise)
-    sha256 = file_sha256(checkpoint)
-    choice = choose_backbone(store, checkpoint, sha256, device, config, stain)
-    plan, precision = choice.plan, choice.plan.precision
-    uncertain = describe(config.tta, config.mc_dropout)
-    # Dropout masks are drawn per batch: with MC dropout the batch size changes the SDs, so it is in the key.
-    batching = f":batch {config.batch_size}" if config.mc_dropout else ""
-    engine = "" if plan.engine == "torch" else f":{plan.engine}"  # torch keeps the keys of stores scored before
-    key = f"{sha256[:16]}:{precision}{engine}:{config.stain_normalise}:{uncertain}{batching}"
-    done = store.prepare_scores(n_classes, grid, scoring_key=key)
+    if setup is None:
+        setup = setup_scoring(store, str(checkpoint), config)
+    else:
+        _check_store(store, setup.card, complete=True)
+    done = store.prepare_scores(setup.n_classes, setup.grid, scoring_key=setup.key)
     resumed = int(done.sum())
     todo = [i for i in range(len(done)) if not done[i]]
     if todo:
-        tasks = _chunk_tasks(store, todo, checkpoint, device, plan, config, n_classes, grid, stain, uncertainty)
+        tasks = chunk_tasks(store, todo, setup, config.batch_size)
         desc = f"scoring ({store.info.chunk_tiles} tiles/chunk)"
         with tqdm(total=len(done), initial=resumed, unit="chunk", desc=desc, disable=not progress, leave=False) as bar:
             for index in _run(tasks, config, client):
                 store.mark_score_chunk_done(index, done)
                 bar.update(1)
+    card, precision = setup.card, setup.choice.plan.precision
     record = ScoringRecord(
         card.class_names,
         card.positive_class,
-        grid,
+        setup.grid,
         precision,
         uncertainty=describe(config.tta, config.mc_dropout),
         temperature=card.temperature,
     )
     store.mark_scores_complete(record)
     seconds = time.perf_counter() - started
-    return ScoringResult(store.info.n_tiles, seconds, resumed, not todo, precision, device, choice.summary())
+    summary = setup.choice.summary()
+    return ScoringResult(store.info.n_tiles, seconds, resumed, not todo, precision, setup.device, summary)
 
 
 def choose_backbone(
@@ -302,13 +328,15 @@ def choose_backbone(
     device: str,
     config: ScoringConfig,
     stain: StainPlan | None,
+    sample_rows: np.ndarray | None = None,
 ) -> BackboneChoice:
     """The backbone's engine for this store, from a batch of its own tiles (``wsi_dala.engines.plan``)."""
     model, card = cached_model(checkpoint, device)
     normaliser = stain.normaliser() if stain is not None else None
     n_tiles = store.info.n_tiles
     if n_tiles:  # one scoring batch of the slide's own tiles (repeated when the slide has fewer)
-        tiles = store.tiles_at(spread_rows(n_tiles, config.batch_size))
+        rows = spread_rows(n_tiles, config.batch_size) if sample_rows is None else sample_rows
+        tiles = store.tiles_at(rows)
         tiles = tiles[np.resize(np.arange(len(tiles)), min(config.batch_size, 64))]
         sample = prepared_images(tiles, card, device, normaliser)
     else:

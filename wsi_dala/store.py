@@ -304,6 +304,15 @@ class TileStore:
 
     # ------------------------------------------------------------------ attributes
 
+    def _update_attrs(self, values: dict[str, Any]) -> None:
+        """Merge ``values`` into the group's attributes as they are on disk now. zarr merges into the copy
+        it read when the group was opened, so another handle's update (the scorer's, while the tiler
+        still writes) would otherwise be overwritten with stale values."""
+        fresh = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        fresh.attrs.update(values)
+        self.group = fresh
+        self.__dict__.pop("info", None)
+
     @cached_property
     def info(self) -> StoreInfo:
         attrs: dict[str, Any] = dict(self.group.attrs)
@@ -332,7 +341,7 @@ class TileStore:
                     del self.group[name]
                 self._arrays.pop(name, None)
                 self.group.create_array(name, data=np.asarray(data, dtype=dtype).reshape(n), chunks=(max(1, n),))
-            self.group.attrs.update({_QC: asdict(qc), _STAIN: stain, _COMPLETE: True})
+            self._update_attrs({_QC: asdict(qc), _STAIN: stain, _COMPLETE: True})
         self.__dict__.pop("info", None)
 
     # ------------------------------------------------------------------ tiles
@@ -449,7 +458,7 @@ class TileStore:
         if group.attrs.get(_SCORING_KEY) == scoring_key and self._shapes_are(expected):
             return np.asarray(self._array(SCORE_CHUNKS_DONE)[:], dtype=bool)
         # Forget the old key first: a crash below must not leave new arrays under an old key, or the reverse.
-        group.attrs.update({_SCORING_KEY: None, _SCORES_COMPLETE: False})
+        self._update_attrs({_SCORING_KEY: None, _SCORES_COMPLETE: False})
         for name in _SCORE_ARRAYS:
             self._arrays.pop(name, None)
             if name in group:
@@ -461,7 +470,7 @@ class TileStore:
         group.create_array(SCORE_SD, shape=(n,), chunks=(chunk,), dtype="float32", fill_value=np.nan)
         done = np.zeros(n_chunks_of(n, chunk), dtype=bool)
         group.create_array(SCORE_CHUNKS_DONE, data=done, chunks=(max(1, len(done)),))
-        group.attrs.update({_SCORING_KEY: scoring_key, _SCORES_COMPLETE: False})
+        self._update_attrs({_SCORING_KEY: scoring_key, _SCORES_COMPLETE: False})
         self.__dict__.pop("info", None)
         return done
 
@@ -488,7 +497,7 @@ class TileStore:
         self._array(SCORE_CHUNKS_DONE)[:] = done
 
     def mark_scores_complete(self, record: ScoringRecord) -> None:
-        self.group.attrs.update({_SCORES_COMPLETE: True, **asdict(record)})
+        self._update_attrs({_SCORES_COMPLETE: True, **asdict(record)})
         self.__dict__.pop("info", None)
 
 
