@@ -52,6 +52,7 @@ VALUES = {
     "scoring.int8_calibration_tiles": (32, 0),
     "scoring.overlap_tiling": (False, "sometimes"),
     "scoring.device": ("cuda:1", "gpu"),
+    "scoring.devices": ("all", "some"),
     "scoring.scheduler": ("tcp://127.0.0.1:8786", 8786),
     "scoring.connect_timeout_s": (5.0, 0),
     "scoring.wave": (2, 0),

@@ -46,7 +46,8 @@ def runs(tmp_path_factory, svs_050, dala):
     results = {}
     combinations = (("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("onnxruntime", "int8"))
     for backend, precision in combinations:
-        summary = run_slide(svs_050.path, out / f"{backend}-{precision}", _config(dala, backend, precision), progress=False)
+        config = _config(dala, backend, precision)
+        summary = run_slide(svs_050.path, out / f"{backend}-{precision}", config, progress=False)
         store = TileStore(summary.layout.tiles_store)
         results[(backend, precision)] = (store.positive_scores(), store.cams(), summary.record.scoring["backend"])
     return results
@@ -138,3 +139,25 @@ def test_an_engine_that_is_not_installed_is_one_line_and_exit_2(svs_050, dala, t
     assert error == "wsi-dala: error: --backend openvino: the openvino package is not installed (pip install openvino)"
     assert json.loads((out / "run.json").read_text())["status"] == "running"  # never claims to be complete
     assert not list(out.glob("*.geojson"))
+
+
+def test_devices_all_without_a_gpu_is_one_line_and_exit_2(svs_050, dala, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    out = tmp_path / "run"
+    code = main(["run", str(svs_050.path), "--model", str(dala), "--out", str(out), "--devices", "all", "-q"])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "wsi-dala: error: --devices all: no CUDA GPU is visible; use --devices one to score on the CPU"
+    assert not out.exists()  # refused before the output folder is touched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_scoring_with_prefetched_batches_matches_the_cpu(dala):
+    from wsi_dala.scoring import score_tiles
+
+    tiles = np.random.default_rng(3).integers(0, 256, size=(40, TILE_PX, TILE_PX, 3), dtype=np.uint8)
+    on_cpu = score_tiles(tiles, str(dala), "cpu", "fp32", 16)
+    on_gpu = score_tiles(tiles, str(dala), "cuda", "fp32", 16)  # 3 batches: the copy of the next overlaps
+    np.testing.assert_allclose(on_gpu[:, :2], on_cpu[:, :2], atol=1e-3)
+    np.testing.assert_allclose(on_gpu[:, 3:], on_cpu[:, 3:], atol=1e-2 * on_cpu[:, 3:].max())

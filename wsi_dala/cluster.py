@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from wsi_dala.errors import ConfigError
@@ -158,3 +160,19 @@ def _cause(exc: BaseException) -> str:
         name = type(exc).__name__
         text = f"{name if name[:1].isupper() else type(exc).__module__ + '.' + name}: {text}"
     return text[:200]
+
+
+@contextmanager
+def gpu_cluster(n_gpus: int) -> Iterator[Client]:
+    """A client of a local cluster with one Dask worker per GPU (dask-cuda pins each worker to its own
+    device through ``CUDA_VISIBLE_DEVICES``, so ``cuda`` in a worker is that worker's GPU)."""
+    if n_gpus < 1:
+        raise ConfigError("--devices all: no CUDA GPU is visible; use --devices one to score on the CPU")
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as exc:
+        raise ConfigError("--devices all needs dask-cuda: pip install 'wsi-dala[gpu]'") from exc
+    from distributed import Client
+
+    with LocalCUDACluster(n_workers=n_gpus, threads_per_worker=1) as cluster, Client(cluster) as client:
+        yield client

@@ -131,6 +131,7 @@ class ScoringConfig(Settings):
     int8_calibration_tiles: int = Field(64, ge=1, le=4096)  # int8: tiles spread over the store
     overlap_tiling: bool = True  # score chunks as the tiler writes them (local scheduler, no stain normalisation)
     device: str = Field("auto", pattern=DEVICE_PATTERN)
+    devices: Literal["one", "all"] = "one"  # all: one Dask worker per visible GPU (dask-cuda's LocalCUDACluster)
     scheduler: str | None = None  # None: local threads; else the address of a dask.distributed scheduler
     connect_timeout_s: float = Field(30.0, gt=0, le=3600)  # connecting to the scheduler, handshake included
     wave: int = Field(4, ge=1)  # chunks per local compute call (the resume granularity on the local scheduler)

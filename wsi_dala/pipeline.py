@@ -28,7 +28,7 @@ from wsi_dala.identity import config_hash, file_sha256, slide_fingerprint
 from wsi_dala.layout import RunLayout, remove_partials
 from wsi_dala.locks import exclusive_lock
 from wsi_dala.model import ModelCard, read_card
-from wsi_dala.scoring import ScoringResult, cached_model, score_store
+from wsi_dala.scoring import ScoringResult, cached_model, check_devices, score_store
 from wsi_dala.scoring_stream import StreamingScorer, can_overlap
 from wsi_dala.store import TileStore
 from wsi_dala.tiling import TilingResult, check_slide, tile_slide
@@ -152,6 +152,7 @@ def run_slide(
     slide_path = Path(slide_path)
     if config.scoring.scheduler:
         check_address(config.scoring.scheduler)  # a bad scheme fails now, not after tiling
+    check_devices(config.scoring)
     checkpoint = _require_model(config)
     card = read_card(checkpoint)
     tiling = tiling_for_model(config, card)

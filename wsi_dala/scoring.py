@@ -138,8 +138,8 @@ def score_tiles(
     normaliser = stain.normaliser() if stain is not None else None
     uncertainty = uncertainty or Uncertainty()
     rows = []
-    for start in range(0, len(tiles), batch_size):
-        images = prepared_images(tiles[start : start + batch_size], card, device, normaliser)
+    for batch in device_batches(tiles, batch_size, device):
+        images = prepared_images(batch, card, device, normaliser)
         with MODEL_LOCK:  # MC dropout switches the shared model's dropout on: no other thread may run it then
             probabilities, spread, raw = _score_views(model, card, images, backbone, temperature, uncertainty)
         rows.append(torch.cat([probabilities, spread[:, None], raw.flatten(1)], dim=1).cpu().numpy())
@@ -148,12 +148,39 @@ def score_tiles(
     return np.concatenate(rows).astype(np.float32)
 
 
+def device_batches(tiles: np.ndarray, batch_size: int, device: str) -> Iterator[torch.Tensor]:
+    """uint8 batches [n, H, W, 3] on ``device``. On CUDA the next batch is copied from pinned memory on a
+    side stream while the current one computes, so host-to-device copies hide behind the model."""
+    starts = range(0, len(tiles), batch_size)
+    if not device.startswith("cuda"):
+        for start in starts:
+            yield torch.from_numpy(np.ascontiguousarray(tiles[start : start + batch_size]))
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def copied(start: int) -> torch.Tensor:
+        host = torch.from_numpy(np.ascontiguousarray(tiles[start : start + batch_size])).pin_memory()
+        with torch.cuda.stream(copy_stream):
+            return host.to(device, non_blocking=True)
+
+    upcoming = copied(starts[0]) if len(starts) else None
+    for number in range(len(starts)):
+        current = upcoming
+        assert current is not None
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(copy_stream)  # the copy must land before the model reads it
+        current.record_stream(compute)  # and its memory must outlive the copy stream's use
+        upcoming = copied(starts[number + 1]) if number + 1 < len(starts) else None
+        yield current
+
+
 def prepared_images(
-    tiles: np.ndarray, card: ModelCard, device: str, normaliser: StainNormaliser | None = None
+    tiles: np.ndarray | torch.Tensor, card: ModelCard, device: str, normaliser: StainNormaliser | None = None
 ) -> torch.Tensor:
     """uint8 tiles [n, H, W, 3] → the model's normalised float input [n, 3, H, W] on ``device``."""
-    batch = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
-    if device.startswith("cuda"):
+    batch = torch.from_numpy(np.ascontiguousarray(tiles)) if isinstance(tiles, np.ndarray) else tiles
+    batch = batch.permute(0, 3, 1, 2)
+    if str(batch.device) == "cpu" and device.startswith("cuda"):
         batch = batch.pin_memory().to(device, non_blocking=True)
     if normaliser is not None:
         batch = normaliser(batch)  # on the batch, on the device: one vectorised pass
@@ -375,6 +402,20 @@ def spread_rows(n_tiles: int, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_tiles - 1, min(count, n_tiles)).round().astype(np.int64))
 
 
+def check_devices(config: ScoringConfig) -> None:
+    """``--devices all`` needs GPUs and dask-cuda: said before any work, in one line."""
+    if config.devices != "all":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError("--devices all: no CUDA GPU is visible; use --devices one to score on the CPU")
+    if config.scheduler:
+        raise ConfigError("--devices all starts its own local GPU cluster; it cannot be combined with --scheduler")
+    try:
+        import dask_cuda  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("--devices all needs dask-cuda: pip install 'wsi-dala[gpu]'") from exc
+
+
 def check_uncertainty(store: TileStore, checkpoint: str, config: ScoringConfig) -> Uncertainty:
     """``--tta`` and ``--mc-dropout`` checked against the tiles and the model, before any work."""
     if config.tta != "none":
@@ -415,6 +456,12 @@ def stain_plan(store: TileStore, card: ModelCard, method: str) -> StainPlan | No
 
 def _run(tasks: dict[int, Delayed], config: ScoringConfig, client: Client | None) -> Iterator[int]:
     """Yield chunk indices as their tasks finish."""
+    if client is None and config.devices == "all":
+        from wsi_dala.cluster import gpu_cluster
+
+        with gpu_cluster(torch.cuda.device_count()) as own_client:
+            yield from _run(tasks, config, own_client)
+        return
     if client is None and config.scheduler:
         from wsi_dala.cluster import connect
 

@@ -65,6 +65,7 @@ def _batch(args: argparse.Namespace) -> int:
             "mc_dropout": args.mc_dropout,
             "precision": args.precision,
             "backend": args.backend,
+            "devices": args.devices,
         },
     )
     batch = build(

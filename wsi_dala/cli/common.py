@@ -153,6 +153,13 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         "CPU once (cached beside the checkpoint) and takes the fastest; the head and Grad-CAM stay in torch "
         "(config default: auto)",
     )
+    parser.add_argument(
+        "--devices",
+        choices=("one", "all"),
+        default=None,
+        help="all: score on every visible GPU, one Dask worker each (needs dask-cuda: pip install 'wsi-dala[gpu]'); "
+        "one: the --device alone (config default: one)",
+    )
 
 
 def add_tiling_options(parser: argparse.ArgumentParser) -> None:

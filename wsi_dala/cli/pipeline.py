@@ -78,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "precision": args.precision,
             "backend": args.backend,
+            "devices": args.devices,
             "device": args.device,
             "scheduler": args.scheduler,
         },

@@ -78,6 +78,7 @@ class BackboneChoice:
             "rates_tiles_per_s": self.rates_tiles_per_s,
             "check_against_torch_fp32": self.check,
             "threads": self.plan.threads,
+            "model_file": self.plan.model_file,
             "choice_s": round(self.seconds, 2),
         }
 
