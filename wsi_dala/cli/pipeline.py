@@ -121,7 +121,18 @@ def print_summary(summary: RunSummary) -> None:
     if record.stain.get("out_of_distribution"):
         print(f"stain:       out of distribution ({record.stain['summary']}); consider --stain-normalise macenko")
     if not summary.skipped:
-        timings = ", ".join(f"{k} {v:.1f} s" for k, v in record.timings_s.items())
+        times = dict(record.timings_s)
+        overlapped = record.scoring.get("chunks_scored_while_tiling", 0)
+        if overlapped:  # tiling and scoring ran together: their sum would count the same seconds twice
+            both = times.pop("tile_and_score")
+            times.pop("tile"), times.pop("score")
+            times = {f"tile + score ({overlapped} chunks scored while tiling)": both, **times}
+        else:
+            times.pop("tile_and_score", None)
+        timings = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
+        backend = record.scoring.get("backend") or {}
+        if backend:
+            print(f"backbone:    {backend['engine']} {backend['precision']} ({backend['reason']})")
         print(f"time:        {timings} ({record.tiles_per_s} tiles/s)")
     print("outputs:")
     for name, file_name in record.outputs.items():
