@@ -136,7 +136,7 @@ def engines_on_demo(args: argparse.Namespace) -> None:
             config = PipelineConfig(
                 model=str(checkpoint),
                 tiling=TilingConfig(min_tissue=0.25),
-                scoring=ScoringConfig(backend=engine, precision=precision),
+                scoring=ScoringConfig(backend=engine, precision=precision, overlap_tiling=False),
             )
             summary = run_slide(truth.path, Path(folder) / f"{engine}-{precision}", config, progress=False)
             store = TileStore(summary.layout.tiles_store)

@@ -16,6 +16,7 @@ with the tasks. The head and the Grad-CAM gradient always run in torch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -140,12 +141,29 @@ def score_tiles(
     rows = []
     for batch in device_batches(tiles, batch_size, device):
         images = prepared_images(batch, card, device, normaliser)
-        with MODEL_LOCK:  # MC dropout switches the shared model's dropout on: no other thread may run it then
+        # MC dropout switches the shared model's dropout on: no other thread may run it then. With another
+        # engine, torch runs only the small head: on one thread, so its idle OpenMP workers do not spin
+        # on the cores the engine's own threads need.
+        with MODEL_LOCK, torch_threads(1 if plan.engine != "torch" else None):
             probabilities, spread, raw = _score_views(model, card, images, backbone, temperature, uncertainty)
         rows.append(torch.cat([probabilities, spread[:, None], raw.flatten(1)], dim=1).cpu().numpy())
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(rows).astype(np.float32)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for the block (None: unchanged)."""
+    if count is None or count == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def device_batches(tiles: np.ndarray, batch_size: int, device: str) -> Iterator[torch.Tensor]:
