@@ -24,7 +24,14 @@ from torch import nn
 
 from wsi_dala.devices import resolve_precision
 from wsi_dala.engines.exports import engine_layout, ensure_onnx
-from wsi_dala.engines.runtimes import Backbone, build_backbone, installed, require_installed, scoring_threads
+from wsi_dala.engines.runtimes import (
+    Backbone,
+    build_backbone,
+    installed,
+    remember_backbone,
+    require_installed,
+    scoring_threads,
+)
 from wsi_dala.errors import EngineError, EngineExportError
 from wsi_dala.fileio import write_json_atomic
 from wsi_dala.model.interface import as_split
@@ -135,23 +142,23 @@ def plan_backbone(request: BackboneRequest) -> BackboneChoice:
     else:
         require_installed(request.backend)
         candidates = [request.backend]
-    plans, fallbacks, check = _usable_plans(request, candidates)
-    if not plans:  # only possible when the asked engine failed its export or its check
+    best, rates, fallbacks, check = _best_plan(request, candidates)
+    if best is None:  # only possible when the asked engine failed its export or its check
         plan = _torch_plan(
             request, engine_precision(request.precision if request.precision != "int8" else "auto", "torch", "cpu")
         )
         log.warning("backbone: falling back to %s (%s)", plan.label, "; ".join(fallbacks))
         return _timed(BackboneChoice(plan, request.backend, "fallback: " + "; ".join(fallbacks), check=check), started)
-    if len(plans) == 1:
+    plan, backbone = best
+    remember_backbone(plan, request.model, "cpu", backbone)  # scoring reuses it: no second copy of the engine
+    if not rates:
         reason = "asked" if request.backend != "auto" else "the only usable engine"
-        if fallbacks:
-            reason += " (" + "; ".join(fallbacks) + ")"
-        return _timed(BackboneChoice(plans[0][0], request.backend, reason, check=check), started)
-    rates = _rates(request, plans)
-    best = max(plans, key=lambda item: rates[item[0].label])[0]
-    reason = "measured fastest" + (" (" + "; ".join(fallbacks) + ")" if fallbacks else "")
-    log.info("backbone: %s (%s)", best.label, ", ".join(f"{k} {v:.1f} tiles/s" for k, v in rates.items()))
-    return _timed(BackboneChoice(best, request.backend, reason, rates, check), started)
+    else:
+        reason = "measured fastest"
+        log.info("backbone: %s (%s)", plan.label, ", ".join(f"{k} {v:.1f} tiles/s" for k, v in rates.items()))
+    if fallbacks:
+        reason += " (" + "; ".join(fallbacks) + ")"
+    return _timed(BackboneChoice(plan, request.backend, reason, rates, check), started)
 
 
 def _timed(choice: BackboneChoice, started: float) -> BackboneChoice:
@@ -169,14 +176,20 @@ def _torch_plan(request: BackboneRequest, precision: str) -> BackbonePlan:
     return BackbonePlan("torch", precision, None, scoring_threads())
 
 
-def _usable_plans(
+def _best_plan(
     request: BackboneRequest, candidates: list[str]
-) -> tuple[list[tuple[BackbonePlan, Backbone]], list[str], dict[str, dict[str, float]]]:
-    """Each candidate exported, built and checked against torch fp32; the failures as reasons."""
-    usable: list[tuple[BackbonePlan, Backbone]] = []
+) -> tuple[tuple[BackbonePlan, Backbone] | None, dict[str, float], list[str], dict[str, dict[str, float]]]:
+    """Each candidate exported, built, checked against torch fp32 and (when there are several) timed, one
+    at a time: only the fastest so far stays alive, so planning never holds every engine's copy of the
+    model at once. Returns the best, the rates (empty when nothing was compared), the failures as
+    reasons, and the checks."""
+    best: tuple[BackbonePlan, Backbone] | None = None
+    rates: dict[str, float] = {}
     fallbacks: list[str] = []
     check: dict[str, dict[str, float]] = {}
     reference: torch.Tensor | None = None
+    cache_file, key = _speed_cache(request)
+    cached = _read_json(cache_file).get(key, {})
     for engine in candidates:
         precision = engine_precision(request.precision, engine, "cpu")
         try:
@@ -190,13 +203,24 @@ def _usable_plans(
                 reference = _torch_fp32_features(request)
             check[plan.label] = _compare(request, backbone, reference)
             if precision == "fp32" and check[plan.label]["max_feature_rel_diff"] > FP32_FEATURE_TOLERANCE:
-                fallbacks.append(
-                    f"{plan.label}: features differ from torch fp32 by "
-                    f"{check[plan.label]['max_feature_rel_diff']:.2g} of their range"
-                )
+                difference = check[plan.label]["max_feature_rel_diff"]
+                fallbacks.append(f"{plan.label}: features differ from torch fp32 by {difference:.2g} of their range")
                 continue
-        usable.append((plan, backbone))
-    return usable, fallbacks, check
+        if len(candidates) > 1:
+            rates[plan.label] = float(cached[plan.label]) if plan.label in cached else _best_rate(backbone, request)
+        if best is None or rates.get(plan.label, 0.0) > rates.get(best[0].label, 0.0):
+            best = (plan, backbone)  # the former best, if any, is released here
+        del backbone
+    if rates:
+        stored = _read_json(cache_file)
+        stored[key] = {**stored.get(key, {}), **rates}
+        write_json_atomic(cache_file, stored)
+    return best, rates, fallbacks, check
+
+
+def _best_rate(backbone: Backbone, request: BackboneRequest) -> float:
+    """The best of ``MEASURE_ROUNDS`` timings: an engine's first batches after a warm-up can still be slow."""
+    return max(measure_rate(backbone, request.sample) for _ in range(MEASURE_ROUNDS))
 
 
 def _engine_plan(request: BackboneRequest, engine: str, precision: str) -> BackbonePlan:
@@ -233,9 +257,8 @@ def _compare(request: BackboneRequest, backbone: Backbone, reference: torch.Tens
     return {k: round(v, 6) for k, v in result.items()}
 
 
-def _rates(request: BackboneRequest, plans: list[tuple[BackbonePlan, Backbone]]) -> dict[str, float]:
-    """Tiles/s of each plan on the sample batch, from the speed cache or measured now (and cached)."""
-    cache_file = engine_layout(request.checkpoint).speed_json
+def _speed_cache(request: BackboneRequest) -> tuple[Path, str]:
+    """The speed cache file and this measurement's key in it."""
     key = "|".join(
         [
             cpu_signature(),
@@ -245,18 +268,7 @@ def _rates(request: BackboneRequest, plans: list[tuple[BackbonePlan, Backbone]])
             f"threads {scoring_threads()}",
         ]
     )
-    cached = _read_json(cache_file).get(key, {})
-    rates = {plan.label: float(cached[plan.label]) for plan, _ in plans if plan.label in cached}
-    # Interleaved rounds, the best of each: a machine's speed drifts (turbo, neighbours), and an engine's
-    # first batches after a warm-up can still be slow; alternating keeps both from deciding the choice.
-    for _round in range(MEASURE_ROUNDS):
-        for plan, backbone in plans:
-            if plan.label not in cached:
-                rates[plan.label] = max(rates.get(plan.label, 0.0), measure_rate(backbone, request.sample))
-    stored = _read_json(cache_file)
-    stored[key] = {**stored.get(key, {}), **rates}
-    write_json_atomic(cache_file, stored)
-    return rates
+    return engine_layout(request.checkpoint).speed_json, key
 
 
 def measure_rate(backbone: Backbone, images: torch.Tensor, min_seconds: float = MIN_TIMED_S) -> float:

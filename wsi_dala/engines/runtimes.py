@@ -132,3 +132,9 @@ def load_backbone(plan: BackbonePlan, model: nn.Module, device: str) -> Backbone
             _LOADED[key] = build_backbone(plan, model, device)
             log.info("backbone on %s %s (pid %d)", plan.engine, plan.precision, os.getpid())
         return _LOADED[key]
+
+
+def remember_backbone(plan: BackbonePlan, model: nn.Module, device: str, backbone: Backbone) -> None:
+    """Keep the engine object built while planning, so scoring in this process does not build a second."""
+    with _LOADED_LOCK:
+        _LOADED.setdefault((plan, id(model), device), backbone)
