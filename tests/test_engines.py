@@ -92,8 +92,11 @@ def test_auto_measures_each_engine_once_and_takes_the_fastest(dala, monkeypatch)
         raise AssertionError("measured again: the speed cache was not used")
 
     monkeypatch.setattr(engine_plan, "measure_rate", measured_again)
-    again = plan_backbone(_request(dala, "auto", "fp32"))
-    assert again.plan == choice.plan and again.rates_tiles_per_s == rates
+    again = plan_backbone(_request(dala, "auto", "fp32"))  # the next slide in this process: not planned again
+    assert again.plan == choice.plan and "earlier slide" in again.reason and again.seconds == 0
+    engine_plan._CHOSEN.clear()  # a new process: built and checked again, timed from the speed cache
+    fresh = plan_backbone(_request(dala, "auto", "fp32"))
+    assert fresh.plan == choice.plan and fresh.rates_tiles_per_s == rates and fresh.reason == "measured fastest"
 
 
 def test_a_changed_checkpoint_is_exported_again_and_the_stale_file_removed(tmp_path):

@@ -15,7 +15,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,20 @@ def plan_backbone(request: BackboneRequest) -> BackboneChoice:
             "the only engine on " + request.device,
         )
         return _timed(choice, started)
+    settings = (request.backend, request.precision, len(request.sample))
+    memo = (request.checkpoint, request.sha256, request.tile_px, *settings)
+    earlier = _CHOSEN.get(memo) if request.precision != "int8" else None  # int8: calibrated per slide
+    if earlier is not None:  # a batch worker's next slide: same model, settings and machine
+        return replace(earlier, reason=earlier.reason + "; chosen for an earlier slide in this process", seconds=0.0)
+    choice = _plan_on_cpu(request, started)
+    _CHOSEN[memo] = choice
+    return choice
+
+
+_CHOSEN: dict[tuple[object, ...], BackboneChoice] = {}
+
+
+def _plan_on_cpu(request: BackboneRequest, started: float) -> BackboneChoice:
     if request.backend == "auto":
         candidates = [e for e in ENGINES if installed(e) and _offers(e, request)]
         if not candidates:
