@@ -17,6 +17,7 @@ with the tasks. The head and the Grad-CAM gradient always run in torch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import threading
@@ -246,8 +247,13 @@ def _write_chunk(packed: np.ndarray, store_path: str, index: int, n_classes: int
 def feature_grid(checkpoint: str, tile_size_px: int) -> int:
     """Side of the model's feature map for one tile (7 for ResNet50 at 224 px)."""
     model, _card = cached_model(checkpoint, "cpu")
-    with torch.no_grad():
-        features = as_split(model).forward_features(torch.zeros(1, 3, tile_size_px, tile_size_px))
+    try:  # shapes only, on the meta device: no arithmetic (a real ResNet50 pass is ~1 s of a run's start-up)
+        meta = copy.deepcopy(model).to("meta")
+        with torch.no_grad():
+            features = as_split(meta).forward_features(torch.zeros(1, 3, tile_size_px, tile_size_px, device="meta"))
+    except (NotImplementedError, RuntimeError):  # an operator without a meta kernel: compute it for real
+        with torch.no_grad():
+            features = as_split(model).forward_features(torch.zeros(1, 3, tile_size_px, tile_size_px))
     return int(features.shape[-1])
 
 
