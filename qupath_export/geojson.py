@@ -90,16 +90,26 @@ def _atomic_text(path: Path) -> Iterator[IO[str]]:
 
 def write_feature_collection(path: str | os.PathLike, features: Iterable[dict[str, Any]]) -> int:
     """Stream features into a compact FeatureCollection; returns how many were written."""
+    return write_feature_texts(path, (_compact(feature) for feature in features))
+
+
+def write_feature_texts(path: str | os.PathLike, texts: Iterable[str]) -> int:
+    """Stream features already serialised as compact JSON (e.g. by :func:`tile_feature_texts`) into a
+    FeatureCollection, atomically; returns how many were written."""
     count = 0
     with _atomic_text(Path(path)) as out:
         out.write('{"type":"FeatureCollection","features":[')
-        for feature in features:
+        for text in texts:
             if count:
                 out.write(",")
-            out.write(json.dumps(feature, separators=(",", ":"), allow_nan=False))
+            out.write(text)
             count += 1
         out.write("]}\n")
     return count
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 def tile_features(
@@ -126,6 +136,42 @@ def tile_features(
             "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
             "properties": properties,
         }
+
+
+def tile_feature_texts(
+    coords: np.ndarray,
+    tile_size_l0: float,
+    measurements: Mapping[str, np.ndarray],
+    class_names: Iterable[str] | None = None,
+) -> Iterator[str]:
+    """:func:`tile_features`, each already written as the compact JSON ``write_feature_collection`` would
+    write it (byte for byte), a column at a time: a million tiles take seconds, not minutes."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    n = len(coords)
+    classes = list(class_names) if class_names is not None else None
+    if classes is not None and len(classes) != n:
+        raise ValueError(f"{len(classes)} class names for {n} tiles")
+    side = round(tile_size_l0)
+    x0, y0 = coords[:, 0].tolist(), coords[:, 1].tolist()
+    x1, y1 = (coords[:, 0] + side).tolist(), (coords[:, 1] + side).tolist()
+    columns = []  # per measurement: '"name":value' per tile, '' where the value is not finite
+    for name, values in measurements.items():
+        column = np.asarray(values, dtype=np.float64).reshape(n)
+        key = _compact(str(name)) + ":"
+        finite = np.isfinite(column).tolist()
+        columns.append([key + repr(round(v, 4)) if ok else "" for v, ok in zip(column.tolist(), finite, strict=True)])
+    if classes is not None:
+        texts = {name: f',"classification":{_compact(classification(name))}' for name in dict.fromkeys(classes)}
+        labels = [texts[name] for name in classes]
+    else:
+        labels = [""] * n
+    rows = zip(*columns, strict=True) if columns else ((),) * n
+    for x, y, right, bottom, label, row in zip(x0, y0, x1, y1, labels, rows, strict=True):
+        yield (
+            f'{{"type":"Feature","geometry":{{"type":"Polygon","coordinates":[[[{x},{y}],[{right},{y}],'
+            f'[{right},{bottom}],[{x},{bottom}],[{x},{y}]]]}},"properties":{{"objectType":"tile","isLocked":true'
+            f'{label},"measurements":{{{",".join(part for part in row if part)}}}}}}}'
+        )
 
 
 def annotation_feature(

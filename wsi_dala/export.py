@@ -119,14 +119,15 @@ def region_features(heatmap: Heatmap, config: ExportConfig) -> tuple[list[dict[s
     features, summary = [], []
     layer = heatmap.tumour
     min_area_px = config.min_region_area_um2 / heatmap.slide_mpp**2
-    traced = np.where(np.nan_to_num(heatmap.qc_flagged, nan=0.0) < FLAGGED_CELL, layer, np.nan)
+    flagged = heatmap.qc_flagged >= FLAGGED_CELL  # NaN (no tile) is not flagged
     for threshold in sorted(config.region_thresholds):
         regions = contour_polygons(  # QC-flagged cells make no region: traced as if they had no value
-            traced,
+            layer,
             threshold,
             heatmap.cell_l0,
             simplify_tolerance=config.simplify_cells * heatmap.cell_l0,
             min_area=min_area_px,
+            excluded=flagged,
         )
         for number, polygon in enumerate(regions.geoms, start=1):
             mean_p = _mean_inside(layer, polygon, heatmap.cell_l0)

@@ -17,8 +17,10 @@ cover a cell; no value — NaN — where no tile lies, i.e. no tissue):
   folded, inked): drawn hatched on the overlay and left out of tumour regions. Under ``qc.mode:
   exclude`` flagged tiles are not stitched at all.
 
-The stitch is vectorised (``np.add.at`` over every cell of a chunk of tiles): its cost grows linearly
-with the tiles and stays a small share of scoring (``benchmarks/heatmap.py``). All layers are stored as a
+The stitch is vectorised (``np.add.at`` over every cell of a block of tiles, one layer at a time; the
+per-tile scores read once, the CAMs a block of chunks at a time): its cost grows linearly with the tiles
+and stays a small share of scoring (``benchmarks/heatmap.py``): 10^6 tiles in ~15 s on 2 cores, in
+~1.6 GB with the map's layers (``benchmarks/scale.py``). All layers are stored as a
 multiscale Zarr (level k = 2^k cells per pixel) with their level-0 pixel size and µm/px in the
 attributes, and rendered as ``overview.png`` and ``overlay.png`` (with a colour bar).
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ LAYER_MEANINGS = {
     "uncertainty": "SD of the tile's tumour probability over test-time views / MC-dropout passes",
     "qc_flagged": "share of the tiles over the cell that quality control flagged",
 }
+RENDER_BAND_ROWS = 256  # overlay rows coloured at once
 HATCH_RGB = (0, 230, 255)  # cyan: not in the inferno scale, not in H&E
 FLAGGED_CELL = 0.5  # a cell at least this much covered by flagged tiles is drawn hatched, and is no region
 MIN_SEAM_TILES = 4  # interior tumour tiles needed before the seam index means anything
@@ -132,13 +135,14 @@ def border_profile(
     grid = store.info.require_scores(str(store.path)).cam_grid
     if not config.border_correction:
         return np.ones((grid, grid)), 0
+    return _border_profile(grid, _ReferenceCams.read(store, reference), prior)
+
+
+def _border_profile(grid: int, reference: _ReferenceCams, prior: np.ndarray | None) -> tuple[np.ndarray, int]:
     total, n = np.zeros((grid, grid)), 0
-    cams = _ChunkCams(store)
-    for rows in store.info.chunk_rows():
-        chosen = reference[rows]
-        if chosen.any():
-            part, count = profile_sum(cams(rows)[chosen])
-            total, n = total + part, n + count
+    for cams in reference.by_chunk():  # summed chunk by chunk, as the tiles were scored
+        part, count = profile_sum(cams)
+        total, n = total + part, n + count
     return blend_profile(total, n, prior), n
 
 
@@ -151,19 +155,45 @@ def slide_cam_scale(store: TileStore, config: HeatmapConfig, reference: np.ndarr
     still its tumour. One scale keeps tiles comparable, and the cold part of a partly tumorous tile
     stays cold.
     """
-    values = []
-    cams = _ChunkCams(store)
-    for rows in store.info.chunk_rows():
-        chosen = reference[rows]
-        if chosen.any():
-            corrected = correct(cams(rows)[chosen], profile)
-            values.append(corrected.reshape(len(corrected), -1).max(axis=1))
-    if not values:
+    return _slide_cam_scale(config, _ReferenceCams.read(store, reference), profile)
+
+
+def _slide_cam_scale(config: HeatmapConfig, reference: _ReferenceCams, profile: np.ndarray) -> float:
+    if not len(reference.cams):
         return 1.0
+    values = []
+    for start in range(0, len(reference.cams), STITCH_BLOCK_TILES):
+        corrected = correct(reference.cams[start : start + STITCH_BLOCK_TILES], profile)
+        values.append(corrected.reshape(len(corrected), -1).max(axis=1))
     finite = np.concatenate(values)
     finite = finite[np.isfinite(finite)]
     scale = float(np.percentile(finite, config.cam_scale_percentile)) if finite.size else 0.0
     return scale if scale > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class _ReferenceCams:
+    """The raw CAMs of the reference tiles [n, g, g], in store order, and the chunk of each: read once for
+    both the border profile and the slide's scale."""
+
+    cams: np.ndarray
+    chunks: np.ndarray
+
+    @classmethod
+    def read(cls, store: TileStore, reference: np.ndarray) -> _ReferenceCams:
+        grid = store.info.require_scores(str(store.path)).cam_grid
+        cams, chunks, reader = [], [], _ChunkCams(store)
+        for index, rows in enumerate(store.info.chunk_rows()):
+            chosen = reference[rows]
+            if chosen.any():
+                cams.append(reader(rows)[chosen])
+                chunks.append(np.full(len(cams[-1]), index))
+        if not cams:
+            return cls(np.zeros((0, grid, grid), dtype=np.float32), np.zeros(0, dtype=np.int64))
+        return cls(np.concatenate(cams), np.concatenate(chunks))
+
+    def by_chunk(self) -> list[np.ndarray]:
+        return np.split(self.cams, np.flatnonzero(np.diff(self.chunks)) + 1) if len(self.cams) else []
 
 
 EVIDENCE_AT_SCALE = 0.95  # a cell as hot as the slide scale reads this share of its tile's probability
@@ -189,7 +219,7 @@ def stitch(
     adds the tiles over it in store order, as a per-tile loop would.
     """
     config = config or HeatmapConfig()
-    store = TileStore(store_path)
+    store = _ReadOnce(store_path)
     info = store.info
     scoring = info.require_scores(str(store.path))
     grid = scoring.cam_grid
@@ -203,8 +233,12 @@ def stitch(
     reference = reference_tiles(store, config, interior)
     if card_profile is not None and scoring.uncertainty.startswith("tta:"):
         card_profile = symmetrised(card_profile, scoring.uncertainty.split("+")[0].removeprefix("tta:"))
-    profile, profile_tiles = border_profile(store, config, reference, card_profile)
-    scale = slide_cam_scale(store, config, reference, profile)
+    reference_cams = _ReferenceCams.read(store, reference)  # what border_profile and slide_cam_scale read
+    profile, profile_tiles = (
+        _border_profile(grid, reference_cams, card_profile) if config.border_correction else (np.ones((grid, grid)), 0)
+    )
+    scale = _slide_cam_scale(config, reference_cams, profile)
+    del reference_cams
     # A tile is kept for its tissue, but parts of it are glass or ink: no value there either.
     no_tissue = _cells_without_tissue(store, config, rows, cols, cell_l0)
     probability = store.positive_scores().astype(np.float64)
@@ -216,8 +250,13 @@ def stitch(
     counts = np.zeros(size, dtype=np.int32)
     for part in _blocks(len(first_cell), STITCH_BLOCK_TILES):
         index = (first_cell[part, None] + offsets[None, :]).ravel()
-        low = int(index.min())
-        counts[low : low + int(index.max()) - low + 1] += np.bincount(index - low).astype(np.int32)
+        low, high = int(index.min()), int(index.max())
+        if low >= 0 and high < size:
+            counts[low : high + 1] += np.bincount(index - low).astype(np.int32)
+        else:  # a tile off the map: fail (or wrap) exactly as a per-tile loop would
+            np.add.at(counts, index, 1)
+    most = int(counts.max()) if size else 0
+    counts = counts.astype(np.uint8 if most < 2**8 else np.uint16 if most < 2**16 else np.int32)  # a byte a cell
     empty = counts == 0
 
     def layer_of(per_tile: Iterator[tuple[slice, np.ndarray]]) -> np.ndarray:
@@ -291,7 +330,8 @@ def _cells_without_tissue(
 ) -> np.ndarray | None:
     """[rows, cols] True where less than ``min_cell_tissue`` of the cell is tissue by the tissue mask
     (None: no mask). The cells' tissue fractions are :func:`wsi_dala.grid.tissue_fractions` of the cell
-    grid, counted a band of cell rows at a time (its integral image of the whole mask is 8 bytes a pixel)."""
+    grid, counted a band of cell rows at a time (an integral image of the whole mask would take 8 bytes a
+    mask pixel: 2.5 GB for a 10^6-tile slide)."""
     mask = store.tissue_mask()
     if mask is None:
         return None
@@ -305,19 +345,49 @@ def _cells_without_tissue(
     cx0, cx1 = np.clip(x0, 0, width), np.clip(x0 + side, 0, width)
     cy0, cy1 = np.clip(y0, 0, height), np.clip(y0 + side, 0, height)
     out = np.empty((len(ys), len(xs)), dtype=bool)
-    band = max(1, 2**22 // max(1, width * side))  # cell rows at a time: ~16 MB of column sums
+    band = max(1, 2**22 // max(1, width * side))  # cell rows at a time: ~16 MB of column counts
     for top in range(0, len(ys), band):
         part = slice(top, min(len(ys), top + band))
-        low, high = int(cy0[part].min()), int(cy1[part].max())
-        columns = np.zeros((high - low + 1, width), dtype=np.int64)
-        np.cumsum(mask[low:high], axis=0, out=columns[1:])
-        strips = columns[cy1[part] - low] - columns[cy0[part] - low]  # per cell row: tissue pixels per column
-        along = np.zeros((len(strips), width + 1), dtype=np.int64)
-        np.cumsum(strips, axis=1, out=along[:, 1:])
-        inside = along[:, cx1] - along[:, cx0]
-        fraction = (inside / float(side * side)).astype(np.float32)
+        strips = np.zeros((part.stop - part.start, width), dtype=np.int32)  # per cell row: tissue px per column
+        for k in range(side):
+            row = cy0[part] + k
+            inside = row < cy1[part]
+            strips[inside] += mask[row[inside]]
+        counts = np.zeros((len(strips), len(xs)), dtype=np.int32)
+        for k in range(side):
+            column = cx0 + k
+            inside = column < cx1
+            counts[:, inside] += strips[:, column[inside]]
+        fraction = (counts / float(side * side)).astype(np.float32)
         out[part] = fraction < config.min_cell_tissue
     return out.reshape(rows, cols)
+
+
+class _ReadOnce(TileStore):
+    """The store (read only), with its per-tile scores, coordinates and flags read whole the first time
+    they are asked for: every read of a chunked array costs ~0.3 ms a chunk (5 s for the scores of 10^6
+    tiles), and the stitch asks for them several times. A few bytes a tile."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self._whole: dict[str, np.ndarray] = {}
+
+    def _once(self, read: Callable[[slice], np.ndarray], rows: slice) -> np.ndarray:
+        if read.__name__ not in self._whole:
+            self._whole[read.__name__] = read(slice(None))
+        return self._whole[read.__name__][rows].copy()
+
+    def scores(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._once(super().scores, rows)
+
+    def coords(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._once(super().coords, rows)
+
+    def qc_flags(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._once(super().qc_flags, rows)
+
+    def score_sd(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._once(super().score_sd, rows)
 
 
 class _ChunkCams:
@@ -447,10 +517,14 @@ def render_overlay(
 
     height, width = thumbnail.shape[:2]
     valid, value = _resample(layer, (height, width))
-    value = np.clip(value / top, 0, 1)[..., None]
-    coloured = colormaps[colour_map](value[..., 0])[..., :3] * 255
-    alpha = np.where(valid[..., None], 0.15 + 0.6 * value, 0.0)  # low probability: the tissue shows through
-    blend = ((1 - alpha) * thumbnail + alpha * coloured).astype(np.uint8)
+    blend = np.empty((height, width, 3), dtype=np.uint8)
+    for first in range(0, height, RENDER_BAND_ROWS):  # the colours are 64 bytes a pixel: a band at a time
+        rows = slice(first, first + RENDER_BAND_ROWS)
+        scaled = np.clip(value[rows] / top, 0, 1)[..., None]
+        coloured = colormaps[colour_map](scaled[..., 0])[..., :3] * 255
+        alpha = np.where(valid[rows, :, None], 0.15 + 0.6 * scaled, 0.0)  # low probability: the tissue shows
+        blend[rows] = ((1 - alpha) * thumbnail[rows] + alpha * coloured).astype(np.uint8)
+    del valid, value
     hatched = _hatch_mask(flagged, (height, width)) if flagged is not None else None
     if hatched is not None:
         blend[hatched] = HATCH_RGB
@@ -502,5 +576,5 @@ def _hatch_mask(flagged: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     height, width = shape
     cells = np.nan_to_num(flagged, nan=0.0) >= FLAGGED_CELL
     resized = np.asarray(Image.fromarray(cells).resize((width, height), Image.Resampling.NEAREST))
-    rows, cols = np.mgrid[0:height, 0:width]
-    return resized & ((rows + cols) % 6 == 0)
+    rows, cols = (np.arange(height) % 6).astype(np.uint8), (np.arange(width) % 6).astype(np.uint8)
+    return resized & ((rows[:, None] + cols[None, :]) % 6 == 0)  # (row + col) % 6, a byte a pixel
