@@ -493,6 +493,21 @@ def write_heatmap(
     tmp.rename(path)
 
 
+OVERLAY_MAX_PX = 4096  # longest side of an overlay picture: matplotlib needs ~90 bytes a pixel to save one
+
+
+def _at_most(image: np.ndarray, longest_px: int) -> np.ndarray:
+    """``image`` shrunk (box filter) so its longest side is at most ``longest_px``; as is when it already is."""
+    height, width = image.shape[:2]
+    if max(height, width) <= longest_px:
+        return image
+    from PIL import Image
+
+    scale = longest_px / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
 def render_overlay(
     thumbnail: np.ndarray,
     layer: np.ndarray,
@@ -515,6 +530,7 @@ def render_overlay(
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
+    thumbnail = _at_most(thumbnail, OVERLAY_MAX_PX)
     height, width = thumbnail.shape[:2]
     valid, value = _resample(layer, (height, width))
     blend = np.empty((height, width, 3), dtype=np.uint8)
