@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 from wsi_dala.config import BatchConfig, PipelineConfig
 from wsi_dala.errors import QualityError, ResolutionError, SlideOpenError, SlideReadError, WsiDalaError
-from wsi_dala.fileio import atomic_open, write_json_atomic
+from wsi_dala.fileio import atomic_open, read_json_object, write_json_atomic
 from wsi_dala.formats import SLIDE_SUFFIXES
 from wsi_dala.identity import slide_fingerprint
 from wsi_dala.layout import BatchLayout, BatchSlideLayout, safe_stem
@@ -128,7 +127,7 @@ def process_slide(
 
     folder = BatchLayout(Path(out_root)).slide(sid)
     state_path = folder.state_json
-    previous = _read_json(state_path)
+    previous = read_json_object(state_path)
     outcome = SlideOutcome(
         sid,
         path,
@@ -191,13 +190,6 @@ def quality_notes(qc: dict[str, Any], stain: dict[str, Any]) -> list[str]:
     if isinstance(stain, dict) and stain.get("out_of_distribution"):
         notes.append(f"out of distribution: stain ({stain.get('summary', 'far from the model reference')})")
     return notes
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 # ---------------------------------------------------------------- the batch

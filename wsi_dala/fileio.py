@@ -50,6 +50,16 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
         raise
 
 
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON object from ``path``; empty when the file is missing, unreadable, not JSON or not an object
+    (state and cache files: a damaged one is started afresh, never trusted)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write JSON (strict: NaN is refused) atomically."""
     with atomic_open(path, "w", encoding="utf-8") as handle:

@@ -22,7 +22,7 @@ from wsi_dala.cluster import check_address
 from wsi_dala.config import PipelineConfig, TilingConfig
 from wsi_dala.errors import CheckpointError, OutputError, QualityError
 from wsi_dala.export import ExportResult, export_qupath
-from wsi_dala.fileio import ensure_writable_dir, save_png_atomic, write_json_atomic
+from wsi_dala.fileio import ensure_writable_dir, read_json_object, save_png_atomic, write_json_atomic
 from wsi_dala.heatmap import Heatmap, render_overlay, stitch, write_heatmap
 from wsi_dala.identity import config_hash, file_sha256, slide_fingerprint
 from wsi_dala.layout import RunLayout, remove_partials
@@ -176,7 +176,7 @@ def _run_locked(
     progress: bool,
     client: Client | None,
 ) -> RunSummary:
-    previous = _read_json(layout.run_json)
+    previous = read_json_object(layout.run_json)
     _refuse_another_slide(layout, previous)
     removed = remove_partials(layout.root)  # left by a run killed while writing (we hold the lock)
     if removed:
@@ -318,14 +318,6 @@ def calibration_summary(card: ModelCard) -> dict[str, Any]:
             "(wsi-dala calibrate fits one)",
         }
     return {"status": "calibrated", "temperature": card.temperature, "fit": card.calibration}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _refuse_another_slide(layout: RunLayout, previous: dict[str, Any]) -> None:

@@ -9,7 +9,6 @@ not used (a logged fallback, recorded in ``run.json``), so ``auto`` never trades
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -33,7 +32,7 @@ from wsi_dala.engines.runtimes import (
     scoring_threads,
 )
 from wsi_dala.errors import EngineError, EngineExportError
-from wsi_dala.fileio import write_json_atomic
+from wsi_dala.fileio import read_json_object, write_json_atomic
 from wsi_dala.model.interface import as_split
 
 log = logging.getLogger(__name__)
@@ -203,7 +202,7 @@ def _best_plan(
     check: dict[str, dict[str, float]] = {}
     reference: torch.Tensor | None = None
     cache_file, key = _speed_cache(request)
-    cached = _read_json(cache_file).get(key, {})
+    cached = read_json_object(cache_file).get(key, {})
     for engine in candidates:
         precision = engine_precision(request.precision, engine, "cpu")
         try:
@@ -226,7 +225,7 @@ def _best_plan(
             best = (plan, backbone)  # the former best, if any, is released here
         del backbone
     if rates:
-        stored = _read_json(cache_file)
+        stored = read_json_object(cache_file)
         stored[key] = {**stored.get(key, {}), **rates}
         write_json_atomic(cache_file, stored)
     return best, rates, fallbacks, check
@@ -293,14 +292,6 @@ def measure_rate(backbone: Backbone, images: torch.Tensor, min_seconds: float = 
         backbone(images)
         done += len(images)
     return done / (time.perf_counter() - started)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def cpu_signature() -> str:
