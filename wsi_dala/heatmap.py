@@ -40,9 +40,9 @@ from scipy import ndimage
 
 from wsi_dala.cam_profile import MIN_SLIDE_TILES, blend_profile, correct, profile_sum, symmetrised
 from wsi_dala.config import HeatmapConfig
-from wsi_dala.fileio import atomic_open
 from wsi_dala.grid import grid_origins
 from wsi_dala.layout import building_path
+from wsi_dala.picture_frame import colour_bar, legend, save_framed_png
 from wsi_dala.store import TileStore
 
 LAYERS = ("probability", "tumour", "uncertainty", "qc_flagged")
@@ -493,7 +493,7 @@ def write_heatmap(
     tmp.rename(path)
 
 
-OVERLAY_MAX_PX = 4096  # longest side of an overlay picture: matplotlib needs ~90 bytes a pixel to save one
+OVERLAY_MAX_PX = 4096  # longest side of an overlay picture (a 16-Mpx PNG: ~50 MB to compose and save)
 
 
 def _at_most(image: np.ndarray, longest_px: int) -> np.ndarray:
@@ -522,13 +522,11 @@ def render_overlay(
 
     Cells are interpolated bilinearly between their centres (values and coverage apart, so no value
     bleeds onto glass): the picture shows the map, not the cell grid. Cells mostly covered by QC-flagged
-    tiles (``flagged`` ≥ FLAGGED_CELL) are hatched. Drawn on a bare ``matplotlib.figure.Figure``: no
-    pyplot, no global backend to switch.
+    tiles (``flagged`` ≥ FLAGGED_CELL) are hatched. The picture is composed here and framed by
+    ``picture_frame`` (matplotlib draws only the title and the colour bar), so memory stays a few bytes
+    a pixel.
     """
     from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
 
     thumbnail = _at_most(thumbnail, OVERLAY_MAX_PX)
     height, width = thumbnail.shape[:2]
@@ -544,14 +542,7 @@ def render_overlay(
     hatched = _hatch_mask(flagged, (height, width)) if flagged is not None else None
     if hatched is not None:
         blend[hatched] = HATCH_RGB
-    dpi = 100
-    fig = Figure(figsize=(width / dpi + 1.6, height / dpi + 0.6), dpi=dpi)
-    ax = fig.subplots()
-    ax.imshow(blend)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
-    mappable = ScalarMappable(cmap=colour_map, norm=Normalize(0, top))
-    fig.colorbar(mappable, ax=ax, fraction=0.035, pad=0.02, label=label)
+    below = None
     if hatched is not None and hatched.any():
         from matplotlib.patches import Patch
 
@@ -561,9 +552,9 @@ def render_overlay(
             hatch="///",
             label="QC-flagged tiles",
         )
-        ax.legend(handles=[key], loc="upper left", bbox_to_anchor=(0.0, -0.01), fontsize=8, frameon=False)
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", bbox_inches="tight")
+        below = legend([key], size_px=24)
+    del hatched
+    save_framed_png(blend, path, title, right=colour_bar(colour_map, top, label), below=below)
 
 
 def _resample(layer: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

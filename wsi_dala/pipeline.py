@@ -27,6 +27,7 @@ from wsi_dala.heatmap import Heatmap, render_overlay, stitch, write_heatmap
 from wsi_dala.identity import config_hash, file_sha256, slide_fingerprint
 from wsi_dala.layout import RunLayout, remove_partials
 from wsi_dala.locks import exclusive_lock
+from wsi_dala.memory import limit_malloc_arenas, release_freed_memory
 from wsi_dala.model import ModelCard, read_card
 from wsi_dala.scoring import ScoringResult, cached_model, check_devices, score_store
 from wsi_dala.scoring_stream import StreamingScorer, can_overlap
@@ -149,6 +150,7 @@ def run_slide(
     the architecture) and the slide (readable, µm/px known, the target level available). The folder is
     then locked for the run; a second run on it is refused at once, naming the holder.
     """
+    limit_malloc_arenas()  # before the tiler's and the scorer's threads start (see wsi_dala.memory)
     slide_path = Path(slide_path)
     if config.scoring.scheduler:
         check_address(config.scoring.scheduler)  # a bad scheme fails now, not after tiling
@@ -207,6 +209,7 @@ def _run_locked(
     heatmap = stitch(tiled.store, config.heatmap, card_profile(card))
     write_heatmap(heatmap, layout.heatmap_store, config.heatmap, {"slide": str(slide_path), "run_key": key})
     _render(layout, heatmap)
+    release_freed_memory()
     timings["stitch"] = time.perf_counter() - t
     t = time.perf_counter()
     gzip = config.export.gzip

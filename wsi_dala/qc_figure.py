@@ -1,7 +1,7 @@
 """``qc.png``: what tissue detection and quality control saw, for a person to check at a glance.
 
 The slide's thumbnail with the tissue outline, marker ink, folds and out-of-focus tiles in colours
-that do not occur in H&E, each named with its area in the legend.
+that do not occur in H&E, each named with its area in the legend. Framed by ``picture_frame``: a few bytes a pixel.
 """
 
 from __future__ import annotations
@@ -10,14 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
-from wsi_dala.fileio import atomic_open
+from wsi_dala.picture_frame import legend, save_framed_png
 
 TISSUE_OUTLINE_RGB = (0, 140, 60)
 INK_RGB = (255, 200, 0)
 FOLD_RGB = (0, 200, 255)
 BLUR_RGB = (255, 0, 160)
+MIN_DRAWN_PX = 600  # a thumbnail smaller than this on its longest side is drawn enlarged
+LEGEND_PX = 190
 
 
 def _unit(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
@@ -50,26 +53,24 @@ def blurred_tiles_mask(
 
 def render_qc(picture: QCPicture, path: Path, title: str) -> None:
     """Write the QC picture (atomically) with a legend of areas."""
-    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    image = picture.thumbnail[..., :3].astype(np.float32)
+    image = picture.thumbnail[..., :3].copy()
     for mask, rgb, weight in (
         (picture.blur, BLUR_RGB, 0.35),
         (picture.fold, FOLD_RGB, 0.55),
         (picture.ink, INK_RGB, 0.6),
     ):
-        image[mask] = (1 - weight) * image[mask] + weight * np.asarray(rgb, dtype=np.float32)
+        blended = (1 - weight) * image[mask] + weight * np.asarray(rgb, dtype=np.float32)
+        image[mask] = np.round(blended).astype(np.uint8)
     outline = picture.tissue & ~ndimage.binary_erosion(picture.tissue, iterations=1, border_value=0)
     image[outline] = TISSUE_OUTLINE_RGB
+    del outline
     height, width = image.shape[:2]
-    dpi = 100
-    scale = max(1.0, 600 / max(height, width))  # small thumbnails drawn larger so the legend stays readable
-    fig = Figure(figsize=(width * scale / dpi + 2.6, height * scale / dpi + 0.6), dpi=dpi)
-    ax = fig.subplots()
-    ax.imshow(image.astype(np.uint8), interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
+    scale = MIN_DRAWN_PX / max(height, width)
+    if scale > 1:  # small thumbnails drawn larger (pixels kept square and sharp) so the legend stays readable
+        size = (round(width * scale), round(height * scale))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.NEAREST))
     areas = picture.areas_mm2
     handles = [
         Patch(facecolor="none", edgecolor=_unit(TISSUE_OUTLINE_RGB), label=f"tissue {areas['tissue']:.2f} mm²"),
@@ -77,6 +78,4 @@ def render_qc(picture: QCPicture, path: Path, title: str) -> None:
         Patch(color=_unit(FOLD_RGB), label=f"fold {areas['fold']:.2f} mm²"),
         Patch(color=_unit(BLUR_RGB), label=f"out of focus {areas['blur']:.2f} mm²"),
     ]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", bbox_inches="tight")
+    save_framed_png(image, path, title, right=legend(handles, size_px=LEGEND_PX))

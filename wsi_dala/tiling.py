@@ -27,6 +27,7 @@ from wsi_dala.fileio import ensure_writable_dir, save_png_atomic
 from wsi_dala.grid import LevelChoice, block_order, choose_level, grid_origins, tissue_fractions
 from wsi_dala.identity import config_hash, slide_fingerprint
 from wsi_dala.layout import RunLayout
+from wsi_dala.memory import release_freed_memory
 from wsi_dala.qc import BLUR, FOLD, INK, judge, tile_sharpness
 from wsi_dala.qc_figure import QCPicture, blurred_tiles_mask, render_qc
 from wsi_dala.slide import Resolution, Slide
@@ -206,6 +207,7 @@ def tile_slide(
                 write_qc_png(layout, store)
             return _result(store, started, resumed=0, skipped=True)
         plan = plan_tiles(slide, config)  # validates the target before anything is written or removed
+        release_freed_memory()  # the tissue analysis briefly needs ~100 bytes a thumbnail pixel
         ensure_writable_dir(layout.root)
         if state == "replace":
             log.info("%s: slide or settings changed since it was written; tiling again", layout.tiles_store)
@@ -241,6 +243,7 @@ def tile_slide(
         _write_chunks(slide, store, plan, config, done, progress, on_chunk_written)
         _complete(store, plan, config)
         write_qc_png(layout, store)
+        release_freed_memory()
         return _result(store, started, resumed=resumed, skipped=False)
     finally:
         slide.close()

@@ -11,6 +11,9 @@ EXIT_INTERRUPTED = 130
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code (imported lazily so ``import wsi_dala.cli`` stays light)."""
+    from wsi_dala.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any thread allocates (see wsi_dala.memory)
     from wsi_dala.cli.app import main as app_main
 
     return app_main(argv)
