@@ -3,6 +3,14 @@
     python benchmarks/scale.py                     # 10^6 tiles: build the store, then time the stages
     python benchmarks/scale.py --tiles 100000      # a quick run
     python benchmarks/scale.py --keep /tmp/scale   # keep the store and the outputs (else a temp folder, removed)
+    python benchmarks/scale.py --run-slides        # `wsi-dala run` on the 40k slide and on 4x its area
+
+``--run-slides`` instead runs the real command, ``wsi-dala run`` (default settings, a random-weight
+224 px DALAResNet50 at 0.5 µm/px), on the 40,000 x 30,000 px benchmark slide and on one of 4x its area
+(80,000 x 60,000), each generated once into ``benchmarks/.data`` by ``benchmarks/tiling.py``'s
+generator. A first run on a small slide exports and times the engines (once per checkpoint and
+machine) so both measured runs start warm. It prints each run's seconds, tiles and peak RSS (the
+process's ``ru_maxrss``) and the 4x slide's peak over the 1x slide's (target: within +10 %).
 
 What it does:
 1. builds a real tile store (``TileStore.create``, ``prepare_scores``, ``write_scores``, ``mark_complete``,
@@ -20,7 +28,8 @@ What it does:
    (sampled every 5 ms with psutil from this process: a thread inside it would wait for the GIL while
    numpy or GEOS run) and over the whole run (its ``ru_maxrss``), and the CPU.
 
-Target (the project's issue): stitch + export + regions of 10^6 tiles ≤ 120 s on 2 cores, peak RSS ≤ 2.5 GB.
+Targets (the project's issue): stitch + export + regions of 10^6 tiles ≤ 120 s on 2 cores, peak RSS ≤ 2.5 GB;
+``wsi-dala run``'s peak RSS on 4x the slide area within +10 % of the 1x slide's.
 Timings are on this machine only.
 """
 
@@ -33,6 +42,7 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -266,6 +276,61 @@ def _watch(process: multiprocessing.process.BaseProcess, stage: Any, limit_bytes
     return peaks
 
 
+# ------------------------------------------------------------------------------------- wsi-dala run, 1x and 4x
+
+DATA = Path(__file__).resolve().parent / ".data"
+RUN_SLIDES = ((40_000, 30_000), (80_000, 60_000))  # the benchmark slide and 4x its area
+WARM_UP_SLIDE = (4_000, 3_000)
+
+
+def benchmark_slide(width: int, height: int) -> Path:
+    """``benchmarks/.data/synthetic_<W>x<H>_0.25.svs``, generated (minutes for the large ones) if missing."""
+    path = DATA / f"synthetic_{width}x{height}_0.25.svs"
+    if not path.exists():
+        DATA.mkdir(parents=True, exist_ok=True)
+        script = Path(__file__).resolve().parent / "tiling.py"
+        command = [sys.executable, str(script), "--phase", "generate", str(path), str(width), str(height)]
+        subprocess.run(command, check=True)
+    return path
+
+
+def run_measured(slide: Path, checkpoint: Path, out: Path) -> dict[str, Any]:
+    """``wsi-dala run`` on ``slide`` in its own process: seconds, tiles and that process's peak RSS."""
+    command = [sys.executable, "-m", "wsi_dala", "run", str(slide), "--model", str(checkpoint), "--out", str(out)]
+    started = time.perf_counter()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        _, status, usage = os.wait4(proc.pid, 0)
+        output = proc.stdout.read() if proc.stdout is not None else ""
+    seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = output.strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"wsi-dala run {slide.name} failed (exit {proc.returncode}): {tail[0]}")
+    record = json.loads((out / "run.json").read_text())
+    return {"seconds": seconds, "tiles": record["counts"]["tiles"], "peak_rss": usage.ru_maxrss * 1024}
+
+
+def run_slides(folder: Path) -> int:
+    """``wsi-dala run`` on the 1x and 4x slides, warm; prints seconds, tiles and peak RSS of each."""
+    from wsi_dala.model import write_untrained_checkpoint
+
+    checkpoint = write_untrained_checkpoint(folder / "dala-untrained.safetensors")
+    warm = run_measured(benchmark_slide(*WARM_UP_SLIDE), checkpoint, folder / "warm-up")
+    print(f"warm-up (engine export and timing, once per checkpoint): {warm['seconds']:.0f} s")
+    results = []
+    for width, height in RUN_SLIDES:
+        slide = benchmark_slide(width, height)
+        result = run_measured(slide, checkpoint, folder / f"run-{width}x{height}")
+        results.append(result)
+        print(
+            f"{width:,} x {height:,} px: {result['tiles']:6,} tiles in {result['seconds']:6.1f} s "
+            f"({result['tiles'] / result['seconds']:.1f} tiles/s), peak RSS {result['peak_rss'] / 1e9:.2f} GB"
+        )
+    growth = results[-1]["peak_rss"] / results[0]["peak_rss"] - 1
+    print(f"peak RSS on 4x the area: {100 * growth:+.1f} % (target: within +10 %, at most 2.5 GB)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiles", type=int, default=1_000_000, help="tiles in the store (default: 10^6)")
@@ -277,11 +342,16 @@ def main(argv: list[str] | None = None) -> int:
         "--skip", action="append", default=[], choices=("tiles", "regions"), help="leave out a stage (repeatable)"
     )
     parser.add_argument("--max-rss-gb", type=float, default=12.0, help="kill the stages past this RSS")
+    parser.add_argument(
+        "--run-slides", action="store_true", help="instead: `wsi-dala run` on the 40k slide and on 4x its area"
+    )
     args = parser.parse_args(argv)
     print(f"CPU: {cpu_line()}")
     folder = args.keep or Path(tempfile.mkdtemp(prefix="wsi-dala-scale-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
+        if args.run_slides:
+            return run_slides(folder)
         store_path = args.store or folder / "tiles.zarr"
         if args.store is None:
             if store_path.exists():
