@@ -44,3 +44,26 @@ def test_stain_normalisation_waits_for_the_whole_slide(svs_025, colour_checkpoin
     record, scores, _ = _run(svs_025, tmp_path / "stain", colour_checkpoint, stain_normalise="macenko")
     assert record.scoring["chunks_scored_while_tiling"] == 0  # the slide's stain is measured on all its tiles
     assert np.isfinite(scores).all()
+
+
+def test_the_scoring_record_reaches_disk_in_one_write(svs_025, colour_checkpoint, tmp_path, monkeypatch):
+    """A kill -9 between two writes of zarr.json must not leave "scores complete" without the record
+    (zarr's attrs.update writes the file once per key: a batch resumed after such a kill failed)."""
+    import zarr
+
+    from wsi_dala.store import ScoringRecord
+
+    _run(svs_025, tmp_path, colour_checkpoint, overlap_tiling=False)
+    copy = tmp_path / "tiles.zarr"
+    store = TileStore(copy, mode="r+")
+    writes: list[str] = []
+    original = zarr.storage.LocalStore.set
+
+    async def counting_set(self, key, value):
+        writes.append(key)
+        await original(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", counting_set)
+    store.mark_scores_complete(ScoringRecord(["Non-tumor", "Tumor"], "Tumor", 7, "fp32", "none", 1.5))
+    assert writes == ["zarr.json"]
+    assert TileStore(copy).info.scoring == ScoringRecord(["Non-tumor", "Tumor"], "Tumor", 7, "fp32", "none", 1.5)

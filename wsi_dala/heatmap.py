@@ -473,7 +473,7 @@ def write_heatmap(
             if max(layer.shape) < 2 * config.min_level_px:
                 break
             layer, level = _halve(layer), level + 1
-    group.attrs.update(
+    group.update_attributes(
         {
             "format": "wsi-dala.heatmap/1",
             "layers": {name: LAYER_MEANINGS[name] for name in heatmap.layers},

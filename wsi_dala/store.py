@@ -296,7 +296,7 @@ class TileStore:
         )
         n_chunks = n_chunks_of(n, chunk)
         group.create_array(TILE_CHUNKS_DONE, data=np.zeros(n_chunks, dtype=bool), chunks=(max(1, n_chunks),))
-        group.attrs.update(
+        group.update_attributes(
             {_FORMAT: STORE_FORMAT, _COMPLETE: False, _CHUNK_TILES: chunk, _STAIN: None, **tiling.to_attrs()}
         )
         building.rename(final)
@@ -309,7 +309,7 @@ class TileStore:
         it read when the group was opened, so another handle's update (the scorer's, while the tiler
         still writes) would otherwise be overwritten with stale values."""
         fresh = zarr.open_group(self.path, mode="r+", zarr_format=3)
-        fresh.attrs.update(values)
+        fresh.update_attributes(values)  # one atomic write of zarr.json (attrs.update writes once per key)
         self.group = fresh
         self.__dict__.pop("info", None)
 
