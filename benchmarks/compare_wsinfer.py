@@ -4,6 +4,7 @@
     python benchmarks/compare_wsinfer.py --width 4000 --height 3000 --rounds 1    # a quick check
     python benchmarks/compare_wsinfer.py --slide my.svs --rounds 3 --wsinfer-workers 2
     python benchmarks/compare_wsinfer.py --dala-args "--precision fp32 --reader-threads 1"
+    python benchmarks/compare_wsinfer.py --dala-args "" --dala-args "--precision fp32"   # both against one WSInfer
 
 Run it with the project's Python (the one that has wsi-dala installed). Everything it makes lies under
 ``benchmarks/.data`` (git-ignored):
@@ -99,6 +100,7 @@ class Run:
     seconds: float
     patches: int
     peak_rss_mb: float
+    setting: str = ""  # wsi-dala's extra flags ("" for its defaults)
 
     @property
     def rate(self) -> float:
@@ -342,7 +344,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of both tools, alternating which goes first")
     parser.add_argument("--wsinfer-workers", type=int, default=1, help="WSInfer's -n (DataLoader workers, >= 1)")
     parser.add_argument("--batch-size", type=int, default=32, help="model batch size, for both tools")
-    parser.add_argument("--dala-args", default="", help='extra wsi-dala run flags, e.g. "--precision fp32"')
+    parser.add_argument(
+        "--dala-args",
+        action="append",
+        default=None,
+        help='extra wsi-dala run flags, e.g. "--precision fp32"; repeat it to run each setting in every round '
+        "against the same WSInfer runs (default: one setting, wsi-dala's defaults)",
+    )
     parser.add_argument("--rebuild-venv", action="store_true", help="build the WSInfer venv again")
     args = parser.parse_args()
     if args.rounds < 1 or args.wsinfer_workers < 1 or args.batch_size < 1:
@@ -380,43 +388,54 @@ def report(args: argparse.Namespace) -> None:
     slides = slide_folder(slide, WORK / "slides")
     model, config = write_wsinfer_model(VENV, models, env)
     checkpoint = write_dala_checkpoint(models)
-    extra = shlex.split(args.dala_args)
+    settings_asked = args.dala_args or [""]
 
     name, have, lack = cpu_description()
     print(f"CPU: {name}, {os.cpu_count()} logical CPUs")
     print(f"CPU flags: has {' '.join(have) or '-'}; lacks {' '.join(lack) or '-'}")
     print(f"torch {torch.__version__}: {torch.get_num_threads()} threads; CUDA available: {torch.cuda.is_available()}")
     print(f"slide: {slide}; patches of {TILE_PX} px at {TILE_MPP} µm/px, batch size {args.batch_size}")
-    print(f"wsi-dala: {shlex.join([*base, 'run', '-q', *extra])}")
+    for setting in settings_asked:
+        print(f"wsi-dala: {shlex.join([*base, 'run', '-q', *shlex.split(setting)])}")
     print(f"WSInfer {WSINFER_VERSION}: -n {args.wsinfer_workers}, random-weight TorchScript ResNet50")
 
     runs: list[Run] = []
+    tools = [*(f"{DALA}:{index}" for index in range(len(settings_asked))), WSINFER]
     for index in range(args.rounds):
-        order = (DALA, WSINFER) if index % 2 == 0 else (WSINFER, DALA)
+        order = tools if index % 2 == 0 else tools[::-1]
         for tool in order:
-            out = WORK / "runs" / f"round{index + 1}-{tool.lower()}"
+            out = WORK / "runs" / f"round{index + 1}-{tool.lower().replace(':', '-')}"
             shutil.rmtree(out, ignore_errors=True)
             out.with_suffix(".log").unlink(missing_ok=True)
-            if tool == DALA:
-                run, note = run_dala(base, slide, checkpoint, out, args.batch_size, extra)
+            if tool.startswith(DALA):
+                setting = settings_asked[int(tool.split(":")[1])]
+                run, note = run_dala(base, slide, checkpoint, out, args.batch_size, shlex.split(setting))
+                run.setting = setting
                 settings = f"  ({dala_settings(out)}{note})"
             else:
                 run = run_wsinfer(slides, out, model, config, args.wsinfer_workers, args.batch_size, env)
                 settings = ""
             run.round = index + 1
             runs.append(run)
+            label = f"{DALA} {run.setting}".strip() if run.tool == DALA else run.tool
             print(
-                f"round {run.round}  {tool:<8} {run.seconds:8.1f} s  {run.patches:7d} patches  "
+                f"round {run.round}  {label:<28} {run.seconds:8.1f} s  {run.patches:7d} patches  "
                 f"{run.rate:7.1f} patches/s  peak RSS {run.peak_rss_mb:6.0f} MB{settings}",
                 flush=True,
             )
 
-    rate = {tool: statistics.median(r.rate for r in runs if r.tool == tool) for tool in (DALA, WSINFER)}
-    peak = {tool: max(r.peak_rss_mb for r in runs if r.tool == tool) for tool in (DALA, WSINFER)}
-    ratio = rate[DALA] / rate[WSINFER] if rate[WSINFER] > 0 else float("inf")
-    print(f"median end-to-end: wsi-dala {rate[DALA]:.1f} patches/s, WSInfer {rate[WSINFER]:.1f} patches/s")
-    print(f"ratio wsi-dala / WSInfer: {ratio:.2f}x")
-    print(f"peak RSS: wsi-dala {peak[DALA]:.0f} MB, WSInfer {peak[WSINFER]:.0f} MB")
+    wsinfer = [r for r in runs if r.tool == WSINFER]
+    wsinfer_rate = statistics.median(r.rate for r in wsinfer)
+    wsinfer_peak = max(r.peak_rss_mb for r in wsinfer)
+    print(f"median end-to-end: WSInfer {wsinfer_rate:.1f} patches/s, peak RSS {wsinfer_peak:.0f} MB")
+    for setting in settings_asked:
+        ours = [r for r in runs if r.tool == DALA and r.setting == setting]
+        rate = statistics.median(r.rate for r in ours)
+        ratio = rate / wsinfer_rate if wsinfer_rate > 0 else float("inf")
+        print(
+            f"wsi-dala {setting or '(defaults)'}: {rate:.1f} patches/s, ratio wsi-dala / WSInfer {ratio:.2f}x, "
+            f"peak RSS {max(r.peak_rss_mb for r in ours):.0f} MB"
+        )
 
 
 if __name__ == "__main__":
