@@ -81,6 +81,8 @@ def test_every_architecture_builds_with_the_split_interface():
         spatial[arch] = model.spatial_features
     assert spatial == {
         "dalaresnet50": True,
+        "resnet18": True,
+        "resnet34": True,
         "resnet50": True,
         "seresnet50": True,
         "densenet121": True,

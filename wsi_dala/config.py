@@ -169,7 +169,8 @@ class ExportConfig(Settings):
 
 
 class PipelineConfig(Settings):
-    model: str | None = None  # checkpoint path; relative paths are relative to the config file
+    model: str | None = None  # checkpoint path or WSInfer model folder; relative paths: to the config file
+    positive_class: str | None = None  # WSInfer model folders only: the class the heatmap shows
     tiling: TilingConfig = TilingConfig()
     scoring: ScoringConfig = ScoringConfig()
     heatmap: HeatmapConfig = HeatmapConfig()
@@ -324,11 +325,15 @@ def load_config(path: str | Path | None) -> PipelineConfig:
     return config
 
 
-def with_overrides(config: PipelineConfig, model: str | None = None, **sections: dict[str, Any]) -> PipelineConfig:
+def with_overrides(
+    config: PipelineConfig, model: str | None = None, positive_class: str | None = None, **sections: dict[str, Any]
+) -> PipelineConfig:
     """Apply non-None command-line values, section by section (``tiling={"mpp": 0.5}``), validated."""
     data = config.model_dump()
     if model is not None:
         data["model"] = model
+    if positive_class is not None:
+        data["positive_class"] = positive_class
     for name, values in sections.items():
         if name not in _SECTIONS:
             raise ConfigError(f"unknown settings section {name!r}")

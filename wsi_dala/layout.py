@@ -243,3 +243,22 @@ class EngineLayout:
 
     speed_json = _Below("speed.json", "tiles/s per engine, CPU, checkpoint, tile size, batch and threads")
     openvino_cache = _Below("openvino-cache")
+
+
+@dataclass(frozen=True)
+class WSInferModelLayout:
+    """A WSInfer model folder (the wsinfer-zoo layout, and QuPath's ``local/<model>/``): read by ``run --model
+    DIR``, written by ``export-model --format wsinfer``; the checkpoint it was imported as sits in ``.wsi-dala/``."""
+
+    root: Path
+
+    config_json = _Below("config.json", "the wsinfer-zoo model config (spec 1.0)")
+    torchscript = _Below("torchscript_model.pt", "the TorchScript model: tiles in, logits out")
+    import_dir = _Below(".wsi-dala", "the wsi-dala checkpoint made from this folder")
+
+    def imported_checkpoint(self, cache_dir: Path, digest: str) -> Path:
+        return cache_dir / f"{self.root.name or 'model'}-{digest[:16]}.safetensors"
+
+
+ONNX_MODEL_NAME = "model.onnx"  # export-model --format onnx
+IMPORT_CACHE_DIR = Path("~/.cache/wsi-dala/imported")  # imported WSInfer models of read-only folders

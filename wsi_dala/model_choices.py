@@ -8,6 +8,8 @@ from __future__ import annotations
 
 ARCHITECTURES = (
     "dalaresnet50",
+    "resnet18",
+    "resnet34",
     "resnet50",
     "seresnet50",
     "densenet121",

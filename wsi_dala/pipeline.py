@@ -134,7 +134,20 @@ def _require_model(config: PipelineConfig) -> Path:
             "no model: give --model CKPT, set `model:` in the pipeline config, or run "
             "`wsi-dala demo` once to train a small one"
         )
-    return Path(config.model)
+    return resolve_model(config.model, config.positive_class)
+
+
+def resolve_model(model: str, positive_class: str | None = None) -> Path:
+    """A checkpoint file as is; a WSInfer model folder as its imported checkpoint (made on first use)."""
+    from wsi_dala.model_import import imported_checkpoint, is_wsinfer_folder
+
+    if is_wsinfer_folder(model):
+        checkpoint = imported_checkpoint(model, positive_class)
+        log.info("%s: WSInfer model folder, imported as %s", model, checkpoint)
+        return checkpoint
+    if positive_class is not None:
+        log.warning("--positive-class applies to WSInfer model folders; %s has its own in its card", model)
+    return Path(model)
 
 
 def run_slide(

@@ -23,7 +23,12 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="one sub-folder per slide, batch.json, report.md")
     parser.add_argument("--config", metavar="FILE", help="pipeline YAML (see pipelines/default.yaml)")
-    parser.add_argument("--model", metavar="CKPT", help="checkpoint (default: `model:` in --config)")
+    parser.add_argument(
+        "--model", metavar="CKPT", help="checkpoint or WSInfer model folder (default: `model:` in --config)"
+    )
+    parser.add_argument(
+        "--positive-class", metavar="NAME", help="for a WSInfer model folder: the class the heatmap shows"
+    )
     parser.add_argument("--pattern", default="*", metavar="GLOB", help="only file names matching this glob")
     parser.add_argument(
         "--scheduler",
@@ -58,6 +63,7 @@ def _batch(args: argparse.Namespace) -> int:
     config = with_overrides(
         load_config(args.config),
         model=args.model,
+        positive_class=args.positive_class,
         tiling={"qc": {"mode": args.qc}},
         scoring={
             "stain_normalise": args.stain_normalise,
@@ -88,8 +94,9 @@ def _batch(args: argparse.Namespace) -> int:
     archive = existing_dir(args.archive, "archive folder")
     from wsi_dala.archive import run_batch
     from wsi_dala.model import read_card
+    from wsi_dala.pipeline import resolve_model
 
-    read_card(config.model)  # a missing or unsafe checkpoint stops the batch before any slide
+    read_card(resolve_model(config.model, config.positive_class))  # a bad model stops the batch before any slide
     result = run_batch(archive, args.out, config, batch, progress=not args.quiet)
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts().items())) or "no slides found"
     print(f"{len(result.outcomes)} slides in {result.seconds:.1f} s: {counts}")

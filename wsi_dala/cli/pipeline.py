@@ -22,7 +22,17 @@ if TYPE_CHECKING:
 
 def _configure_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slide", help="slide file (SVS, pyramidal TIFF, NDPI, MRXS, ...)")
-    parser.add_argument("--model", metavar="CKPT", help="a .safetensors checkpoint (default: `model:` in --config)")
+    parser.add_argument(
+        "--model",
+        metavar="CKPT",
+        help="a .safetensors checkpoint, or a WSInfer model folder (config.json + TorchScript) "
+        "(default: `model:` in --config)",
+    )
+    parser.add_argument(
+        "--positive-class",
+        metavar="NAME",
+        help="for a WSInfer model folder whose class names do not make it obvious: the class the heatmap shows",
+    )
     parser.add_argument("--out", metavar="DIR", help="output folder (default: ./wsi-dala-runs/<slide name>)")
     parser.add_argument("--config", metavar="FILE", help="pipeline YAML (see pipelines/default.yaml); flags win")
     parser.add_argument(
@@ -62,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     config = with_overrides(
         load_config(args.config),
         model=args.model,
+        positive_class=args.positive_class,
         tiling={
             "mpp": args.mpp,
             "min_tissue": args.min_tissue,

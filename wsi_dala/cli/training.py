@@ -414,6 +414,25 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_export_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="a .safetensors checkpoint written by wsi-dala train")
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=("wsinfer", "onnx"),
+        help="wsinfer: torchscript_model.pt + config.json (wsinfer-zoo spec 1.0) for `wsinfer run` and QuPath's "
+        "WSInfer extension; onnx: model.onnx, RGB in [0, 1] NCHW in, class probabilities out",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write into (created if missing)")
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    from wsi_dala.model_export import describe, export_model
+
+    print(describe(export_model(args.checkpoint, args.out, args.format)))
+    return 0
+
+
 def _configure_cam(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files (tiles)")
     parser.add_argument("--model", required=True, metavar="CKPT", help="a .safetensors checkpoint")
@@ -456,4 +475,10 @@ VERBS = (
         _calibrate,
     ),
     Verb("cam", "DT Grad-CAM figures: image | Grad-CAM | DT Grad-CAM, side by side", _configure_cam, _cam),
+    Verb(
+        "export-model",
+        "write a checkpoint for other tools: WSInfer / QuPath's WSInfer extension, or ONNX",
+        _configure_export_model,
+        _export_model,
+    ),
 )

@@ -58,9 +58,10 @@ def torchvision_baseline(arch: str, num_classes: int, backbone: nn.Module) -> Sp
     """Split a torchvision model (already built, maybe with ImageNet weights) and give it a new last layer."""
     # Each branch names the torchvision class that ``arch`` builds, for its attributes (features,
     # classifier, hidden_dim...); torchvision ships no type information, so mypy sees these classes as Any.
-    if arch == "resnet50":
-        features = nn.Sequential(*list(backbone.children())[:-2])
-        return SplitClassifier(features, _pool_head(2048, num_classes), True)
+    if arch in ("resnet18", "resnet34", "resnet50"):
+        resnet: tvm.ResNet = backbone
+        features = nn.Sequential(*list(resnet.children())[:-2])
+        return SplitClassifier(features, _pool_head(resnet.fc.in_features, num_classes), True)
     if arch == "densenet121":
         densenet: tvm.DenseNet = backbone
         features = nn.Sequential(densenet.features, nn.ReLU(inplace=False))

@@ -24,6 +24,8 @@ from wsi_dala.model.dala import DalaOptions, DALAResNet50
 from wsi_dala.model_choices import ARCHITECTURES
 
 _TORCHVISION = {
+    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
     "densenet121": (tvm.densenet121, tvm.DenseNet121_Weights.IMAGENET1K_V1),
     "vgg16": (tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1),
