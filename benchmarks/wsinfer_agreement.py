@@ -10,9 +10,10 @@
    in the WSInfer virtual environment that ``benchmarks/compare_wsinfer.py`` builds (offline: its own HOME
    with an empty zoo registry, ``HF_HUB_OFFLINE=1``);
 3. reads WSInfer's patches (level-0 ``minx, miny, width, height``) with our reader, resizes them as our
-   tiler does and scores them with ``wsi_dala.scoring.score_tiles`` (fp32, torch);
-4. prints the Spearman correlation of the positive-class probabilities, the max and median |Δp|, and the
-   share of patches within 0.02 (targets: Spearman ≥ 0.99; within 0.02 where the pixels match).
+   tiler does, and again as WSInfer does (so the pixels match), and scores them with
+   ``wsi_dala.scoring.score_tiles`` (fp32, torch);
+4. prints, for each, the Spearman correlation of the positive-class probabilities, the max and median
+   |Δp|, and the share of patches within 0.02 (targets: Spearman ≥ 0.99; within 0.02 where the pixels match).
 
 The two tools decode JPEG with different libraries (WSInfer: tiffslide/imagecodecs through its own
 reader; ours: the same or OpenSlide) and resize with different filters, so the pixels may differ slightly.
@@ -70,21 +71,31 @@ def wsinfer_patches(folder: Path, slides: Path, out: Path, env: dict[str, str]) 
     return rows
 
 
-def our_probabilities(slide_path: Path, checkpoint: Path, rows: list[dict[str, float]]) -> np.ndarray:
-    """Our positive-class probability of each WSInfer patch: read at level 0 and resized as the tiler does."""
+def our_probabilities(
+    slide_path: Path, checkpoint: Path, rows: list[dict[str, float]], resize: str = "ours"
+) -> np.ndarray:
+    """Our positive-class probability of each WSInfer patch, read at level 0 and resized as our tiler does
+    (``resize="ours"``) or as WSInfer's ``transforms.Resize`` does (``"wsinfer"``: Pillow's bilinear), so
+    the model sees the same pixels."""
+    from PIL import Image
+
     from wsi_dala.model import read_card
     from wsi_dala.scoring import score_tiles
     from wsi_dala.slide import Slide
     from wsi_dala.tiling import resize_tile
 
     card = read_card(checkpoint)
+    size = card.tile_size_px
+
+    def resized(region: np.ndarray) -> np.ndarray:
+        if resize == "ours":
+            return resize_tile(region, size)
+        return np.asarray(Image.fromarray(region).resize((size, size), Image.Resampling.BILINEAR))
+
     with Slide(slide_path) as slide:
         tiles = np.stack(
             [
-                resize_tile(
-                    slide.read_region(int(r["minx"]), int(r["miny"]), 0, int(r["width"]), int(r["height"])),
-                    card.tile_size_px,
-                )
+                resized(slide.read_region(int(r["minx"]), int(r["miny"]), 0, int(r["width"]), int(r["height"])))
                 for r in rows
             ]
         )
@@ -119,13 +130,16 @@ def main() -> int:
         if not rows:
             raise SystemExit("WSInfer found no patches")
         theirs = np.asarray([r[f"prob_{card.positive_class}"] for r in rows])
-        ours = our_probabilities(args.slide, checkpoint, rows)
-    difference = np.abs(theirs - ours)
-    rho = spearmanr(theirs, ours).statistic
+        ours = {how: our_probabilities(args.slide, checkpoint, rows, how) for how in ("ours", "wsinfer")}
     print(f"slide: {args.slide.name}; model: {card.architecture}, {card.tile_size_px} px at {card.mpp} µm/px")
     print(f"patches: {len(rows)}; positive probability spread (WSInfer): {theirs.min():.3f}-{theirs.max():.3f}")
-    print(f"Spearman {rho:.4f}; |Δp| max {difference.max():.4f}, median {np.median(difference):.5f}")
-    print(f"within 0.02: {100 * (difference <= 0.02).mean():.1f} % of patches")
+    for how, label in (("ours", "our tiler's resize"), ("wsinfer", "WSInfer's resize (same pixels)")):
+        difference = np.abs(theirs - ours[how])
+        rho = spearmanr(theirs, ours[how]).statistic
+        print(
+            f"{label:31s}: Spearman {rho:.4f}; |Δp| max {difference.max():.4f}, median {np.median(difference):.5f}; "
+            f"within 0.02: {100 * (difference <= 0.02).mean():.1f} %"
+        )
     return 0
 
 
