@@ -283,11 +283,9 @@ def run_dala(
     return Run(DALA, 0, seconds, int(record["counts"]["tiles"]), rss), note
 
 
-def run_wsinfer(
-    slides: Path, out: Path, model: Path, config: Path, workers: int, batch: int, env: dict[str, str]
-) -> Run:
-    log = out.with_suffix(".log")
-    cmd = [
+def wsinfer_command(slides: Path, out: Path, model: Path, config: Path, workers: int, batch: int) -> list[str]:
+    """``wsinfer run`` on every slide in ``slides`` with a local TorchScript model and its config."""
+    return [
         str(VENV / "bin" / "wsinfer"),
         "run",
         "--wsi-dir",
@@ -303,6 +301,13 @@ def run_wsinfer(
         "--batch-size",
         str(batch),
     ]
+
+
+def run_wsinfer(
+    slides: Path, out: Path, model: Path, config: Path, workers: int, batch: int, env: dict[str, str]
+) -> Run:
+    log = out.with_suffix(".log")
+    cmd = wsinfer_command(slides, out, model, config, workers, batch)
     seconds, rss = timed(cmd, env, log)
     tables = sorted((out / "model-outputs-csv").glob("*.csv"))
     if not tables:

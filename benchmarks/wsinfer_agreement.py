@@ -40,26 +40,14 @@ from compare_wsinfer import (  # noqa: E402  (benchmarks/ is not a package)
     BenchmarkError,
     build_venv,
     slide_folder,
+    wsinfer_command,
     wsinfer_env,
     wsinfer_works,
 )
 
 
 def wsinfer_patches(folder: Path, slides: Path, out: Path, env: dict[str, str]) -> list[dict[str, float]]:
-    command = [
-        str(VENV / "bin" / "wsinfer"),
-        "run",
-        "--wsi-dir",
-        str(slides),
-        "--results-dir",
-        str(out),
-        "--model-path",
-        str(folder / "torchscript_model.pt"),
-        "--config",
-        str(folder / "config.json"),
-        "-n",
-        "1",
-    ]
+    command = wsinfer_command(slides, out, folder / "torchscript_model.pt", folder / "config.json", 1, 32)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
