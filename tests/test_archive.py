@@ -228,3 +228,16 @@ def test_scoring_config_scheduler_not_forwarded_per_slide(archive, tmp_path):
     )
     result = run_batch(root / "site-a", tmp_path / "o", config, BatchConfig(pattern="case.svs"), progress=False)
     assert result.counts() == {"done": 1}
+
+
+def test_a_dicom_folder_is_one_slide_and_opens(tmp_path):
+    from pathlib import Path
+
+    from wsi_dala.slide import Slide
+
+    shutil.copytree(Path(__file__).parent / "data" / "dicom-boxes", tmp_path / "site-c" / "case9")
+    (tmp_path / "site-c" / "notes.txt").write_text("not a slide")
+    found = find_slides(tmp_path)
+    assert found == [tmp_path / "site-c" / "case9"]
+    with Slide(found[0]) as slide:  # what run_slide opens for this entry
+        assert slide.info.vendor == "dicom"

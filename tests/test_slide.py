@@ -105,3 +105,25 @@ def test_both_readers_return_the_same_pixels(svs_025):
             ra = a.read_region(1000, 1200, level, 300, 300).astype(int)
             rb = b.read_region(1000, 1200, level, 300, 300).astype(int)
             assert np.abs(ra - rb).max() <= 3
+
+
+def test_a_dicom_folder_opens_as_the_slide_its_files_make(tmp_path):
+    """OpenSlide opens a DICOM WSI through one of its .dcm files and refuses the folder; we take either.
+    The files are openslide-python's DICOM fixtures (tests/data/README.md)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = Path(__file__).parent / "data" / "dicom-boxes"
+    folder = tmp_path / "case 7 (dicom)"
+    shutil.copytree(source, folder)
+    with Slide(folder) as whole, Slide(folder / "boxes_1.dcm") as one_file:
+        assert whole.reader == "openslide" and whole.info.vendor == "dicom"
+        assert (whole.info.width, whole.info.height) == (16, 16)
+        assert whole.require_mpp().mpp == pytest.approx(0.499)
+        pixels = whole.read_region(0, 0, 0, 16, 16)
+        np.testing.assert_array_equal(pixels, one_file.read_region(0, 0, 0, 16, 16))
+        assert len({tuple(p) for p in pixels.reshape(-1, 3)}) >= 3  # coloured boxes, not blank
+    done = subprocess.run([sys.executable, "-m", "wsi_dala", "info", str(folder)], capture_output=True, text=True)
+    assert done.returncode == 0 and "vendor: dicom" in done.stdout

@@ -186,6 +186,15 @@ def _reader_order(path: Path, reader: str) -> tuple[str, ...]:
     return ("openslide", "tiffslide")
 
 
+def dicom_entry(path: Path) -> Path:
+    """A DICOM WSI folder opens through one of its ``.dcm`` files: OpenSlide takes a file and finds the rest
+    of the series beside it, and refuses the folder. Anything else is returned as it is."""
+    if not path.is_dir():
+        return path
+    instances = sorted(p for p in path.glob("*.dcm") if p.is_file())
+    return instances[0] if instances else path
+
+
 def _open_backend(path: Path, reader: str) -> tuple[Any, str]:
     errors = []
     order = _reader_order(path, reader)
@@ -216,8 +225,8 @@ class Slide:
             raise SlideOpenError(f"{path}: is an empty directory, not a slide")
         if path.is_file():
             check_tiff_integrity(path)
-        self.path = path
-        handle, self.reader = _open_backend(path, reader)
+        self.path = path  # a DICOM folder stays the slide's name (its identity covers every file in it)
+        handle, self.reader = _open_backend(dicom_entry(path), reader)
         self._local = threading.local()
         self._local.handle = handle
         self._handles = [handle]
@@ -267,7 +276,7 @@ class Slide:
     def _handle(self) -> Any:
         handle = getattr(self._local, "handle", None)
         if handle is None:
-            handle, _ = _open_backend(self.path, self.reader)
+            handle, _ = _open_backend(dicom_entry(self.path), self.reader)
             self._local.handle = handle
             with self._lock:
                 self._handles.append(handle)
