@@ -261,4 +261,5 @@ class WSInferModelLayout:
 
 
 ONNX_MODEL_NAME = "model.onnx"  # export-model --format onnx
+TORCHSCRIPT_CARD_NAME = "wsi_dala_model_card.json"  # our model card inside an exported TorchScript archive
 IMPORT_CACHE_DIR = Path("~/.cache/wsi-dala/imported")  # imported WSInfer models of read-only folders

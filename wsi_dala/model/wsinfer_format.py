@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from wsi_dala.errors import CheckpointError
+from wsi_dala.layout import TORCHSCRIPT_CARD_NAME
 from wsi_dala.model.interface import as_split
 
 SPEC_VERSION = "1.0"
-CARD_EXTRA_FILE = "wsi_dala_model_card.json"  # our card, inside the TorchScript archive (torch.jit extra files)
+CARD_EXTRA_FILE = TORCHSCRIPT_CARD_NAME  # our card, inside the TorchScript archive (torch.jit extra files)
 TRANSFORMS = ("Resize", "ToTensor", "Normalize")
 POSITIVE_NAMES = ("tumor", "tumour", "tumor-positive", "positive", "malignant", "cancer", "carcinoma")
 
