@@ -21,7 +21,8 @@ What it does:
    border-dimmed CAMs, as a CNN's are), a few QC-flagged patches. The tile pixels are never written
    (the Zarr array's fill value: no bytes on disk);
 2. in a fresh process (so its peak memory is its own), runs what ``wsi_dala.pipeline`` runs after
-   scoring, in its order, with default settings: ``stitch`` → ``write_heatmap`` (heatmap.zarr) → tile
+   scoring, in its order, with default settings: ``stitch`` → ``write_heatmap`` (heatmap.zarr) →
+   ``write_heatmap_ngff`` (heatmap.ome.zarr) → tile
    detections GeoJSON → tumour region GeoJSON (``export_tiles`` and ``export_regions``, the two halves of
    ``export_qupath``); ``--render`` adds the overlay PNG over a blank thumbnail of the tiler's size;
 3. prints the seconds of each stage, their total, the peak RSS of that process during each stage
@@ -185,7 +186,7 @@ def build_store(path: Path, n_tiles: int, seed: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- the stages
 
 
-STAGES = ("stitch", "write heatmap.zarr", "export tiles", "export regions", "render overlay")
+STAGES = ("stitch", "write heatmap.zarr", "write .ome.zarr", "export tiles", "export regions", "render overlay")
 
 
 def _timed(results: dict[str, Any], stage: Any, name: str, work: Callable[[], Any]) -> Any:
@@ -206,6 +207,7 @@ def run_stages(store_path: str, out: str, render: bool, skip: tuple[str, ...], s
     from wsi_dala.config import PipelineConfig
     from wsi_dala.export import export_regions, export_tiles
     from wsi_dala.heatmap import render_overlay, stitch, write_heatmap
+    from wsi_dala.heatmap_ngff import write_heatmap_ngff
 
     config = PipelineConfig()
     folder = Path(out)
@@ -217,6 +219,12 @@ def run_stages(store_path: str, out: str, render: bool, skip: tuple[str, ...], s
         stage,
         "write heatmap.zarr",
         lambda: write_heatmap(heatmap, folder / "heatmap.zarr", config.heatmap, {"slide": "synthetic.svs"}),
+    )
+    _timed(
+        results,
+        stage,
+        "write .ome.zarr",
+        lambda: write_heatmap_ngff(heatmap, folder / "heatmap.ome.zarr", config.heatmap.min_level_px),
     )
     tiles_path = folder / "synthetic.tiles.geojson"
     if "tiles" not in skip:

@@ -101,6 +101,7 @@ class RunLayout:
     thumbnail_png = _Below("thumbnail.png")
     qc_png = _Below("qc.png", "The thumbnail with tissue outline, ink, folds and blurred tiles, and a legend.")
     heatmap_store = _Below("heatmap.zarr")
+    heatmap_ngff = _Below("heatmap.ome.zarr", "The heatmap as an OME-NGFF 0.5 image (c, y, x in µm) for napari.")
     overview_png = _Below("overview.png")
     overlay_png = _Below("overlay.png")
     uncertainty_png = _Below("uncertainty.png", "The per-tile probability SD over the thumbnail (--tta, --mc-dropout).")

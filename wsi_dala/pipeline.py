@@ -24,6 +24,7 @@ from wsi_dala.errors import CheckpointError, OutputError, QualityError
 from wsi_dala.export import ExportResult, export_qupath
 from wsi_dala.fileio import ensure_writable_dir, read_json_object, save_png_atomic, write_json_atomic
 from wsi_dala.heatmap import Heatmap, render_overlay, stitch, write_heatmap
+from wsi_dala.heatmap_ngff import write_heatmap_ngff
 from wsi_dala.identity import config_hash, file_sha256, slide_fingerprint
 from wsi_dala.layout import RunLayout, remove_partials
 from wsi_dala.locks import exclusive_lock
@@ -221,6 +222,7 @@ def _run_locked(
     t = time.perf_counter()
     heatmap = stitch(tiled.store, config.heatmap, card_profile(card))
     write_heatmap(heatmap, layout.heatmap_store, config.heatmap, {"slide": str(slide_path), "run_key": key})
+    write_heatmap_ngff(heatmap, layout.heatmap_ngff, config.heatmap.min_level_px)
     _render(layout, heatmap)
     release_freed_memory()
     timings["stitch"] = time.perf_counter() - t
@@ -470,6 +472,7 @@ def _outputs(layout: RunLayout, config: PipelineConfig) -> dict[str, Path]:
         **({"uncertainty": layout.uncertainty_png} if measured_sd else {}),
         "tiles_store": layout.tiles_store,
         "heatmap": layout.heatmap_store,
+        "heatmap_ngff": layout.heatmap_ngff,
         "overview": layout.overview_png,
         "overlay": layout.overlay_png,
         "tiles_geojson": layout.tiles_geojson(config.export.gzip),
