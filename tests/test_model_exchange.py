@@ -117,6 +117,19 @@ def test_a_wsinfer_folder_imports_with_its_weights_card_and_grad_cam(resnet18_fo
     np.testing.assert_allclose(theirs[:, 3:], ours[:, 3:], rtol=1e-4, atol=1e-6)  # and the same Grad-CAM
 
 
+def test_our_export_keeps_its_positive_class_when_the_names_do_not_say_it(tmp_path):
+    from wsi_dala.model import read_card
+    from wsi_dala.model_import import imported_checkpoint
+
+    checkpoint = write_untrained_checkpoint(
+        tmp_path / "grades.safetensors", "resnet18", 64, 1.0, class_names=("low", "high"), positive_class="high"
+    )
+    export_model(checkpoint, tmp_path / "wsinfer", "wsinfer")
+    assert read_card(imported_checkpoint(tmp_path / "wsinfer")).positive_class == "high"  # from the card inside
+    asked = imported_checkpoint(tmp_path / "wsinfer", positive_class="low")
+    assert read_card(asked).positive_class == "low"
+
+
 def test_run_takes_a_wsinfer_folder(resnet18_folder, svs_050, tmp_path):
     _, folder = resnet18_folder
     cli = [sys.executable, "-m", "wsi_dala", "run", str(svs_050.path), "--model", str(folder), "-q"]

@@ -52,9 +52,8 @@ def imported_checkpoint(folder: str | os.PathLike[str], positive_class: str | No
     config = read_wsinfer_config(config_path)
     script = torchscript_file(folder)
     names = list(config["class_names"])
-    positive = positive_class_of(names, positive_class, str(config_path))
     digest = hashlib.sha256()
-    for part in (config_path.read_bytes(), script.read_bytes(), positive.encode()):
+    for part in (config_path.read_bytes(), script.read_bytes(), (positive_class or "").encode()):
         digest.update(hashlib.sha256(part).digest())
     target = layout.imported_checkpoint(_cache_dir(layout), digest.hexdigest())
     if target.exists():
@@ -73,6 +72,7 @@ def imported_checkpoint(folder: str | os.PathLike[str], positive_class: str | No
                 f"{config_path}: architecture {architecture!r} cannot be loaded as an eager network for DT "
                 f"Grad-CAM (supported: {', '.join(IMPORTABLE)})"
             )
+        positive = positive_class_of(names, positive_class, str(config_path))  # our exports' cards know theirs
         model = _torchvision_model(scripted, script, ours, len(names))
         card = _card(config, ours, names, positive, config_path)
     partial = writing_path(target, os.getpid())
