@@ -121,3 +121,14 @@ def test_overlapping_stride(svs_050, tmp_path):
     assert (arrays["coords"] % 64 == 0).all()
     xs = np.unique(arrays["coords"][:, 0])
     assert (np.diff(xs) == 64).any()
+
+
+@pytest.mark.parametrize("tile_px", [32, 64, 128])
+def test_small_tiles_find_the_same_tissue(svs_050, tmp_path, tile_px):
+    """16 µm tiles once analysed tissue at cell resolution, where pale pixels inside tissue passed for glass
+    and no tissue at all was found; the tissue fraction must not depend on the tile size."""
+    result = tile_slide(svs_050.path, tmp_path, TilingConfig(mpp=0.5, tile_size_px=tile_px, **SMALL), progress=False)
+    arrays, _ = _arrays(result.store)
+    covered_um2 = len(arrays["coords"]) * (tile_px * 0.5) ** 2
+    slide_um2 = 4096 * 3072 * 0.5**2
+    assert 0.3 < covered_um2 / slide_um2 < 0.6, covered_um2 / slide_um2

@@ -35,6 +35,7 @@ from wsi_dala.store import QCMasks, QCRecord, SlideRecord, TileStore, TilingReco
 from wsi_dala.tissue import TissueAnalysis, analyse_tissue
 
 log = logging.getLogger(__name__)
+FINEST_TISSUE_MPP = 4.0  # µm/px: the finest the tissue analysis runs at by default (see plan_tiles)
 GREY_CHROMA = 8  # max - min over RGB below this for 99 % of the thumbnail: the slide has no colour
 
 
@@ -116,9 +117,12 @@ def plan_tiles(slide: Slide, config: TilingConfig) -> TilePlan:
     mpp0 = slide.require_mpp().mpp
     choice = choose_tile_level(slide, config)
     stride_l0 = choice.tile_size_l0 * config.stride / config.tile_px
-    # The mask must resolve a tile: at least ~16 mask pixels along a tile side.
+    # The mask must resolve a tile: at least ~16 mask pixels along a tile side, but no finer than
+    # FINEST_TISSUE_MPP unless asked: at cell resolution pale pixels inside tissue pass for glass and raise
+    # the glass-noise threshold above all tissue (0 % tissue found at 0.5-1.5 µm/px on slides where 2-8 µm/px
+    # find 42 %), so tiles under ~64 µm get fewer mask pixels, not an empty slide.
     tile_um = choice.tile_size_l0 * mpp0
-    mask_mpp = max(mpp0, min(config.tissue.mask_mpp, tile_um / 16))
+    mask_mpp = max(mpp0, min(config.tissue.mask_mpp, max(tile_um / 16, FINEST_TISSUE_MPP)))
     thumbnail, mask_downsample = slide.read_downsampled(mask_mpp)
     analysis = analyse_tissue(thumbnail, mpp0 * mask_downsample, config.tissue)
     origins = grid_origins(info.width, info.height, choice.tile_size_l0, stride_l0)
