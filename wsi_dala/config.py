@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from wsi_dala.errors import ConfigError
-from wsi_dala.model_choices import ARCHITECTURES
+from wsi_dala.model_choices import TIMM_PREFIX, architecture_problem
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,7 @@ class TrainConfig(Settings):
     patience: int = Field(5, ge=1)  # early stopping: epochs without validation-loss improvement
     seed: int = 0
     freeze_until: Literal["layer1", "layer2", "layer3"] | None = None  # "layer3": layer4 + attention + head only
+    freeze_backbone: bool = False  # timm:NAME only: train the head alone, on encoder features computed once
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, bf16 on a CPU with native bf16, else fp32
     loader_workers: int = Field(0, ge=0)  # data-loading processes (0: load in the training process)
@@ -203,9 +204,22 @@ class TrainConfig(Settings):
     @field_validator("arch")
     @classmethod
     def _known_architecture(cls, value: str) -> str:
-        if value not in ARCHITECTURES:
-            raise ValueError(f"must be one of {', '.join(ARCHITECTURES)}")
+        problem = architecture_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+    @model_validator(mode="after")
+    def _frozen_backbone_needs_an_encoder(self) -> TrainConfig:
+        if self.freeze_backbone and not self.arch.startswith(TIMM_PREFIX):
+            raise ValueError("freeze_backbone needs arch timm:NAME (an encoder whose head is a pooled linear layer)")
+        if self.freeze_backbone and self.freeze_until:
+            raise ValueError("freeze_backbone and freeze_until exclude each other: the first freezes everything")
+        if self.arch.startswith(TIMM_PREFIX) and self.pretrained == "imagenet":
+            raise ValueError(
+                f"{self.arch} takes its weights from a local file (--weights FILE) or none; nothing is downloaded"
+            )
+        return self
 
 
 class BatchConfig(Settings):

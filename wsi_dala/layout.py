@@ -131,6 +131,14 @@ class TrainLayout:
     )
     train_json = _Below("train.json", "The run's summary; `evaluate --split-from` reads its validation groups back.")
     tiles_dir = _Below("tiles", "`train --slide`: one tile-store folder per annotated slide below this.")
+    features_dir = _Below(
+        "features", "`train --freeze-backbone`: the encoder's pooled features of the tiles, one Zarr per encoder."
+    )
+
+
+def feature_cache_store(cache_dir: Path, key: str) -> Path:
+    """One encoder's features of one set of training tiles (``key``: what they were computed from)."""
+    return cache_dir / f"features-{key}.zarr"
 
 
 def slide_tiles_dir(tiles_root: Path, slide_path: Path) -> Path:

@@ -19,6 +19,17 @@ ARCHITECTURES = (
     "dinov2_vitb14",
     "colour-reference",
 )
+# ``timm:NAME``: any timm network as an encoder with a linear head (wsi_dala.model.encoder).
+TIMM_PREFIX = "timm:"
 ATTENTION_KINDS = ("gate", "se", "eca", "cbam-spatial")
 GATE_MODES = ("x*a", "x*(1+a)")
 ATTENTION_POSITIONS = ("end", "blocks")  # after the whole of layer4 | after each of its 3 blocks
+
+
+def architecture_problem(arch: str) -> str | None:
+    """Why ``arch`` names no architecture (None when it does); timm's own list is checked when building."""
+    if arch in ARCHITECTURES:
+        return None
+    if arch.startswith(TIMM_PREFIX):
+        return None if arch[len(TIMM_PREFIX) :].strip() else "timm: needs a model name, e.g. timm:vit_small_patch16_224"
+    return f"must be one of {', '.join(ARCHITECTURES)}, or timm:NAME for a timm network"

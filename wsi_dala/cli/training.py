@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -11,7 +12,14 @@ from wsi_dala.cli.common import Verb, add_precision_option, deprecated_flag, num
 from wsi_dala.config import ThresholdMethod, TrainConfig, build
 from wsi_dala.errors import ConfigError
 from wsi_dala.layout import CalibrateLayout, EvalLayout, TrainLayout
-from wsi_dala.model_choices import ARCHITECTURES, ATTENTION_KINDS, ATTENTION_POSITIONS, GATE_MODES
+from wsi_dala.model_choices import (
+    ARCHITECTURES,
+    ATTENTION_KINDS,
+    ATTENTION_POSITIONS,
+    GATE_MODES,
+    TIMM_PREFIX,
+    architecture_problem,
+)
 
 if TYPE_CHECKING:
     from wsi_dala.model import ModelCard
@@ -117,12 +125,35 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", default="dalaresnet50", choices=ARCHITECTURES, help="architecture")
+    model.add_argument(
+        "--arch",
+        default="dalaresnet50",
+        type=_architecture,
+        metavar="NAME",
+        help=f"architecture: {', '.join(ARCHITECTURES)}, or timm:NAME for any timm network as an encoder with a "
+        "linear head on its pooled feature map (ViT: patch tokens), e.g. timm:vit_large_patch16_224 for UNI's "
+        "layout (default: dalaresnet50)",
+    )
     model.add_argument(
         "--pretrained",
         default="imagenet",
         metavar="imagenet|none|PATH",
-        help="starting weights: ImageNet (torchvision weights API), none, or a weights file",
+        help="starting weights: ImageNet (torchvision weights API), none, or a weights file (default: imagenet)",
+    )
+    model.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE|none",
+        help="timm:NAME: the encoder's weights, a local .safetensors or .bin/.pth file read without running code "
+        "(nothing is downloaded), or none for random weights; replaces --pretrained (required with timm:NAME)",
+    )
+    model.add_argument(
+        "--timm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="timm:NAME: a keyword argument for timm.create_model, VALUE read as JSON where it parses "
+        "(e.g. init_values=1e-5 and dynamic_img_size=true for UNI); repeatable (default: none)",
     )
     model.add_argument(
         "--attention-position",
@@ -160,6 +191,19 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         choices=("layer1", "layer2", "layer3"),
         default=None,
         help="freeze the backbone up to this layer (faster CPU runs; default: train everything)",
+    )
+    fit.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="timm:NAME: train only the linear head, on encoder features computed once per tile (centre crop, no "
+        "augmentation) and cached in a Zarr (default: train the encoder too)",
+    )
+    fit.add_argument(
+        "--feature-cache",
+        metavar="DIR",
+        default=None,
+        help="--freeze-backbone: where the cached features go, shared by runs on the same tiles "
+        "(default: OUT/features)",
     )
     fit.add_argument(
         "--precise-bn-batches",
@@ -227,8 +271,45 @@ def _split(args: argparse.Namespace, samples: list[Sample], source: str) -> tupl
     return train, val
 
 
+def _architecture(text: str) -> str:
+    problem = architecture_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+    return text
+
+
+def _timm_options(pairs: list[str]) -> dict[str, Any]:
+    """``--timm-option KEY=VALUE``: VALUE as JSON where it parses (numbers, true, lists), else a string."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--timm-option {pair!r}: expected KEY=VALUE, e.g. init_values=1e-5")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    options = {}
+    options: dict[str, Any] = {}
+    timm_arch = args.arch.startswith(TIMM_PREFIX)
+    if args.timm_option and not timm_arch:
+        raise ConfigError("--timm-option applies to --arch timm:NAME only")
+    if args.weights is not None and not timm_arch:
+        raise ConfigError("--weights is the encoder's file for --arch timm:NAME; other architectures take --pretrained")
+    if timm_arch:
+        if args.weights is None:
+            raise ConfigError(
+                f"--arch {args.arch}: give the encoder's weights with --weights FILE (a local .safetensors/.bin; "
+                "nothing is downloaded), or --weights none"
+            )
+        if args.weights != "none" and not Path(args.weights).is_file():
+            raise ConfigError(f"{args.weights}: encoder weights file not found (--weights)")
+        options = _timm_options(args.timm_option)
+    if args.feature_cache and not args.freeze_backbone:
+        raise ConfigError("--feature-cache applies to --freeze-backbone only")
     if args.arch == "dalaresnet50":
         options = {
             "attention_position": args.attention_position,
@@ -238,7 +319,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     values = {
         "arch": args.arch,
         "options": options,
-        "pretrained": args.pretrained,
+        "pretrained": args.weights if timm_arch else args.pretrained,
         "input_size": args.input_size,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -249,6 +330,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         "patience": args.patience,
         "seed": args.seed,
         "freeze_until": args.freeze_until,
+        "freeze_backbone": args.freeze_backbone,
         "device": args.device,
         "precision": args.precision,
         "precise_bn_batches": args.precise_bn_batches,
@@ -311,7 +393,17 @@ def _train(args: argparse.Namespace) -> int:
         f"{len(val)} ({card_fields['training_data']['groups_val']} groups); classes {names}"
     )
     positive = _positive_class(names, args.positive_class)
-    result = train_model(train, val, names, positive, config, layout.root, card_fields, progress=not args.quiet)
+    result = train_model(
+        train,
+        val,
+        names,
+        positive,
+        config,
+        layout.root,
+        card_fields,
+        progress=not args.quiet,
+        feature_cache_dir=Path(args.feature_cache) if args.feature_cache else None,
+    )
     print(format_table(result.best_metrics, f"best epoch {result.best_epoch} (validation)"))
     print(_calibration_line(read_card(result.checkpoint)))
     print(f"checkpoint: {result.checkpoint}")

@@ -1,6 +1,6 @@
 """Models: DALAResNet50, the paper's baselines, and checkpoints with model cards."""
 
-from wsi_dala.model.build import ARCHITECTURES, build_model
+from wsi_dala.model.build import build_model
 from wsi_dala.model.checkpoint import (
     ModelCard,
     load_checkpoint,
@@ -9,6 +9,7 @@ from wsi_dala.model.checkpoint import (
     write_untrained_checkpoint,
 )
 from wsi_dala.model.dala import DalaOptions, DALAResNet50
+from wsi_dala.model_choices import ARCHITECTURES
 
 __all__ = [
     "ARCHITECTURES",

@@ -21,7 +21,8 @@ from wsi_dala.errors import CheckpointError
 from wsi_dala.model.baselines import TimmClassifier, torchvision_baseline
 from wsi_dala.model.colour import ColourReferenceScorer
 from wsi_dala.model.dala import DalaOptions, DALAResNet50
-from wsi_dala.model_choices import ARCHITECTURES
+from wsi_dala.model.encoder import build_encoder_classifier
+from wsi_dala.model_choices import TIMM_PREFIX, architecture_problem
 
 _TORCHVISION = {
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
@@ -44,9 +45,12 @@ def build_model(
     input_size: int = 224,
 ) -> nn.Module:
     """A model ready to train or to receive a checkpoint's weights."""
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    problem = architecture_problem(arch)
+    if problem is not None:
+        raise CheckpointError(f"unknown architecture {arch!r}: {problem}")
     options = dict(options or {})
+    if arch.startswith(TIMM_PREFIX):
+        return build_encoder_classifier(arch, num_classes, pretrained, options, input_size)
     if arch == "colour-reference":
         return ColourReferenceScorer(num_classes, **options)
     if arch == "dalaresnet50":

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-from wsi_dala.training.datasets import Sample, SampleDataset, class_counts, eval_transform, train_transform
+from wsi_dala.training.datasets import Sample, SampleDataset, eval_transform, train_transform
 
 # One item of a SampleDataset: a uint8 [3, H, W] image and its class index.
 TileLoader = DataLoader[tuple[torch.Tensor, int]]
@@ -38,11 +38,8 @@ def make_loader(
     transform = train_transform(input_size) if train else eval_transform(input_size)
     dataset = SampleDataset(samples, transform)
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    sampler: WeightedRandomSampler | None = None
-    if train and imbalance == "sampler":
-        counts = np.maximum(class_counts(samples, n_classes), 1)
-        weights = [1.0 / counts[s.label] for s in samples]
-        sampler = WeightedRandomSampler(weights, num_samples=len(samples), replacement=True, generator=generator)
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    sampler = _balanced_sampler(labels, n_classes, generator) if train and imbalance == "sampler" else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -53,3 +50,30 @@ def make_loader(
         drop_last=False,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def feature_loader(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    train: bool,
+    n_classes: int,
+    epoch: int = 0,
+    seed: int = 0,
+    imbalance: str = "none",
+) -> DataLoader[tuple[torch.Tensor, ...]]:
+    """Cached encoder features [N, C] and their labels in batches, shuffled or sampled as :func:`make_loader`."""
+    dataset = TensorDataset(torch.from_numpy(features), torch.from_numpy(labels.astype(np.int64)))
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    sampler = _balanced_sampler(labels, n_classes, generator) if train and imbalance == "sampler" else None
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, generator=generator
+    )
+
+
+def _balanced_sampler(labels: np.ndarray, n_classes: int, generator: torch.Generator) -> WeightedRandomSampler:
+    """Draws every class equally often (with replacement): the ``imbalance="sampler"`` option."""
+    counts = np.maximum(np.bincount(labels, minlength=n_classes), 1)
+    weights = (1.0 / counts[labels]).tolist()
+    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)

@@ -36,6 +36,7 @@ from wsi_dala.identity import config_hash
 from wsi_dala.layout import TrainLayout
 from wsi_dala.model import ModelCard, build_model, load_checkpoint, save_checkpoint
 from wsi_dala.model.interface import as_split
+from wsi_dala.model_choices import TIMM_PREFIX
 from wsi_dala.stain import REFERENCE_PROFILE
 from wsi_dala.stain_normalise import StainNormaliser
 from wsi_dala.training.calibrate import (
@@ -47,10 +48,11 @@ from wsi_dala.training.calibrate import (
     write_reliability,
 )
 from wsi_dala.training.datasets import Sample, SampleDataset, class_counts
-from wsi_dala.training.loaders import TileLoader, make_loader
+from wsi_dala.training.feature_cache import cached_features, weights_identity
+from wsi_dala.training.loaders import TileLoader, feature_loader, make_loader
 from wsi_dala.training.metrics import classification_metrics
 from wsi_dala.training.plots import plot_curves
-from wsi_dala.training.predict import predict
+from wsi_dala.training.predict import Predictions, predict
 
 log = logging.getLogger(__name__)
 VALIDATION = "validation split"  # what the temperature of a trained model is fitted on
@@ -82,6 +84,16 @@ class TrainState:
 
 
 @dataclass
+class HeadData:
+    """``--freeze-backbone``: the training and validation tiles as pooled encoder features [N, C]."""
+
+    train: np.ndarray
+    train_labels: np.ndarray
+    val: np.ndarray
+    val_labels: np.ndarray
+
+
+@dataclass
 class _Session:
     """What one training run works with, built once before the first epoch."""
 
@@ -97,6 +109,7 @@ class _Session:
     scaler: torch.amp.GradScaler
     card: ModelCard
     stain: StainNormaliser | None = None  # config.stain_normalise: training set's stain -> the reference
+    features: HeadData | None = None  # config.freeze_backbone: the tiles' cached encoder features
 
     @property
     def mean(self) -> list[float]:
@@ -162,6 +175,49 @@ def _freeze(model: nn.Module, freeze_until: str | None) -> list[nn.Module]:
     return [module for name, module in model.named_children() if name in prefixes]
 
 
+def _freeze_encoder(model: nn.Module) -> list[nn.Module]:
+    """``freeze_backbone``: every encoder parameter fixed; only the linear head trains."""
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        raise ConfigError(f"--freeze-backbone: {type(model).__name__} has no separate encoder")
+    encoder.requires_grad_(False)
+    return [encoder]
+
+
+def _head_data(session: _Session, train: list[Sample], val: list[Sample], cache_dir: Path, progress: bool) -> HeadData:
+    """The pooled encoder features of the training and validation tiles, from the cache or computed once."""
+    config = session.config
+    description = {
+        "arch": config.arch,
+        "options": config.options,
+        **weights_identity(config.pretrained),
+        "seed": config.seed if config.pretrained == "none" else None,  # random weights depend on it
+        "input_size": config.input_size,
+        "normalisation": session.card.normalisation,
+        "stain_normalise": config.stain_normalise,
+        "precision": resolve_precision(config.precision, session.device),
+    }
+
+    def features_of(samples: list[Sample]) -> np.ndarray:
+        return cached_features(
+            session.model,
+            samples,
+            cache_dir,
+            description,
+            input_size=config.input_size,
+            batch_size=config.batch_size,
+            device=session.device,
+            mean=session.mean,
+            std=session.std,
+            precision=config.precision,
+            stain=session.stain,
+            progress=progress,
+        )
+
+    labels = [np.array([s.label for s in part], dtype=np.int64) for part in (train, val)]
+    return HeadData(features_of(train), labels[0], features_of(val), labels[1])
+
+
 def recalibrate_batchnorm(
     model: nn.Module,
     loader: TileLoader,
@@ -207,15 +263,21 @@ def train_model(
     card_fields: dict[str, Any],
     progress: bool = True,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    feature_cache_dir: Path | None = None,
 ) -> TrainResult:
     """Train, validate every epoch, keep the best checkpoint, then calibrate it on the validation split;
     resume from ``out_dir`` when it can.
 
-    ``on_epoch_end(row)`` is called after each epoch's state is saved.
+    ``on_epoch_end(row)`` is called after each epoch's state is saved. ``feature_cache_dir``: where
+    ``freeze_backbone`` keeps the encoder features (default: the run folder's ``features``).
     """
     layout = TrainLayout(Path(out_dir))
     layout.root.mkdir(parents=True, exist_ok=True)
     session = _start_session(train_samples, class_names, positive_class, config, card_fields)
+    if config.freeze_backbone:
+        session.features = _head_data(
+            session, train_samples, val_samples, feature_cache_dir or layout.features_dir, progress
+        )
     state = _load_state(layout, session, _run_key(config, class_names, train_samples))
     resumed_from = state.epoch
     while state.epoch < config.epochs and state.stale < config.patience:
@@ -254,7 +316,7 @@ def _start_session(
     device = pick_device(config.device)
     seed_everything(config.seed)
     model = build_model(config.arch, n_classes, config.pretrained, config.options, config.input_size)
-    frozen_modules = _freeze(model, config.freeze_until)
+    frozen_modules = _freeze_encoder(model) if config.freeze_backbone else _freeze(model, config.freeze_until)
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -274,6 +336,13 @@ def _start_session(
     stain = stain_normaliser(config, measured)
     card.stain_reference = REFERENCE_PROFILE.to_dict() if stain is not None else measured
     card.training_data = {**card.training_data, "stain_normalise": config.stain_normalise}
+    if config.arch.startswith(TIMM_PREFIX):
+        card.training_data["encoder"] = {
+            **weights_identity(config.pretrained),
+            "frozen": config.freeze_backbone,
+            "head": "mean of the encoder's feature map (ViT: last-block patch tokens) -> linear",
+            "augmentation": "none: features computed once, centre crop" if config.freeze_backbone else "as train",
+        }
     return _Session(
         config=config,
         class_names=list(class_names),
@@ -348,11 +417,18 @@ def _run_epoch(
     epoch, config = state.epoch, session.config
     started = time.perf_counter()
     torch.manual_seed(config.seed * 1000 + epoch)  # augmentations replay identically after a resume
-    train_loss, train_accuracy = _train_one_epoch(
-        session, session.loader(train_samples, True, epoch), f"epoch {epoch + 1}/{config.epochs}", progress
-    )
+    desc = f"epoch {epoch + 1}/{config.epochs}"
+    if session.features is not None:
+        train_loss, train_accuracy = _train_head_epoch(session, session.features, epoch, desc, progress)
+    else:
+        train_loss, train_accuracy = _train_one_epoch(
+            session, session.loader(train_samples, True, epoch), desc, progress
+        )
     session.scheduler.step()
-    metrics, val_loss = _validate(session, train_samples, val_samples, epoch)
+    if session.features is not None:
+        metrics, val_loss = _validate_head(session, session.features)
+    else:
+        metrics, val_loss = _validate(session, train_samples, val_samples, epoch)
     row = {
         "epoch": epoch + 1,
         "train_loss": train_loss,
@@ -408,6 +484,54 @@ def _train_one_epoch(session: _Session, loader: TileLoader, desc: str, progress:
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 
+def _train_head_epoch(session: _Session, data: HeadData, epoch: int, desc: str, progress: bool) -> tuple[float, float]:
+    """One pass of the head over the cached training features (the encoder does not run)."""
+    config, model = session.config, session.model
+    model.train()
+    session.frozen_modules[0].eval()
+    loader = feature_loader(
+        data.train,
+        data.train_labels,
+        batch_size=config.batch_size,
+        train=True,
+        n_classes=len(session.class_names),
+        epoch=epoch,
+        seed=config.seed,
+        imbalance=config.imbalance,
+    )
+    head = as_split(model)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for features, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        features, targets = features.to(session.device), targets.to(session.device)
+        logits = head.forward_head(features[:, :, None, None])
+        loss = session.criterion(logits, targets)
+        session.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        session.optimizer.step()
+        loss_sum += float(loss.detach()) * len(targets)
+        correct += int((logits.argmax(1) == targets).sum())
+        seen += len(targets)
+    return loss_sum / max(1, seen), correct / max(1, seen)
+
+
+def _head_predictions(session: _Session, model: nn.Module, data: HeadData) -> Predictions:
+    """The head's raw logits on the cached validation features, as :func:`predict` returns them."""
+    model.eval()
+    with torch.no_grad():
+        features = torch.from_numpy(data.val).to(session.device)
+        logits = as_split(model).forward_head(features[:, :, None, None]).float()
+        labels = torch.from_numpy(data.val_labels).to(session.device)
+        loss = float(session.plain_criterion(logits, labels)) if len(labels) else 0.0
+    return Predictions(logits.cpu().numpy(), data.val_labels, loss)
+
+
+def _validate_head(session: _Session, data: HeadData) -> tuple[dict[str, Any], float]:
+    predictions = _head_predictions(session, session.model, data)
+    probs, labels = predictions.probabilities, predictions.labels
+    metrics = classification_metrics(labels, probs.argmax(1), session.class_names, session.card.positive_index, probs)
+    return metrics, predictions.loss
+
+
 def _validate(
     session: _Session, train_samples: list[Sample], val_samples: list[Sample], epoch: int
 ) -> tuple[dict[str, Any], float]:
@@ -451,17 +575,20 @@ def _calibrate_best(session: _Session, layout: TrainLayout, val_samples: list[Sa
     profile = CamProfile(None, 0)
     try:
         check_labels(np.array([s.label for s in val_samples]), VALIDATION, session.class_names)
-        predictions = predict(
-            model,
-            session.loader(val_samples, False, 0),
-            session.device,
-            session.mean,
-            session.std,
-            session.config.precision,
-            progress=progress,
-            stain=session.stain,
-            cam_class=card.positive_index,
-        )
+        if session.features is not None:  # the cached features: no encoder pass, and so no CAM profile
+            predictions = _head_predictions(session, model, session.features)
+        else:
+            predictions = predict(
+                model,
+                session.loader(val_samples, False, 0),
+                session.device,
+                session.mean,
+                session.std,
+                session.config.precision,
+                progress=progress,
+                stain=session.stain,
+                cam_class=card.positive_index,
+            )
         profile = positive_cam_profile(predictions, card.positive_index)
         calibration = fit_calibration(predictions, session.class_names, VALIDATION)
     except ConfigError as exc:

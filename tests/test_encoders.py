@@ -1,0 +1,187 @@
+"""`train --arch timm:NAME --weights FILE [--freeze-backbone]`: any timm encoder with a linear head, its
+weights from a local file, a head trained on features cached in a Zarr, Grad-CAM on a ViT's patch tokens,
+and scoring through `run`. Small randomly initialised timm networks stand in for UNI and friends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file, save_file
+
+from tests.images import write_blob_folder
+from wsi_dala.cam import logits_and_raw_cams
+from wsi_dala.cli import main
+from wsi_dala.errors import CheckpointError
+from wsi_dala.model import build_model, load_checkpoint
+
+TINY_VIT = "timm:vit_tiny_patch16_224"
+TINY_VIT_OPTIONS = {"depth": 2, "embed_dim": 48, "num_heads": 2}
+
+
+def _tiny_vit_encoder(size: int = 32, **extra):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(TINY_VIT[5:], pretrained=False, num_classes=0, img_size=size, **TINY_VIT_OPTIONS, **extra)
+
+
+@pytest.mark.parametrize(
+    ("arch", "options", "grid"),
+    [(TINY_VIT, TINY_VIT_OPTIONS, 2), (TINY_VIT, {**TINY_VIT_OPTIONS, "reg_tokens": 4}, 2), ("timm:resnet18", {}, 1)],
+)
+def test_the_feature_map_is_spatial_and_grad_cam_is_the_class_activation_map(arch, options, grid):
+    model = build_model(arch, 2, "none", options, input_size=32).eval()
+    images = torch.rand(3, 3, 32, 32)
+    features = model.forward_features(images)
+    assert features.shape[0] == 3 and features.shape[2:] == (grid, grid)
+    logits, raw = logits_and_raw_cams(model, images, positive_index=1)
+    torch.testing.assert_close(logits, model(images))
+    # mean pooling + linear: Grad-CAM's weights are w_c / (h*w), so the map is the CAM of the positive class
+    head = model.head.weight.detach()
+    cam = torch.relu(torch.einsum("c,nchw->nhw", head[1], features.detach()) / grid**2)
+    torch.testing.assert_close(raw, cam, rtol=1e-4, atol=1e-6)
+
+
+def test_vit_patch_tokens_are_laid_out_on_the_patch_grid():
+    model = build_model(TINY_VIT, 2, "none", TINY_VIT_OPTIONS, input_size=64).eval()
+    images = torch.rand(1, 3, 64, 64)
+    tokens, grid = model.encoder.forward_features(images), model.forward_features(images)
+    assert tokens.shape == (1, 1 + 16, 48) and grid.shape == (1, 48, 4, 4)
+    # token 1 + 4*r + c (after the class token) is grid cell (r, c): row-major, as patch_embed flattens
+    torch.testing.assert_close(grid[0, :, 2, 3], tokens[0, 1 + 4 * 2 + 3])
+
+
+def test_encoder_weights_load_from_safetensors_and_from_a_wrapped_torch_file(tmp_path):
+    encoder = _tiny_vit_encoder(32)
+    save_file(encoder.state_dict(), tmp_path / "encoder.safetensors")
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in encoder.state_dict().items()}}
+    wrapped["state_dict"]["module.head.weight"] = torch.zeros(5, 48)  # a classifier the encoder has no place for
+    torch.save(wrapped, tmp_path / "encoder.bin")
+    for name in ("encoder.safetensors", "encoder.bin"):
+        model = build_model(TINY_VIT, 2, str(tmp_path / name), TINY_VIT_OPTIONS, input_size=32)
+        for key, value in encoder.state_dict().items():
+            assert torch.equal(model.encoder.state_dict()[key], value), (name, key)
+
+
+def test_a_vit_trained_at_another_size_gets_its_position_embedding_resampled(tmp_path):
+    encoder = _tiny_vit_encoder(32)  # 2x2 patch grid
+    save_file(encoder.state_dict(), tmp_path / "small.safetensors")
+    model = build_model(TINY_VIT, 2, str(tmp_path / "small.safetensors"), TINY_VIT_OPTIONS, input_size=64)
+    assert model.encoder.pos_embed.shape == (1, 1 + 16, 48)
+    torch.testing.assert_close(model.encoder.pos_embed[:, 0], encoder.pos_embed[:, 0])  # class token kept
+    assert model.forward_features(torch.rand(2, 3, 64, 64)).shape == (2, 48, 4, 4)
+
+
+def test_weight_files_that_do_not_fit_are_refused_by_name(tmp_path):
+    missing = tmp_path / "uni" / "pytorch_model.bin"
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: encoder weights file not found; put"):
+        build_model(TINY_VIT, 2, str(missing), TINY_VIT_OPTIONS, input_size=32)
+    other = tmp_path / "other.safetensors"
+    save_file({"conv.weight": torch.zeros(3, 3)}, other)
+    with pytest.raises(CheckpointError, match=r"other\.safetensors: does not fit timm:vit_tiny"):
+        build_model(TINY_VIT, 2, str(other), TINY_VIT_OPTIONS, input_size=32)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    hostile = tmp_path / "hostile.bin"
+    torch.save({"state_dict": Payload()}, hostile)
+    with pytest.raises(CheckpointError, match=r"hostile\.bin: not a weights-only torch file"):
+        build_model(TINY_VIT, 2, str(hostile), TINY_VIT_OPTIONS, input_size=32)
+    with pytest.raises(CheckpointError, match="has no model 'no_such_net'"):
+        build_model("timm:no_such_net", 2, "none", {}, input_size=32)
+    with pytest.raises(CheckpointError, match="nothing is downloaded"):
+        build_model(TINY_VIT, 2, "imagenet", TINY_VIT_OPTIONS, input_size=32)
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory):
+    """A head trained with --freeze-backbone on a tiny random ViT, from a weights file, via the CLI."""
+    root = tmp_path_factory.mktemp("encoder")
+    data = write_blob_folder(root / "data", size=32, n=48, groups=6)
+    weights = root / "vit.safetensors"
+    save_file(_tiny_vit_encoder(32).state_dict(), weights)
+    options = [f"--timm-option={k}={v}" for k, v in TINY_VIT_OPTIONS.items()]
+    argv = ["train", "--folder", str(data), "--arch", TINY_VIT, *options, "--weights", str(weights)]
+    argv += ["--freeze-backbone", "--input-size", "32", "--epochs", "20", "--patience", "20"]
+    argv += ["--lr-head", "0.03", "--batch-size", "8"]
+    argv += ["--train-mpp", "0.5", "--precision", "fp32", "-q", "--feature-cache", str(root / "cache")]
+    assert main([*argv, "--out", str(root / "run")]) == 0
+    return root, argv, weights
+
+
+def test_freeze_backbone_trains_the_head_alone_on_cached_features(frozen_run):
+    root, _, weights = frozen_run
+    checkpoint = root / "run" / "best.safetensors"
+    trained, original = load_file(str(checkpoint)), load_file(str(weights))
+    for key, value in original.items():
+        assert torch.equal(trained[f"encoder.{key}"], value), key  # the encoder did not move
+    assert not torch.equal(trained["head.weight"], torch.zeros_like(trained["head.weight"]))
+    rows = (root / "run" / "metrics.csv").read_text().splitlines()[1:]
+    losses = [float(row.split(",")[1]) for row in rows]
+    assert len(losses) == 20 and losses[-1] < 0.8 * losses[0], losses
+    stores = sorted((root / "cache").glob("features-*.zarr"))
+    assert len(stores) == 2  # training and validation tiles
+    sizes = sorted(zarr.open_group(s, mode="r")["features"].shape for s in stores)
+    assert [shape[1] for shape in sizes] == [48, 48] and sum(shape[0] for shape in sizes) == 48
+    model, card = load_checkpoint(checkpoint)
+    assert card.architecture == TINY_VIT and card.options == TINY_VIT_OPTIONS
+    assert card.training_data["encoder"]["frozen"] is True and card.mpp == 0.5
+    # reloaded bit-exactly
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+
+
+def test_a_second_run_reuses_the_cached_features(frozen_run):
+    root, argv, _ = frozen_run
+    stores = sorted((root / "cache").glob("features-*.zarr"))
+    before = {s: (s / "zarr.json").stat().st_mtime_ns for s in stores}
+    assert main([*[a if a != "0.01" else "0.02" for a in argv], "--out", str(root / "again")]) == 0
+    assert sorted((root / "cache").glob("features-*.zarr")) == stores
+    assert {s: (s / "zarr.json").stat().st_mtime_ns for s in stores} == before
+
+
+def test_run_scores_a_slide_with_a_vit_head_and_its_patch_token_cams(frozen_run, svs_050, tmp_path):
+    root, _, _ = frozen_run
+    checkpoint = root / "run" / "best.safetensors"
+    cli = [sys.executable, "-m", "wsi_dala", "run", str(svs_050.path), "--model", str(checkpoint), "-q"]
+    done = subprocess.run([*cli, "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["counts"]["tiles"] > 0 and record["model"]["architecture"] == TINY_VIT
+    tiles = zarr.open_group(tmp_path / "run" / "tiles.zarr", mode="r")
+    cams = np.asarray(tiles["cams"][:])
+    assert cams.shape[1:] == (2, 2) and np.isfinite(cams).all() and (cams > 0).any()
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--weights", "{tmp}/missing.safetensors"], ["missing.safetensors", "encoder weights file not found"]),
+        ([], ["--weights FILE", "nothing is downloaded"]),
+        (["--weights", "none", "--timm-option", "depth"], ["--timm-option 'depth'", "KEY=VALUE"]),
+    ],
+)
+def test_encoder_option_errors_are_one_line(capsys, tmp_path, extra, fragments):
+    data = write_blob_folder(tmp_path / "data", size=32, n=8, groups=4)
+    argv = ["train", "--folder", str(data), "--out", str(tmp_path / "o"), "--arch", TINY_VIT, "-q"]
+    code = main([*argv, *[e.format(tmp=tmp_path) for e in extra]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_freeze_backbone_needs_an_encoder(capsys, tmp_path):
+    data = write_blob_folder(tmp_path / "data", size=32, n=8, groups=4)
+    code = main(["train", "--folder", str(data), "--out", str(tmp_path / "o"), "--freeze-backbone", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "freeze_backbone needs arch timm:NAME" in err[0], err
