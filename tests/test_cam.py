@@ -98,7 +98,9 @@ def test_cam_cli_writes_side_by_side_pngs(blob_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("tumour probability") == 2
     figure = Image.open(tmp_path / "cams" / "tile1.cam.png")
-    assert figure.size == (3 * 96, 96 + 18)
+    assert figure.size == (3 * 96 * 3, 96 * 3 + 30)  # 96-px tiles enlarged 3x (whole pixels) under a title
+    pixels = np.asarray(figure.convert("RGB"))[30:]
+    assert (pixels[::3, ::3] == pixels[1::3, 1::3]).all()  # nearest-neighbour: each tile pixel a 3x3 block
 
 
 @pytest.mark.skipif(

@@ -17,6 +17,8 @@ from wsi_dala.fileio import save_png_atomic
 from wsi_dala.layout import cam_figure
 from wsi_dala.model import load_checkpoint
 
+MIN_PANEL_PX = 224  # narrower tiles are shown enlarged
+
 
 def load_tile(path: Path, size: int) -> np.ndarray:
     """RGB uint8 [size, size, 3]: centre crop if larger, resized if smaller."""
@@ -67,14 +69,15 @@ def write_cam_figures(
                 colourise(cams.maps[i], tiles[i], where=cams.masks[i]),
             ]
             figure = Image.fromarray(np.concatenate(panels, axis=1))
-            canvas = Image.new("RGB", (figure.width, figure.height + 18), "white")
-            canvas.paste(figure, (0, 18))
-            ImageDraw.Draw(canvas).text(
-                (4, 3),
-                f"image | Grad-CAM | DT Grad-CAM ({settings.method}, tau={cams.thresholds[i]:.2f})   "
-                f"p({card.positive_class})={probabilities[i]:.3f}",
-                fill="black",
-            )
+            if size < MIN_PANEL_PX:  # small tiles enlarged whole-pixel, so the title fits and a cell shows
+                scale = -(-MIN_PANEL_PX // size)
+                figure = figure.resize((figure.width * scale, figure.height * scale), Image.Resampling.NEAREST)
+            canvas = Image.new("RGB", (figure.width, figure.height + 30), "white")
+            canvas.paste(figure, (0, 30))
+            draw = ImageDraw.Draw(canvas)
+            title = f"image | Grad-CAM | DT Grad-CAM ({settings.method}, tau={cams.thresholds[i]:.2f})"
+            draw.text((4, 3), title, fill="black")
+            draw.text((4, 16), f"p({card.positive_class}) = {probabilities[i]:.3f}", fill="black")
             target = cam_figure(out_dir, path)
             save_png_atomic(target, canvas)
             written.append((target, float(probabilities[i]), float(cams.thresholds[i])))
