@@ -184,4 +184,20 @@ def test_freeze_backbone_needs_an_encoder(capsys, tmp_path):
     data = write_blob_folder(tmp_path / "data", size=32, n=8, groups=4)
     code = main(["train", "--folder", str(data), "--out", str(tmp_path / "o"), "--freeze-backbone", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "freeze_backbone needs arch timm:NAME" in err[0], err
+    assert code == 2 and len(err) == 1 and "--freeze-backbone needs --arch timm:NAME" in err[0], err
+
+
+def test_weights_of_another_layout_are_refused_before_any_data_is_read(capsys, tmp_path):
+    """A UNI-like file without the layer-scale tensors that init_values adds: refused before the (possibly
+    long) tiling of training slides, with what is missing and the option that adds it."""
+    save_file(_tiny_vit_encoder(32).state_dict(), tmp_path / "plain.safetensors")
+    data = write_blob_folder(tmp_path / "data", size=32, n=8, groups=4)
+    argv = ["train", "--folder", str(data), "--out", str(tmp_path / "o"), "--arch", TINY_VIT, "-q"]
+    argv += [f"--timm-option={k}={v}" for k, v in TINY_VIT_OPTIONS.items()]
+    argv += ["--timm-option", "init_values=1e-5", "--weights", str(tmp_path / "plain.safetensors")]
+    code = main(argv)
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "plain.safetensors: does not fit timm:vit_tiny" in err[0] and "ls1.gamma" in err[0], err[0]
+    assert "training on" not in captured.out and not (tmp_path / "o").exists()

@@ -212,9 +212,9 @@ class TrainConfig(Settings):
     @model_validator(mode="after")
     def _frozen_backbone_needs_an_encoder(self) -> TrainConfig:
         if self.freeze_backbone and not self.arch.startswith(TIMM_PREFIX):
-            raise ValueError("freeze_backbone needs arch timm:NAME (an encoder whose head is a pooled linear layer)")
+            raise ValueError("--freeze-backbone needs --arch timm:NAME (an encoder with a pooled linear head)")
         if self.freeze_backbone and self.freeze_until:
-            raise ValueError("freeze_backbone and freeze_until exclude each other: the first freezes everything")
+            raise ValueError("--freeze-backbone and --freeze-until exclude each other: the first freezes everything")
         if self.arch.startswith(TIMM_PREFIX) and self.pretrained == "imagenet":
             raise ValueError(
                 f"{self.arch} takes its weights from a local file (--weights FILE) or none; nothing is downloaded"
@@ -281,7 +281,8 @@ def _model_at(cls: type[Settings], path: list[str]) -> type[Settings]:
 
 
 def _reworded(error: ErrorDetails) -> str:
-    got = f", got {error['input']!r}"
+    # A check of the whole section (a model validator, loc ()) gets the whole mapping as its input: not shown.
+    got = f", got {error['input']!r}" if error["loc"] else ""
     plain = {
         "int_type": "expected a whole number",
         "float_type": "expected a number",

@@ -384,6 +384,10 @@ def _train(args: argparse.Namespace) -> int:
     from wsi_dala.training.train import train_model
 
     config = _train_config(args)  # every setting checked before any data is read
+    if config.arch.startswith(TIMM_PREFIX) and config.pretrained != "none":
+        from wsi_dala.model.encoder import check_encoder_weights
+
+        check_encoder_weights(config.arch, config.options, Path(config.pretrained), config.input_size)
     layout = TrainLayout(Path(args.out))
     samples, names, mpp, note, source = _load_samples(args, layout.tiles_dir, args.input_size)
     train, val = _split(args, samples, source)

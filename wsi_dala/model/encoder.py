@@ -120,23 +120,27 @@ def _create(timm: Any, name: str, options: dict[str, Any], input_size: int) -> n
         raise CheckpointError(f"--arch timm:{name}: timm cannot build it with options {options} ({exc})") from exc
 
 
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors, or from a torch file without executing code (``weights_only``)."""
+def read_weights_file(path: Path, lazy: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a torch file without executing code (``weights_only``).
+    ``lazy``: tensors on the meta device (safetensors) or memory-mapped (torch), for checking shapes."""
     if not path.is_file():
         raise CheckpointError(
             f"{path}: encoder weights file not found; put the model's weights (.safetensors, .bin or .pth) "
             "there, or use --weights none for random weights"
         )
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
+            if lazy:
+                with safe_open(str(path), framework="pt") as handle:
+                    return {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}  # noqa: SIM118
             return load_file(str(path))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
     except Exception as exc:  # pickle errors of every kind: refused, never executed
         raise CheckpointError(f"{path}: not a weights-only torch file ({' '.join(str(exc).split())[:200]})") from exc
     for key in ("state_dict", "model", "teacher"):
@@ -147,14 +151,35 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+def check_encoder_weights(arch: str, options: dict[str, Any], path: Path, input_size: int) -> None:
+    """Refuse a weights file that does not fit ``arch`` before any data is read (tiling slides takes long):
+    the network is built on the meta device (no memory) and the file read lazily (``mmap``)."""
+    import timm
+
+    with torch.device("meta"):
+        encoder = _create(timm, timm_name(arch), options, input_size)
+    state = _strip_wrappers(read_weights_file(path, lazy=True))
+    _raise_for_misfit(encoder.state_dict(), state, path, arch)
+
+
 def load_encoder_weights(encoder: nn.Module, path: Path, arch: str) -> None:
     """Load ``path`` into ``encoder``; every encoder tensor must come from the file."""
     state = _strip_wrappers(read_weights_file(path))
     own = encoder.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "fc.", "classifier."))}
     _resample_position_embedding(state, own)
+    _raise_for_misfit(own, state, path, arch)
+    unused = [k for k in state if k not in own]
+    if unused:
+        log.warning("%s: %d tensors the encoder does not use, ignored (e.g. %s)", path, len(unused), unused[:3])
+    encoder.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def _raise_for_misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Every tensor of the encoder must be in the file with its shape (a ViT's position embedding may
+    differ in length: it is resampled)."""
     missing = [k for k in own if k not in state]
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape and k != "pos_embed"]
     if missing or wrong:
         example = (missing or wrong)[:3]
         raise CheckpointError(
@@ -162,10 +187,6 @@ def load_encoder_weights(encoder: nn.Module, path: Path, arch: str) -> None:
             f"another shape, e.g. {example}); are these the weights of another network, or does it need "
             "--timm-option settings (e.g. init_values=1e-5 for UNI)?"
         )
-    unused = [k for k in state if k not in own]
-    if unused:
-        log.warning("%s: %d tensors the encoder does not use, ignored (e.g. %s)", path, len(unused), unused[:3])
-    encoder.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
