@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,43 @@ def test_run_cli_prints_outputs(tmp_path, capsys, colour_checkpoint, planted_050
     assert code == 0
     assert "planted_0.5.tiles.geojson.gz" in out and "overlay.png" in out
     check_file(tmp_path / "planted_0.5.tiles.geojson.gz")
+
+
+@pytest.mark.slow
+def test_run_on_a_dicom_wsi_made_from_real_he_gives_the_svs_scores(colour_checkpoint, tmp_path):
+    """The real CMU-1 crop written as a two-level DICOM WSI (JPEG frames, re-encoded at quality 95): `run`
+    given one of its .dcm files (the thumbnail level, even) runs the series as one slide, named by its
+    folder, and scores the tiles as the SVS run does."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from scipy.stats import spearmanr
+
+    from tests.dicom_wsi import write_dicom_wsi
+    from wsi_dala.slide import Slide
+
+    svs = Path(__file__).parent / "data" / "cmu_small_region.svs"
+    with Slide(svs) as slide:
+        rgb = slide.read_region(0, 0, 0, slide.info.width, slide.info.height)
+        mpp = slide.require_mpp().mpp
+    folder = tmp_path / "cmu-dicom"
+    files = write_dicom_wsi([rgb, np.asarray(Image.fromarray(rgb).reduce(4))], mpp, folder)
+    runs = {}
+    for name, source in (("svs", svs), ("dicom", files[1])):
+        out = tmp_path / name
+        cli = [sys.executable, "-m", "wsi_dala", "run", str(source), "--model", str(colour_checkpoint), "-q"]
+        done = subprocess.run([*cli, "--out", str(out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        store = zarr.open_group(out / "tiles.zarr", mode="r")
+        runs[name] = ({tuple(c): i for i, c in enumerate(store["coords"][:])}, store["scores"][:, 1], out)
+    record = json.loads((tmp_path / "dicom" / "run.json").read_text())
+    assert Path(record["slide"]["path"]).name == "cmu-dicom"  # the series, not the file it was given by
+    assert (tmp_path / "dicom" / "cmu-dicom.tiles.geojson").exists()
+    svs_index, svs_scores, _ = runs["svs"]
+    dicom_index, dicom_scores, _ = runs["dicom"]
+    common = sorted(set(svs_index) & set(dicom_index))
+    assert len(common) >= 0.97 * max(len(svs_index), len(dicom_index)) and len(common) > 100
+    a = svs_scores[[svs_index[c] for c in common]]
+    b = dicom_scores[[dicom_index[c] for c in common]]
+    assert spearmanr(a, b).statistic >= 0.99 and np.abs(a - b).max() <= 0.02

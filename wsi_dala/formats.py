@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # Everything openslide or tiffslide opens as a single file (DICOM slides are folders, found separately).
 SLIDE_SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".qptiff"}
@@ -12,3 +14,11 @@ TIFF_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".q
 TIFFSLIDE_FIRST_SUFFIXES = frozenset({".svs", ".tif", ".tiff"})
 # Compression suffixes that may follow a slide suffix (``case.tiff.gz`` is still named ``case``).
 WRAPPER_SUFFIXES = frozenset({".gz"})
+
+
+def slide_argument(text: str) -> str:
+    """A slide as the command line names it. Any ``.dcm`` file of a DICOM WSI stands for its folder: the
+    series is the slide (one name, one run folder, one fingerprint over every instance, whichever file
+    was given). Everything else is returned as it is."""
+    path = Path(text)
+    return str(path.parent) if path.suffix.lower() == ".dcm" and path.is_file() else text

@@ -14,6 +14,7 @@ from wsi_dala.cli.common import (
     add_stain_option,
     add_uncertainty_options,
 )
+from wsi_dala.formats import slide_argument
 from wsi_dala.layout import DEFAULT_DEMO_DIR, default_run_dir
 
 if TYPE_CHECKING:
@@ -21,7 +22,11 @@ if TYPE_CHECKING:
 
 
 def _configure_run(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("slide", help="slide file (SVS, pyramidal TIFF, NDPI, MRXS, ...)")
+    parser.add_argument(
+        "slide",
+        type=slide_argument,
+        help="slide file (SVS, pyramidal TIFF, NDPI, MRXS, ...) or DICOM WSI folder (or any of its .dcm files)",
+    )
     parser.add_argument(
         "--model",
         metavar="CKPT",

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from wsi_dala.cli.common import Verb, add_slide_options, add_tiling_options, number_in, tiling_from_flags
+from wsi_dala.formats import slide_argument
 
 # Spelled out here so that building the parser does not import the generator (scipy, tifffile);
 # tests/test_synthetic.py checks they match wsi_dala.synthetic.MARKER_NAMES and STAIN_NAMES.
@@ -15,7 +16,11 @@ _STAINS_HELP = "default, pale, dark"
 
 
 def _configure_info(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("slide", help="slide file (SVS, pyramidal TIFF, NDPI, MRXS, ...)")
+    parser.add_argument(
+        "slide",
+        type=slide_argument,
+        help="slide file (SVS, pyramidal TIFF, NDPI, MRXS, ...) or DICOM WSI folder (or any of its .dcm files)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_slide_options(parser)
 
@@ -34,7 +39,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _configure_tile(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("slide", help="slide file")
+    parser.add_argument("slide", type=slide_argument, help="slide file, or DICOM WSI folder (or any of its .dcm files)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (tiles.zarr is written here)")
     add_tiling_options(parser)
 
