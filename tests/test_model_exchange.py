@@ -200,7 +200,11 @@ def test_bad_wsinfer_folders_get_one_line_naming_the_file(zoo_folder, tmp_path):
     cases = [
         ({k: v for k, v in config.items() if k != "patch_size_pixels"}, script, r"config\.json: patch_size_pixels"),
         ({k: v for k, v in config.items() if k != "spacing_um_px"}, script, r"config\.json: spacing_um_px is missing"),
-        ({**config, "architecture": "efficientnet_b0"}, script, "architecture 'efficientnet_b0' cannot be loaded"),
+        (  # no eager network: the TorchScript itself must give one logit per class
+            {**config, "architecture": "efficientnet_b0", "num_classes": 3, "class_names": ["notumor", "tumor", "x"]},
+            script,
+            r"torchscript_model\.pt: gives \(1, 2\) for one patch, not \[1, 3\] class logits",
+        ),
         ({**config, "class_names": ["a", "b"]}, script, "which class is the positive one"),
         ({**config, "num_classes": 3}, script, r"num_classes \(3\) must equal"),
         (config, b"not torchscript", r"torchscript_model\.pt: not a loadable TorchScript file"),
@@ -219,3 +223,93 @@ def test_bad_wsinfer_folders_get_one_line_naming_the_file(zoo_folder, tmp_path):
         tmp_path / "6" if (tmp_path / "6").mkdir() is None else tmp_path, {**config, "class_names": ["a", "b"]}, script
     )
     assert imported_checkpoint(named, positive_class="b").exists()
+
+
+@pytest.fixture(scope="module")
+def scripted_folder(tmp_path_factory):
+    """A WSInfer folder of an architecture with no eager network here: a small traced CNN of its own, whose
+    tumour logit grows with blue over red (so the slide's tiles get clearly different probabilities)."""
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 2, 1, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    ).eval()
+    with torch.no_grad():
+        network[0].weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [-1.0, 0.0, 1.0]]).view(2, 3, 1, 1) * 4)
+    folder = tmp_path_factory.mktemp("zoo") / "tils-cnn"
+    folder.mkdir()
+    torch.jit.save(torch.jit.trace(network, torch.rand(1, 3, 64, 64)), str(folder / "torchscript_model.pt"))
+    config = {
+        "spec_version": "1.0",
+        "architecture": "tils-cnn-v2",
+        "num_classes": 2,
+        "class_names": ["other", "tumor"],
+        "patch_size_pixels": 64,
+        "spacing_um_px": 1.0,
+        "transform": [
+            {"name": "ToTensor"},
+            {"name": "Normalize", "arguments": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}},
+        ],
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return network, folder
+
+
+@pytest.mark.slow
+def test_a_model_without_an_eager_network_scores_through_its_torchscript_without_cam(
+    scripted_folder, svs_050, tmp_path
+):
+    import zarr
+
+    from tests.qupath_rules import check_file
+
+    network, folder = scripted_folder
+    cli = [sys.executable, "-m", "wsi_dala", "run", str(svs_050.path), "--model", str(folder), "-q"]
+    done = subprocess.run([*cli, "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "has no eager network here" in done.stderr  # said once, as a warning
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["model"]["architecture"] == "torchscript" and record["model"]["cam"].startswith("none")
+    assert record["scoring"]["backend"]["engine"] == "torch" and record["scoring"]["backend"]["precision"] == "fp32"
+    store = zarr.open_group(tmp_path / "run" / "tiles.zarr", mode="r")
+    tiles, scores = store["tiles"][:32], store["scores"][:32]
+    assert len(tiles) == 32 and np.isnan(store["cams"][:32]).all()
+    images = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        expected = torch.softmax(network(images), dim=1).numpy()
+    np.testing.assert_allclose(scores[:, :2], expected, atol=1e-5)
+    assert np.ptp(scores[:, 1]) > 0.05  # the comparison means something: the tiles differ
+    heatmap = zarr.open_group(tmp_path / "run" / "heatmap.zarr", mode="r")
+    np.testing.assert_array_equal(heatmap["tumour/0"][:], heatmap["probability/0"][:])  # NaN where no tissue
+    tiles_geojson = json.loads(next((tmp_path / "run").glob("*.tiles.geojson")).read_text())
+    measured = tiles_geojson["features"][0]["properties"]["measurements"]
+    assert "Tumor probability" in measured and not any("CAM" in name for name in measured)
+    check_file(next((tmp_path / "run").glob("*.tiles.geojson")))
+
+
+def test_the_torchscript_of_an_import_runs_only_from_its_import_cache(scripted_folder, tmp_path):
+    import shutil
+
+    from wsi_dala.layout import imported_torchscript
+    from wsi_dala.model import load_checkpoint
+    from wsi_dala.model_import import imported_checkpoint
+
+    _, source = scripted_folder
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".wsi-dala"))
+    checkpoint = imported_checkpoint(folder)
+    model, card = load_checkpoint(checkpoint)
+    assert card.architecture == "torchscript" and model(torch.rand(2, 3, 64, 64)).shape == (2, 2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for path in (checkpoint, imported_torchscript(checkpoint)):
+        shutil.copy(path, elsewhere / path.name)
+    with pytest.raises(CheckpointError, match="loaded only from the import cache of a WSInfer model folder"):
+        load_checkpoint(elsewhere / checkpoint.name)
+    with open(imported_torchscript(checkpoint), "ab") as handle:
+        handle.write(b"tampered")
+    with pytest.raises(CheckpointError, match=r"torchscript\.pt: changed since it was imported"):
+        load_checkpoint(checkpoint)
+    with pytest.raises(CheckpointError, match="imported from a WSInfer TorchScript already"):
+        export_model(checkpoint, tmp_path / "out", "onnx")

@@ -50,13 +50,14 @@ def test_overlay_keeps_the_tissue_where_there_is_no_value_and_colours_where_ther
     render_overlay(thumbnail, layer, path, "t")
     saved = np.asarray(Image.open(path).convert("RGB")).astype(int)
     top, left = MARGIN_PX + TITLE_PX, MARGIN_PX
-    inside = saved[top : top + 200, left : left + 300]
-    np.testing.assert_array_equal(inside[:, :140], 200)  # no value: the thumbnail as it is
+    inside = saved[top : top + 400, left : left + 600]  # 300 px wide: drawn twice as large (600 px at least)
+    np.testing.assert_array_equal(inside[:, :280], 200)  # no value: the thumbnail as it is
     from matplotlib import colormaps
 
     top_colour = np.asarray(colormaps["inferno"](1.0)[:3]) * 255
     expected = 0.25 * 200 + 0.75 * top_colour  # certain tumour: alpha 0.75 of the map's top colour
-    assert np.abs(inside[:, 160:] - expected).max() <= 1
+    assert np.abs(inside[:, 320:] - expected).max() <= 1
+    assert (saved[top + 400 : top + 410, left + 320 : left + 600] != expected.round()).any()  # ends at 400 rows
 
 
 def test_qc_picture_paints_ink_and_enlarges_a_small_thumbnail(tmp_path: Path) -> None:

@@ -72,6 +72,25 @@ def features_logits_and_raw_cams(
     return features.detach().float(), logits, raw
 
 
+def features_and_logits_without_cams(
+    model: nn.Module,
+    images: torch.Tensor,
+    autocast: AbstractContextManager[object] | None = None,
+    backbone: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a model without a feature map: its features, logits, and a NaN 1 x 1 "map" per image, so the
+    rows a store holds keep one layout (the heatmap then uses the probability alone)."""
+    with torch.no_grad():
+        if backbone is None:
+            with autocast or contextlib.nullcontext():
+                features = as_split(model).forward_features(images)
+        else:
+            features = backbone(images)
+        features = features.float()
+        logits = as_split(model).forward_head(features).float()
+    return features, logits, torch.full((len(images), 1, 1), float("nan"), device=logits.device)
+
+
 def head_logits_and_raw_cams(
     model: nn.Module, features: torch.Tensor, positive_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

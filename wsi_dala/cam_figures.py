@@ -16,6 +16,7 @@ from wsi_dala.errors import ConfigError
 from wsi_dala.fileio import save_png_atomic
 from wsi_dala.layout import cam_figure
 from wsi_dala.model import load_checkpoint
+from wsi_dala.model.interface import has_feature_map
 
 MIN_PANEL_PX = 224  # narrower tiles are shown enlarged
 
@@ -50,6 +51,10 @@ def write_cam_figures(
 ) -> list[tuple[Path, float, float]]:
     """Write one PNG per image; returns (png, tumour probability, τ) per image."""
     model, card = load_checkpoint(checkpoint)
+    if not has_feature_map(model):
+        raise ConfigError(
+            f"{checkpoint}: {card.architecture} has no spatial feature map, so DT Grad-CAM is not defined"
+        )
     size = card.tile_size_px
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

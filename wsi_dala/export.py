@@ -83,14 +83,19 @@ def _tile_feature_texts(store: TileStore, config: ExportConfig, heatmap: Heatmap
     keep_all = store.usable_tiles()  # QC exclude mode: flagged tiles are as if never cut
     coords = store.coords()
     for rows in _blocks(info.n_tiles, info.chunk_tiles):
-        raw = store.cams(rows)
-        scaled = np.clip(correct(raw, heatmap.cam_profile) / heatmap.cam_scale, 0.0, 1.0).reshape(len(raw), -1)
+        cam_measurements: dict[str, np.ndarray] = {}
+        if scoring.has_cams:  # a model without a feature map has no CAM to measure
+            raw = store.cams(rows)
+            scaled = np.clip(correct(raw, heatmap.cam_profile) / heatmap.cam_scale, 0.0, 1.0).reshape(len(raw), -1)
+            cam_measurements = {
+                "CAM mean (slide scale)": scaled.mean(axis=1),
+                "CAM max (slide scale)": scaled.max(axis=1),
+                "DT-CAM area fraction": _dt_cam_area_fraction(raw, settings),
+            }
         measurements = {
             "Tumor probability": probability[rows],
             **{name: values[rows] for name, values in spread.items()},
-            "CAM mean (slide scale)": scaled.mean(axis=1),
-            "CAM max (slide scale)": scaled.max(axis=1),
-            "DT-CAM area fraction": _dt_cam_area_fraction(raw, settings),
+            **cam_measurements,
             "Tissue fraction": tissue[rows],
             "QC blur": blur[rows],
             "QC fold": fold[rows],

@@ -10,7 +10,8 @@ cover a cell; no value — NaN — where no tile lies, i.e. no tissue):
   map divided by the model's border profile (:mod:`wsi_dala.cam_profile`; without it every tile's dim
   corners print the tile grid into the map), ``s`` is one slide-wide scale (a percentile of the tumour
   tiles' corrected peaks). One scale, not per-tile min-max, so a benign tile's weak map is not stretched to 1;
-  a smooth saturation, not a clip, so the layer keeps gradations inside a tumour;
+  a smooth saturation, not a clip, so the layer keeps gradations inside a tumour.
+  A model without a feature map has no CAM: its tumour layer is the probability layer;
 - ``uncertainty``: the SD of the tile's probability over test-time views or MC-dropout passes (only when
   scoring measured it);
 - ``qc_flagged``: the share of the tiles over each cell that quality control flagged (out of focus,
@@ -42,7 +43,7 @@ from wsi_dala.cam_profile import MIN_SLIDE_TILES, blend_profile, correct, profil
 from wsi_dala.config import HeatmapConfig
 from wsi_dala.grid import grid_origins
 from wsi_dala.layout import building_path
-from wsi_dala.picture_frame import colour_bar, legend, save_framed_png
+from wsi_dala.picture_frame import colour_bar, enlarged, legend, save_framed_png
 from wsi_dala.store import TileStore
 
 LAYERS = ("probability", "tumour", "uncertainty", "qc_flagged")
@@ -233,12 +234,13 @@ def stitch(
     reference = reference_tiles(store, config, interior)
     if card_profile is not None and scoring.uncertainty.startswith("tta:"):
         card_profile = symmetrised(card_profile, scoring.uncertainty.split("+")[0].removeprefix("tta:"))
-    reference_cams = _ReferenceCams.read(store, reference)  # what border_profile and slide_cam_scale read
-    profile, profile_tiles = (
-        _border_profile(grid, reference_cams, card_profile) if config.border_correction else (np.ones((grid, grid)), 0)
-    )
-    scale = _slide_cam_scale(config, reference_cams, profile)
-    del reference_cams
+    profile, profile_tiles, scale = np.ones((grid, grid)), 0, 0.0
+    if scoring.has_cams:
+        reference_cams = _ReferenceCams.read(store, reference)  # what border_profile and slide_cam_scale read
+        if config.border_correction:
+            profile, profile_tiles = _border_profile(grid, reference_cams, card_profile)
+        scale = _slide_cam_scale(config, reference_cams, profile)
+        del reference_cams
     # A tile is kept for its tissue, but parts of it are glass or ink: no value there either.
     no_tissue = _cells_without_tissue(store, config, rows, cols, cell_l0)
     probability = store.positive_scores().astype(np.float64)
@@ -276,11 +278,11 @@ def stitch(
     p = probability[kept]
     flagged = store.qc_flags()[kept] > 0
     blocks = _blocks(len(p), STITCH_BLOCK_TILES)
-    layers = {
-        "probability": layer_of((part, p[part]) for part in blocks),
-        "tumour": layer_of(_tumour_values(store, kept, p, profile, scale)),
-        "qc_flagged": layer_of((part, flagged[part]) for part in blocks),
-    }
+    layers = {"probability": layer_of((part, p[part]) for part in blocks)}
+    # Without CAMs (a model with no feature map) the tumour layer is the probability layer.
+    has_cams = scoring.has_cams
+    layers["tumour"] = layer_of(_tumour_values(store, kept, p, profile, scale)) if has_cams else layers["probability"]
+    layers["qc_flagged"] = layer_of((part, flagged[part]) for part in blocks)
     if measured_sd:
         sd = np.nan_to_num(store.score_sd()[kept])
         layers["uncertainty"] = layer_of((part, sd[part]) for part in blocks)
@@ -528,7 +530,7 @@ def render_overlay(
     """
     from matplotlib import colormaps
 
-    thumbnail = _at_most(thumbnail, OVERLAY_MAX_PX)
+    thumbnail = enlarged(_at_most(thumbnail, OVERLAY_MAX_PX))
     height, width = thumbnail.shape[:2]
     valid, value = _resample(layer, (height, width))
     blend = np.empty((height, width, 3), dtype=np.uint8)

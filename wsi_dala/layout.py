@@ -269,6 +269,17 @@ class WSInferModelLayout:
         return cache_dir / f"{self.root.name or 'model'}-{digest[:16]}.safetensors"
 
 
+def imported_torchscript(checkpoint: Path) -> Path:
+    """The TorchScript beside an imported checkpoint of an architecture we have no eager network for."""
+    return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".torchscript.pt")
+
+
+def is_import_cache(folder: Path) -> bool:
+    """A folder imported WSInfer models are kept in: a model folder's ``.wsi-dala/``, or the user's cache."""
+    own = WSInferModelLayout(folder.parent).import_dir
+    return folder == own or folder.resolve() == IMPORT_CACHE_DIR.expanduser().resolve()
+
+
 ONNX_MODEL_NAME = "model.onnx"  # export-model --format onnx
 TORCHSCRIPT_CARD_NAME = "wsi_dala_model_card.json"  # our model card inside an exported TorchScript archive
 IMPORT_CACHE_DIR = Path("~/.cache/wsi-dala/imported")  # imported WSInfer models of read-only folders

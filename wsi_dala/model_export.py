@@ -26,7 +26,8 @@ from wsi_dala.engines.exports import OPSET, quiet
 from wsi_dala.errors import CheckpointError
 from wsi_dala.fileio import ensure_writable_dir, write_json_atomic
 from wsi_dala.layout import ONNX_MODEL_NAME, WSInferModelLayout, writing_path
-from wsi_dala.model import ModelCard, load_checkpoint
+from wsi_dala.model import ModelCard, load_checkpoint, read_card
+from wsi_dala.model.scripted import IMPORTED_TORCHSCRIPT
 from wsi_dala.model.wsinfer_format import CARD_EXTRA_FILE, Probabilities, ScaledLogits, wsinfer_config
 
 ExportFormat = Literal["wsinfer", "onnx"]
@@ -39,6 +40,8 @@ def export_model(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[
     """Write ``checkpoint`` in ``fmt`` into ``out_dir``; returns the files written."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if read_card(checkpoint).architecture == IMPORTED_TORCHSCRIPT:
+        raise CheckpointError(f"{checkpoint}: imported from a WSInfer TorchScript already; use that model folder")
     model, card = load_checkpoint(checkpoint, "cpu")
     model = model.float().eval()
     out = ensure_writable_dir(out_dir)

@@ -5,7 +5,8 @@ The folder is converted once into a safetensors checkpoint with a model card, ca
 hash of both files; everything downstream (engines, scoring, DT Grad-CAM, run keys) then sees an
 ordinary checkpoint. The TorchScript's weights are loaded into the eager network its ``architecture``
 names, so Grad-CAM has its feature map: ResNet-18/34/50 (torchvision's and timm's share parameter
-names). Other architectures are refused with a one-line error naming them.
+names). Other architectures score through their TorchScript as it is (``wsi_dala.model.scripted``):
+probabilities without DT Grad-CAM, the heatmap's tumour layer then being the probability layer.
 
 ``torch.jit.load`` runs no Python from the file (TorchScript is its own interpreted language), but it
 runs the model's own code: a model folder is trusted input, like any model.
@@ -14,17 +15,22 @@ runs the model's own code: a model folder is trusted input, like any model.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import warnings
+import shutil
 from pathlib import Path
 
 import torch
 
 from wsi_dala.errors import CheckpointError
 from wsi_dala.fileio import ensure_writable_dir
-from wsi_dala.layout import IMPORT_CACHE_DIR, WSInferModelLayout, writing_path
+from wsi_dala.identity import file_sha256
+from wsi_dala.layout import IMPORT_CACHE_DIR, WSInferModelLayout, imported_torchscript, writing_path
 from wsi_dala.model import ModelCard, build_model, save_checkpoint
+from wsi_dala.model.scripted import IMPORTED_TORCHSCRIPT, SHA256_OPTION, load_torchscript
 from wsi_dala.model.wsinfer_format import CARD_EXTRA_FILE, normalisation_of, positive_class_of, read_wsinfer_config
+
+log = logging.getLogger(__name__)
 
 IMPORTABLE = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50"}  # their name -> ours
 
@@ -58,7 +64,8 @@ def imported_checkpoint(folder: str | os.PathLike[str], positive_class: str | No
     target = layout.imported_checkpoint(_cache_dir(layout), digest.hexdigest())
     if target.exists():
         return target
-    scripted, extra = _load_torchscript(script)
+    scripted, extra_files = load_torchscript(script)
+    extra = extra_files[CARD_EXTRA_FILE]
     if extra:  # written by `wsi-dala export-model`: our own card and network, whatever the architecture
         card = ModelCard.from_json(extra, f"{script} (its wsi-dala model card)")
         if positive_class is not None:
@@ -67,21 +74,60 @@ def imported_checkpoint(folder: str | os.PathLike[str], positive_class: str | No
     else:
         architecture = str(config.get("architecture", ""))
         ours = IMPORTABLE.get(architecture.lower())
-        if ours is None:
-            raise CheckpointError(
-                f"{config_path}: architecture {architecture!r} cannot be loaded as an eager network for DT "
-                f"Grad-CAM (supported: {', '.join(IMPORTABLE)})"
-            )
         positive = positive_class_of(names, positive_class, str(config_path))  # our exports' cards know theirs
+        if ours is None:  # no eager network: the TorchScript scores as it is, without DT Grad-CAM
+            _check_scripted_output(scripted, config, len(names), script)
+            log.warning(
+                "%s: architecture %r has no eager network here (DT Grad-CAM needs one: %s); it scores "
+                "without CAM and the tumour layer is its probability",
+                config_path,
+                architecture,
+                ", ".join(IMPORTABLE),
+            )
+            return _save_scripted(target, script, _card(config, IMPORTED_TORCHSCRIPT, names, positive, config_path))
         model = _torchvision_model(scripted, script, ours, len(names))
         card = _card(config, ours, names, positive, config_path)
+    _save(target, model, card)
+    return target
+
+
+def _save(target: Path, model: torch.nn.Module, card: ModelCard) -> None:
     partial = writing_path(target, os.getpid())
     try:
         save_checkpoint(partial, model, card)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _save_scripted(target: Path, script: Path, card: ModelCard) -> Path:
+    """A card-only checkpoint and, beside it, a copy of the TorchScript whose SHA-256 the card records (the
+    copy, so a later change to the model folder cannot change what this checkpoint scores with)."""
+    copy = imported_torchscript(target)
+    partial = writing_path(copy, os.getpid())
+    try:
+        shutil.copyfile(script, partial)
+        os.replace(partial, copy)
+    finally:
+        partial.unlink(missing_ok=True)
+    card.options = {SHA256_OPTION: file_sha256(copy)}
+    card.training_data["note"] = "TorchScript only: no eager network, so no DT Grad-CAM"
+    _save(target, torch.nn.Module(), card)
     return target
+
+
+def _check_scripted_output(scripted: torch.jit.ScriptModule, config: dict, n_classes: int, script: Path) -> None:
+    """One forward pass on a blank patch: the model must take [1, 3, H, W] and give [1, n_classes] logits."""
+    size = _input_size(config, script)
+    try:
+        with torch.no_grad():
+            out = scripted(torch.zeros(1, 3, size, size))
+    except Exception as exc:
+        why = " ".join(str(exc).split())[:160]
+        raise CheckpointError(f"{script}: does not run on a {size} x {size} patch ({why})") from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, n_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CheckpointError(f"{script}: gives {shape} for one patch, not [1, {n_classes}] class logits")
 
 
 def _cache_dir(layout: WSInferModelLayout) -> Path:
@@ -89,20 +135,6 @@ def _cache_dir(layout: WSInferModelLayout) -> Path:
         return ensure_writable_dir(layout.import_dir)
     except Exception:  # a read-only model folder (a shared models share): the user's cache instead
         return ensure_writable_dir(IMPORT_CACHE_DIR.expanduser())
-
-
-def _load_torchscript(script: Path) -> tuple[torch.jit.ScriptModule, str]:
-    """The TorchScript module and the wsi-dala model card inside it ("" when it has none)."""
-    extra = {CARD_EXTRA_FILE: ""}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch 2.x
-            scripted = torch.jit.load(str(script), map_location="cpu", _extra_files=extra)
-    except Exception as exc:  # torch raises RuntimeError, ValueError... for a file that is not TorchScript
-        why = " ".join(str(exc).split())[:160]
-        raise CheckpointError(f"{script}: not a loadable TorchScript file ({why})") from exc
-    card = extra[CARD_EXTRA_FILE]
-    return scripted, card.decode() if isinstance(card, bytes) else str(card)
 
 
 def _our_model(scripted: torch.jit.ScriptModule, card: ModelCard, script: Path) -> torch.nn.Module:
@@ -143,14 +175,7 @@ def _card(config: dict, architecture: str, names: list[str], positive: str, sour
     """The model card: the Resize step sets the network's input size, so the tile's µm/px is the patch's
     spacing scaled by patch size / input size."""
     patch_px, spacing = int(config["patch_size_pixels"]), float(config["spacing_um_px"])
-    size = patch_px
-    for step in config["transform"]:
-        if step.get("name") == "Resize":
-            value = (step.get("arguments") or {}).get("size")
-            value = value[0] if isinstance(value, list) and value else value
-            if not (isinstance(value, int) and value > 0):
-                raise CheckpointError(f"{source}: Resize needs a positive whole-number size, not {value!r}")
-            size = value
+    size = _input_size(config, source)
     card = ModelCard(
         architecture=architecture,
         class_names=names,
@@ -163,3 +188,16 @@ def _card(config: dict, architecture: str, names: list[str], positive: str, sour
     )
     card.validate(str(source))
     return card
+
+
+def _input_size(config: dict, source: Path) -> int:
+    """The network's input side: the ``Resize`` step's size, else the patch size."""
+    size = int(config["patch_size_pixels"])
+    for step in config["transform"]:
+        if step.get("name") == "Resize":
+            value = (step.get("arguments") or {}).get("size")
+            value = value[0] if isinstance(value, list) and value else value
+            if not (isinstance(value, int) and value > 0):
+                raise CheckpointError(f"{source}: Resize needs a positive whole-number size, not {value!r}")
+            size = value
+    return size

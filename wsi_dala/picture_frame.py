@@ -27,6 +27,7 @@ TITLE_PX = 28
 MARGIN_PX = 10
 TITLE_FONT_PT = 9
 MIN_SIDE_KEY_PX = 240  # a colour bar or legend beside a very flat picture still gets this height
+MIN_DRAWN_PX = 600  # a slide picture smaller than this on its longest side is drawn enlarged
 
 DrawStrip = Callable[["Figure"], None]
 
@@ -37,6 +38,17 @@ class Key:
 
     draw: DrawStrip
     size_px: int
+
+
+def enlarged(image: np.ndarray, min_px: int = MIN_DRAWN_PX) -> np.ndarray:
+    """A small slide picture (a small slide, or a coarse thumbnail) drawn at least ``min_px`` on its longest
+    side, whole pixels kept square and sharp, so the picture and its keys stay readable."""
+    height, width = image.shape[:2]
+    scale = min_px / max(height, width, 1)
+    if scale <= 1:
+        return image
+    size = (round(width * scale), round(height * scale))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.NEAREST))
 
 
 def draw_strip(width_px: int, height_px: int, draw: DrawStrip) -> Image.Image:

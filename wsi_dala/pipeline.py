@@ -394,6 +394,9 @@ def _record(
             "positive_class": card.positive_class,
             "tile_size_px": card.tile_size_px,
             "mpp": card.mpp,
+            "cam": "DT Grad-CAM"
+            if TileStore(tiled.store).info.require_scores(str(tiled.store)).has_cams
+            else "none: the model has no feature map; the tumour layer and regions are its probability",
         },
         resolution=RunResolution(
             slide_mpp=cut.slide_mpp,

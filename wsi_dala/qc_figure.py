@@ -10,16 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
-from wsi_dala.picture_frame import legend, save_framed_png
+from wsi_dala.picture_frame import enlarged, legend, save_framed_png
 
 TISSUE_OUTLINE_RGB = (0, 140, 60)
 INK_RGB = (255, 200, 0)
 FOLD_RGB = (0, 200, 255)
 BLUR_RGB = (255, 0, 160)
-MIN_DRAWN_PX = 600  # a thumbnail smaller than this on its longest side is drawn enlarged
 LEGEND_PX = 190
 
 
@@ -66,11 +64,7 @@ def render_qc(picture: QCPicture, path: Path, title: str) -> None:
     outline = picture.tissue & ~ndimage.binary_erosion(picture.tissue, iterations=1, border_value=0)
     image[outline] = TISSUE_OUTLINE_RGB
     del outline
-    height, width = image.shape[:2]
-    scale = MIN_DRAWN_PX / max(height, width)
-    if scale > 1:  # small thumbnails drawn larger (pixels kept square and sharp) so the legend stays readable
-        size = (round(width * scale), round(height * scale))
-        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.NEAREST))
+    image = enlarged(image)
     areas = picture.areas_mm2
     handles = [
         Patch(facecolor="none", edgecolor=_unit(TISSUE_OUTLINE_RGB), label=f"tissue {areas['tissue']:.2f} mm²"),

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wsi_dala.cam import features_logits_and_raw_cams
+from wsi_dala.cam import features_and_logits_without_cams, features_logits_and_raw_cams
 from wsi_dala.config import ScoringConfig
 from wsi_dala.devices import normalise, resolve_device
 from wsi_dala.engines import Backbone, BackbonePlan, load_backbone, plan_backbone
@@ -41,7 +41,7 @@ from wsi_dala.engines.plan import BackboneChoice, BackboneRequest
 from wsi_dala.errors import ConfigError, QualityError
 from wsi_dala.identity import file_sha256
 from wsi_dala.model import ModelCard, load_checkpoint, read_card
-from wsi_dala.model.interface import as_split
+from wsi_dala.model.interface import as_split, has_feature_map
 from wsi_dala.stain_normalise import StainNormaliser
 from wsi_dala.store import ScoringRecord, TileStore
 from wsi_dala.tta import (
@@ -217,9 +217,12 @@ def _score_views(
     """Mean probabilities [n, C], SD of the positive probability [n] and mean raw CAM [n, g, g] over the views."""
     probabilities, cams, samples = [], [], []
     for view in views(uncertainty.tta):
-        features, logits, raw = features_logits_and_raw_cams(
-            model, apply_view(images, view), card.positive_index, backbone=backbone
-        )
+        if has_feature_map(model):
+            features, logits, raw = features_logits_and_raw_cams(
+                model, apply_view(images, view), card.positive_index, backbone=backbone
+            )
+        else:
+            features, logits, raw = features_and_logits_without_cams(model, apply_view(images, view), backbone=backbone)
         scaled = torch.softmax(logits.float() / temperature, dim=1)
         probabilities.append(scaled)
         cams.append(undo_view(raw, view))
@@ -247,6 +250,8 @@ def _write_chunk(packed: np.ndarray, store_path: str, index: int, n_classes: int
 def feature_grid(checkpoint: str, tile_size_px: int) -> int:
     """Side of the model's feature map for one tile (7 for ResNet50 at 224 px)."""
     model, _card = cached_model(checkpoint, "cpu")
+    if not has_feature_map(model):
+        return 1  # no CAM: one NaN cell per tile (see features_and_logits_without_cams)
     try:  # shapes only, on the meta device: no arithmetic (a real ResNet50 pass is ~1 s of a run's start-up)
         meta = copy.deepcopy(model).to("meta")
         with torch.no_grad():
@@ -365,6 +370,7 @@ def score_store(
         precision,
         uncertainty=describe(config.tta, config.mc_dropout),
         temperature=card.temperature,
+        has_cams=has_feature_map(cached_model(setup.checkpoint, "cpu")[0]),
     )
     store.mark_scores_complete(record)
     seconds = time.perf_counter() - started

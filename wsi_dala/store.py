@@ -178,6 +178,7 @@ class ScoringRecord:
     precision: str
     uncertainty: str = "none"  # how score_sd was measured: none | tta:flips | tta:d4 | mc-dropout:N | both, joined by +
     temperature: float | None = None  # the model card's temperature the probabilities were scaled with (None: T = 1)
+    has_cams: bool = True  # False: the model has no feature map; ``cams`` holds NaN and the heatmap uses p alone
 
     @property
     def positive_index(self) -> int:

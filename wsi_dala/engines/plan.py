@@ -125,6 +125,11 @@ def plan_backbone(request: BackboneRequest) -> BackboneChoice:
     started = time.perf_counter()
     if request.backend not in BACKENDS:
         raise EngineError(f"--backend must be one of {', '.join(BACKENDS)}, got {request.backend!r}")
+    if not getattr(request.model, "exportable", True):  # a TorchScript-only import (wsi_dala.model.scripted)
+        reason = "TorchScript-only model: runs as traced, on torch in fp32"
+        if request.backend not in ("auto", "torch") or request.precision not in ("auto", "fp32"):
+            reason += f" (asked: --backend {request.backend} --precision {request.precision})"
+        return _timed(BackboneChoice(_torch_plan(request, "fp32"), request.backend, reason), started)
     if request.device != "cpu":
         if request.backend not in ("auto", "torch"):
             raise EngineError(f"--backend {request.backend} runs on the CPU only; on {request.device} use torch")

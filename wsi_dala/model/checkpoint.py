@@ -27,6 +27,7 @@ from wsi_dala.errors import CheckpointError, ConfigError
 from wsi_dala.fileio import atomic_open
 from wsi_dala.model.build import build_model
 from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
+from wsi_dala.model.scripted import IMPORTED_TORCHSCRIPT, load_imported_scripted
 from wsi_dala.stain import StainProfile
 
 CARD_KEY = "wsi_dala.model_card"
@@ -182,6 +183,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
     path = Path(path)
     card = read_card(path)
+    if card.architecture == IMPORTED_TORCHSCRIPT:  # a WSInfer model we have no eager network for
+        return load_imported_scripted(path, card.options).to(device), card
     model = build_model(card.architecture, len(card.class_names), "none", card.options, card.tile_size_px)
     try:
         state = load_file(str(path), device=str(device))

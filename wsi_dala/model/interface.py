@@ -24,3 +24,9 @@ def as_split(model: nn.Module) -> SplitModel:
     if not (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))):
         raise TypeError(f"{type(model).__name__} has no forward_features/forward_head split")
     return cast(SplitModel, model)
+
+
+def has_feature_map(model: nn.Module) -> bool:
+    """Whether ``forward_features`` gives a spatial map [N, C, h, w] on which DT Grad-CAM is defined. Models
+    without one (a ViT baseline's tokens, a TorchScript-only import) score without CAM."""
+    return bool(getattr(model, "spatial_features", False))
