@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +50,25 @@ def feature_key(description: dict[str, Any], samples: list[Sample]) -> str:
     return config_hash({**description, "tiles": [(s.source, s.index) for s in samples]})
 
 
+@dataclass(frozen=True)
+class EncoderPass:
+    """How the tiles go through the encoder: as validation images (centre crop), normalised as the card says."""
+
+    input_size: int
+    batch_size: int
+    device: torch.device
+    mean: list[float]
+    std: list[float]
+    precision: str
+    stain: StainNormaliser | None = None
+
+
 def cached_features(
     model: nn.Module,
     samples: list[Sample],
     cache_dir: Path,
     description: dict[str, Any],
-    *,
-    input_size: int,
-    batch_size: int,
-    device: torch.device,
-    mean: list[float],
-    std: list[float],
-    precision: str,
-    stain: StainNormaliser | None = None,
+    how: EncoderPass,
     progress: bool = True,
 ) -> np.ndarray:
     """[len(samples), C] pooled features of ``samples`` under ``model.forward_features``: read from the
@@ -72,7 +79,7 @@ def cached_features(
     if stored is not None:
         log.info("encoder features of %d tiles read from %s", len(samples), path)
         return stored
-    features = _compute(model, samples, input_size, batch_size, device, mean, std, precision, stain, progress)
+    features = _compute(model, samples, how, progress)
     _write(path, key, features, description)
     log.info("encoder features of %d tiles written to %s", len(samples), path)
     return features
@@ -92,29 +99,18 @@ def _read(path: Path, key: str, n: int) -> np.ndarray | None:
         return None
 
 
-def _compute(
-    model: nn.Module,
-    samples: list[Sample],
-    input_size: int,
-    batch_size: int,
-    device: torch.device,
-    mean: list[float],
-    std: list[float],
-    precision: str,
-    stain: StainNormaliser | None,
-    progress: bool,
-) -> np.ndarray:
-    loader = make_loader(samples, input_size=input_size, batch_size=batch_size, train=False, n_classes=1)
+def _compute(model: nn.Module, samples: list[Sample], how: EncoderPass, progress: bool) -> np.ndarray:
+    loader = make_loader(samples, input_size=how.input_size, batch_size=how.batch_size, train=False, n_classes=1)
     encoder = as_split(model)
     model.eval()
     parts: list[np.ndarray] = []
     with torch.no_grad():
         for images, _ in tqdm(loader, desc="encoder features", leave=False, disable=not progress):
-            images = images.to(device, non_blocking=True)
-            if stain is not None:
-                images = stain(images)
-            with autocast(precision, device):
-                maps = encoder.forward_features(normalise(images, mean, std))
+            images = images.to(how.device, non_blocking=True)
+            if how.stain is not None:
+                images = how.stain(images)
+            with autocast(how.precision, how.device):
+                maps = encoder.forward_features(normalise(images, how.mean, how.std))
             parts.append(maps.float().mean(dim=(2, 3)).cpu().numpy())
     return np.concatenate(parts).astype(np.float32)
 

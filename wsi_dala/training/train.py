@@ -48,7 +48,7 @@ from wsi_dala.training.calibrate import (
     write_reliability,
 )
 from wsi_dala.training.datasets import Sample, SampleDataset, class_counts
-from wsi_dala.training.feature_cache import cached_features, weights_identity
+from wsi_dala.training.feature_cache import EncoderPass, cached_features, weights_identity
 from wsi_dala.training.loaders import TileLoader, feature_loader, make_loader
 from wsi_dala.training.metrics import classification_metrics
 from wsi_dala.training.plots import plot_curves
@@ -198,21 +198,12 @@ def _head_data(session: _Session, train: list[Sample], val: list[Sample], cache_
         "precision": resolve_precision(config.precision, session.device),
     }
 
+    how = EncoderPass(
+        config.input_size, config.batch_size, session.device, session.mean, session.std, config.precision, session.stain
+    )
+
     def features_of(samples: list[Sample]) -> np.ndarray:
-        return cached_features(
-            session.model,
-            samples,
-            cache_dir,
-            description,
-            input_size=config.input_size,
-            batch_size=config.batch_size,
-            device=session.device,
-            mean=session.mean,
-            std=session.std,
-            precision=config.precision,
-            stain=session.stain,
-            progress=progress,
-        )
+        return cached_features(session.model, samples, cache_dir, description, how, progress)
 
     labels = [np.array([s.label for s in part], dtype=np.int64) for part in (train, val)]
     return HeadData(features_of(train), labels[0], features_of(val), labels[1])
