@@ -1,6 +1,6 @@
-"""DALAResNet50 throughput: inference and training images/s at batch 32, 224 px.
+"""Model throughput (DALAResNet50 by default): inference and training images/s at batch 32, 224 px.
 
-    python benchmarks/model.py [--batch 32] [--size 224] [--steps 3] [--threads N]
+    python benchmarks/model.py [--arch resvit-gannet] [--batch 32] [--size 224] [--steps 3] [--threads N]
 
 Inference: fp32, fp32 channels_last, bf16 autocast (where the CPU has native bf16), and DT Grad-CAM
 on top of a forward pass; CUDA with fp16 AMP when a GPU is present. Training: one optimiser step per
@@ -17,7 +17,7 @@ import torch
 
 from wsi_dala.cam import logits_and_raw_cams
 from wsi_dala.devices import cpu_supports_bf16
-from wsi_dala.model import DALAResNet50
+from wsi_dala.model import ARCHITECTURES, build_model
 
 
 def _sync(device: torch.device) -> None:
@@ -70,6 +70,7 @@ def time_training(model, x, device, steps, autocast=None) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="dalaresnet50", choices=ARCHITECTURES, help="untrained, random weights")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=3, help="timed batches per figure (after one warm-up)")
@@ -83,7 +84,8 @@ def main() -> None:
         f"torch {torch.__version__}"
     )
     torch.manual_seed(0)
-    model = DALAResNet50(2).to(device).eval()
+    model = build_model(args.arch, 2, "none", input_size=args.size).to(device).eval()
+    print(f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     rows = []
     if device.type == "cuda":
@@ -119,7 +121,7 @@ def main() -> None:
             )
         else:
             rows.append(("inference bf16", float("nan")))
-        model_train = DALAResNet50(2).to(device)
+        model_train = build_model(args.arch, 2, "none", input_size=args.size).to(device)
         rows.append(("training fp32", time_training(model_train, x, device, max(1, args.steps - 1))))
         if cpu_supports_bf16():
             rows.append(

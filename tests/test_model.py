@@ -90,6 +90,7 @@ def test_every_architecture_builds_with_the_split_interface():
         "vit_b_16": False,
         "swin_t": True,
         "dinov2_vitb14": False,
+        "resvit-gannet": True,
     }
 
 

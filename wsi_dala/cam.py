@@ -100,7 +100,8 @@ def head_logits_and_raw_cams(
         logits = as_split(model).forward_head(features)
         (gradients,) = torch.autograd.grad(logits[:, positive_index].sum(), features)
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # α_k: spatial mean of the gradient
-    raw = torch.relu((weights * features.detach()).sum(dim=1))
+    channels = getattr(model, "cam_channels", None)  # a map whose first channels are the CAM's target layer
+    raw = torch.relu((weights * features.detach())[:, :channels].sum(dim=1))
     return logits.detach(), raw
 
 

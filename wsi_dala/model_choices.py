@@ -17,6 +17,7 @@ ARCHITECTURES = (
     "vit_b_16",
     "swin_t",
     "dinov2_vitb14",
+    "resvit-gannet",
     "colour-reference",
 )
 # ``timm:NAME``: any timm network as an encoder with a linear head (wsi_dala.model.encoder).

@@ -164,6 +164,34 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--attention-kind", default="gate", choices=ATTENTION_KINDS, help="DALAResNet50 attention")
     model.add_argument("--gate-mode", default="x*a", choices=GATE_MODES, help="DALAResNet50: y = x*a or x*(1+a)")
     model.add_argument(
+        "--vit",
+        default="vit_b_16",
+        metavar="vit_b_16|timm:NAME",
+        help="resvit-gannet: its ViT branch, torchvision's ViT-B/16 or a timm ViT (e.g. timm:vit_small_patch16_224 "
+        "for CPU-sized runs) (default: vit_b_16)",
+    )
+    model.add_argument(
+        "--vit-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="resvit-gannet with timm:NAME: a keyword argument of the ViT (e.g. depth=6); repeatable (default: none)",
+    )
+    model.add_argument(
+        "--fused-blocks",
+        type=number_in(1, 64, integer=True),
+        default=4,
+        metavar="K",
+        help="resvit-gannet: multi-layer token fusion over the ViT's last K blocks (default: 4)",
+    )
+    model.add_argument(
+        "--tama-heads",
+        type=number_in(1, 64, integer=True),
+        default=8,
+        metavar="H",
+        help="resvit-gannet: attention heads of the TAMA fusion; must divide the ViT width (default: 8)",
+    )
+    model.add_argument(
         "--positive-class",
         default=None,
         metavar="NAME",
@@ -278,13 +306,13 @@ def _architecture(text: str) -> str:
     return text
 
 
-def _timm_options(pairs: list[str]) -> dict[str, Any]:
+def _timm_options(pairs: list[str], flag: str = "--timm-option") -> dict[str, Any]:
     """``--timm-option KEY=VALUE``: VALUE as JSON where it parses (numbers, true, lists), else a string."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
-            raise ConfigError(f"--timm-option {pair!r}: expected KEY=VALUE, e.g. init_values=1e-5")
+            raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. init_values=1e-5")
         try:
             options[key] = json.loads(value)
         except ValueError:
@@ -310,6 +338,16 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         options = _timm_options(args.timm_option)
     if args.feature_cache and not args.freeze_backbone:
         raise ConfigError("--feature-cache applies to --freeze-backbone only")
+    resvit_flags = args.vit != "vit_b_16" or args.vit_option or args.fused_blocks != 4 or args.tama_heads != 8
+    if resvit_flags and args.arch != "resvit-gannet":
+        raise ConfigError("--vit, --vit-option, --fused-blocks and --tama-heads apply to --arch resvit-gannet only")
+    if args.arch == "resvit-gannet":
+        options = {
+            "vit": args.vit,
+            "vit_options": _timm_options(args.vit_option, "--vit-option"),
+            "fused_blocks": args.fused_blocks,
+            "heads": args.tama_heads,
+        }
     if args.arch == "dalaresnet50":
         options = {
             "attention_position": args.attention_position,

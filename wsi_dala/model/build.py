@@ -8,6 +8,7 @@ PATH`` loads a state dict from a safetensors file (or a torch file, with ``weigh
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -22,6 +23,7 @@ from wsi_dala.model.baselines import TimmClassifier, torchvision_baseline
 from wsi_dala.model.colour import ColourReferenceScorer
 from wsi_dala.model.dala import DalaOptions, DALAResNet50
 from wsi_dala.model.encoder import build_encoder_classifier
+from wsi_dala.model.resvit import ResVitGanNet, resvit_options
 from wsi_dala.model_choices import TIMM_PREFIX, architecture_problem
 
 _TORCHVISION = {
@@ -34,6 +36,7 @@ _TORCHVISION = {
     "swin_t": (tvm.swin_t, tvm.Swin_T_Weights.IMAGENET1K_V1),
 }
 _TIMM = {"seresnet50": ("seresnet50", True), "dinov2_vitb14": ("vit_base_patch14_dinov2", False)}
+log = logging.getLogger(__name__)
 OFFLINE_ENV = "WSI_DALA_OFFLINE"  # set to 1 to fail at once instead of trying a download
 
 
@@ -66,6 +69,10 @@ def build_model(
             stray = list(unexpected) + [k for k in missing if not k.startswith(("attention.", "head."))]
             if stray:
                 raise CheckpointError(f"ImageNet ResNet50 weights do not fit DALAResNet50: {stray[:5]}")
+    elif arch == "resvit-gannet":
+        model = ResVitGanNet(num_classes, resvit_options(options), input_size)
+        if pretrained == "imagenet":
+            _load_resvit_imagenet(model, input_size)
     elif arch in _TORCHVISION:
         constructor, _ = _TORCHVISION[arch]
         backbone = constructor(weights=None)
@@ -92,6 +99,24 @@ def build_model(
     if pretrained not in ("none", "imagenet"):
         load_pretrained_file(model, Path(pretrained))
     return model
+
+
+def _load_resvit_imagenet(model: ResVitGanNet, input_size: int) -> None:
+    """ImageNet weights into both branches: torchvision's ResNet50 and (for vit_b_16) ViT-B/16, its position
+    embedding interpolated when the tile is not 224 px; a timm ViT takes no download (train from none)."""
+    cnn, vit = model.imagenet_parts()
+    resnet = tvm.resnet50(weights=None)
+    resnet.load_state_dict(_torchvision_imagenet_state("resnet50"))
+    cnn.load_state_dict(nn.Sequential(*list(resnet.children())[:-2]).state_dict())
+    if vit is None:
+        log.warning("resvit-gannet: ImageNet weights for the ResNet50 branch only; the timm ViT starts random")
+        return
+    state = _torchvision_imagenet_state("vit_b_16")
+    if input_size != 224:
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        state = interpolate_embeddings(input_size, 16, state)
+    vit.load_state_dict(state)
 
 
 def imagenet_weights_file(arch: str) -> Path:

@@ -1,0 +1,105 @@
+"""ResViT-GANNet: two branches fused by TAMA; trains, checkpoints, reloads bit-exactly, scores through `run`
+and gives DT Grad-CAM on the CNN branch. Tiny inputs and a tiny timm ViT keep it CPU-sized."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+
+from tests.images import write_blob_folder
+from wsi_dala.cam import logits_and_raw_cams
+from wsi_dala.cli import main
+from wsi_dala.errors import CheckpointError
+from wsi_dala.model import build_model, load_checkpoint, read_card
+from wsi_dala.model.resvit import CNN_CHANNELS, resnet_grid
+
+TINY = {
+    "vit": "timm:vit_tiny_patch16_224",
+    "vit_options": {"depth": 3, "embed_dim": 48, "num_heads": 2},
+    "fused_blocks": 2,
+    "heads": 4,
+}
+TINY_FLAGS = ["--vit", "timm:vit_tiny_patch16_224", "--vit-option", "depth=3", "--vit-option", "embed_dim=48"]
+TINY_FLAGS += ["--vit-option", "num_heads=2", "--fused-blocks", "2", "--tama-heads", "4"]
+
+
+def test_grids_and_shapes():
+    assert [resnet_grid(s) for s in (224, 64, 96, 100)] == [7, 2, 3, 4]
+    torch.manual_seed(0)
+    model = build_model("resvit-gannet", 3, "none", TINY, input_size=64).eval()
+    features = model.forward_features(torch.rand(2, 3, 64, 64))
+    assert features.shape == (2, CNN_CHANNELS + 48, 2, 2)  # the ViT's 4 x 4 patches pooled onto the CNN's 2 x 2
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 3)
+    weights = torch.softmax(model.fusion_logits, 0)
+    assert weights.shape == (2,) and torch.allclose(weights, torch.full((2,), 0.5))
+
+
+def test_grad_cam_is_taken_on_the_cnn_channels_through_the_fusion():
+    torch.manual_seed(1)
+    model = build_model("resvit-gannet", 2, "none", TINY, input_size=64).eval()
+    images = torch.rand(3, 3, 64, 64)
+    logits, raw = logits_and_raw_cams(model, images, positive_index=1)
+    features = model.forward_features(images).detach().requires_grad_(True)
+    (gradients,) = torch.autograd.grad(model.forward_head(features)[:, 1].sum(), features)
+    alpha = gradients.mean(dim=(2, 3), keepdim=True)
+    expected = torch.relu((alpha * features.detach())[:, :CNN_CHANNELS].sum(1))
+    torch.testing.assert_close(raw, expected)
+    torch.testing.assert_close(logits, model(images))
+    assert gradients[:, :CNN_CHANNELS].abs().sum() > 0 and gradients[:, CNN_CHANNELS:].abs().sum() > 0
+
+
+def test_bad_options_are_refused_by_name():
+    with pytest.raises(CheckpointError, match="16-px patches do not divide the tile size 72; use --input-size"):
+        build_model("resvit-gannet", 2, "none", TINY, input_size=72)
+    with pytest.raises(CheckpointError, match="--tama-heads 5 does not divide the ViT width 48"):
+        build_model("resvit-gannet", 2, "none", {**TINY, "heads": 5}, input_size=64)
+    with pytest.raises(CheckpointError, match="--fused-blocks 9: the ViT has 3 blocks"):
+        build_model("resvit-gannet", 2, "none", {**TINY, "fused_blocks": 9}, input_size=64)
+    with pytest.raises(CheckpointError, match="unknown ResViT-GANNet options"):
+        build_model("resvit-gannet", 2, "none", {**TINY, "depth": 3}, input_size=64)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resvit")
+    data = write_blob_folder(root / "data", size=64, n=32, groups=4)
+    argv = ["train", "--folder", str(data), "--out", str(root / "run"), "--arch", "resvit-gannet", *TINY_FLAGS]
+    argv += ["--pretrained", "none", "--input-size", "64", "--epochs", "2", "--batch-size", "8", "--train-mpp", "1.0"]
+    assert main([*argv, "--precision", "fp32", "-q"]) == 0
+    return root / "run" / "best.safetensors"
+
+
+def test_it_trains_checkpoints_and_reloads_bit_exactly(trained):
+    card = read_card(trained)
+    assert card.architecture == "resvit-gannet" and card.options == TINY
+    model, _ = load_checkpoint(trained)
+    saved = load_file(str(trained))
+    assert set(saved) == set(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+@pytest.mark.slow
+def test_run_scores_a_slide_with_its_cnn_branch_cams(trained, svs_050, tmp_path):
+    cli = [sys.executable, "-m", "wsi_dala", "run", str(svs_050.path), "--model", str(trained), "-q"]
+    done = subprocess.run([*cli, "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["model"]["architecture"] == "resvit-gannet" and record["model"]["cam"] == "DT Grad-CAM"
+    store = zarr.open_group(tmp_path / "run" / "tiles.zarr", mode="r")
+    cams = np.asarray(store["cams"][:])
+    assert cams.shape[1:] == (2, 2) and np.isfinite(cams).all() and (cams > 0).any()
+
+
+def test_resvit_flags_need_the_architecture(capsys, tmp_path):
+    data = write_blob_folder(tmp_path / "data", size=32, n=8, groups=4)
+    code = main(["train", "--folder", str(data), "--out", str(tmp_path / "o"), "--fused-blocks", "2", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "apply to --arch resvit-gannet only" in err[0], err
