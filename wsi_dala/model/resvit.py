@@ -143,6 +143,7 @@ class _TamaHead(nn.Module):
 class ResVitGanNet(nn.Module):
     spatial_features = True
     cam_channels = CNN_CHANNELS  # DT Grad-CAM on the CNN branch's attended map only
+    heavy_head = True  # TAMA is 6 M parameters of attention: scoring runs it on every thread (scoring.py)
 
     def __init__(self, num_classes: int, options: ResVitOptions, input_size: int = 224):
         super().__init__()
