@@ -200,6 +200,11 @@ class TrainConfig(Settings):
     loader_workers: int = Field(0, ge=0)  # data-loading processes (0: load in the training process)
     precise_bn_batches: int = Field(0, ge=0)  # >0: re-estimate BatchNorm statistics on this many batches
     stain_normalise: StainNormalisation = "none"  # map training batches to the published H&E reference first
+    mask_guided: bool = False  # lesion masks from the QuPath annotations guide training (wsi_dala.training.guidance)
+    hard_attention_floor: float = Field(0.1, ge=0, le=1)  # mask_guided: features outside the lesion x this (1: off)
+    attention_loss_weight: float = Field(0.5, ge=0)  # mask_guided: weight of attention-to-mask BCE (0: off)
+    contrastive_weight: float = Field(0.0, ge=0)  # supervised-contrastive term on pooled features (0: off)
+    contrastive_temperature: float = Field(0.1, gt=0, le=10)
 
     @field_validator("arch")
     @classmethod
@@ -213,6 +218,8 @@ class TrainConfig(Settings):
     def _frozen_backbone_needs_an_encoder(self) -> TrainConfig:
         if self.freeze_backbone and not self.arch.startswith(TIMM_PREFIX):
             raise ValueError("--freeze-backbone needs --arch timm:NAME (an encoder with a pooled linear head)")
+        if self.freeze_backbone and (self.mask_guided or self.contrastive_weight > 0):
+            raise ValueError("--freeze-backbone trains a head on cached features: no --mask-guided or contrastive term")
         if self.freeze_backbone and self.freeze_until:
             raise ValueError("--freeze-backbone and --freeze-until exclude each other: the first freezes everything")
         if self.arch.startswith(TIMM_PREFIX) and self.pretrained == "imagenet":

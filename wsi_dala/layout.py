@@ -136,6 +136,14 @@ class TrainLayout:
     )
 
 
+LESION_MASKS_ARRAY = "masks"  # in a lesion-mask store: [N, S, S] bool, row i the mask of tile i
+
+
+def lesion_masks_store(tiles_store: Path) -> Path:
+    """`train --mask-guided`: the lesion mask of each tile of an annotated slide's ``tiles.zarr``, beside it."""
+    return Path(tiles_store).parent / "lesion_masks.zarr"
+
+
 def feature_cache_store(cache_dir: Path, key: str) -> Path:
     """One encoder's features of one set of training tiles (``key``: what they were computed from)."""
     return cache_dir / f"features-{key}.zarr"

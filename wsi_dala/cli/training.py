@@ -233,6 +233,43 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         help="--freeze-backbone: where the cached features go, shared by runs on the same tiles "
         "(default: OUT/features)",
     )
+    guide = parser.add_argument_group("guidance (Deep Pneumonia)")
+    guide.add_argument(
+        "--mask-guided",
+        action="store_true",
+        help="with --slide: the lesion outlines of the positive class guide training, by hard attention and "
+        "attention supervision (default: off)",
+    )
+    guide.add_argument(
+        "--hard-attention-floor",
+        type=number_in(0, 1),
+        default=0.1,
+        metavar="F",
+        help="--mask-guided: features of lesion tiles outside the lesion are multiplied by F (1: no hard "
+        "attention) (default: 0.1)",
+    )
+    guide.add_argument(
+        "--attention-loss-weight",
+        type=number_in(0, 100),
+        default=0.5,
+        metavar="W",
+        help="--mask-guided: weight of the BCE pulling the attention gate (or the CAM) toward the lesion mask "
+        "(0: off) (default: 0.5)",
+    )
+    guide.add_argument(
+        "--contrastive-weight",
+        type=number_in(0, 100),
+        default=0.0,
+        metavar="W",
+        help="weight of a supervised-contrastive term on the pooled features of each batch (default: 0, off)",
+    )
+    guide.add_argument(
+        "--contrastive-temperature",
+        type=number_in(0.001, 10),
+        default=0.1,
+        metavar="T",
+        help="temperature of the supervised-contrastive term (default: 0.1)",
+    )
     fit.add_argument(
         "--precise-bn-batches",
         type=int,
@@ -374,7 +411,17 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         "precise_bn_batches": args.precise_bn_batches,
         "loader_workers": args.loader_workers,
         "stain_normalise": args.stain_normalise,
+        "mask_guided": args.mask_guided,
+        "hard_attention_floor": args.hard_attention_floor,
+        "attention_loss_weight": args.attention_loss_weight,
+        "contrastive_weight": args.contrastive_weight,
+        "contrastive_temperature": args.contrastive_temperature,
     }
+    if args.mask_guided and not args.slide:
+        raise ConfigError(
+            "--mask-guided needs slides annotated in QuPath (--slide S.svs=S.geojson): the lesion masks come "
+            "from their polygons"
+        )
     return build(TrainConfig, values, "command line")
 
 
@@ -435,6 +482,12 @@ def _train(args: argparse.Namespace) -> int:
         f"{len(val)} ({card_fields['training_data']['groups_val']} groups); classes {names}"
     )
     positive = _positive_class(names, args.positive_class)
+    if config.mask_guided:
+        from wsi_dala.training.lesion_masks import attach_lesion_masks
+        from wsi_dala.training.slide_tiles import parse_slide_argument
+
+        slides = [parse_slide_argument(text) for text in args.slide]
+        train = attach_lesion_masks(train, slides, positive)
     result = train_model(
         train,
         val,

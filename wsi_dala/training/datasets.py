@@ -14,11 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from wsi_dala.errors import ConfigError
+from wsi_dala.layout import LESION_MASKS_ARRAY
 from wsi_dala.store import TileStore
 from wsi_dala.training.splits import group_from_name
 
@@ -46,6 +49,7 @@ class Sample:
     group: str  # patient or slide: never on both sides of a split
     magnification: str | None = None
     index: int = -1  # >= 0: a tile of the Zarr store at ``source``
+    mask: str = ""  # `train --mask-guided`: the lesion-mask store of ``source`` (row ``index``); "" for none
 
 
 def breakhis_samples(root: str | Path, magnification: str | None = None) -> list[Sample]:
@@ -117,17 +121,29 @@ def eval_transform(size: int) -> v2.Compose:
 
 
 class _RandomRot90(torch.nn.Module):
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.rot90(image, int(torch.randint(0, 4, (1,))), dims=(-2, -1))
+    """The same quarter turn for an image and, when given, its mask (kept a ``Mask``: colour jitter skips it)."""
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        turns = int(torch.randint(0, 4, (1,)))
+        items = inputs[0] if len(inputs) == 1 and isinstance(inputs[0], tuple) else inputs
+        turned = tuple(_rotated(item, turns) for item in items)
+        return turned[0] if len(turned) == 1 else turned
+
+
+def _rotated(item: torch.Tensor, turns: int) -> torch.Tensor:
+    out = torch.rot90(item, turns, dims=(-2, -1))
+    return tv_tensors.wrap(out, like=item) if isinstance(item, tv_tensors.TVTensor) else out
 
 
 class SampleDataset(Dataset):
     """Images as uint8 [3, H, W] tensors (normalisation happens per batch, on the device)."""
 
-    def __init__(self, samples: list[Sample], transform: v2.Compose | None = None):
+    def __init__(self, samples: list[Sample], transform: v2.Compose | None = None, with_masks: bool = False):
         self.samples = samples
         self.transform = transform
+        self.with_masks = with_masks  # items are (image, label, lesion mask float [1, H, W]) then
         self._stores: dict[str, TileStore] = {}
+        self._masks: dict[str, zarr.Array] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -144,9 +160,24 @@ class SampleDataset(Dataset):
         except OSError as exc:
             raise ConfigError(f"{sample.source}: cannot read image ({exc})") from exc
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def lesion_mask(self, sample: Sample, shape: tuple[int, int]) -> np.ndarray:
+        """The tile's lesion mask (all False for a sample without one)."""
+        if not sample.mask:
+            return np.zeros(shape, dtype=bool)
+        array = self._masks.get(sample.mask)
+        if array is None:
+            node = zarr.open_group(sample.mask, mode="r", zarr_format=3)[LESION_MASKS_ARRAY]
+            assert isinstance(node, zarr.Array), f"{sample.mask}: masks is not an array"
+            array = self._masks[sample.mask] = node
+        return np.asarray(array[sample.index], dtype=bool)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
         sample = self.samples[i]
-        image = torch.from_numpy(np.ascontiguousarray(self.load(sample))).permute(2, 0, 1)
+        pixels = np.ascontiguousarray(self.load(sample))
+        image = torch.from_numpy(pixels).permute(2, 0, 1)
+        if not self.with_masks:
+            return (self.transform(image) if self.transform is not None else image), sample.label
+        mask = tv_tensors.Mask(torch.from_numpy(self.lesion_mask(sample, pixels.shape[:2]))[None])
         if self.transform is not None:
-            image = self.transform(image)
-        return image, sample.label
+            image, mask = self.transform(image, mask)
+        return image, sample.label, mask.as_subclass(torch.Tensor).float()

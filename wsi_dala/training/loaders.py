@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from wsi_dala.training.datasets import Sample, SampleDataset, eval_transform, train_transform
 
 # One item of a SampleDataset: a uint8 [3, H, W] image and its class index.
-TileLoader = DataLoader[tuple[torch.Tensor, int]]
+TileLoader = DataLoader[tuple[torch.Tensor, ...]]
 
 
 def make_loader(
@@ -28,15 +28,17 @@ def make_loader(
     seed: int = 0,
     imbalance: str = "none",
     loader_workers: int = 0,
+    with_masks: bool = False,
 ) -> TileLoader:
     """A loader over ``samples``.
 
     ``train``: training augmentations and shuffling (or, with ``imbalance="sampler"``, a class-balanced
     weighted sampler drawing with replacement); otherwise a centre crop in the samples' order.
-    ``loader_workers``: data-loading processes (0: load in the calling process).
+    ``loader_workers``: data-loading processes (0: load in the calling process). ``with_masks``: each item
+    also carries the tile's lesion mask, transformed with it (``train --mask-guided``).
     """
     transform = train_transform(input_size) if train else eval_transform(input_size)
-    dataset = SampleDataset(samples, transform)
+    dataset = SampleDataset(samples, transform, with_masks)
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     labels = np.array([s.label for s in samples], dtype=np.int64)
     sampler = _balanced_sampler(labels, n_classes, generator) if train and imbalance == "sampler" else None

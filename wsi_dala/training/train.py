@@ -49,6 +49,7 @@ from wsi_dala.training.calibrate import (
 )
 from wsi_dala.training.datasets import Sample, SampleDataset, class_counts
 from wsi_dala.training.feature_cache import EncoderPass, cached_features, weights_identity
+from wsi_dala.training.guidance import Guidance, guided_logits_and_loss
 from wsi_dala.training.loaders import TileLoader, feature_loader, make_loader
 from wsi_dala.training.metrics import classification_metrics
 from wsi_dala.training.plots import plot_curves
@@ -110,6 +111,7 @@ class _Session:
     card: ModelCard
     stain: StainNormaliser | None = None  # config.stain_normalise: training set's stain -> the reference
     features: HeadData | None = None  # config.freeze_backbone: the tiles' cached encoder features
+    guidance: Guidance | None = None  # mask guidance and contrastive regulation, when asked for
 
     @property
     def mean(self) -> list[float]:
@@ -130,6 +132,7 @@ class _Session:
             seed=self.config.seed,
             imbalance=self.config.imbalance,
             loader_workers=self.config.loader_workers,
+            with_masks=train and self.guidance is not None and self.guidance.uses_masks,
         )
 
 
@@ -334,7 +337,24 @@ def _start_session(
             "head": "mean of the encoder's feature map (ViT: last-block patch tokens) -> linear",
             "augmentation": "none: features computed once, centre crop" if config.freeze_backbone else "as train",
         }
+    guidance = Guidance(
+        lesion_index=card.positive_index,
+        hard_attention_floor=config.hard_attention_floor if config.mask_guided else 1.0,
+        attention_loss_weight=config.attention_loss_weight if config.mask_guided else 0.0,
+        contrastive_weight=config.contrastive_weight,
+        contrastive_temperature=config.contrastive_temperature,
+    )
+    if guidance.active:
+        card.training_data["guidance"] = {
+            "mask_guided": config.mask_guided,
+            "lesion_class": positive_class,
+            "hard_attention_floor": guidance.hard_attention_floor,
+            "attention_loss_weight": guidance.attention_loss_weight,
+            "contrastive_weight": guidance.contrastive_weight,
+            "contrastive_temperature": guidance.contrastive_temperature,
+        }
     return _Session(
+        guidance=guidance if guidance.active else None,
         config=config,
         class_names=list(class_names),
         device=device,
@@ -454,17 +474,22 @@ def _train_one_epoch(session: _Session, loader: TileLoader, desc: str, progress:
     for module in session.frozen_modules:
         module.eval()
     loss_sum, correct, seen = 0.0, 0, 0
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        images = images.to(device, non_blocking=True)
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device)
+        masks = batch[2].to(device) if len(batch) > 2 else None
         if session.stain is not None:
             images = session.stain(images)
         images = normalise(images, session.mean, session.std)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        targets = targets.to(device)
         with autocast(session.config.precision, device):
-            logits = model(images)
+            if session.guidance is not None:
+                logits, extra = guided_logits_and_loss(model, images, targets, masks, session.guidance)
+            else:
+                logits, extra = model(images), None
         loss = session.criterion(logits.float(), targets)
+        if extra is not None:
+            loss = loss + extra.float()
         session.optimizer.zero_grad(set_to_none=True)
         session.scaler.scale(loss).backward()
         session.scaler.step(session.optimizer)
