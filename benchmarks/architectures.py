@@ -7,7 +7,8 @@ Generated slides (``wsi_dala.synthetic``) with their tumour drawn as QuPath anno
 models, two are held out. Each configuration is trained by the real `wsi-dala train` (from random weights:
 nothing is downloaded), then scored on the held-out tiles with DT Grad-CAM:
 
-- DALAResNet50, ResNet50, ResViT-GANNet (a CPU-sized ViT: timm ViT-Tiny/16 with 4 blocks, 2 fused), and
+- DALAResNet50, ResNet50, ResViT-GANNet (a CPU-sized ViT: timm ViT-Tiny/16 with 4 blocks, 2 fused; its CAM
+  on the TAMA-attended CNN tokens, and, as a second row, on the SE-attended CNN map before TAMA), and
   DALAResNet50 with ``--mask-guided`` (hard attention 0.1, attention supervision 0.5);
 - balanced accuracy, F1, GMean and IBA of the tumour class, ROC AUC;
 - **CAM in lesion**: for each held-out tumour tile that its annotation covers only in part, the share of
@@ -54,6 +55,7 @@ CONFIGS = {
     "DALAResNet50": ["--arch", "dalaresnet50"],
     "ResNet50": ["--arch", "resnet50"],
     "ResViT-GANNet (ViT-Ti/16, 4 blocks)": ["--arch", "resvit-gannet", *TINY_VIT],
+    "ResViT-GANNet, CAM before TAMA": ["--arch", "resvit-gannet", *TINY_VIT, "--cam-layer", "cnn"],
     "DALAResNet50 + mask guidance": ["--arch", "dalaresnet50", "--mask-guided"],
 }
 
@@ -148,7 +150,7 @@ def main_benchmark() -> None:
             if args.only and not any(o.lower() in name.lower() for o in args.only):
                 continue
             for seed in args.seeds:
-                out = root / "runs" / f"{flags[1]}-{'-'.join(flags[2:3]) or 'plain'}-{seed}"
+                out = root / "runs" / f"{list(CONFIGS).index(name)}-{seed}"
                 argv = ["train", *[f"--slide={s.slide}={s.annotations}" for s in train_slides], *flags]
                 argv += ["--unannotated-class", "Normal", "--positive-class", "Tumor", "--mpp", str(args.mpp)]
                 argv += ["--input-size", str(args.tile_px), "--pretrained", "none", "--epochs", str(args.epochs)]

@@ -33,26 +33,28 @@ TINY_FLAGS += ["--vit-option", "num_heads=2", "--fused-blocks", "2", "--tama-hea
 def test_grids_and_shapes():
     assert [resnet_grid(s) for s in (224, 64, 96, 100)] == [7, 2, 3, 4]
     torch.manual_seed(0)
-    model = build_model("resvit-gannet", 3, "none", TINY, input_size=64).eval()
-    features = model.forward_features(torch.rand(2, 3, 64, 64))
+    before = build_model("resvit-gannet", 3, "none", {**TINY, "cam_layer": "cnn"}, input_size=64).eval()
+    features = before.forward_features(torch.rand(2, 3, 64, 64))
     assert features.shape == (2, CNN_CHANNELS + 48, 2, 2)  # the ViT's 4 x 4 patches pooled onto the CNN's 2 x 2
-    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 3)
-    weights = torch.softmax(model.fusion_logits, 0)
+    assert before(torch.rand(2, 3, 64, 64)).shape == (2, 3)
+    weights = torch.softmax(before.fusion_logits, 0)
     assert weights.shape == (2,) and torch.allclose(weights, torch.full((2,), 0.5))
+    after = build_model("resvit-gannet", 3, "none", TINY, input_size=64).eval()
+    after.load_state_dict(before.state_dict())  # the split point moves; the parameters are the same
+    images = torch.rand(2, 3, 64, 64)
+    assert after.forward_features(images).shape == (2, 2 * 48, 2, 2)  # TAMA-attended CNN and ViT tokens
+    torch.testing.assert_close(after(images), before(images))
 
 
-def test_grad_cam_is_taken_on_the_cnn_channels_through_the_fusion():
-    torch.manual_seed(1)
+def test_grad_cam_on_the_tama_attended_cnn_tokens_is_their_class_activation_map():
+    torch.manual_seed(2)
     model = build_model("resvit-gannet", 2, "none", TINY, input_size=64).eval()
     images = torch.rand(3, 3, 64, 64)
-    logits, raw = logits_and_raw_cams(model, images, positive_index=1)
-    features = model.forward_features(images).detach().requires_grad_(True)
-    (gradients,) = torch.autograd.grad(model.forward_head(features)[:, 1].sum(), features)
-    alpha = gradients.mean(dim=(2, 3), keepdim=True)
-    expected = torch.relu((alpha * features.detach())[:, :CNN_CHANNELS].sum(1))
-    torch.testing.assert_close(raw, expected)
-    torch.testing.assert_close(logits, model(images))
-    assert gradients[:, :CNN_CHANNELS].abs().sum() > 0 and gradients[:, CNN_CHANNELS:].abs().sum() > 0
+    _, raw = logits_and_raw_cams(model, images, positive_index=1)
+    features = model.forward_features(images)
+    weights = model.head.classifier[-1].weight[1, 48:]  # the classifier's CNN half (after the ViT half)
+    cam = torch.relu(torch.einsum("d,ndhw->nhw", weights, features[:, :48]) / 4)
+    torch.testing.assert_close(raw, cam.detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_bad_options_are_refused_by_name():
@@ -78,7 +80,7 @@ def trained(tmp_path_factory):
 
 def test_it_trains_checkpoints_and_reloads_bit_exactly(trained):
     card = read_card(trained)
-    assert card.architecture == "resvit-gannet" and card.options == TINY
+    assert card.architecture == "resvit-gannet" and card.options == {**TINY, "cam_layer": "tama"}
     model, _ = load_checkpoint(trained)
     saved = load_file(str(trained))
     assert set(saved) == set(model.state_dict())

@@ -192,6 +192,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="resvit-gannet: attention heads of the TAMA fusion; must divide the ViT width (default: 8)",
     )
     model.add_argument(
+        "--cam-layer",
+        choices=("tama", "cnn"),
+        default="tama",
+        help="resvit-gannet: DT Grad-CAM's target, the TAMA-attended CNN tokens or the SE-attended CNN map "
+        "before the fusion (default: tama)",
+    )
+    model.add_argument(
         "--positive-class",
         default=None,
         metavar="NAME",
@@ -375,15 +382,24 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         options = _timm_options(args.timm_option)
     if args.feature_cache and not args.freeze_backbone:
         raise ConfigError("--feature-cache applies to --freeze-backbone only")
-    resvit_flags = args.vit != "vit_b_16" or args.vit_option or args.fused_blocks != 4 or args.tama_heads != 8
+    resvit_flags = (
+        args.vit != "vit_b_16"
+        or args.vit_option
+        or args.fused_blocks != 4
+        or args.tama_heads != 8
+        or args.cam_layer != "tama"
+    )
     if resvit_flags and args.arch != "resvit-gannet":
-        raise ConfigError("--vit, --vit-option, --fused-blocks and --tama-heads apply to --arch resvit-gannet only")
+        raise ConfigError(
+            "--vit, --vit-option, --fused-blocks, --tama-heads and --cam-layer apply to --arch resvit-gannet only"
+        )
     if args.arch == "resvit-gannet":
         options = {
             "vit": args.vit,
             "vit_options": _timm_options(args.vit_option, "--vit-option"),
             "fused_blocks": args.fused_blocks,
             "heads": args.tama_heads,
+            "cam_layer": args.cam_layer,
         }
     if args.arch == "dalaresnet50":
         options = {

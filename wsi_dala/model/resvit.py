@@ -36,6 +36,7 @@ from wsi_dala.model.attention import SEAttention
 from wsi_dala.model_choices import TIMM_PREFIX
 
 CNN_CHANNELS = 2048
+CAM_LAYERS = ("tama", "cnn")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ResVitOptions:
     fused_blocks: int = 4  # multi-layer token fusion over the last k blocks
     heads: int = 8  # TAMA attention heads (must divide the ViT width)
     dropout: float = 0.1  # before the classifier
+    cam_layer: str = "tama"  # DT Grad-CAM target: TAMA-attended CNN tokens, or the SE-attended CNN map ("cnn")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,21 +134,29 @@ class _TamaHead(nn.Module):
         self.cnn_norm = nn.LayerNorm(width)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * width, num_classes))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def fuse(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The TAMA-attended CNN and ViT tokens [N, g*g, D] from the stacked [N, 2048 + D, g, g] map."""
         cnn = self.project(features[:, :CNN_CHANNELS].flatten(2).transpose(1, 2)) + self.cnn_position
         vit = features[:, CNN_CHANNELS:].flatten(2).transpose(1, 2) + self.vit_position
         attended_vit = self.vit_norm(vit + self.vit_to_cnn(vit, cnn, cnn, need_weights=False)[0])
         attended_cnn = self.cnn_norm(cnn + self.cnn_to_vit(cnn, vit, vit, need_weights=False)[0])
+        return attended_cnn, attended_vit
+
+    def classify(self, attended_cnn: torch.Tensor, attended_vit: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.cat([attended_vit.mean(dim=1), attended_cnn.mean(dim=1)], dim=1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classify(*self.fuse(features))
 
 
 class ResVitGanNet(nn.Module):
     spatial_features = True
-    cam_channels = CNN_CHANNELS  # DT Grad-CAM on the CNN branch's attended map only
-    heavy_head = True  # TAMA is 6 M parameters of attention: scoring runs it on every thread (scoring.py)
 
     def __init__(self, num_classes: int, options: ResVitOptions, input_size: int = 224):
         super().__init__()
+        if options.cam_layer not in CAM_LAYERS:
+            raise CheckpointError(f"--cam-layer must be one of {', '.join(CAM_LAYERS)}, not {options.cam_layer!r}")
+        self.cam_layer = options.cam_layer
         resnet = tvm.resnet50(weights=None)
         self.cnn = nn.Sequential(*list(resnet.children())[:-2])
         self.attention = SEAttention(CNN_CHANNELS)
@@ -154,8 +164,29 @@ class ResVitGanNet(nn.Module):
         self.fusion_logits = nn.Parameter(torch.zeros(options.fused_blocks))  # softmax: the block weights
         self.grid = resnet_grid(input_size)
         self.head = _TamaHead(self.tokens.width, self.grid, options.heads, options.dropout, num_classes)
+        # What DT Grad-CAM differentiates to: the TAMA-attended CNN tokens (the first D channels of the map
+        # forward_features gives; the head is then mean pooling and one linear layer, so the CAM is exact),
+        # or the SE-attended CNN map before the fusion (2048 channels; TAMA is then part of the head).
+        self.cam_channels = self.tokens.width if self.cam_layer == "tama" else CNN_CHANNELS
+        self.heavy_head = self.cam_layer == "cnn"  # TAMA in the head: scoring runs it on every thread
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        branches = self._branches(x)
+        if self.cam_layer == "cnn":
+            return branches
+        attended_cnn, attended_vit = self.head.fuse(branches)
+        grid = (self.grid, self.grid)
+        return torch.cat([attended_cnn, attended_vit], dim=2).transpose(1, 2).unflatten(2, grid)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        if self.cam_layer == "cnn":
+            return self.head(features)
+        tokens = features.flatten(2).transpose(1, 2)
+        width = self.tokens.width
+        return self.head.classify(tokens[..., :width], tokens[..., width:])
+
+    def _branches(self, x: torch.Tensor) -> torch.Tensor:
+        """The SE-attended CNN map with the aligned, fused ViT tokens stacked behind it: [N, 2048 + D, g, g]."""
         cnn = self.attention(self.cnn(x))
         blocks = self.tokens(x)  # [k, N, T, D]
         fused = torch.einsum("k,kntd->ntd", torch.softmax(self.fusion_logits, dim=0), blocks)
@@ -164,9 +195,6 @@ class ResVitGanNet(nn.Module):
         if side != self.grid:
             vit = F.adaptive_avg_pool2d(vit, self.grid)
         return torch.cat([cnn, vit.to(cnn.dtype)], dim=1)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

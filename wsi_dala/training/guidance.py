@@ -72,9 +72,7 @@ def guided_logits_and_loss(
             attention = gate.spatial if gate is not None and gate.spatial is not None else None
             if attention is None:
                 attention = _differentiable_cam(model, features, guidance.lesion_index)
-            target = cells[:, 0].float()
-            loss = F.binary_cross_entropy(attention.float().clamp(1e-6, 1 - 1e-6)[lesion], target[lesion])
-            extra = extra + guidance.attention_loss_weight * loss
+            extra = extra + guidance.attention_loss_weight * _bce(attention[lesion], cells[lesion, 0])
     logits = split.forward_head(guided)
     if guidance.contrastive_weight > 0:
         pooled = F.normalize(features.float().mean(dim=(2, 3)), dim=1)
@@ -82,6 +80,12 @@ def guided_logits_and_loss(
             pooled, targets, guidance.contrastive_temperature
         )
     return logits, extra
+
+
+def _bce(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy written out in fp32 (``F.binary_cross_entropy`` refuses to run under autocast)."""
+    p, t = probability.float().clamp(1e-6, 1 - 1e-6), target.float()
+    return -(t * torch.log(p) + (1 - t) * torch.log1p(-p)).mean()
 
 
 def supervised_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
