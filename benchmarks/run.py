@@ -8,7 +8,9 @@ overlap —, stitch, export), end to end, peak RSS, and — in the same process,
 the run chose, on the same tiles loaded into memory first — the bare backbone's throughput, so what the
 pipeline adds (reads, CAM, writes, Dask) is visible. Without --model, an untrained DALAResNet50 (224 px
 at 0.5 µm/px) stands in: speed does not depend on the weights. Extra ``wsi-dala run`` settings:
-``--backend``, ``--precision`` (int8 included).
+``--backend``, ``--precision`` (int8 included). ``--tiled-first``: the slide is tiled by ``wsi-dala tile``
+before the timed run, which then only scores (its tiling stage finds the store complete): the scoring
+stage alone, without tiling competing for the same cores.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--bare-tiles", type=int, default=640, help="tiles for the bare-backbone figure")
     parser.add_argument("--backend", default="auto", help="scoring.backend (default: auto)")
     parser.add_argument("--precision", default="auto", help="scoring.precision (default: auto)")
+    parser.add_argument("--tiled-first", action="store_true", help="tile before the timed run (scoring alone)")
     args = parser.parse_args()
 
     from tiling import phase_generate
@@ -73,6 +76,13 @@ def main() -> None:
             checkpoint = write_untrained_checkpoint(Path(tmp) / "dala-untrained.safetensors")
         scoring = ScoringConfig(batch_size=args.batch_size, backend=args.backend, precision=args.precision)
         config = PipelineConfig(model=str(checkpoint), scoring=scoring)
+        if args.tiled_first:
+            from wsi_dala.cli import main as cli_main
+            from wsi_dala.model import read_card
+
+            card = read_card(checkpoint)
+            tile_args = ["tile", str(slide), "--out", str(Path(tmp) / "run"), "--quiet"]
+            cli_main([*tile_args, "--mpp", str(card.mpp), "--tile-size", str(card.tile_size_px)])
         started = time.perf_counter()
         summary = run_slide(slide, Path(tmp) / "run", config, progress=False)
         total = time.perf_counter() - started

@@ -97,6 +97,7 @@ def test_auto_measures_each_engine_once_and_takes_the_fastest(dala, monkeypatch)
     engine_plan._CHOSEN.clear()  # a new process: built and checked again, timed from the speed cache
     fresh = plan_backbone(_request(dala, "auto", "fp32"))
     assert fresh.plan == choice.plan and fresh.rates_tiles_per_s == rates and fresh.reason == "measured fastest"
+    assert set(fresh.check) == ({fresh.plan.label} - {"torch fp32"})  # only the winner was built and checked
 
 
 def test_a_changed_checkpoint_is_exported_again_and_the_stale_file_removed(tmp_path):
