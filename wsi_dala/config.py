@@ -229,6 +229,38 @@ class TrainConfig(Settings):
         return self
 
 
+class PretrainConfig(Settings):
+    """`wsi-dala pretrain` settings: SimCLR on unlabelled tiles (wsi_dala.training.pretrain)."""
+
+    arch: str = "dalaresnet50"  # any architecture of `train` with a pooled feature
+    options: dict[str, Any] = Field(default_factory=dict)
+    pretrained: str = "imagenet"  # starting weights: imagenet | none | a weights file
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=2)  # tiles per step; each gives two views, the other 2N - 2 are negatives
+    tiles_per_epoch: int = Field(0, ge=0)  # draws per epoch, slides weighted equally (0: as many as there are tiles)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    temperature: float = Field(0.2, gt=0, le=10)
+    projection_dim: int = Field(128, ge=8)
+    crop_fraction: float = Field(0.75, gt=0.1, le=1.0)  # view side / tile side, at the tile's µm/px
+    hed_scale: float = Field(0.05, ge=0, lt=1)
+    hed_shift: float = Field(0.05, ge=0, lt=1)
+    seed: int = 0
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    precision: Precision = "auto"
+    loader_workers: int = Field(0, ge=0)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        problem = architecture_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        if value == "colour-reference":
+            raise ValueError("colour-reference is a fixed colour rule with no features to pre-train")
+        return value
+
+
 class BatchConfig(Settings):
     """`wsi-dala batch` options (flags only)."""
 

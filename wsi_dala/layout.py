@@ -17,6 +17,7 @@ from wsi_dala.formats import SLIDE_SUFFIXES, WRAPPER_SUFFIXES
 
 DEFAULT_RUNS_DIR = Path("wsi-dala-runs")  # `wsi-dala run` without --out writes below this, one folder per slide
 DEFAULT_DEMO_DIR = "wsi-dala-demo"
+TILES_STORE_NAME = "tiles.zarr"  # in every run folder, and what `pretrain --archive` looks for
 PARTIAL_SUFFIX = ".partial"  # what is being written; renamed into place when complete
 
 
@@ -96,7 +97,7 @@ class RunLayout:
     def for_slide(cls, root: str | Path, slide_path: str | Path) -> RunLayout:
         return cls(Path(root), safe_stem(str(slide_path)))
 
-    tiles_store = _Below("tiles.zarr")
+    tiles_store = _Below(TILES_STORE_NAME)
     tissue_mask_png = _Below("tissue_mask.png")
     thumbnail_png = _Below("thumbnail.png")
     qc_png = _Below("qc.png", "The thumbnail with tissue outline, ink, folds and blurred tiles, and a legend.")
@@ -134,6 +135,19 @@ class TrainLayout:
     features_dir = _Below(
         "features", "`train --freeze-backbone`: the encoder's pooled features of the tiles, one Zarr per encoder."
     )
+
+
+@dataclass(frozen=True)
+class PretrainLayout:
+    """The folder of one pre-training run (`wsi-dala pretrain --out DIR`)."""
+
+    root: Path
+
+    backbone = _Below("backbone.safetensors", "The encoder's weights and their card: `train --pretrained` takes it.")
+    last_state = _Below("last-state.pt", "Encoder, projection head, optimiser after the last epoch: the resume point.")
+    loss_csv = _Below("loss.csv", "The loss of every step (epoch, step, loss).")
+    loss_png = _Below("loss.png")
+    pretrain_json = _Below("pretrain.json", "The run's settings, data and final loss.")
 
 
 LESION_MASKS_ARRAY = "masks"  # in a lesion-mask store: [N, S, S] bool, row i the mask of tile i

@@ -8,6 +8,7 @@ PATH`` loads a state dict from a safetensors file (or a torch file, with ``weigh
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import fields
@@ -22,7 +23,7 @@ from wsi_dala.errors import CheckpointError
 from wsi_dala.model.baselines import TimmClassifier, torchvision_baseline
 from wsi_dala.model.colour import ColourReferenceScorer
 from wsi_dala.model.dala import DalaOptions, DALAResNet50
-from wsi_dala.model.encoder import build_encoder_classifier
+from wsi_dala.model.encoder import build_encoder_classifier, read_weights_file
 from wsi_dala.model.resvit import ResVitGanNet, resvit_options
 from wsi_dala.model_choices import TIMM_PREFIX, architecture_problem
 
@@ -97,7 +98,7 @@ def build_model(
             net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
         model = TimmClassifier(net, spatial)
     if pretrained not in ("none", "imagenet"):
-        load_pretrained_file(model, Path(pretrained))
+        load_pretrained_file(model, Path(pretrained), arch)
     return model
 
 
@@ -148,22 +149,43 @@ def _torchvision_imagenet_state(arch: str) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def load_pretrained_file(model: nn.Module, path: Path) -> None:
-    """Load backbone weights from a file; keys that do not fit (the new head) are reported, not fatal."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: pretrained weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+PRETRAIN_CARD_KEY = "wsi_dala.pretrain_card"  # safetensors metadata of a `wsi-dala pretrain` backbone
 
-        state = load_file(str(path))
-    else:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not a weights-only torch file ({exc})") from exc
-        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+
+def load_pretrained_file(model: nn.Module, path: Path, arch: str) -> None:
+    """Load backbone weights from a file; keys that do not fit (the new head) are left as built. A
+    `wsi-dala pretrain` backbone is checked to be of ``arch`` first; other files by their tensor names."""
+    card = pretrain_card(path)
+    if card is not None and card.get("architecture") != arch:
+        raise CheckpointError(
+            f"{path}: a backbone pre-trained for {card.get('architecture')}, not {arch}; use --arch "
+            f"{card.get('architecture')} or pre-train {arch}"
+        )
+    state = read_weights_file(path, what="pretrained weights", instead="--pretrained none")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
         raise CheckpointError(f"{path}: no tensor in this file matches the model's parameter names")
     model.load_state_dict(usable, strict=False)
+    if card is not None:
+        log.info("%s: %d of %d tensors from %s pre-training", path, len(usable), len(own), card.get("method"))
+
+
+def pretrain_card(path: Path) -> dict[str, Any] | None:
+    """The card of a `wsi-dala pretrain` backbone (None for any other file)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(PRETRAIN_CARD_KEY)
+    except (SafetensorError, OSError):
+        return None  # read_weights_file words the error
+    if text is None:
+        return None
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: its pre-training card is not JSON ({exc})") from exc
+    return card if isinstance(card, dict) else None

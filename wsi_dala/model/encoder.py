@@ -120,13 +120,16 @@ def _create(timm: Any, name: str, options: dict[str, Any], input_size: int) -> n
         raise CheckpointError(f"--arch timm:{name}: timm cannot build it with options {options} ({exc})") from exc
 
 
-def read_weights_file(path: Path, lazy: bool = False) -> dict[str, torch.Tensor]:
+def read_weights_file(
+    path: Path, lazy: bool = False, what: str = "encoder weights", instead: str = "--weights none"
+) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a torch file without executing code (``weights_only``).
-    ``lazy``: tensors on the meta device (safetensors) or memory-mapped (torch), for checking shapes."""
+    ``lazy``: tensors on the meta device (safetensors) or memory-mapped (torch), for checking shapes.
+    ``what`` and ``instead`` word the error for a missing file (which file, and the option to do without)."""
     if not path.is_file():
         raise CheckpointError(
-            f"{path}: encoder weights file not found; put the model's weights (.safetensors, .bin or .pth) "
-            "there, or use --weights none for random weights"
+            f"{path}: {what} file not found; put the model's weights (.safetensors, .bin or .pth) "
+            f"there, or use {instead} for random weights"
         )
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_dala.model.interface import as_split
+from wsi_dala.training.contrastive import supervised_contrastive_loss
 
 
 @dataclass(frozen=True)
@@ -86,22 +87,6 @@ def _bce(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy written out in fp32 (``F.binary_cross_entropy`` refuses to run under autocast)."""
     p, t = probability.float().clamp(1e-6, 1 - 1e-6), target.float()
     return -(t * torch.log(p) + (1 - t) * torch.log1p(-p)).mean()
-
-
-def supervised_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SupCon over a batch of L2-normalised embeddings [N, D]; anchors without a positive are left out."""
-    n = len(embeddings)
-    similarity = embeddings @ embeddings.T / temperature
-    self_mask = torch.eye(n, dtype=torch.bool, device=embeddings.device)
-    similarity = similarity.masked_fill(self_mask, float("-inf"))
-    log_probability = similarity - torch.logsumexp(similarity, dim=1, keepdim=True)
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
-    counts = positives.sum(dim=1)
-    anchors = counts > 0
-    if not anchors.any():
-        return embeddings.new_zeros(())
-    summed = log_probability.masked_fill(~positives, 0.0).sum(dim=1)
-    return -(summed[anchors] / counts[anchors]).mean()
 
 
 def _differentiable_cam(model: nn.Module, features: torch.Tensor, index: int) -> torch.Tensor:

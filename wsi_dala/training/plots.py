@@ -38,6 +38,21 @@ def plot_curves(path: Path, history: list[dict[str, float]]) -> None:
     _save(fig, path)
 
 
+def plot_pretrain_loss(path: Path, losses: Sequence[float], steps_per_epoch: int) -> None:
+    """Contrastive loss per step (faint) and its mean per epoch, against epochs."""
+    fig = Figure(figsize=(7, 4))
+    axes = fig.subplots()
+    steps = np.arange(1, len(losses) + 1) / steps_per_epoch
+    axes.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="step")
+    epochs = len(losses) // steps_per_epoch
+    if epochs:
+        means = np.asarray(losses[: epochs * steps_per_epoch]).reshape(epochs, steps_per_epoch).mean(axis=1)
+        axes.plot(np.arange(1, epochs + 1), means, "o-", color="tab:blue", label="epoch mean")
+    axes.set(xlabel="epoch", ylabel="NT-Xent loss", title="Contrastive pre-training")
+    axes.legend()
+    _save(fig, path)
+
+
 def plot_confusion(path: Path, matrix: list[list[int]], class_names: list[str], title: str = "") -> None:
     counts = np.asarray(matrix)
     rows = counts.sum(axis=1, keepdims=True)
