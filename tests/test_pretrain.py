@@ -203,3 +203,16 @@ def test_bad_stores_are_refused_with_the_file_named(stores, tmp_path, blank_slid
 def test_pretrain_config_refuses_a_bad_setting():
     with pytest.raises(ValueError, match="crop_fraction"):
         PretrainConfig(crop_fraction=1.5)
+
+
+def test_train_from_a_pretrained_backbone_records_the_pretraining_in_its_card(pretrained, tmp_path):
+    from tests.images import write_blob_folder
+
+    folder = write_blob_folder(tmp_path / "blobs", TILE_PX, 24)
+    out = tmp_path / "train"
+    backbone = pretrained / "backbone.safetensors"
+    argv = ["train", "--folder", str(folder), "--out", str(out), "--arch", "resnet18", "--pretrained", str(backbone)]
+    assert main([*argv, "--input-size", str(TILE_PX), "--epochs", "1", "--batch-size", "8", "-q"]) == 0
+    card = read_card(out / "best.safetensors")
+    assert "SimCLR" in card.training_data["pretraining"]["method"]
+    assert card.training_data["pretraining"]["data"]["slides"] == 2

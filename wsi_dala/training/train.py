@@ -35,6 +35,7 @@ from wsi_dala.fileio import atomic_open, write_json_atomic
 from wsi_dala.identity import config_hash
 from wsi_dala.layout import TrainLayout
 from wsi_dala.model import ModelCard, build_model, load_checkpoint, save_checkpoint
+from wsi_dala.model.build import pretrain_card
 from wsi_dala.model.interface import as_split
 from wsi_dala.model_choices import TIMM_PREFIX
 from wsi_dala.stain import REFERENCE_PROFILE
@@ -330,6 +331,16 @@ def _start_session(
     stain = stain_normaliser(config, measured)
     card.stain_reference = REFERENCE_PROFILE.to_dict() if stain is not None else measured
     card.training_data = {**card.training_data, "stain_normalise": config.stain_normalise}
+    pretraining = pretrain_card(Path(config.pretrained)) if config.pretrained not in ("none", "imagenet") else None
+    if pretraining is not None:  # a `wsi-dala pretrain` backbone: the card says how it was made
+        card.training_data["pretraining"] = pretraining
+        if card.mpp and pretraining.get("mpp") and abs(pretraining["mpp"] - card.mpp) > 0.02 * card.mpp:
+            log.warning(
+                "%s was pre-trained on tiles at %.3g µm/px; these are at %.3g µm/px",
+                config.pretrained,
+                pretraining["mpp"],
+                card.mpp,
+            )
     if config.arch.startswith(TIMM_PREFIX):
         card.training_data["encoder"] = {
             **weights_identity(config.pretrained),
