@@ -17,6 +17,7 @@ from wsi_dala.formats import SLIDE_SUFFIXES, WRAPPER_SUFFIXES
 
 DEFAULT_RUNS_DIR = Path("wsi-dala-runs")  # `wsi-dala run` without --out writes below this, one folder per slide
 DEFAULT_DEMO_DIR = "wsi-dala-demo"
+SYNTHETIC_CARD_NAME = "synthetic.json"  # beside generated tiles: class, tile size, µm/px, generator
 TILES_STORE_NAME = "tiles.zarr"  # in every run folder, and what `pretrain --archive` looks for
 PARTIAL_SUFFIX = ".partial"  # what is being written; renamed into place when complete
 

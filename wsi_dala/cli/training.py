@@ -46,6 +46,15 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     source.add_argument("--folder", metavar="ROOT", help="image-folder tree: ROOT/<class>/[<group>/]<image>")
     source.add_argument(
+        "--synthetic",
+        action="append",
+        default=[],
+        metavar="DIR[:RATIO]",
+        help="generated tiles (with their synthetic.json, e.g. from `gan sample`) added to the training split of "
+        "their class until it reaches RATIO x the largest class (default RATIO 0.5); never to validation; "
+        "repeatable (default: none)",
+    )
+    source.add_argument(
         "--group-pattern",
         type=_regex_with_a_group,
         default=r"^(.+?)_",
@@ -504,6 +513,13 @@ def _train(args: argparse.Namespace) -> int:
 
         slides = [parse_slide_argument(text) for text in args.slide]
         train = attach_lesion_masks(train, slides, positive)
+    if args.synthetic:
+        from wsi_dala.training.synthetic_tiles import mix_synthetic, parse_synthetic_argument
+
+        sources = [parse_synthetic_argument(text) for text in args.synthetic]
+        train, mixed = mix_synthetic(train, names, sources, card_fields["mpp"], args.input_size, args.seed)
+        card_fields["training_data"]["synthetic"] = mixed
+        print("synthetic: " + "; ".join(f"{m['added']} {m['class']} tiles from {m['folder']}" for m in mixed))
     result = train_model(
         train,
         val,
