@@ -156,7 +156,7 @@ def test_every_verb_is_registered_explicitly():
 
     names = [verb.name for verb in VERBS]
     expected = ["run", "demo", "batch", "train", "evaluate", "calibrate", "cam", "export-model", "info", "tile"]
-    expected += ["synthesize", "pretrain"]
+    expected += ["synthesize", "pretrain", "gan"]
     assert sorted(names) == sorted(expected)
     assert len(set(names)) == len(names)
     help_text = build_parser().format_help()

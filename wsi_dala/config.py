@@ -261,6 +261,34 @@ class PretrainConfig(Settings):
         return value
 
 
+class GanConfig(Settings):
+    """`wsi-dala gan train` settings: a class-conditional StyleGAN2 with ADA (wsi_dala.gan)."""
+
+    resolution: int = 64  # tile side, a power of two in 32..256; tiles are cut (or cropped) to it at their µm/px
+    steps: int = Field(2000, ge=1)  # generator updates
+    batch_size: int = Field(16, ge=2)
+    lr: float = Field(0.0025, gt=0)  # Adam, both networks (StyleGAN2's)
+    r1_gamma: float = Field(1.0, ge=0)  # R1 penalty on real tiles (lazy, every r1_interval steps)
+    r1_interval: int = Field(16, ge=1)
+    ema_half_life_images: int = Field(10_000, ge=1)  # the sampled generator: an EMA of the trained one
+    ada_target: float = Field(0.6, gt=0, lt=1)
+    ada_speed_images: int = Field(100_000, ge=1)
+    z_dim: int = Field(128, ge=8)
+    channel_max: int = Field(256, ge=16)
+    checkpoint_every: int = Field(250, ge=1)  # steps between checkpoints (and sample grids)
+    kid_every: int = Field(0, ge=0)  # steps between KID measurements (0: only at the end, when a KID encoder is given)
+    kid_samples: int = Field(500, ge=20)
+    seed: int = 0
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+
+    @field_validator("resolution")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value < 32 or value > 256 or value & (value - 1):
+            raise ValueError(f"must be a power of two from 32 to 256, got {value}")
+        return value
+
+
 class BatchConfig(Settings):
     """`wsi-dala batch` options (flags only)."""
 

@@ -139,6 +139,20 @@ class TrainLayout:
 
 
 @dataclass(frozen=True)
+class GanLayout:
+    """The folder of one GAN training run (`wsi-dala gan train --out DIR`)."""
+
+    root: Path
+
+    checkpoint = _Below("gan.safetensors", "Generator (and its EMA) and discriminator with their card: `gan sample`.")
+    last_state = _Below("last-state.pt", "Optimisers, step, ADA p and random state: the resume point.")
+    losses_csv = _Below("losses.csv", "Per step: discriminator and generator loss, R1, ADA p, r_t.")
+    kid_csv = _Below("kid.csv", "KID of generated against held-out real tiles, per measurement.")
+    curves_png = _Below("curves.png")
+    samples_png = _Below("samples.png", "A grid of generated tiles per class at the last checkpoint.")
+
+
+@dataclass(frozen=True)
 class PretrainLayout:
     """The folder of one pre-training run (`wsi-dala pretrain --out DIR`)."""
 

@@ -46,15 +46,6 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     source.add_argument("--folder", metavar="ROOT", help="image-folder tree: ROOT/<class>/[<group>/]<image>")
     source.add_argument(
-        "--synthetic",
-        action="append",
-        default=[],
-        metavar="DIR[:RATIO]",
-        help="generated tiles (with their synthetic.json, e.g. from `gan sample`) added to the training split of "
-        "their class until it reaches RATIO x the largest class (default RATIO 0.5); never to validation; "
-        "repeatable (default: none)",
-    )
-    source.add_argument(
         "--group-pattern",
         type=_regex_with_a_group,
         default=r"^(.+?)_",
@@ -128,6 +119,15 @@ def _load_samples(
 def _configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoint, curves, metrics)")
     _add_data_options(parser)
+    parser.add_argument(
+        "--synthetic",
+        action="append",
+        default=[],
+        metavar="DIR[:RATIO]",
+        help="generated tiles (with their synthetic.json, e.g. from `gan sample`) added to the training split of "
+        "their class until it reaches RATIO x the largest class (default RATIO 0.5); never to validation; "
+        "repeatable (default: none)",
+    )
     _add_model_options(parser)
     _add_fit_options(parser)
 

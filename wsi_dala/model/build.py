@@ -150,11 +150,17 @@ def _torchvision_imagenet_state(arch: str) -> dict[str, torch.Tensor]:
 
 
 PRETRAIN_CARD_KEY = "wsi_dala.pretrain_card"  # safetensors metadata of a `wsi-dala pretrain` backbone
+GAN_CARD_KEY = "wsi_dala.gan_card"  # ... and of a `wsi-dala gan train` checkpoint (never a backbone)
 
 
 def load_pretrained_file(model: nn.Module, path: Path, arch: str) -> None:
     """Load backbone weights from a file; keys that do not fit (the new head) are left as built. A
     `wsi-dala pretrain` backbone is checked to be of ``arch`` first; other files by their tensor names."""
+    if _metadata_key(path, GAN_CARD_KEY) is not None:
+        raise CheckpointError(
+            f"{path}: a GAN checkpoint (wsi-dala gan train), not backbone weights; use `wsi-dala gan sample` "
+            "to make tiles from it, and `wsi-dala pretrain` for a backbone"
+        )
     card = pretrain_card(path)
     if card is not None and card.get("architecture") != arch:
         raise CheckpointError(
@@ -171,17 +177,22 @@ def load_pretrained_file(model: nn.Module, path: Path, arch: str) -> None:
         log.info("%s: %d of %d tensors from %s pre-training", path, len(usable), len(own), card.get("method"))
 
 
-def pretrain_card(path: Path) -> dict[str, Any] | None:
-    """The card of a `wsi-dala pretrain` backbone (None for any other file)."""
+def _metadata_key(path: Path, key: str) -> str | None:
+    """One entry of a safetensors file's metadata (None: no such entry, or not a readable safetensors file)."""
     if path.suffix != ".safetensors" or not path.is_file():
         return None
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            text = (handle.metadata() or {}).get(PRETRAIN_CARD_KEY)
+            return (handle.metadata() or {}).get(key)
     except (SafetensorError, OSError):
         return None  # read_weights_file words the error
+
+
+def pretrain_card(path: Path) -> dict[str, Any] | None:
+    """The card of a `wsi-dala pretrain` backbone (None for any other file)."""
+    text = _metadata_key(path, PRETRAIN_CARD_KEY)
     if text is None:
         return None
     try:

@@ -25,7 +25,7 @@ from wsi_dala.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 from wsi_dala.config import MIN_TILE_SIZE_PX
 from wsi_dala.errors import CheckpointError, ConfigError
 from wsi_dala.fileio import atomic_open
-from wsi_dala.model.build import PRETRAIN_CARD_KEY, build_model
+from wsi_dala.model.build import GAN_CARD_KEY, PRETRAIN_CARD_KEY, build_model
 from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
 from wsi_dala.model.scripted import IMPORTED_TORCHSCRIPT, load_imported_scripted
 from wsi_dala.stain import StainProfile
@@ -173,6 +173,10 @@ def read_card(path: str | os.PathLike) -> ModelCard:
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from exc
     if CARD_KEY not in metadata:
+        if GAN_CARD_KEY in metadata:
+            raise CheckpointError(
+                f"{path}: a GAN checkpoint (wsi-dala gan train), not a classifier: sample tiles from it"
+            )
         if PRETRAIN_CARD_KEY in metadata:
             raise CheckpointError(
                 f"{path}: a pre-trained backbone (wsi-dala pretrain), not a classifier: train one with "

@@ -30,3 +30,14 @@ def has_feature_map(model: nn.Module) -> bool:
     """Whether ``forward_features`` gives a spatial map [N, C, h, w] on which DT Grad-CAM is defined. Models
     without one (a ViT baseline's tokens, a TorchScript-only import) score without CAM."""
     return bool(getattr(model, "spatial_features", False))
+
+
+def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The architecture's features averaged over space (maps) or tokens: [N, C] (contrastive pre-training,
+    feature distances)."""
+    features = as_split(model).forward_features(images)
+    if features.dim() == 4:
+        return features.mean(dim=(2, 3))
+    if features.dim() == 3:
+        return features.mean(dim=1)
+    return features

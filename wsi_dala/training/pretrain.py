@@ -38,7 +38,7 @@ from wsi_dala.fileio import atomic_open, ensure_writable_dir, write_json_atomic
 from wsi_dala.layout import PretrainLayout
 from wsi_dala.model import build_model
 from wsi_dala.model.checkpoint import PRETRAIN_CARD_KEY
-from wsi_dala.model.interface import as_split
+from wsi_dala.model.interface import pooled_features
 from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
 from wsi_dala.training.contrastive import nt_xent_loss
 from wsi_dala.training.datasets import SampleDataset
@@ -72,16 +72,6 @@ class ProjectionHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.layers(pooled).float(), dim=1)
-
-
-def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The architecture's features averaged over space (maps) or tokens: [N, C]."""
-    features = as_split(model).forward_features(images)
-    if features.dim() == 4:
-        return features.mean(dim=(2, 3))
-    if features.dim() == 3:
-        return features.mean(dim=1)
-    return features
 
 
 def feature_width(model: nn.Module, tile_px: int) -> int:

@@ -88,7 +88,7 @@ def mix_synthetic(
         card = read_synthetic_card(source.folder)
         label = _class_index(card, names, source.folder)
         _check_scale(card, mpp, input_size, source.folder)
-        files = sorted(p for p in source.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = _listed_files(card, source.folder)
         if not files:
             raise ConfigError(f"{source.folder}: no images beside its {SYNTHETIC_CARD_NAME}")
         wanted = max(0, round(source.ratio * counts.max()) - int(counts[label]))
@@ -107,6 +107,21 @@ def mix_synthetic(
             }
         )
     return train + added, record
+
+
+def _listed_files(card: dict[str, Any], folder: Path) -> list[Path]:
+    """The images the card lists (plain names inside the folder), or every image there when it lists none."""
+    listed = card.get("files")
+    if listed is None:
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = []
+    for name in listed:
+        if not isinstance(name, str) or Path(name).name != name or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            raise ConfigError(f"{folder / SYNTHETIC_CARD_NAME}: {name!r} is not an image file name in this folder")
+        if not (folder / name).is_file():
+            raise ConfigError(f"{folder / name}: listed in {SYNTHETIC_CARD_NAME} but missing")
+        files.append(folder / name)
+    return files
 
 
 def _class_index(card: dict[str, Any], names: list[str], folder: Path) -> int:

@@ -1,0 +1,1 @@
+"""Generated tiles for the minority class: a class-conditional StyleGAN2 with ADA, and its quality (KID)."""
