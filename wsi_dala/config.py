@@ -177,6 +177,14 @@ class PipelineConfig(Settings):
     export: ExportConfig = ExportConfig()
 
 
+def known_architecture(value: str) -> str:
+    """``value`` when it names an architecture (a validator's check), else ValueError saying why not."""
+    problem = architecture_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
 class TrainConfig(Settings):
     """`wsi-dala train` settings. Defaults from ``shared/model-spec.md`` (ours, not the paper's)."""
 
@@ -209,10 +217,7 @@ class TrainConfig(Settings):
     @field_validator("arch")
     @classmethod
     def _known_architecture(cls, value: str) -> str:
-        problem = architecture_problem(value)
-        if problem is not None:
-            raise ValueError(problem)
-        return value
+        return known_architecture(value)
 
     @model_validator(mode="after")
     def _frozen_backbone_needs_an_encoder(self) -> TrainConfig:
@@ -253,9 +258,7 @@ class PretrainConfig(Settings):
     @field_validator("arch")
     @classmethod
     def _known_architecture(cls, value: str) -> str:
-        problem = architecture_problem(value)
-        if problem is not None:
-            raise ValueError(problem)
+        known_architecture(value)
         if value == "colour-reference":
             raise ValueError("colour-reference is a fixed colour rule with no features to pre-train")
         return value

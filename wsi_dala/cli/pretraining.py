@@ -6,15 +6,9 @@ import argparse
 from pathlib import Path
 
 from wsi_dala.cli.common import Verb, add_precision_option, number_in
+from wsi_dala.cli.training import _architecture
 from wsi_dala.config import PretrainConfig, build
-from wsi_dala.model_choices import ARCHITECTURES, architecture_problem
-
-
-def _architecture(text: str) -> str:
-    problem = architecture_problem(text)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
-    return text
+from wsi_dala.model_choices import ARCHITECTURES
 
 
 def _configure_pretrain(parser: argparse.ArgumentParser) -> None:
