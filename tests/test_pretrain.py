@@ -5,12 +5,14 @@ backbone reloads bit-exactly into `train --pretrained`), and the refusals."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from skimage import data as skdata
 from skimage.color import hed2rgb, rgb2hed
@@ -124,11 +126,7 @@ def test_pretraining_lowers_the_loss_and_writes_a_backbone_with_its_card(pretrai
     per_epoch = losses.reshape(4, -1).mean(axis=1)
     assert per_epoch[2:].mean() < per_epoch[0] - 0.1, per_epoch  # from near log(2N - 1) = 3.43 (chance)
     assert (pretrained / "loss.png").stat().st_size > 10_000
-    from safetensors import safe_open
-
     with safe_open(str(pretrained / "backbone.safetensors"), framework="pt") as handle:
-        import json
-
         card = json.loads(handle.metadata()["wsi_dala.pretrain_card"])
         keys = list(handle.keys())
     assert card["architecture"] == "resnet18" and card["epochs"] == 4 and card["data"]["slides"] == 2
@@ -216,3 +214,13 @@ def test_train_from_a_pretrained_backbone_records_the_pretraining_in_its_card(pr
     card = read_card(out / "best.safetensors")
     assert "SimCLR" in card.training_data["pretraining"]["method"]
     assert card.training_data["pretraining"]["data"]["slides"] == 2
+
+
+def test_a_collapsed_encoder_is_recognised_by_its_loss_at_chance(pretrained):
+    from wsi_dala.training.pretrain import chance_loss, collapsed
+
+    assert chance_loss(16) == pytest.approx(np.log(31))
+    assert collapsed([np.log(31)] * 8, 4, 16) and not collapsed([3.0] * 8, 4, 16)
+    with safe_open(str(pretrained / "backbone.safetensors"), framework="pt") as handle:
+        card = json.loads(handle.metadata()["wsi_dala.pretrain_card"])
+    assert card["collapsed"] is False and card["final_epoch_loss"] < card["chance_loss"]

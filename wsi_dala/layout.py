@@ -152,6 +152,11 @@ class GanLayout:
     samples_png = _Below("samples.png", "A grid of generated tiles per class at the last checkpoint.")
 
 
+def generated_tile_name(class_name: str, seed: int, index: int) -> str:
+    """The file of one `gan sample` tile: class, latent seed and number (never a path: the class is sanitised)."""
+    return f"{safe_stem(class_name.lower())}-{seed}-{index:05d}.png"
+
+
 @dataclass(frozen=True)
 class PretrainLayout:
     """The folder of one pre-training run (`wsi-dala pretrain --out DIR`)."""

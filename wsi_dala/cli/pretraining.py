@@ -117,6 +117,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     print(f"pre-training {config.arch} on {len(data.samples)} tiles of {size} from {data.n_groups} slides")
     result = pretrain(config, data, Path(args.out), progress=not args.quiet)
     last = result.losses[-1] if result.losses else float("nan")
+    if result.collapsed:
+        print(f"warning: loss at chance ({last:.3f}): the encoder collapsed; lower --lr or raise --temperature")
     print(f"backbone: {result.backbone}  (last step loss {last:.4f}; use it with `wsi-dala train --pretrained`)")
     return 0
 

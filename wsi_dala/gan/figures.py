@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from wsi_dala.fileio import atomic_open, save_png_atomic
+from wsi_dala.layout import generated_tile_name
 
 if TYPE_CHECKING:
     from wsi_dala.gan.networks import Generator
@@ -71,11 +72,11 @@ def sample_grid(path: Path, generator: Generator, class_names: list[str], seed: 
     save_png_atomic(path, canvas)
 
 
-def tiles_to_pngs(tiles: torch.Tensor, folder: Path, prefix: str) -> list[str]:
-    """uint8 [N, 3, H, W] as PNG files ``prefix00000.png`` ...; returns the file names."""
+def tiles_to_pngs(tiles: torch.Tensor, folder: Path, class_name: str, seed: int) -> list[str]:
+    """uint8 [N, 3, H, W] as PNG files named by :func:`wsi_dala.layout.generated_tile_name`; returns the names."""
     names = []
     for i, image in enumerate(tiles):
-        name = f"{prefix}{i:05d}.png"
+        name = generated_tile_name(class_name, seed, i)
         save_png_atomic(folder / name, Image.fromarray(image.permute(1, 2, 0).numpy()))
         names.append(name)
     return names

@@ -69,7 +69,7 @@ def sample_tiles(
     folder = ensure_writable_dir(out_dir)
     (folder / SYNTHETIC_CARD_NAME).unlink(missing_ok=True)  # the folder is incomplete until the new card is written
     tiles = generate(generator, names.index(class_name), n, seed, device, truncation)
-    files = tiles_to_pngs(tiles, folder, f"{class_name.lower().replace(' ', '_')}-{seed}-")
+    files = tiles_to_pngs(tiles, folder, class_name, seed)
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     synthetic = {
         "class": class_name,

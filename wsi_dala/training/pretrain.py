@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class PretrainResult:
     losses: list[float]  # every step's loss, from the first epoch
     seconds: float
     tiles_per_s: float  # tiles (each two views) per second of training, this invocation
+    collapsed: bool = False  # the last epoch's loss at chance (see collapsed())
 
 
 class ProjectionHead(nn.Module):
@@ -135,6 +137,13 @@ def pretrain(config: PretrainConfig, data: UnlabelledSet, out_dir: str | Path, p
             tiles_done += len(tiles)
         scheduler.step()
         log.info("pretrain epoch %d: mean loss %.4f", epoch + 1, sum(losses[-steps:]) / steps)
+        if epoch >= 1 and collapsed(losses, steps, config.batch_size):
+            log.warning(
+                "pretrain epoch %d: loss at chance (log(2N - 1) = %.3f): the embeddings have collapsed; "
+                "lower --lr or raise --temperature",
+                epoch + 1,
+                chance_loss(config.batch_size),
+            )
         _write_losses(layout.loss_csv, losses, steps)  # before the state: a resume reads this epoch's losses
         plot_pretrain_loss(layout.loss_png, losses, steps)
         card = backbone_card(config, data, epoch + 1, losses, steps)
@@ -152,14 +161,24 @@ def pretrain(config: PretrainConfig, data: UnlabelledSet, out_dir: str | Path, p
             "tiles_per_s_this_invocation": round(tiles_done / seconds, 2) if seconds > 0 and tiles_done else None,
         },
     )
-    return PretrainResult(
-        layout.backbone, config.epochs, losses, seconds, tiles_done / seconds if seconds > 0 and tiles_done else 0.0
-    )
+    rate = tiles_done / seconds if seconds > 0 and tiles_done else 0.0
+    fell_to_chance = collapsed(losses, steps, config.batch_size)
+    return PretrainResult(layout.backbone, config.epochs, losses, seconds, rate, fell_to_chance)
 
 
 def normalise_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Float RGB in [0, 1] → ImageNet-normalised input (the normalisation `train` records in its cards)."""
     return normalise(images * 255.0, list(IMAGENET_MEAN), list(IMAGENET_STD)).to(device)
+
+
+def chance_loss(batch_size: int) -> float:
+    """NT-Xent when every embedding is the same: log(2N - 1), what a collapsed encoder scores."""
+    return math.log(2 * batch_size - 1)
+
+
+def collapsed(losses: list[float], steps: int, batch_size: int) -> bool:
+    """Whether the last epoch's mean loss sits at chance (within 2 %): the views no longer tell tiles apart."""
+    return bool(losses) and sum(losses[-steps:]) / steps > 0.98 * chance_loss(batch_size)
 
 
 def run_key(config: PretrainConfig, data: UnlabelledSet) -> str:
@@ -194,6 +213,8 @@ def backbone_card(
             ViewSettings(crop_fraction=config.crop_fraction, hed_scale=config.hed_scale, hed_shift=config.hed_shift)
         ),
         "final_epoch_loss": round(sum(losses[-steps:]) / steps, 5) if losses else None,
+        "chance_loss": round(chance_loss(config.batch_size), 5),
+        "collapsed": collapsed(losses, steps, config.batch_size),
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
     }
 
