@@ -15,8 +15,9 @@ Generated slides (``wsi_dala.synthetic``), tumour drawn as QuPath annotations, 6
   number of optimiser steps at every fraction (epochs = steps x batch / tiles).
 
 Prints balanced accuracy and minority (tumour) recall on the test slides, means ± SD over seeds, the
-pre-training images/s and the margin (b) - (a) per fraction with its spread over seeds. GAN tiles (c, d)
-join this table once `wsi-dala gan` exists. Prints the CPU flags; compare within one run only.
+pre-training images/s and the margin (b) - (a) per fraction with its spread over seeds. GAN tiles (c, d:
+`gan train` on each fraction's tiles, `gan sample`, `train --synthetic`) are not in this table yet; KID
+over GAN training is `benchmarks/gan.py`. Prints the CPU flags; compare within one run only.
 """
 
 from __future__ import annotations
