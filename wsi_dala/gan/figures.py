@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,7 @@ def _smoothed(values: np.ndarray, window: int) -> np.ndarray:
 def plot_gan_curves(path: Path, rows: list[dict[str, float]], kids: list[tuple[int, float]], kid_label: str) -> None:
     steps = np.array([r["step"] for r in rows], dtype=float)
     window = max(1, len(rows) // 50)
-    fig = Figure(figsize=(14, 4))
+    fig = Figure(figsize=(14, 4.4))
     losses, ada, quality = fig.subplots(1, 3)
     for key, label in (("loss_d", "discriminator"), ("loss_g", "generator")):
         values = _smoothed(np.array([r[key] for r in rows]), window)
@@ -43,7 +44,8 @@ def plot_gan_curves(path: Path, rows: list[dict[str, float]], kids: list[tuple[i
     ada.legend(loc="lower right")
     if kids:
         quality.plot([k[0] for k in kids], [k[1] for k in kids], "o-", color="tab:red")
-        quality.set(xlabel="step", ylabel="KID (lower is closer to real)", title=f"KID: {kid_label}"[:70])
+        title = "\n".join(textwrap.wrap(f"KID in the features of {kid_label}", 48)[:3])
+        quality.set(xlabel="step", ylabel="KID (lower is closer to real)", title=title)
     else:
         quality.text(0.5, 0.5, "no KID measured\n(--kid-encoder or --kid-inception)", ha="center", va="center")
         quality.set_axis_off()
