@@ -24,7 +24,7 @@ from wsi_dala.cli.common import EXIT_INTERRUPTED
 from wsi_dala.errors import CheckpointError
 from wsi_dala.gan import training as gan_training
 from wsi_dala.gan.ada import AdaptiveAugment, augment
-from wsi_dala.gan.networks import GanShape, Generator, ModulatedConv
+from wsi_dala.gan.networks import GanShape, Generator, ModulatedConv, generate
 from wsi_dala.gan.sampling import load_generator
 from wsi_dala.model import build_model, read_card
 
@@ -175,8 +175,8 @@ def test_gan_inputs_and_outputs_are_refused_where_they_do_not_belong(gan_run, bl
 def test_a_generator_is_deterministic_given_its_seed():
     torch.manual_seed(0)
     generator = Generator(GanShape(resolution=PX, n_classes=2, channel_max=32)).eval()
-    first = gan_training.generate(generator, 1, 5, seed=3, device=torch.device("cpu"))
-    second = gan_training.generate(generator, 1, 5, seed=3, device=torch.device("cpu"))
+    first = generate(generator, 1, 5, seed=3, device=torch.device("cpu"))
+    second = generate(generator, 1, 5, seed=3, device=torch.device("cpu"))
     assert first.dtype == torch.uint8 and first.shape == (5, 3, PX, PX)
     assert torch.equal(first, second)  # latents and per-pixel noise both drawn from the seed
-    assert not torch.equal(first, gan_training.generate(generator, 1, 5, seed=4, device=torch.device("cpu")))
+    assert not torch.equal(first, generate(generator, 1, 5, seed=4, device=torch.device("cpu")))

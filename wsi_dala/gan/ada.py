@@ -34,10 +34,6 @@ class AdaptiveAugment:
             self.p = min(max(self.p + math.copysign(step, r_t - self.target), 0.0), 1.0)
             self.pending_signs.clear()
 
-    @property
-    def r_t(self) -> float:
-        return sum(self.pending_signs) / len(self.pending_signs) if self.pending_signs else float("nan")
-
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return augment(images, self.p) if self.p > 0 else images
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,10 +11,8 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from wsi_dala.fileio import atomic_open, save_png_atomic
+from wsi_dala.gan.networks import Generator, generate
 from wsi_dala.layout import generated_tile_name
-
-if TYPE_CHECKING:
-    from wsi_dala.gan.networks import Generator
 
 GRID_COLUMNS = 8
 
@@ -57,8 +54,6 @@ def plot_gan_curves(path: Path, rows: list[dict[str, float]], kids: list[tuple[i
 def sample_grid(path: Path, generator: Generator, class_names: list[str], seed: int) -> None:
     """One row of ``GRID_COLUMNS`` tiles per class, the same latents at every checkpoint (progress shows);
     tiles enlarged to at least 96 px so a person can see their texture."""
-    from wsi_dala.gan.training import generate
-
     device = next(generator.parameters()).device
     rows = [generate(generator, i, GRID_COLUMNS, seed=seed + 7, device=device) for i in range(len(class_names))]
     tile = generator.shape.resolution

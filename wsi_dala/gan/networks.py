@@ -255,3 +255,26 @@ def _minibatch_std(x: torch.Tensor, group: int = 4) -> torch.Tensor:
     y = (y - y.mean(dim=0)).square().mean(dim=0).add(1e-8).sqrt().mean(dim=(1, 2, 3))  # [N/g]
     y = y.reshape(-1, 1, 1, 1).repeat(g, 1, h, w)
     return torch.cat([x, y], dim=1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def generate(
+    generator: Generator, class_index: int, n: int, seed: int, device: torch.device, truncation: float = 1.0
+) -> torch.Tensor:
+    """``n`` uint8 tiles [n, 3, H, W] of one class, reproducible from ``seed`` (latents and per-pixel noise
+    alike); the caller's random state is left as it was (a checkpoint's sample grid must not change the
+    training that follows)."""
+    out = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, n, 32):
+            count = min(32, n - start)
+            z = torch.randn(count, generator.shape.z_dim).to(device)
+            labels = torch.full((count,), class_index, dtype=torch.long, device=device)
+            with torch.no_grad():
+                out.append(to_uint8(generator(z, labels, truncation=truncation)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 3, generator.shape.resolution, generator.shape.resolution)

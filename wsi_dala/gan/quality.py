@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from wsi_dala.devices import normalise
 from wsi_dala.errors import CheckpointError, ConfigError
 from wsi_dala.model import build_model
 from wsi_dala.model.build import pretrain_card
@@ -32,12 +33,10 @@ def encoder_features(path: Path) -> tuple[Features, str]:
     if card is None:
         raise CheckpointError(f"{path}: not a `wsi-dala pretrain` backbone (no pre-training card)")
     model = build_model(card["architecture"], 2, str(path), card.get("options") or {}, card["tile_size_px"]).eval()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def features(tiles: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return pooled_features(model, (tiles.float() / 255 - mean) / std).float()
+            return pooled_features(model, normalise(tiles, list(IMAGENET_MEAN), list(IMAGENET_STD))).float()
 
     return features, f"{card['architecture']} pre-trained by {card['method']} ({path.name})"
 

@@ -19,8 +19,7 @@ from wsi_dala.devices import pick_device
 from wsi_dala.errors import CheckpointError, ConfigError
 from wsi_dala.fileio import ensure_writable_dir, write_json_atomic
 from wsi_dala.gan.figures import tiles_to_pngs
-from wsi_dala.gan.networks import GanShape, Generator
-from wsi_dala.gan.training import generate
+from wsi_dala.gan.networks import GanShape, Generator, generate
 from wsi_dala.layout import SYNTHETIC_CARD_NAME
 from wsi_dala.model.build import GAN_CARD_KEY
 

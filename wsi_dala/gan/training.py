@@ -34,7 +34,7 @@ from wsi_dala.devices import pick_device
 from wsi_dala.fileio import atomic_open, ensure_writable_dir
 from wsi_dala.gan.ada import AdaptiveAugment
 from wsi_dala.gan.figures import plot_gan_curves, sample_grid
-from wsi_dala.gan.networks import Discriminator, GanShape, Generator
+from wsi_dala.gan.networks import Discriminator, GanShape, Generator, generate
 from wsi_dala.gan.quality import Features, batched, kid
 from wsi_dala.layout import GanLayout
 from wsi_dala.model.build import GAN_CARD_KEY
@@ -90,10 +90,6 @@ class TileBatches:
         tiles = self.tiles(indices, generator)
         labels = torch.tensor([self.samples[i].label for i in indices])
         return tiles.float() / 127.5 - 1, labels
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def gan_shape(config: GanConfig, n_classes: int) -> GanShape:
@@ -201,25 +197,6 @@ def _update_ema(ema: nn.Module, live: nn.Module, beta: float) -> None:
         target.lerp_(source, 1 - beta)
     for kept, current in zip(ema.buffers(), live.buffers(), strict=True):
         kept.copy_(current)
-
-
-def generate(
-    generator: Generator, class_index: int, n: int, seed: int, device: torch.device, truncation: float = 1.0
-) -> torch.Tensor:
-    """``n`` uint8 tiles [n, 3, H, W] of one class, reproducible from ``seed`` (latents and per-pixel noise
-    alike); the caller's random state is left as it was (a checkpoint's sample grid must not change the
-    training that follows)."""
-    out = []
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for start in range(0, n, 32):
-            count = min(32, n - start)
-            z = torch.randn(count, generator.shape.z_dim).to(device)
-            labels = torch.full((count,), class_index, dtype=torch.long, device=device)
-            with torch.no_grad():
-                out.append(to_uint8(generator(z, labels, truncation=truncation)).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 3, generator.shape.resolution, generator.shape.resolution)
 
 
 def _held_out_features(kid_features: tuple[Features, str], data: GanData, batches: TileBatches) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from wsi_dala.config import PretrainConfig
-from wsi_dala.devices import autocast, normalise, pick_device, resolve_precision
+from wsi_dala.devices import autocast, pick_device, resolve_precision
 from wsi_dala.fileio import atomic_open, ensure_writable_dir, write_json_atomic
 from wsi_dala.layout import PretrainLayout
 from wsi_dala.model import build_model
@@ -168,7 +168,9 @@ def pretrain(config: PretrainConfig, data: UnlabelledSet, out_dir: str | Path, p
 
 def normalise_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Float RGB in [0, 1] → ImageNet-normalised input (the normalisation `train` records in its cards)."""
-    return normalise(images * 255.0, list(IMAGENET_MEAN), list(IMAGENET_STD)).to(device)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images - mean) / std).to(device)
 
 
 def chance_loss(batch_size: int) -> float:

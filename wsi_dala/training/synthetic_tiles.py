@@ -23,9 +23,9 @@ import numpy as np
 from wsi_dala.errors import ConfigError
 from wsi_dala.layout import SYNTHETIC_CARD_NAME
 from wsi_dala.training.datasets import IMAGE_SUFFIXES, Sample
+from wsi_dala.training.unlabelled import MPP_TOLERANCE
 
 DEFAULT_RATIO = 0.5
-MPP_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from wsi_dala.training.loaders import TileLoader, feature_loader, make_loader
 from wsi_dala.training.metrics import classification_metrics
 from wsi_dala.training.plots import plot_curves
 from wsi_dala.training.predict import Predictions, predict
+from wsi_dala.training.unlabelled import MPP_TOLERANCE
 
 log = logging.getLogger(__name__)
 VALIDATION = "validation split"  # what the temperature of a trained model is fitted on
@@ -334,7 +335,7 @@ def _start_session(
     pretraining = pretrain_card(Path(config.pretrained)) if config.pretrained not in ("none", "imagenet") else None
     if pretraining is not None:  # a `wsi-dala pretrain` backbone: the card says how it was made
         card.training_data["pretraining"] = pretraining
-        if card.mpp and pretraining.get("mpp") and abs(pretraining["mpp"] - card.mpp) > 0.02 * card.mpp:
+        if card.mpp and pretraining.get("mpp") and abs(pretraining["mpp"] - card.mpp) > MPP_TOLERANCE * card.mpp:
             log.warning(
                 "%s was pre-trained on tiles at %.3g µm/px; these are at %.3g µm/px",
                 config.pretrained,

@@ -23,7 +23,7 @@ from wsi_dala.training.datasets import IMAGE_SUFFIXES, Sample
 
 log = logging.getLogger(__name__)
 
-MPP_TOLERANCE = 0.02  # stores whose µm/px differ by more than 2 % are not one training set
+MPP_TOLERANCE = 0.02  # tiles whose µm/px differ by more than 2 % are not one training set (pretrain, --synthetic)
 
 
 @dataclass(frozen=True)
