@@ -224,3 +224,23 @@ def test_a_collapsed_encoder_is_recognised_by_its_loss_at_chance(pretrained):
     with safe_open(str(pretrained / "backbone.safetensors"), framework="pt") as handle:
         card = json.loads(handle.metadata()["wsi_dala.pretrain_card"])
     assert card["collapsed"] is False and card["final_epoch_loss"] < card["chance_loss"]
+
+
+def test_pretrain_takes_the_architecture_options_of_train_and_train_must_match_them(stores, tmp_path, capsys):
+    out = tmp_path / "se"
+    argv = ["pretrain", "--stores", *map(str, stores), "--out", str(out), "--epochs", "1", "--arch", "dalaresnet50"]
+    argv += ["--attention-kind", "se", "--pretrained", "none", "--batch-size", "8", "--tiles-per-epoch", "16", "-q"]
+    assert main(argv) == 0
+    backbone = out / "backbone.safetensors"
+    with safe_open(str(backbone), framework="pt") as handle:
+        card = json.loads(handle.metadata()["wsi_dala.pretrain_card"])
+    assert card["options"]["attention_kind"] == "se"
+    se = {"attention_position": "end", "attention_kind": "se", "gate_mode": "x*a"}
+    model = build_model("dalaresnet50", 2, str(backbone), options=se, input_size=TILE_PX)
+    saved = load_file(str(backbone))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    with pytest.raises(CheckpointError, match=r"do not fit this dalaresnet50; it was pre-trained with options .*'se'"):
+        build_model("dalaresnet50", 2, str(backbone), options={**se, "attention_kind": "gate"}, input_size=TILE_PX)
+    wrong = ["--vit-option", "depth=1"]  # a resvit-gannet option given with resnet18
+    code = main(["pretrain", "--stores", str(stores[0]), "--out", str(tmp_path / "x"), *QUICK, *wrong])
+    assert code == 2 and "apply to --arch resvit-gannet only" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_dala.cli.common import Formatter, Verb, number_in
-from wsi_dala.cli.training import _add_data_options, _load_samples
+from wsi_dala.cli.labelled_data import add_data_options, load_samples
 from wsi_dala.config import GanConfig, build
 from wsi_dala.errors import ConfigError
 
@@ -17,7 +17,7 @@ def _configure_gan(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="gan_command", metavar="ACTION", required=True)
     train = sub.add_parser("train", help="train on labelled tiles (all classes, or one)", formatter_class=Formatter)
     train.add_argument("--out", required=True, metavar="DIR", help="run folder (gan.safetensors, curves, samples)")
-    _add_data_options(train)
+    add_data_options(train)
     train.add_argument(
         "--train-mpp",
         type=number_in(0, 1000, low_open=True),
@@ -101,7 +101,7 @@ def _train(args: argparse.Namespace) -> int:
     }
     config = build(GanConfig, values, "gan train options")
     kid_features = _kid_features(args)  # a bad weights file fails before any slide is tiled
-    samples, names, mpp, _note, source = _load_samples(args, GanLayout(Path(args.out)).root / "tiles", args.resolution)
+    samples, names, mpp, _note, source = load_samples(args, GanLayout(Path(args.out)).root / "tiles", args.resolution)
     mpp = args.train_mpp or mpp
     trained = names
     if args.only_class is not None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wsi_dala.cli.architecture import add_architecture_options, architecture_options
 from wsi_dala.cli.common import Verb, add_precision_option, number_in
-from wsi_dala.cli.training import _architecture
 from wsi_dala.config import PretrainConfig, build
-from wsi_dala.model_choices import ARCHITECTURES
 
 
 def _configure_pretrain(parser: argparse.ArgumentParser) -> None:
@@ -38,20 +37,7 @@ def _configure_pretrain(parser: argparse.ArgumentParser) -> None:
         help="µm/px of the --folder images, for the card (default: the stores', or unknown)",
     )
     model = parser.add_argument_group("encoder")
-    model.add_argument(
-        "--arch",
-        default="dalaresnet50",
-        type=_architecture,
-        metavar="NAME",
-        help=f"architecture whose features are pre-trained: {', '.join(ARCHITECTURES)} or timm:NAME "
-        "(default: dalaresnet50)",
-    )
-    model.add_argument(
-        "--pretrained",
-        default="imagenet",
-        metavar="imagenet|none|PATH",
-        help="starting weights (default: imagenet; offline, put them in the torch cache or use none)",
-    )
+    add_architecture_options(model)
     fit = parser.add_argument_group("SimCLR")
     fit.add_argument("--epochs", type=int, default=20, help="epochs (default: 20)")
     fit.add_argument("--batch-size", type=int, default=64, help="tiles per step, two views each (default: 64)")
@@ -92,9 +78,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     from wsi_dala.training.pretrain import pretrain
     from wsi_dala.training.unlabelled import unlabelled_set
 
+    options, pretrained = architecture_options(args)
     values = {
         "arch": args.arch,
-        "pretrained": args.pretrained,
+        "options": options,
+        "pretrained": pretrained,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "tiles_per_epoch": args.tiles_per_epoch,

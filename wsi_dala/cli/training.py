@@ -3,122 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import json
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from wsi_dala.cli.common import Verb, add_precision_option, deprecated_flag, number_in, tiling_from_flags
+from wsi_dala.cli.architecture import add_architecture_options, architecture_options
+from wsi_dala.cli.common import Verb, add_precision_option, deprecated_flag, number_in
+from wsi_dala.cli.labelled_data import add_data_options, load_samples
 from wsi_dala.config import ThresholdMethod, TrainConfig, build
 from wsi_dala.errors import ConfigError
 from wsi_dala.layout import CalibrateLayout, EvalLayout, TrainLayout
 from wsi_dala.model_choices import (
-    ARCHITECTURES,
-    ATTENTION_KINDS,
-    ATTENTION_POSITIONS,
-    GATE_MODES,
     TIMM_PREFIX,
-    architecture_problem,
 )
 
 if TYPE_CHECKING:
     from wsi_dala.model import ModelCard
     from wsi_dala.training.datasets import Sample
 
-BREAKHIS_MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
-
-
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_argument_group("data (give exactly one source)")
-    source.add_argument("--breakhis", metavar="ROOT", help="a BreakHis tree (BreaKHis_v1/...)")
-    source.add_argument(
-        "--breakhis-magnification",
-        metavar="MAG",
-        choices=BREAKHIS_MAGNIFICATIONS,
-        help="BreakHis magnification to use (default: all four)",
-    )
-    deprecated_flag(
-        source,
-        "--magnification",
-        "--breakhis-magnification",
-        dest="breakhis_magnification",
-        choices=BREAKHIS_MAGNIFICATIONS,
-    )
-    source.add_argument("--folder", metavar="ROOT", help="image-folder tree: ROOT/<class>/[<group>/]<image>")
-    source.add_argument(
-        "--group-pattern",
-        type=_regex_with_a_group,
-        default=r"^(.+?)_",
-        metavar="REGEX",
-        help="--folder: regex whose first group is the slide/patient of a file name "
-        "(used when images are not in per-group sub-folders)",
-    )
-    source.add_argument(
-        "--slide",
-        action="append",
-        default=[],
-        metavar="SLIDE[=GEOJSON]",
-        help="a slide with QuPath annotations (default GEOJSON: beside the slide, same stem); "
-        "repeat for several slides",
-    )
-    source.add_argument(
-        "--unannotated-class",
-        metavar="NAME",
-        help="--slide: class for tissue tiles outside every annotation (default: drop them)",
-    )
-    source.add_argument(
-        "--min-cover",
-        type=number_in(0, 1, low_open=True),
-        default=0.5,
-        metavar="F",
-        help="--slide: fraction of a tile an annotation must cover to label it",
-    )
-    source.add_argument("--mpp", type=float, default=0.5, metavar="UM", help="--slide: tile µm/px")
-    deprecated_flag(source, "--tile-mpp", "--mpp", dest="mpp", type=float)
-    source.add_argument("--min-tissue", type=float, default=0.5, metavar="F", help="--slide: tissue fraction")
-
-
-def _regex_with_a_group(text: str) -> str:
-    try:
-        groups = re.compile(text).groups
-    except re.error as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression ({exc})") from None
-    if groups < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} has no group: its first group names the slide/patient")
-    return text
-
-
-def _load_samples(
-    args: argparse.Namespace, tiles_dir: Path, input_size: int
-) -> tuple[list[Sample], list[str], float | None, str, str]:
-    """(samples, class names, µm/px or None, note, source description)."""
-    from wsi_dala.training import datasets
-
-    given = [bool(args.breakhis), bool(args.folder), bool(args.slide)]
-    if sum(given) != 1:
-        raise ConfigError("give exactly one data source: --breakhis, --folder or --slide")
-    if args.breakhis:
-        magnification = args.breakhis_magnification
-        samples = datasets.breakhis_samples(args.breakhis, magnification)
-        mpp = datasets.BREAKHIS_MPP.get(magnification) if magnification else None
-        note = datasets.BREAKHIS_MPP_NOTE if mpp else "BreakHis, mixed magnifications: no single µm/px"
-        return samples, list(datasets.BREAKHIS_CLASSES), mpp, note, f"BreakHis {args.breakhis}"
-    if args.folder:
-        samples, names = datasets.image_folder_samples(args.folder, args.group_pattern)
-        return samples, names, None, "image folder: µm/px unknown (give --train-mpp)", f"image folder {args.folder}"
-    from wsi_dala.training.slide_tiles import annotated_slide_samples, parse_slide_argument
-
-    tiling = tiling_from_flags(args, default_tile_px=input_size)
-    slides = [parse_slide_argument(text) for text in args.slide]
-    samples, names, slide_mpp = annotated_slide_samples(
-        slides, tiles_dir, tiling, args.min_cover, args.unannotated_class, progress=not args.quiet
-    )
-    return samples, names, slide_mpp, "measured by the wsi-dala tiler", f"{len(slides)} annotated slides"
-
 
 def _configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoint, curves, metrics)")
-    _add_data_options(parser)
+    add_data_options(parser)
     parser.add_argument(
         "--synthetic",
         action="append",
@@ -134,79 +39,7 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--arch",
-        default="dalaresnet50",
-        type=_architecture,
-        metavar="NAME",
-        help=f"architecture: {', '.join(ARCHITECTURES)}, or timm:NAME for any timm network as an encoder with a "
-        "linear head on its pooled feature map (ViT: patch tokens), e.g. timm:vit_large_patch16_224 for UNI's "
-        "layout (default: dalaresnet50)",
-    )
-    model.add_argument(
-        "--pretrained",
-        default="imagenet",
-        metavar="imagenet|none|PATH",
-        help="starting weights: ImageNet (torchvision weights API), none, or a weights file (default: imagenet)",
-    )
-    model.add_argument(
-        "--weights",
-        default=None,
-        metavar="FILE|none",
-        help="timm:NAME: the encoder's weights, a local .safetensors or .bin/.pth file read without running code "
-        "(nothing is downloaded), or none for random weights; replaces --pretrained (required with timm:NAME)",
-    )
-    model.add_argument(
-        "--timm-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="timm:NAME: a keyword argument for timm.create_model, VALUE read as JSON where it parses "
-        "(e.g. init_values=1e-5 and dynamic_img_size=true for UNI); repeatable (default: none)",
-    )
-    model.add_argument(
-        "--attention-position",
-        default="end",
-        choices=ATTENTION_POSITIONS,
-        help="DALAResNet50: attention after the whole of layer4, or after each of its blocks",
-    )
-    model.add_argument("--attention-kind", default="gate", choices=ATTENTION_KINDS, help="DALAResNet50 attention")
-    model.add_argument("--gate-mode", default="x*a", choices=GATE_MODES, help="DALAResNet50: y = x*a or x*(1+a)")
-    model.add_argument(
-        "--vit",
-        default="vit_b_16",
-        metavar="vit_b_16|timm:NAME",
-        help="resvit-gannet: its ViT branch, torchvision's ViT-B/16 or a timm ViT (e.g. timm:vit_small_patch16_224 "
-        "for CPU-sized runs) (default: vit_b_16)",
-    )
-    model.add_argument(
-        "--vit-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="resvit-gannet with timm:NAME: a keyword argument of the ViT (e.g. depth=6); repeatable (default: none)",
-    )
-    model.add_argument(
-        "--fused-blocks",
-        type=number_in(1, 64, integer=True),
-        default=4,
-        metavar="K",
-        help="resvit-gannet: multi-layer token fusion over the ViT's last K blocks (default: 4)",
-    )
-    model.add_argument(
-        "--tama-heads",
-        type=number_in(1, 64, integer=True),
-        default=8,
-        metavar="H",
-        help="resvit-gannet: attention heads of the TAMA fusion; must divide the ViT width (default: 8)",
-    )
-    model.add_argument(
-        "--cam-layer",
-        choices=("tama", "cnn"),
-        default="tama",
-        help="resvit-gannet: DT Grad-CAM's target, the TAMA-attended CNN tokens or the SE-attended CNN map "
-        "before the fusion (default: tama)",
-    )
+    add_architecture_options(model)
     model.add_argument(
         "--positive-class",
         default=None,
@@ -352,74 +185,14 @@ def _split(args: argparse.Namespace, samples: list[Sample], source: str) -> tupl
     return train, val
 
 
-def _architecture(text: str) -> str:
-    problem = architecture_problem(text)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
-    return text
-
-
-def _timm_options(pairs: list[str], flag: str = "--timm-option") -> dict[str, Any]:
-    """``--timm-option KEY=VALUE``: VALUE as JSON where it parses (numbers, true, lists), else a string."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.isidentifier():
-            raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. init_values=1e-5")
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    return options
-
-
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    options: dict[str, Any] = {}
-    timm_arch = args.arch.startswith(TIMM_PREFIX)
-    if args.timm_option and not timm_arch:
-        raise ConfigError("--timm-option applies to --arch timm:NAME only")
-    if args.weights is not None and not timm_arch:
-        raise ConfigError("--weights is the encoder's file for --arch timm:NAME; other architectures take --pretrained")
-    if timm_arch:
-        if args.weights is None:
-            raise ConfigError(
-                f"--arch {args.arch}: give the encoder's weights with --weights FILE (a local .safetensors/.bin; "
-                "nothing is downloaded), or --weights none"
-            )
-        if args.weights != "none" and not Path(args.weights).is_file():
-            raise ConfigError(f"{args.weights}: encoder weights file not found (--weights)")
-        options = _timm_options(args.timm_option)
+    options, pretrained = architecture_options(args)
     if args.feature_cache and not args.freeze_backbone:
         raise ConfigError("--feature-cache applies to --freeze-backbone only")
-    resvit_flags = (
-        args.vit != "vit_b_16"
-        or args.vit_option
-        or args.fused_blocks != 4
-        or args.tama_heads != 8
-        or args.cam_layer != "tama"
-    )
-    if resvit_flags and args.arch != "resvit-gannet":
-        raise ConfigError(
-            "--vit, --vit-option, --fused-blocks, --tama-heads and --cam-layer apply to --arch resvit-gannet only"
-        )
-    if args.arch == "resvit-gannet":
-        options = {
-            "vit": args.vit,
-            "vit_options": _timm_options(args.vit_option, "--vit-option"),
-            "fused_blocks": args.fused_blocks,
-            "heads": args.tama_heads,
-            "cam_layer": args.cam_layer,
-        }
-    if args.arch == "dalaresnet50":
-        options = {
-            "attention_position": args.attention_position,
-            "attention_kind": args.attention_kind,
-            "gate_mode": args.gate_mode,
-        }
     values = {
         "arch": args.arch,
         "options": options,
-        "pretrained": args.weights if timm_arch else args.pretrained,
+        "pretrained": pretrained,
         "input_size": args.input_size,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -499,7 +272,7 @@ def _train(args: argparse.Namespace) -> int:
 
         check_encoder_weights(config.arch, config.options, Path(config.pretrained), config.input_size)
     layout = TrainLayout(Path(args.out))
-    samples, names, mpp, note, source = _load_samples(args, layout.tiles_dir, args.input_size)
+    samples, names, mpp, note, source = load_samples(args, layout.tiles_dir, args.input_size)
     train, val = _split(args, samples, source)
     card_fields = _card_fields(args, names, train, val, (mpp, note), source)
     print(
@@ -555,7 +328,7 @@ def _add_held_out_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=number_in(1, 1e6, integer=True), default=32, help="batch size")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda ...")
     add_precision_option(parser, default="auto")
-    _add_data_options(parser)
+    add_data_options(parser)
 
 
 def _held_out_samples(
@@ -565,7 +338,7 @@ def _held_out_samples(
     ``--split-from``; (samples, class names, what they are)."""
     from wsi_dala.training.train import read_validation_groups
 
-    samples, names, _, _, source = _load_samples(args, tiles_dir, input_size)
+    samples, names, _, _, source = load_samples(args, tiles_dir, input_size)
     if args.split_from:
         held_out = set(read_validation_groups(args.split_from))
         samples = [s for s in samples if s.group in held_out]

@@ -172,6 +172,12 @@ def load_pretrained_file(model: nn.Module, path: Path, arch: str) -> None:
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
         raise CheckpointError(f"{path}: no tensor in this file matches the model's parameter names")
+    if card is not None and len(usable) < len(state):
+        unfit = sorted(set(state) - set(usable))
+        raise CheckpointError(
+            f"{path}: {len(unfit)} of its {len(state)} tensors (e.g. {unfit[0]}) do not fit this {arch}; it was "
+            f"pre-trained with options {card.get('options') or {}}: give train the same architecture options"
+        )
     model.load_state_dict(usable, strict=False)
     if card is not None:
         log.info("%s: %d of %d tensors from %s pre-training", path, len(usable), len(own), card.get("method"))
