@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from tests.images import write_blob_folder
 from wsi_dala.cli import main
 from wsi_dala.cli.common import EXIT_INTERRUPTED
+from wsi_dala.config import GanConfig
 from wsi_dala.errors import CheckpointError
 from wsi_dala.gan import training as gan_training
 from wsi_dala.gan.ada import AdaptiveAugment, augment
@@ -57,6 +58,37 @@ def test_ada_raises_p_when_the_discriminator_is_too_sure_of_real_tiles_and_lower
     assert torch.allclose(augment(images, 0.0), images, atol=1e-6)  # p = 0: every transform off
     augment(images, 1.0).sum().backward()  # differentiable: the generator learns through it
     assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_ada_geometry_keeps_each_tile_whole_a_mirrored_turned_reflect_shifted_copy():
+    """Colour transforms keep the channel mean an increasing affine map of the turned, shifted tile's, so
+    one of the 8 symmetries x shifts must correlate perfectly with each output: no pixel from another tile."""
+    torch.manual_seed(3)
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    luma_out = augment(images, 1.0).mean(1)
+    shift = 32 // 8
+    for tile, out in zip(images.mean(1), luma_out, strict=True):
+        best = 0.0
+        for mirrored in (tile, tile.flip(-1)):
+            for turns in range(4):
+                padded = F.pad(mirrored.rot90(turns)[None], (shift,) * 4, mode="reflect")[0]
+                for dy in range(2 * shift + 1):
+                    for dx in range(2 * shift + 1):
+                        crop = padded[dy : dy + 32, dx : dx + 32]
+                        best = max(best, float(torch.corrcoef(torch.stack([crop.flatten(), out.flatten()]))[0, 1]))
+        assert best > 0.99999
+
+
+def test_the_sampling_ema_ramps_up_so_a_short_run_does_not_sample_its_random_start():
+    from wsi_dala.gan.training import ema_beta
+
+    config = GanConfig(batch_size=16)  # half-life 10,000 images, ramp-up 0.05
+    assert ema_beta(config, 0) == 0.0  # first step: the EMA is the trained generator
+    assert ema_beta(config, 150) == pytest.approx(0.5 ** (16 / (150 * 16 * 0.05)))  # half-life 120 images
+    assert ema_beta(config, 100_000) == pytest.approx(0.5 ** (16 / 10_000))
+    start_left = np.prod([ema_beta(config, step) for step in range(150)])
+    assert start_left < 1e-6  # of the random start in G_ema after 150 steps (0.85 without the ramp-up)
+    assert ema_beta(config.model_copy(update={"ema_rampup": 0.0}), 0) == pytest.approx(0.5 ** (16 / 10_000))
 
 
 @pytest.fixture(scope="module")

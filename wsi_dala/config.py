@@ -274,6 +274,7 @@ class GanConfig(Settings):
     r1_gamma: float = Field(1.0, ge=0)  # R1 penalty on real tiles (lazy, every r1_interval steps)
     r1_interval: int = Field(16, ge=1)
     ema_half_life_images: int = Field(10_000, ge=1)  # the sampled generator: an EMA of the trained one
+    ema_rampup: float = Field(0.05, ge=0)  # half-life at most this x images seen so far (0: off), as StyleGAN2-ADA
     ada_target: float = Field(0.6, gt=0, lt=1)
     ada_speed_images: int = Field(100_000, ge=1)
     z_dim: int = Field(128, ge=8)

@@ -49,17 +49,18 @@ def augment(images: torch.Tensor, p: float) -> torch.Tensor:
     flip = _chosen(n, p, device)
     images = flip * images.flip(3) + (1 - flip) * images
     turns = torch.randint(0, 4, (n,), device=device) * (torch.rand(n, device=device) < p)
-    images = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(images, turns.tolist(), strict=True)])
+    every = torch.arange(n, device=device)
+    images = torch.stack([images.rot90(k, dims=(2, 3)) for k in range(4)])[turns, every]
     shift = max(1, size // 8)
     moved = torch.rand(n, device=device) < p
     offsets = torch.randint(-shift, shift + 1, (n, 2), device=device) * moved[:, None]
     padded = F.pad(images, (shift, shift, shift, shift), mode="reflect")
-    images = torch.stack(
-        [
-            img[:, shift + int(dy) : shift + int(dy) + size, shift + int(dx) : shift + int(dx) + size]
-            for img, (dy, dx) in zip(padded, offsets.tolist(), strict=True)
-        ]
-    )
+    window = torch.arange(size, device=device) + shift
+    rows, columns = offsets[:, :1] + window, offsets[:, 1:] + window  # [N, size] each
+    channels = torch.arange(images.shape[1], device=device)
+    images = padded[
+        every[:, None, None, None], channels[None, :, None, None], rows[:, None, :, None], columns[:, None, None, :]
+    ]
     brightness = torch.randn(n, 1, 1, 1, device=device) * 0.2 * _chosen(n, p, device)
     images = images + brightness
     mean = images.mean(dim=(1, 2, 3), keepdim=True)

@@ -51,17 +51,19 @@ def plot_gan_curves(path: Path, rows: list[dict[str, float]], kids: list[tuple[i
         fig.savefig(handle, format="png", dpi=100)
 
 
-def sample_grid(path: Path, generator: Generator, class_names: list[str], seed: int) -> None:
-    """One row of ``GRID_COLUMNS`` tiles per class, the same latents at every checkpoint (progress shows);
-    tiles enlarged to at least 96 px so a person can see their texture."""
+def sample_grid(path: Path, generator: Generator, class_names: list[str], trained: list[str], seed: int) -> None:
+    """One row of ``GRID_COLUMNS`` tiles per trained class (an untrained class's row would be noise), the
+    same latents at every checkpoint (progress shows); tiles enlarged to at least 96 px so a person can
+    see their texture."""
     device = next(generator.parameters()).device
-    rows = [generate(generator, i, GRID_COLUMNS, seed=seed + 7, device=device) for i in range(len(class_names))]
+    shown = [name for name in class_names if name in trained]
+    rows = [generate(generator, class_names.index(name), GRID_COLUMNS, seed=seed + 7, device=device) for name in shown]
     tile = generator.shape.resolution
     scale = max(1, -(-96 // tile))
     side, label_w = tile * scale, 110
     canvas = Image.new("RGB", (label_w + GRID_COLUMNS * (side + 4), len(rows) * (side + 4)), "white")
     draw = ImageDraw.Draw(canvas)
-    for r, (name, tiles) in enumerate(zip(class_names, rows, strict=True)):
+    for r, (name, tiles) in enumerate(zip(shown, rows, strict=True)):
         draw.text((6, r * (side + 4) + side // 2 - 6), name[:16], fill="black")
         for c, image in enumerate(tiles):
             pixels = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((side, side), Image.Resampling.NEAREST)

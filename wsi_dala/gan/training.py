@@ -2,7 +2,8 @@
 (:mod:`wsi_dala.gan.ada`) on labelled tiles.
 
 Losses are StyleGAN2's: non-saturating logistic for both networks, lazy R1 on real tiles every
-``r1_interval`` steps. The generator that samples is an exponential moving average of the trained one.
+``r1_interval`` steps. The generator that samples is an exponential moving average of the trained one
+(its half-life ramped up with the images seen, as StyleGAN2-ADA's).
 Each step's batch is drawn from a generator seeded by (seed, step) and the global random state is
 saved with every checkpoint, so an interrupted run resumed from its last checkpoint draws exactly
 what an uninterrupted one would (tested). Everything in fp32: GAN training is the wrong place to save
@@ -123,14 +124,13 @@ def train_gan(
     networks = {"G": generator, "G_ema": generator_ema, "D": discriminator}
     start, rows, kids = _resume(layout, config, networks, optimise_g, optimise_d, ada, device)
     real_features = _held_out_features(kid_features, data, batches) if kid_features is not None else None
-    ema_beta = 0.5 ** (config.batch_size / config.ema_half_life_images)
     started, made = time.perf_counter(), 0
     for step in tqdm(range(start, config.steps), desc="GAN", initial=start, total=config.steps, disable=not progress):
         reals, labels = batches.batch(step, config.batch_size)
         reals, labels = reals.to(device), labels.to(device)
         row = _discriminator_step(config, step, generator, discriminator, ada, optimise_d, reals, labels)
         row["loss_g"] = _generator_step(config, generator, discriminator, ada, optimise_g, labels)
-        _update_ema(generator_ema, generator, ema_beta)
+        _update_ema(generator_ema, generator, ema_beta(config, step))
         made += 2 * config.batch_size
         rows.append({"step": step + 1, **row, "ada_p": ada.p})
         done = step + 1
@@ -189,6 +189,16 @@ def _generator_step(
     loss.backward()
     optimiser.step()
     return float(loss.detach())
+
+
+def ema_beta(config: GanConfig, step: int) -> float:
+    """The EMA's decay at ``step``: a half-life of ``ema_half_life_images``, ramped up as StyleGAN2-ADA does
+    (at most ``ema_rampup`` x the images seen), so that a short run samples what it learnt and not
+    mostly its random initial weights (10,000 images of half-life is 85 % of the start after 2,400)."""
+    half_life = float(config.ema_half_life_images)
+    if config.ema_rampup > 0:
+        half_life = min(half_life, step * config.batch_size * config.ema_rampup)
+    return 0.5 ** (config.batch_size / half_life) if half_life > 0 else 0.0
 
 
 @torch.no_grad()
@@ -266,7 +276,7 @@ def _checkpoint(
     plot_gan_curves(layout.curves_png, rows, kids, kid_features[1] if kid_features else "")
     generator_ema = networks["G_ema"]
     assert isinstance(generator_ema, Generator)
-    sample_grid(layout.samples_png, generator_ema, data.class_names, config.seed)
+    sample_grid(layout.samples_png, generator_ema, data.class_names, data.trained_classes, config.seed)
     card = gan_card(config, data, shape, step, ada)
     if kids:
         card["kid"] = {"last": round(kids[-1][1], 5), "features": kid_features[1] if kid_features else None}
