@@ -1,7 +1,7 @@
-"""Learning from few and imbalanced labels: training from scratch against training after `wsi-dala
-pretrain` on the unlabelled tiles of other slides.
+"""Learning from few and imbalanced labels: training from scratch, after `wsi-dala pretrain` on the
+unlabelled tiles of other slides, with GAN-made tumour tiles, and both.
 
-    python benchmarks/few_labels.py [--seeds 0 1 2] [--fractions 0.05 0.2 1.0] [--arch resnet18]
+    python benchmarks/few_labels.py [--seeds 0 1 2] [--fractions 0.05 0.2 1.0] [--gan-steps 300]
 
 Generated slides (``wsi_dala.synthetic``), tumour drawn as QuPath annotations, 64 px tiles at 1 µm/px:
 
@@ -9,15 +9,18 @@ Generated slides (``wsi_dala.synthetic``), tumour drawn as QuPath annotations, 6
   pretrain` (SimCLR, HED jitter) runs on them once per seed, from random weights (nothing is downloaded);
 - labelled pool: the tiles of four annotated slides, tumour thinned to 1 tumour per 10 normal tiles;
   each label fraction keeps that share of the pool (stratified, at least 2 tumour tiles) for training;
-- validation (best epoch, temperature): one more annotated slide at the same 1:10; test: two held-out
-  annotated slides, all their tiles;
-- the same training recipe from random weights (a) and from the pre-trained backbone (b), the same
-  number of optimiser steps at every fraction (epochs = steps x batch / tiles).
+- GAN tiles: per seed and fraction, the GAN (`gan train --class Tumor`'s code) learns that split's
+  tumour tiles only, and `gan sample` writes as many as bring tumour to half of normal; they join the
+  training split as `train --synthetic DIR` does (``mix_synthetic``). KID against the test slides'
+  tumour tiles, in the seed's pre-trained encoder's features;
+- validation (best epoch, temperature, and the backbone learning rate of ``--lr-backbone``): one more
+  annotated slide at the same 1:10; test: two held-out annotated slides, all their tiles;
+- rows (a) scratch, (b) pre-trained, (c) scratch + GAN tiles, (d) pre-trained + GAN tiles, each the
+  same number of optimiser steps at every fraction.
 
-Prints balanced accuracy and minority (tumour) recall on the test slides, means ± SD over seeds, the
-pre-training images/s and the margin (b) - (a) per fraction with its spread over seeds. GAN tiles (c, d:
-`gan train` on each fraction's tiles, `gan sample`, `train --synthetic`) are not in this table yet; KID
-over GAN training is `benchmarks/gan.py`. Prints the CPU flags; compare within one run only.
+Prints balanced accuracy and minority (tumour) recall on the test slides, means ± SD over seeds, each
+row's margin over (a) with its spread over seeds, pre-training and GAN images/s, and KID. Prints the CPU
+flags; compare within one run only.
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ from tissue import cpu_flags
 
 from tests.test_slide_training import _write_qupath_annotations
 from wsi_dala.cli import main
-from wsi_dala.config import TilingConfig, TrainConfig
+from wsi_dala.config import GanConfig, TilingConfig, TrainConfig
+from wsi_dala.gan.quality import encoder_features
+from wsi_dala.gan.sampling import sample_tiles
+from wsi_dala.gan.training import GanData, train_gan
 from wsi_dala.model import load_checkpoint
 from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.training.datasets import Sample
@@ -48,6 +54,7 @@ from wsi_dala.training.loaders import make_loader
 from wsi_dala.training.metrics import classification_metrics
 from wsi_dala.training.predict import predict
 from wsi_dala.training.slide_tiles import AnnotatedSlide, annotated_slide_samples
+from wsi_dala.training.synthetic_tiles import SyntheticSource, mix_synthetic
 from wsi_dala.training.train import train_model
 
 TILE_PX, MPP = 64, 1.0
@@ -106,15 +113,128 @@ def test_metrics(checkpoint: Path, samples: list[Sample], names: list[str]) -> d
     return {"balanced_accuracy": metrics["balanced_accuracy"], "tumour_recall": metrics["binary"]["recall"]}
 
 
+STARTS = {  # row: (pre-trained backbone, GAN tiles)
+    "a scratch": (False, False),
+    "b pretrained": (True, False),
+    "c scratch + GAN": (False, True),
+    "d pretrained + GAN": (True, True),
+}
+
+
+def pretrain(stores: list[Path], out: Path, args: argparse.Namespace, seed: int) -> float:
+    """`wsi-dala pretrain` on the unlabelled stores; returns images/s (two views per tile)."""
+    argv = ["pretrain", "--stores", *map(str, stores), "--out", str(out), "--arch", args.arch, "--pretrained", "none"]
+    argv += ["--epochs", str(args.pretrain_epochs), "--lr", str(args.pretrain_lr), "--seed", str(seed), "-q"]
+    if main(argv) != 0:
+        raise SystemExit("pre-training failed")
+    summary = json.loads((out / "pretrain.json").read_text())
+    rate = 2 * summary["tiles_per_s_this_invocation"]
+    card = summary["card"]
+    state = " (COLLAPSED)" if card.get("collapsed") else ""
+    print(
+        f"seed {seed}: pre-trained on {card['data']['tiles']} tiles, loss {card['final_epoch_loss']}{state}, "
+        f"{rate:.1f} images/s"
+    )
+    return rate
+
+
+def gan_tiles(
+    train: list[Sample],
+    test: list[Sample],
+    names: list[str],
+    out: Path,
+    encoder: Path,
+    args: argparse.Namespace,
+    seed: int,
+) -> tuple[Path, float, float]:
+    """`gan train` on the tumour tiles of this split, then `gan sample` as many as bring tumour to half of
+    normal; returns the folder, KID against the test slides' tumour tiles, and generated images/s."""
+    positive = names.index("Tumor")
+    tumour = [s for s in train if s.label == positive]
+    held_out = [s for s in test if s.label == positive]
+    config = GanConfig(
+        resolution=TILE_PX,
+        steps=args.gan_steps,
+        channel_max=args.gan_channel_max,
+        ada_speed_images=args.gan_ada_speed,
+        checkpoint_every=args.gan_steps,
+        kid_samples=200,
+        seed=seed,
+        device="cpu",
+    )
+    data = GanData(tumour, held_out, names, ["Tumor"], MPP, f"few_labels seed {seed}: {len(tumour)} tumour tiles")
+    result = train_gan(config, data, out / "gan", encoder_features(encoder), progress=False)
+    wanted = max(1, round(0.5 * (len(train) - len(tumour))) - len(tumour))
+    folder = out / "tiles"
+    sample_tiles(result.checkpoint, "Tumor", wanted, folder, truncation=1.0, seed=seed, device_name="cpu")
+    return folder, result.kid[-1][1], result.images_per_s
+
+
+def fit(
+    train: list[Sample],
+    val: list[Sample],
+    names: list[str],
+    weights: str,
+    out: Path,
+    args: argparse.Namespace,
+    seed: int,
+) -> tuple[Path, float, float, float]:
+    """Train once per backbone learning rate of ``--lr-backbone``; keep the run that the validation slide
+    prefers (balanced accuracy, then loss). Returns its checkpoint, its backbone lr, the passes over the
+    split and the seconds taken."""
+    best: tuple[float, float, Path, float] | None = None
+    started = time.perf_counter()
+    # Small splits are repeated so that an epoch is about ``--epoch-steps`` steps at every fraction: the
+    # validation slide is scored once per epoch, and 50 validations of a 37-tile split would cost more
+    # than its training.
+    passes = args.steps * args.batch_size / len(train)
+    train = train * max(1, round(args.epoch_steps * args.batch_size / len(train)))
+    epochs = max(1, math.ceil(args.steps * args.batch_size / len(train)))
+    for lr in args.lr_backbone:
+        config = TrainConfig(
+            arch=args.arch,
+            pretrained=weights,
+            input_size=TILE_PX,
+            epochs=epochs,
+            patience=epochs,
+            batch_size=args.batch_size,
+            lr_backbone=lr,
+            lr_head=1e-3,
+            seed=seed,
+            precise_bn_batches=8,
+        )
+        result = train_model(train, val, names, "Tumor", config, out / f"lr{lr:g}", {"mpp": MPP}, progress=False)
+        score = (result.best_metrics["balanced_accuracy"], -result.history[result.best_epoch - 1]["val_loss"])
+        if best is None or score > best[:2]:
+            best = (*score, result.checkpoint, lr)
+    assert best is not None
+    return best[2], best[3], passes, time.perf_counter() - started
+
+
 def main_benchmark() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0], help="label fractions")
+    parser.add_argument("--rows", nargs="+", default=list(STARTS), choices=list(STARTS), help="rows (default: all)")
     parser.add_argument("--arch", default="resnet18", help="architecture (default: resnet18, CPU-sized)")
     parser.add_argument("--unlabelled-slides", type=int, default=6, help="slides to pre-train on (default: 6)")
     parser.add_argument("--pretrain-epochs", type=int, default=15, help="SimCLR epochs (default: 15)")
+    parser.add_argument("--pretrain-lr", type=float, default=5e-4, help="SimCLR learning rate (default: 5e-4)")
     parser.add_argument("--steps", type=int, default=60, help="fine-tuning optimiser steps (default: 60)")
     parser.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch (default: 32)")
+    parser.add_argument(
+        "--epoch-steps", type=int, default=10, help="steps per epoch, small splits repeated (default: 10)"
+    )
+    parser.add_argument(
+        "--lr-backbone",
+        type=float,
+        nargs="+",
+        default=[1e-3, 1e-4],
+        help="backbone learning rates tried for every row; the validation slide picks one (default: 1e-3 1e-4)",
+    )
+    parser.add_argument("--gan-steps", type=int, default=300, help="GAN generator updates per split (default: 300)")
+    parser.add_argument("--gan-channel-max", type=int, default=64, help="GAN's widest layer (default: 64)")
+    parser.add_argument("--gan-ada-speed", type=int, default=20_000, help="ADA images for p 0 -> 1 (default: 20000)")
     args = parser.parse_args()
     print(f"CPU: {cpu_flags()}; torch {torch.__version__}, {torch.get_num_threads()} threads; arch {args.arch}")
     with tempfile.TemporaryDirectory() as scratch:
@@ -129,69 +249,85 @@ def main_benchmark() -> None:
         positive = names.index("Tumor")
         stores = unlabelled_stores(root / "archive", list(range(401, 401 + args.unlabelled_slides)))
         results: dict[tuple[str, float], list[dict[str, float]]] = {}
-        pretrain_rates = []
+        pretrain_rates, gan_rates, kids = [], [], {}
         for seed in args.seeds:
             rng = np.random.default_rng(seed)
             labelled = imbalanced(pool, positive, rng)
             val_seed = imbalanced(val, positive, rng)
-            backbone_dir = root / f"pretrain-{seed}"
-            argv = ["pretrain", "--stores", *map(str, stores), "--out", str(backbone_dir), "--arch", args.arch]
-            argv += ["--pretrained", "none", "--epochs", str(args.pretrain_epochs), "--seed", str(seed), "-q"]
-            if main(argv) != 0:
-                raise SystemExit("pre-training failed")
-            summary = json.loads((backbone_dir / "pretrain.json").read_text())
-            pretrain_rates.append(2 * summary["tiles_per_s_this_invocation"])  # two views per tile
-            print(
-                f"seed {seed}: pre-trained on {summary['card']['data']['tiles']} tiles, loss "
-                f"{summary['card']['final_epoch_loss']}, {pretrain_rates[-1]:.1f} images/s"
-            )
+            backbone = root / f"pretrain-{seed}" / "backbone.safetensors"
+            pretrain_rates.append(pretrain(stores, backbone.parent, args, seed))
             for fraction in args.fractions:
                 train = fraction_of(labelled, fraction, positive, rng)
-                epochs = max(1, math.ceil(args.steps * args.batch_size / len(train)))
                 n_tumour = sum(s.label == positive for s in train)
-                for start, weights in (("scratch", "none"), ("pretrained", str(backbone_dir / "backbone.safetensors"))):
-                    config = TrainConfig(
-                        arch=args.arch,
-                        pretrained=weights,
-                        input_size=TILE_PX,
-                        epochs=epochs,
-                        patience=epochs,
-                        batch_size=args.batch_size,
-                        lr_backbone=1e-3,
-                        seed=seed,
-                        precise_bn_batches=8,
-                    )
-                    out = root / "runs" / f"{start}-{fraction}-{seed}"
+                print(f"  {fraction:.0%} labels: {len(train)} tiles, {n_tumour} tumour")
+                mixed = train
+                if any(STARTS[row][1] for row in args.rows):
                     started = time.perf_counter()
-                    result = train_model(train, val_seed, names, "Tumor", config, out, {"mpp": MPP}, progress=False)
-                    row = test_metrics(result.checkpoint, test, names)
-                    results.setdefault((start, fraction), []).append(row)
-                    print(
-                        f"  {start:<10} {fraction:>4.0%} labels ({len(train)} tiles, {n_tumour} tumour, {epochs} "
-                        f"epochs, {time.perf_counter() - started:.0f} s): balanced accuracy "
-                        f"{row['balanced_accuracy']:.3f}, tumour recall {row['tumour_recall']:.3f}"
+                    folder, kid_value, rate = gan_tiles(
+                        train, test, names, root / f"gan-{seed}-{fraction}", backbone, args, seed
                     )
-        print(
-            f"\npre-training: {np.mean(pretrain_rates):.1f} images/s ({args.arch}, {TILE_PX} px tiles, views "
-            f"{round(0.75 * TILE_PX)} px); test: {len(test)} tiles of {len(test_slides)} held-out slides"
-        )
-        print("\n| start | labels | balanced accuracy | tumour recall |")
-        print("|---|---|---|---|")
-        for (start, fraction), rows in results.items():
-            ba = np.array([r["balanced_accuracy"] for r in rows])
-            recall = np.array([r["tumour_recall"] for r in rows])
+                    mixed, record = mix_synthetic(train, names, [SyntheticSource(folder)], MPP, TILE_PX, seed)
+                    kids.setdefault(fraction, []).append(kid_value)
+                    gan_rates.append(rate)
+                    print(
+                        f"    GAN on {n_tumour} tumour tiles: {args.gan_steps} steps, "
+                        f"{time.perf_counter() - started:.0f} s, "
+                        f"KID {kid_value:.3f}; +{record[0]['added']} generated tumour tiles"
+                    )
+                for row in args.rows:
+                    pretrained, with_gan = STARTS[row]
+                    weights = str(backbone) if pretrained else "none"
+                    out = root / "runs" / f"{row[0]}-{fraction}-{seed}"
+                    checkpoint, lr, epochs, seconds = fit(
+                        mixed if with_gan else train, val_seed, names, weights, out, args, seed
+                    )
+                    metrics = test_metrics(checkpoint, test, names)
+                    results.setdefault((row, fraction), []).append(metrics)
+                    print(
+                        f"    {row:<20} {epochs:.0f} passes, lr {lr:g}, {seconds:.0f} s: balanced accuracy "
+                        f"{metrics['balanced_accuracy']:.3f}, tumour recall {metrics['tumour_recall']:.3f}"
+                    )
+        report(args, results, pretrain_rates, gan_rates, kids, len(test), len(test_slides))
+
+
+def report(
+    args: argparse.Namespace,
+    results: dict[tuple[str, float], list[dict[str, float]]],
+    pretrain_rates: list[float],
+    gan_rates: list[float],
+    kids: dict[float, list[float]],
+    n_test: int,
+    n_test_slides: int,
+) -> None:
+    print(
+        f"\npre-training: {np.mean(pretrain_rates):.1f} images/s ({args.arch}, {TILE_PX} px tiles, views "
+        f"{round(0.75 * TILE_PX)} px); test: {n_test} tiles of {n_test_slides} held-out slides"
+    )
+    if gan_rates:
+        print(f"GAN: {np.mean(gan_rates):.1f} generated images/s ({TILE_PX} px, channel max {args.gan_channel_max})")
+        for fraction, values in kids.items():
             print(
-                f"| {start} | {fraction:.0%} | {ba.mean():.3f} ± {ba.std():.3f} | "
-                f"{recall.mean():.3f} ± {recall.std():.3f} |"
+                f"  KID of GAN tiles vs test tumour tiles, {fraction:.0%} labels: "
+                f"{np.mean(values):.3f} ± {np.std(values):.3f}"
             )
-        print("\nmargin (pretrained - scratch), balanced accuracy, per seed:")
-        for fraction in args.fractions:
+    print("\n| row | labels | balanced accuracy | tumour recall |")
+    print("|---|---|---|---|")
+    for (row, fraction), rows in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
+        ba = np.array([r["balanced_accuracy"] for r in rows])
+        recall = np.array([r["tumour_recall"] for r in rows])
+        print(
+            f"| {row} | {fraction:.0%} | {ba.mean():.3f} ± {ba.std():.3f} | {recall.mean():.3f} ± {recall.std():.3f} |"
+        )
+    print("\nmargin over (a) scratch, balanced accuracy, mean ± SD over seeds (per seed):")
+    for fraction in args.fractions:
+        scratch = results.get(("a scratch", fraction))
+        for row in args.rows[1:] if scratch else []:
             margins = [
                 b["balanced_accuracy"] - a["balanced_accuracy"]
-                for a, b in zip(results[("scratch", fraction)], results[("pretrained", fraction)], strict=True)
+                for a, b in zip(scratch, results[(row, fraction)], strict=True)
             ]
             print(
-                f"  {fraction:.0%}: {np.mean(margins):+.3f} ± {np.std(margins):.3f}  "
+                f"  {fraction:.0%} {row}: {np.mean(margins):+.3f} ± {np.std(margins):.3f}  "
                 f"({', '.join(f'{m:+.3f}' for m in margins)})"
             )
 
