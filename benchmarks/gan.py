@@ -6,9 +6,10 @@ training, and the GAN's speed on this machine.
 Generated slides (``wsi_dala.synthetic``), tumour drawn as QuPath annotations, tiles at 1 µm/px: the
 tumour tiles of five slides train the GAN (`gan train --class Tumor`, whole slides held out for KID's
 real tiles); KID is measured in the feature space of a `wsi-dala pretrain` backbone (resnet18, SimCLR on
-four other slides; torch-fidelity's InceptionV3 would need its weights file, which cannot be
-downloaded here). Prints KID by step, generated images/s while training, and the CPU flags; compare
-within one run only. The sample grid and curves stay in ``--keep DIR`` when given.
+four other slides, without stain jitter by default so that it sees colour; torch-fidelity's InceptionV3
+would need its weights file, which cannot be downloaded here). Prints KID by step, generated images/s
+while training, and the CPU flags; compare within one run only. The sample grid and curves stay in
+``--keep DIR`` when given.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ def main_benchmark() -> None:
     parser.add_argument("--resolution", type=int, default=64, help="tile side (default: 64)")
     parser.add_argument("--channel-max", type=int, default=128, help="widest GAN layer (default: 128)")
     parser.add_argument("--pretrain-epochs", type=int, default=10, help="KID encoder's SimCLR epochs (default: 10)")
+    parser.add_argument(
+        "--encoder-hed-jitter",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        metavar=("SCALE", "SHIFT"),
+        help="the KID encoder's SimCLR stain jitter (default: 0 0: an encoder taught to ignore stain colour "
+        "cannot see the colour a GAN learns first)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="copy the GAN run folder here")
     args = parser.parse_args()
     print(f"CPU: {cpu_flags()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -49,9 +59,14 @@ def main_benchmark() -> None:
         encoder_dir = root / "encoder"
         argv = ["pretrain", "--stores", *map(str, stores), "--out", str(encoder_dir), "--arch", "resnet18"]
         started = time.perf_counter()
+        argv += ["--hed-jitter", *map(str, args.encoder_hed_jitter)]
         if main([*argv, "--pretrained", "none", "--epochs", str(args.pretrain_epochs), "-q"]) != 0:
             raise SystemExit("pre-training the KID encoder failed")
-        print(f"KID encoder: resnet18, SimCLR {args.pretrain_epochs} epochs, {time.perf_counter() - started:.0f} s")
+        jitter = " ".join(map(str, args.encoder_hed_jitter))
+        print(
+            f"KID encoder: resnet18, SimCLR {args.pretrain_epochs} epochs, HED jitter {jitter}, "
+            f"{time.perf_counter() - started:.0f} s"
+        )
         out = root / "gan"
         argv = ["gan", "train", *[f"--slide={s.slide}={s.annotations}" for s in slides], "--class", "Tumor"]
         argv += ["--unannotated-class", "Normal", "--mpp", str(MPP), "--resolution", str(args.resolution)]
