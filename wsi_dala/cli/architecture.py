@@ -9,9 +9,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wsi_dala.cli.common import architecture_argument, number_in
+from wsi_dala.cli.common import number_in
 from wsi_dala.errors import ConfigError
-from wsi_dala.model_choices import ARCHITECTURES, ATTENTION_KINDS, ATTENTION_POSITIONS, GATE_MODES, TIMM_PREFIX
+from wsi_dala.model_choices import (
+    ARCHITECTURES,
+    ATTENTION_KINDS,
+    ATTENTION_POSITIONS,
+    GATE_MODES,
+    TIMM_PREFIX,
+    architecture_problem,
+)
+
+
+def architecture_argument(text: str) -> str:
+    """argparse type for ``--arch``: a known architecture, or a one-line error saying what is wrong."""
+    problem = architecture_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+    return text
 
 
 def add_architecture_options(model: argparse._ArgumentGroup) -> None:

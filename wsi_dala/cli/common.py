@@ -29,7 +29,6 @@ from wsi_dala.config import (
     build,
 )
 from wsi_dala.errors import WsiDalaError
-from wsi_dala.model_choices import architecture_problem
 from wsi_dala.slide import magnification_to_mpp
 
 Handler = Callable[[argparse.Namespace], int]
@@ -267,14 +266,6 @@ def tiling_from_flags(
         "qc": {"mode": getattr(args, "qc", "flag") or "flag"},
     }
     return build(TilingConfig, values, "command line: tiling")
-
-
-def architecture_argument(text: str) -> str:
-    """argparse type for ``--arch``: a known architecture, or a one-line error saying what is wrong."""
-    problem = architecture_problem(text)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
-    return text
 
 
 def existing_dir(path: str, what: str) -> Path:
