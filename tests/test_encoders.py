@@ -184,7 +184,7 @@ def test_freeze_backbone_needs_an_encoder(capsys, tmp_path):
     data = write_blob_folder(tmp_path / "data", size=32, n=8, groups=4)
     code = main(["train", "--folder", str(data), "--out", str(tmp_path / "o"), "--freeze-backbone", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "--freeze-backbone needs --arch timm:NAME" in err[0], err
+    assert code == 2 and len(err) == 1 and "--freeze-backbone needs an encoder with a pooled linear head" in err[0], err
 
 
 def test_weights_of_another_layout_are_refused_before_any_data_is_read(capsys, tmp_path):

@@ -216,6 +216,32 @@ def test_train_from_a_pretrained_backbone_records_the_pretraining_in_its_card(pr
     assert card.training_data["pretraining"]["data"]["slides"] == 2
 
 
+def test_a_linear_probe_on_a_pretrained_backbone_trains_the_head_alone(pretrained, tmp_path, capsys):
+    """`train --pretrained BACKBONE --freeze-backbone` with a torchvision CNN: the encoder is the
+    backbone bit for bit, the head learns on cached pooled features; an MLP head (vgg16) is refused."""
+    from tests.images import write_blob_folder
+
+    folder = write_blob_folder(tmp_path / "blobs", TILE_PX, 32)
+    out = tmp_path / "probe"
+    backbone = pretrained / "backbone.safetensors"
+    argv = ["train", "--folder", str(folder), "--out", str(out), "--arch", "resnet18", "--pretrained", str(backbone)]
+    argv += ["--freeze-backbone", "--input-size", str(TILE_PX), "--epochs", "15", "--patience", "15"]
+    assert main([*argv, "--lr-head", "0.03", "--batch-size", "8", "--precision", "fp32", "-q"]) == 0
+    trained, saved = load_file(str(out / "best.safetensors")), load_file(str(backbone))
+    assert all(torch.equal(trained[k], v) for k, v in saved.items()) and len(saved) == len(trained) - 2
+    losses = np.loadtxt(out / "metrics.csv", delimiter=",", skiprows=1, usecols=1)
+    assert len(losses) == 15 and losses[-3:].mean() < 0.8 * losses[0], losses
+    assert len(list((out / "features").glob("features-*.zarr"))) == 2  # training and validation tiles
+    card = read_card(out / "best.safetensors")
+    assert card.training_data["encoder"]["frozen"] is True and "SimCLR" in card.training_data["pretraining"]["method"]
+    code = main(
+        ["train", "--folder", str(folder), "--out", str(tmp_path / "vgg"), "--arch", "vgg16", "--freeze-backbone"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pooled linear head" in err[0] and "not vgg16" in err[0], err
+    assert not (tmp_path / "vgg").exists()
+
+
 def test_a_collapsed_encoder_is_recognised_by_its_loss_at_chance(pretrained):
     from wsi_dala.training.pretrain import chance_loss, collapsed
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from pydantic_core import ErrorDetails
 
 from wsi_dala.errors import ConfigError
-from wsi_dala.model_choices import TIMM_PREFIX, architecture_problem
+from wsi_dala.model_choices import LINEAR_HEAD_ARCHITECTURES, TIMM_PREFIX, architecture_problem
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class TrainConfig(Settings):
     patience: int = Field(5, ge=1)  # early stopping: epochs without validation-loss improvement
     seed: int = 0
     freeze_until: Literal["layer1", "layer2", "layer3"] | None = None  # "layer3": layer4 + attention + head only
-    freeze_backbone: bool = False  # timm:NAME only: train the head alone, on encoder features computed once
+    freeze_backbone: bool = False  # train the linear head alone, on encoder features computed once (a linear probe)
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, bf16 on a CPU with native bf16, else fp32
     loader_workers: int = Field(0, ge=0)  # data-loading processes (0: load in the training process)
@@ -221,8 +221,11 @@ class TrainConfig(Settings):
 
     @model_validator(mode="after")
     def _frozen_backbone_needs_an_encoder(self) -> TrainConfig:
-        if self.freeze_backbone and not self.arch.startswith(TIMM_PREFIX):
-            raise ValueError("--freeze-backbone needs --arch timm:NAME (an encoder with a pooled linear head)")
+        if self.freeze_backbone and not (self.arch.startswith(TIMM_PREFIX) or self.arch in LINEAR_HEAD_ARCHITECTURES):
+            raise ValueError(
+                f"--freeze-backbone needs an encoder with a pooled linear head: --arch timm:NAME or one of "
+                f"{', '.join(LINEAR_HEAD_ARCHITECTURES)}, not {self.arch}"
+            )
         if self.freeze_backbone and (self.mask_guided or self.contrastive_weight > 0):
             raise ValueError("--freeze-backbone trains a head on cached features: no --mask-guided or contrastive term")
         if self.freeze_backbone and self.freeze_until:

@@ -22,6 +22,11 @@ ARCHITECTURES = (
 )
 # ``timm:NAME``: any timm network as an encoder with a linear head (wsi_dala.model.encoder).
 TIMM_PREFIX = "timm:"
+# Architectures whose head is the mean of the encoder's feature map, then one linear layer: with
+# ``train --freeze-backbone`` that head trains alone on cached features (a linear probe). timm:NAME has
+# such a head too. DALAResNet50 and ResViT-GANNet put attention in the head; vgg16 and vit_b_16 an MLP
+# or a class token.
+LINEAR_HEAD_ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "densenet121", "swin_t")
 ATTENTION_KINDS = ("gate", "se", "eca", "cbam-spatial")
 GATE_MODES = ("x*a", "x*(1+a)")
 ATTENTION_POSITIONS = ("end", "blocks")  # after the whole of layer4 | after each of its 3 blocks

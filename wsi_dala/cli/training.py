@@ -72,8 +72,9 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     fit.add_argument(
         "--freeze-backbone",
         action="store_true",
-        help="timm:NAME: train only the linear head, on encoder features computed once per tile (centre crop, no "
-        "augmentation) and cached in a Zarr (default: train the encoder too)",
+        help="train only the linear head (a linear probe; timm:NAME, resnet18/34/50, densenet121, swin_t), on "
+        "encoder features computed once per tile (centre crop, no augmentation) and cached in a Zarr; with few "
+        "labels it keeps a `pretrain` backbone's features intact (default: train the encoder too)",
     )
     fit.add_argument(
         "--feature-cache",

@@ -33,6 +33,13 @@ class SplitClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def linear_probe_encoder(self) -> nn.Module | None:
+        """The part ``train --freeze-backbone`` freezes: the features, when the head is mean-pool -> linear
+        (it then trains on the pooled features alone); None for any other head."""
+        head = list(self.head.children())
+        pooled_linear = len(head) == 3 and isinstance(head[0], nn.AdaptiveAvgPool2d) and isinstance(head[2], nn.Linear)
+        return self.features if pooled_linear else None
+
 
 def _pool_head(in_features: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(in_features, num_classes))

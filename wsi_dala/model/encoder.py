@@ -55,6 +55,10 @@ class EncoderClassifier(nn.Module):
             return out.permute(0, 3, 1, 2)
         return out
 
+    def linear_probe_encoder(self) -> nn.Module:
+        """The part ``train --freeze-backbone`` freezes: the whole timm network."""
+        return self.encoder
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features.mean(dim=(2, 3)))
 

@@ -182,9 +182,10 @@ def _freeze(model: nn.Module, freeze_until: str | None) -> list[nn.Module]:
 
 def _freeze_encoder(model: nn.Module) -> list[nn.Module]:
     """``freeze_backbone``: every encoder parameter fixed; only the linear head trains."""
-    encoder = getattr(model, "encoder", None)
+    probe = getattr(model, "linear_probe_encoder", None)
+    encoder = probe() if callable(probe) else None
     if not isinstance(encoder, nn.Module):
-        raise ConfigError(f"--freeze-backbone: {type(model).__name__} has no separate encoder")
+        raise ConfigError(f"--freeze-backbone: {type(model).__name__} has no encoder under a pooled linear head")
     encoder.requires_grad_(False)
     return [encoder]
 
@@ -342,7 +343,7 @@ def _start_session(
                 pretraining["mpp"],
                 card.mpp,
             )
-    if config.arch.startswith(TIMM_PREFIX):
+    if config.arch.startswith(TIMM_PREFIX) or config.freeze_backbone:
         card.training_data["encoder"] = {
             **weights_identity(config.pretrained),
             "frozen": config.freeze_backbone,
