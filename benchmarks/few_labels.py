@@ -2,8 +2,11 @@
 unlabelled tiles of other slides, with GAN-made tumour tiles, and both.
 
     python benchmarks/few_labels.py [--seeds 0 1 2] [--fractions 0.05 0.2 1.0] [--gan-steps 300]
+        [--mpp 0.5] [--other-stains pale dark]
 
-Generated slides (``wsi_dala.synthetic``), tumour drawn as QuPath annotations, 64 px tiles at 1 µm/px:
+Generated slides (``wsi_dala.synthetic``), tumour drawn as QuPath annotations, 64 px tiles at ``--mpp``
+(default 1 µm/px, where the generator's tiles are flat colour; at 0.5 µm/px they show its nuclei, denser
+in tumour). Every slide spans the same area, so each µm/px gives the same number of tiles:
 
 - unlabelled: every tile of ``--unlabelled-slides`` other slides, tiled by `wsi-dala tile`; `wsi-dala
   pretrain` (SimCLR, HED jitter) runs on them once per seed, from random weights (nothing is downloaded);
@@ -15,8 +18,13 @@ Generated slides (``wsi_dala.synthetic``), tumour drawn as QuPath annotations, 6
   tumour tiles, in the seed's pre-trained encoder's features;
 - validation (best epoch, temperature, and the backbone learning rate of ``--lr-backbone``): one more
   annotated slide at the same 1:10; test: two held-out annotated slides, all their tiles;
+- stains: labelled, validation and test slides in ``--stains``; with ``--other-stains``, a second test
+  set of two slides in those stains (another lab's staining), and the unlabelled slides span both, as
+  an archive that already holds the other lab's slides would;
 - rows (a) scratch, (b) pre-trained, (c) scratch + GAN tiles, (d) pre-trained + GAN tiles, each the
-  same number of optimiser steps at every fraction.
+  same number of optimiser steps at every fraction, every layer trained; (e) pre-trained and frozen:
+  only the linear head trains, on the backbone's cached features (`train --freeze-backbone`, a linear
+  probe), at the head learning rate of ``--lr-probe`` that the validation slide picks.
 
 Prints balanced accuracy and minority (tumour) recall on the test slides, means ± SD over seeds, each
 row's margin over (a) with its spread over seeds, pre-training and GAN images/s, and KID. Prints the CPU
@@ -48,7 +56,7 @@ from wsi_dala.gan.quality import encoder_features
 from wsi_dala.gan.sampling import sample_tiles
 from wsi_dala.gan.training import GanData, train_gan
 from wsi_dala.model import load_checkpoint
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.synthetic import STAIN_NAMES, SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.training.datasets import Sample
 from wsi_dala.training.loaders import make_loader
 from wsi_dala.training.metrics import classification_metrics
@@ -57,28 +65,35 @@ from wsi_dala.training.slide_tiles import AnnotatedSlide, annotated_slide_sample
 from wsi_dala.training.synthetic_tiles import SyntheticSource, mix_synthetic
 from wsi_dala.training.train import train_model
 
-TILE_PX, MPP = 64, 1.0
+TILE_PX = 64
+SLIDE_UM = (1536, 1152)  # every slide's size: a 24 x 18 grid of 64 px tiles at 1 µm/px, whatever --mpp
 IMBALANCE = 10  # normal tiles per tumour tile in the labelled pool and validation
 
 
-def slide_spec(seed: int) -> SyntheticSlideSpec:
-    return SyntheticSlideSpec(width=6144, height=4608, mpp=0.25, seed=seed, tumour_regions=4)
+def slide_spec(seed: int, stain: str, mpp: float) -> SyntheticSlideSpec:
+    """A 0.25 µm/px slide of ``SLIDE_UM / mpp`` tiles' worth of pixels: the same number of tiles at any
+    tile µm/px. Tiles at 1 µm/px and coarser are read from the generator's level 1, where its nuclei are
+    averaged into flat colour; finer tiles are resized from level 0, where tumour is denser nuclei."""
+    width, height = (round(4 * side * mpp) for side in SLIDE_UM)
+    return SyntheticSlideSpec(width=width, height=height, mpp=0.25, seed=seed, tumour_regions=4, stain=stain)
 
 
-def annotated(folder: Path, seeds: list[int]) -> list[AnnotatedSlide]:
+def annotated(folder: Path, seeds: list[int], stains: list[str], mpp: float) -> list[AnnotatedSlide]:
+    """Slide ``i`` is stained ``stains[i % len(stains)]``."""
     slides = []
-    for seed in seeds:
-        slide = write_synthetic_slide(folder / f"case{seed}.svs", slide_spec(seed))
+    for i, seed in enumerate(seeds):
+        slide = write_synthetic_slide(folder / f"case{seed}.svs", slide_spec(seed, stains[i % len(stains)], mpp))
         slides.append(AnnotatedSlide(slide.path, _write_qupath_annotations(slide, folder / f"case{seed}.geojson")))
     return slides
 
 
-def unlabelled_stores(folder: Path, seeds: list[int]) -> list[Path]:
+def unlabelled_stores(folder: Path, seeds: list[int], stains: list[str], mpp: float) -> list[Path]:
     runs = []
-    for seed in seeds:
-        slide = write_synthetic_slide(folder / f"archive{seed}.svs", slide_spec(seed)).path
+    for i, seed in enumerate(seeds):
+        spec = slide_spec(seed, stains[i % len(stains)], mpp)
+        slide = write_synthetic_slide(folder / f"archive{seed}.svs", spec).path
         run = folder / f"run{seed}"
-        if main(["tile", str(slide), "--out", str(run), "--mpp", str(MPP), "--tile-size", str(TILE_PX), "-q"]) != 0:
+        if main(["tile", str(slide), "--out", str(run), "--mpp", str(mpp), "--tile-size", str(TILE_PX), "-q"]) != 0:
             raise SystemExit(f"tiling failed: {slide}")
         runs.append(run)
     return runs
@@ -113,11 +128,12 @@ def test_metrics(checkpoint: Path, samples: list[Sample], names: list[str]) -> d
     return {"balanced_accuracy": metrics["balanced_accuracy"], "tumour_recall": metrics["binary"]["recall"]}
 
 
-STARTS = {  # row: (pre-trained backbone, GAN tiles)
-    "a scratch": (False, False),
-    "b pretrained": (True, False),
-    "c scratch + GAN": (False, True),
-    "d pretrained + GAN": (True, True),
+STARTS = {  # row: (pre-trained backbone, GAN tiles, frozen backbone: a linear probe)
+    "a scratch": (False, False, False),
+    "b pretrained": (True, False, False),
+    "c scratch + GAN": (False, True, False),
+    "d pretrained + GAN": (True, True, False),
+    "e pretrained, frozen": (True, False, True),
 }
 
 
@@ -162,7 +178,7 @@ def gan_tiles(
         seed=seed,
         device="cpu",
     )
-    data = GanData(tumour, held_out, names, ["Tumor"], MPP, f"few_labels seed {seed}: {len(tumour)} tumour tiles")
+    data = GanData(tumour, held_out, names, ["Tumor"], args.mpp, f"few_labels seed {seed}: {len(tumour)} tumour tiles")
     result = train_gan(config, data, out / "gan", encoder_features(encoder), progress=False)
     wanted = max(1, round(0.5 * (len(train) - len(tumour))) - len(tumour))
     folder = out / "tiles"
@@ -175,13 +191,14 @@ def fit(
     val: list[Sample],
     names: list[str],
     weights: str,
+    frozen: bool,
     out: Path,
     args: argparse.Namespace,
     seed: int,
 ) -> tuple[Path, float, float, float]:
-    """Train once per backbone learning rate of ``--lr-backbone``; keep the run that the validation slide
-    prefers (balanced accuracy, then loss). Returns its checkpoint, its backbone lr, the passes over the
-    split and the seconds taken."""
+    """Train once per backbone learning rate of ``--lr-backbone`` (``frozen``: per head learning rate of
+    ``--lr-probe``, the backbone fixed); keep the run that the validation slide prefers (balanced
+    accuracy, then loss). Returns its checkpoint, its lr, the passes over the split and the seconds taken."""
     best: tuple[float, float, Path, float] | None = None
     started = time.perf_counter()
     # Small splits are repeated so that an epoch is about ``--epoch-steps`` steps at every fraction: the
@@ -190,7 +207,7 @@ def fit(
     passes = args.steps * args.batch_size / len(train)
     train = train * max(1, round(args.epoch_steps * args.batch_size / len(train)))
     epochs = max(1, math.ceil(args.steps * args.batch_size / len(train)))
-    for lr in args.lr_backbone:
+    for lr in args.lr_probe if frozen else args.lr_backbone:
         config = TrainConfig(
             arch=args.arch,
             pretrained=weights,
@@ -199,11 +216,22 @@ def fit(
             patience=epochs,
             batch_size=args.batch_size,
             lr_backbone=lr,
-            lr_head=1e-3,
+            lr_head=lr if frozen else 1e-3,
             seed=seed,
-            precise_bn_batches=8,
+            precise_bn_batches=0 if frozen else 8,
+            freeze_backbone=frozen,
         )
-        result = train_model(train, val, names, "Tumor", config, out / f"lr{lr:g}", {"mpp": MPP}, progress=False)
+        result = train_model(
+            train,
+            val,
+            names,
+            "Tumor",
+            config,
+            out / f"lr{lr:g}",
+            {"mpp": args.mpp},
+            progress=False,
+            feature_cache_dir=out / "features",
+        )
         score = (result.best_metrics["balanced_accuracy"], -result.history[result.best_epoch - 1]["val_loss"])
         if best is None or score > best[:2]:
             best = (*score, result.checkpoint, lr)
@@ -232,24 +260,71 @@ def main_benchmark() -> None:
         default=[1e-3, 1e-4],
         help="backbone learning rates tried for every row; the validation slide picks one (default: 1e-3 1e-4)",
     )
+    parser.add_argument(
+        "--lr-probe",
+        type=float,
+        nargs="+",
+        default=[1e-2, 1e-3],
+        help="head learning rates tried for the frozen row (e); the validation slide picks one (default: 1e-2 1e-3)",
+    )
+    parser.add_argument(
+        "--mpp", type=float, default=1.0, help="tile µm/px (default: 1.0; below 1 the tiles show nuclei)"
+    )
+    parser.add_argument(
+        "--stains",
+        nargs="+",
+        default=["default"],
+        choices=STAIN_NAMES,
+        help="stains of the labelled, validation and test slides, in turn (default: default)",
+    )
+    parser.add_argument(
+        "--other-stains",
+        nargs="+",
+        default=[],
+        choices=STAIN_NAMES,
+        help="a second test set: two more slides in these stains, as from another lab (default: none)",
+    )
+    parser.add_argument(
+        "--archive-stains",
+        nargs="+",
+        choices=STAIN_NAMES,
+        help="stains of the unlabelled slides, in turn (default: --stains, then --other-stains)",
+    )
     parser.add_argument("--gan-steps", type=int, default=300, help="GAN generator updates per split (default: 300)")
     parser.add_argument("--gan-channel-max", type=int, default=64, help="GAN's widest layer (default: 64)")
     parser.add_argument("--gan-ada-speed", type=int, default=20_000, help="ADA images for p 0 -> 1 (default: 20000)")
     args = parser.parse_args()
+    archive_stains = args.archive_stains or [*args.stains, *args.other_stains]
     print(f"CPU: {cpu_flags()}; torch {torch.__version__}, {torch.get_num_threads()} threads; arch {args.arch}")
+    print(
+        f"{TILE_PX} px tiles at {args.mpp:g} µm/px; stains: labelled {' '.join(args.stains)}, other-lab test "
+        f"{' '.join(args.other_stains) or '-'}, unlabelled {' '.join(archive_stains)}"
+    )
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        slides = annotated(root / "slides", list(range(301, 308)))
+        slides = annotated(root / "slides", list(range(301, 308)), args.stains, args.mpp)
         pool_slides, val_slides, test_slides = slides[:4], slides[4:5], slides[5:]
-        tiling = TilingConfig(mpp=MPP, tile_size_px=TILE_PX)
-        kwargs = {"unannotated_class": "Normal", "progress": False}
-        pool, names, _ = annotated_slide_samples(pool_slides, root / "pool", tiling, **kwargs)
-        val, _, _ = annotated_slide_samples(val_slides, root / "val", tiling, **kwargs)
-        test, _, _ = annotated_slide_samples(test_slides, root / "test", tiling, **kwargs)
+        tiling = TilingConfig(mpp=args.mpp, tile_size_px=TILE_PX)
+
+        def samples_of(slides: list[AnnotatedSlide], folder: str) -> tuple[list[Sample], list[str]]:
+            found = annotated_slide_samples(slides, root / folder, tiling, unannotated_class="Normal", progress=False)
+            return found[0], found[1]
+
+        pool, names = samples_of(pool_slides, "pool")
+        val = samples_of(val_slides, "val")[0]
+        tests = {"test": samples_of(test_slides, "test")[0]}
+        if args.other_stains:
+            other = annotated(root / "slides", [308, 309], args.other_stains, args.mpp)
+            tests["other-lab test"] = samples_of(other, "other")[0]
+        test = tests["test"]
         positive = names.index("Tumor")
-        stores = unlabelled_stores(root / "archive", list(range(401, 401 + args.unlabelled_slides)))
-        results: dict[tuple[str, float], list[dict[str, float]]] = {}
-        pretrain_rates, gan_rates, kids = [], [], {}
+        stores = unlabelled_stores(
+            root / "archive", list(range(401, 401 + args.unlabelled_slides)), archive_stains, args.mpp
+        )
+        results: dict[tuple[str, str, float], list[dict[str, float]]] = {}
+        pretrain_rates: list[float] = []
+        gan_rates: list[float] = []
+        kids: dict[float, list[float]] = {}
         for seed in args.seeds:
             rng = np.random.default_rng(seed)
             labelled = imbalanced(pool, positive, rng)
@@ -266,7 +341,7 @@ def main_benchmark() -> None:
                     folder, kid_value, rate = gan_tiles(
                         train, test, names, root / f"gan-{seed}-{fraction}", backbone, args, seed
                     )
-                    mixed, record = mix_synthetic(train, names, [SyntheticSource(folder)], MPP, TILE_PX, seed)
+                    mixed, record = mix_synthetic(train, names, [SyntheticSource(folder)], args.mpp, TILE_PX, seed)
                     kids.setdefault(fraction, []).append(kid_value)
                     gan_rates.append(rate)
                     print(
@@ -275,33 +350,37 @@ def main_benchmark() -> None:
                         f"KID {kid_value:.3f}; +{record[0]['added']} generated tumour tiles"
                     )
                 for row in args.rows:
-                    pretrained, with_gan = STARTS[row]
+                    pretrained, with_gan, frozen = STARTS[row]
                     weights = str(backbone) if pretrained else "none"
                     out = root / "runs" / f"{row[0]}-{fraction}-{seed}"
                     checkpoint, lr, epochs, seconds = fit(
-                        mixed if with_gan else train, val_seed, names, weights, out, args, seed
+                        mixed if with_gan else train, val_seed, names, weights, frozen, out, args, seed
                     )
-                    metrics = test_metrics(checkpoint, test, names)
-                    results.setdefault((row, fraction), []).append(metrics)
-                    print(
-                        f"    {row:<20} {epochs:.0f} passes, lr {lr:g}, {seconds:.0f} s: balanced accuracy "
-                        f"{metrics['balanced_accuracy']:.3f}, tumour recall {metrics['tumour_recall']:.3f}"
-                    )
-        report(args, results, pretrain_rates, gan_rates, kids, len(test), len(test_slides))
+                    scores = []
+                    for test_set, samples in tests.items():
+                        metrics = test_metrics(checkpoint, samples, names)
+                        results.setdefault((test_set, row, fraction), []).append(metrics)
+                        scores.append(
+                            f"{test_set}: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
+                            f"tumour recall {metrics['tumour_recall']:.3f}"
+                        )
+                    print(f"    {row:<20} {epochs:.0f} passes, lr {lr:g}, {seconds:.0f} s: {'; '.join(scores)}")
+        sizes = {name: len(samples) for name, samples in tests.items()}
+        report(args, results, pretrain_rates, gan_rates, kids, sizes)
 
 
 def report(
     args: argparse.Namespace,
-    results: dict[tuple[str, float], list[dict[str, float]]],
+    results: dict[tuple[str, str, float], list[dict[str, float]]],
     pretrain_rates: list[float],
     gan_rates: list[float],
     kids: dict[float, list[float]],
-    n_test: int,
-    n_test_slides: int,
+    test_sizes: dict[str, int],
 ) -> None:
     print(
         f"\npre-training: {np.mean(pretrain_rates):.1f} images/s ({args.arch}, {TILE_PX} px tiles, views "
-        f"{round(0.75 * TILE_PX)} px); test: {n_test} tiles of {n_test_slides} held-out slides"
+        f"{round(0.75 * TILE_PX)} px); "
+        + "; ".join(f"{name}: {n} tiles of 2 held-out slides" for name, n in test_sizes.items())
     )
     if gan_rates:
         print(f"GAN: {np.mean(gan_rates):.1f} generated images/s ({TILE_PX} px, channel max {args.gan_channel_max})")
@@ -310,26 +389,31 @@ def report(
                 f"  KID of GAN tiles vs test tumour tiles, {fraction:.0%} labels: "
                 f"{np.mean(values):.3f} ± {np.std(values):.3f}"
             )
-    print("\n| row | labels | balanced accuracy | tumour recall |")
-    print("|---|---|---|---|")
-    for (row, fraction), rows in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
-        ba = np.array([r["balanced_accuracy"] for r in rows])
-        recall = np.array([r["tumour_recall"] for r in rows])
-        print(
-            f"| {row} | {fraction:.0%} | {ba.mean():.3f} ± {ba.std():.3f} | {recall.mean():.3f} ± {recall.std():.3f} |"
-        )
-    print("\nmargin over (a) scratch, balanced accuracy, mean ± SD over seeds (per seed):")
-    for fraction in args.fractions:
-        scratch = results.get(("a scratch", fraction))
-        for row in args.rows[1:] if scratch else []:
-            margins = [
-                b["balanced_accuracy"] - a["balanced_accuracy"]
-                for a, b in zip(scratch, results[(row, fraction)], strict=True)
-            ]
+    for test_set in test_sizes:
+        print(f"\n{test_set}:\n| row | labels | balanced accuracy | tumour recall |")
+        print("|---|---|---|---|")
+        for (name, row, fraction), rows in sorted(results.items(), key=lambda item: (item[0][2], item[0][1])):
+            if name != test_set:
+                continue
+            ba = np.array([r["balanced_accuracy"] for r in rows])
+            recall = np.array([r["tumour_recall"] for r in rows])
             print(
-                f"  {fraction:.0%} {row}: {np.mean(margins):+.3f} ± {np.std(margins):.3f}  "
-                f"({', '.join(f'{m:+.3f}' for m in margins)})"
+                f"| {row} | {fraction:.0%} | {ba.mean():.3f} ± {ba.std():.3f} | "
+                f"{recall.mean():.3f} ± {recall.std():.3f} |"
             )
+        print(f"margin over (a) scratch on the {test_set}, balanced accuracy, mean ± SD over seeds (per seed):")
+        for fraction in args.fractions:
+            scratch = results.get((test_set, "a scratch", fraction))
+            for row in [r for r in args.rows if r != "a scratch"] if scratch is not None else []:
+                assert scratch is not None
+                margins = [
+                    b["balanced_accuracy"] - a["balanced_accuracy"]
+                    for a, b in zip(scratch, results[(test_set, row, fraction)], strict=True)
+                ]
+                print(
+                    f"  {fraction:.0%} {row}: {np.mean(margins):+.3f} ± {np.std(margins):.3f}  "
+                    f"({', '.join(f'{m:+.3f}' for m in margins)})"
+                )
 
 
 if __name__ == "__main__":

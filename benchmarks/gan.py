@@ -3,7 +3,8 @@ training, and the GAN's speed on this machine.
 
     python benchmarks/gan.py [--steps 600] [--kid-every 100] [--resolution 64]
 
-Generated slides (``wsi_dala.synthetic``), tumour drawn as QuPath annotations, tiles at 1 µm/px: the
+Generated slides (``wsi_dala.synthetic``), tumour drawn as QuPath annotations, tiles at ``--mpp``
+(default 1 µm/px: flat colour; at 0.5 µm/px the generator's nuclei show, as in few_labels.py): the
 tumour tiles of five slides train the GAN (`gan train --class Tumor`, whole slides held out for KID's
 real tiles); KID is measured in the feature space of a `wsi-dala pretrain` backbone (resnet18, SimCLR on
 four other slides, without stain jitter by default so that it sees colour; torch-fidelity's InceptionV3
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from few_labels import MPP, annotated, unlabelled_stores
+from few_labels import annotated, unlabelled_stores
 from tissue import cpu_flags
 
 from wsi_dala.cli import main
@@ -38,6 +39,9 @@ def main_benchmark() -> None:
     parser.add_argument("--steps", type=int, default=600, help="generator updates (default: 600)")
     parser.add_argument("--kid-every", type=int, default=100, help="steps between KIDs (default: 100)")
     parser.add_argument("--resolution", type=int, default=64, help="tile side (default: 64)")
+    parser.add_argument(
+        "--mpp", type=float, default=1.0, help="tile µm/px (default: 1.0; below 1 the tiles show nuclei)"
+    )
     parser.add_argument("--channel-max", type=int, default=128, help="widest GAN layer (default: 128)")
     parser.add_argument("--pretrain-epochs", type=int, default=10, help="KID encoder's SimCLR epochs (default: 10)")
     parser.add_argument(
@@ -54,8 +58,8 @@ def main_benchmark() -> None:
     print(f"CPU: {cpu_flags()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        slides = annotated(root / "slides", list(range(501, 506)))
-        stores = unlabelled_stores(root / "archive", list(range(601, 605)))
+        slides = annotated(root / "slides", list(range(501, 506)), ["default"], args.mpp)
+        stores = unlabelled_stores(root / "archive", list(range(601, 605)), ["default"], args.mpp)
         encoder_dir = root / "encoder"
         argv = ["pretrain", "--stores", *map(str, stores), "--out", str(encoder_dir), "--arch", "resnet18"]
         started = time.perf_counter()
@@ -69,7 +73,7 @@ def main_benchmark() -> None:
         )
         out = root / "gan"
         argv = ["gan", "train", *[f"--slide={s.slide}={s.annotations}" for s in slides], "--class", "Tumor"]
-        argv += ["--unannotated-class", "Normal", "--mpp", str(MPP), "--resolution", str(args.resolution)]
+        argv += ["--unannotated-class", "Normal", "--mpp", str(args.mpp), "--resolution", str(args.resolution)]
         argv += ["--steps", str(args.steps)]
         argv += ["--channel-max", str(args.channel_max), "--checkpoint-every", str(args.kid_every)]
         argv += ["--kid-every", str(args.kid_every), "--kid-encoder", str(encoder_dir / "backbone.safetensors")]
