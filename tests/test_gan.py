@@ -131,12 +131,15 @@ def test_training_lowers_the_discriminator_loss_and_writes_curves_samples_and_ki
     with open(gan_run / "kid.csv", newline="") as handle:
         kids = list(csv.DictReader(handle))
     assert [int(k["step"]) for k in kids] == [20, 40, 60] and all(math.isfinite(float(k["kid"])) for k in kids)
+    # each KID with its spread over torch-fidelity's subsets, which is what says whether a change is real
+    assert all(math.isfinite(float(k["kid_sd"])) and float(k["kid_sd"]) > 0 for k in kids)
     for picture in ("curves.png", "samples.png"):
         assert Image.open(gan_run / picture).size[0] >= 600
     with safe_open(str(gan_run / "gan.safetensors"), "pt") as handle:
         card = json.loads(handle.metadata()["wsi_dala.gan_card"])
     assert card["class_names"] == ["normal", "tumour"] and card["steps"] == 60 and card["mpp"] == 0.5
-    assert "kid" in card and card["tile_size_px"] == PX
+    assert card["kid"]["last"] == round(float(kids[-1]["kid"]), 5) and card["kid"]["last_sd"] > 0
+    assert card["tile_size_px"] == PX
 
 
 def test_the_sampling_generator_reloads_bit_exactly(gan_run):
@@ -166,6 +169,9 @@ def test_an_interrupted_run_resumes_on_the_same_curve(blobs, kid_backbone, gan_r
     np.testing.assert_allclose([r["loss_d"] for r in resumed], [r["loss_d"] for r in straight], rtol=1e-5)
     a, b = load_file(str(out / "gan.safetensors")), load_file(str(gan_run / "gan.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    kid_resumed, kid_straight = (np.loadtxt(d / "kid.csv", delimiter=",", skiprows=1) for d in (out, gan_run))
+    assert kid_resumed.shape == (3, 3)  # step, KID, SD: the resumed run kept the KIDs of before the crash
+    np.testing.assert_allclose(kid_resumed, kid_straight, rtol=1e-3, atol=1e-3 * np.abs(kid_straight).max())
 
 
 def test_sampled_tiles_feed_train_synthetic(gan_run, blobs, tmp_path):

@@ -114,7 +114,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"GAN on {len(train)} tiles of {', '.join(trained)} ({len(held_out)} held out for KID), {args.resolution} px")
     result = train_gan(config, data, Path(args.out), kid_features, progress=not args.quiet)
     if result.kid:
-        print("KID by step: " + ", ".join(f"{step}: {value:.4f}" for step, value in result.kid))
+        print("KID by step: " + ", ".join(f"{step}: {value:.4f} ± {sd:.4f}" for step, value, sd in result.kid))
     print(f"checkpoint: {result.checkpoint}  ({result.images_per_s:.1f} generated images/s while training)")
     return 0
 

@@ -23,7 +23,9 @@ def _smoothed(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def plot_gan_curves(path: Path, rows: list[dict[str, float]], kids: list[tuple[int, float]], kid_label: str) -> None:
+def plot_gan_curves(
+    path: Path, rows: list[dict[str, float]], kids: list[tuple[int, float, float]], kid_label: str
+) -> None:
     steps = np.array([r["step"] for r in rows], dtype=float)
     window = max(1, len(rows) // 50)
     fig = Figure(figsize=(14, 4.4))
@@ -40,9 +42,12 @@ def plot_gan_curves(path: Path, rows: list[dict[str, float]], kids: list[tuple[i
     ada.set(xlabel="step", ylim=(-1.05, 1.05), title="Adaptive augmentation")
     ada.legend(loc="lower right")
     if kids:
-        quality.plot([k[0] for k in kids], [k[1] for k in kids], "o-", color="tab:red")
+        quality.errorbar(
+            [k[0] for k in kids], [k[1] for k in kids], yerr=[k[2] for k in kids], fmt="o-", color="tab:red", capsize=3
+        )
+        quality.axhline(0, color="tab:gray", linewidth=0.8)
         title = "\n".join(textwrap.wrap(f"KID in the features of {kid_label}", 48)[:3])
-        quality.set(xlabel="step", ylabel="KID (lower is closer to real)", title=title)
+        quality.set(xlabel="step", ylabel="KID ± SD over subsets (lower is closer to real)", title=title)
     else:
         quality.text(0.5, 0.5, "no KID measured\n(--kid-encoder or --kid-inception)", ha="center", va="center")
         quality.set_axis_off()

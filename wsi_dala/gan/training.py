@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ class GanData:
 class GanResult:
     checkpoint: Path
     steps: int
-    kid: list[tuple[int, float]] = field(default_factory=list)  # (step, KID) of this run, from the first
+    kid: list[tuple[int, float, float]] = field(default_factory=list)  # (step, KID, its SD over subsets), first on
     images_per_s: float = 0.0  # generated images per second of training, this invocation
 
 
@@ -138,8 +139,8 @@ def train_gan(
             if real_features is not None and (
                 done == config.steps or (config.kid_every and done % config.kid_every == 0)
             ):
-                kids.append((done, _kid(kid_features, real_features, generator_ema, data, config, device)))
-                log.info("step %d: KID %.4f", done, kids[-1][1])
+                kids.append((done, *_kid(kid_features, real_features, generator_ema, data, config, device)))
+                log.info("step %d: KID %.4f ± %.4f", done, kids[-1][1], kids[-1][2])
             _checkpoint(
                 layout, config, data, shape, networks, optimise_g, optimise_d, ada, done, rows, kids, kid_features
             )
@@ -224,7 +225,9 @@ def _kid(
     data: GanData,
     config: GanConfig,
     device: torch.device,
-) -> float:
+) -> tuple[float, float]:
+    """KID and its SD over torch-fidelity's subsets: with a few dozen real tiles the SD can exceed the
+    KID itself (and the unbiased estimate can go below zero), so a curve needs its error bars."""
     assert kid_features is not None
     counts = np.bincount([s.label for s in data.held_out], minlength=len(data.class_names))
     share = counts / counts.sum()  # generated classes in the held-out tiles' proportions
@@ -233,7 +236,7 @@ def _kid(
         n = round(fraction * config.kid_samples)
         if n:
             tiles.append(generate(generator, index, n, seed=10_000 + index, device=device))
-    return kid(real, batched(kid_features[0], torch.cat(tiles)))[0]
+    return kid(real, batched(kid_features[0], torch.cat(tiles)))
 
 
 def gan_card(config: GanConfig, data: GanData, shape: GanShape, step: int, ada: AdaptiveAugment) -> dict[str, Any]:
@@ -264,14 +267,14 @@ def _checkpoint(
     ada: AdaptiveAugment,
     step: int,
     rows: list[dict[str, float]],
-    kids: list[tuple[int, float]],
+    kids: list[tuple[int, float, float]],
     kid_features: tuple[Features, str] | None,
 ) -> None:
     """Losses, KID, curves, samples, weights, then the resume state last (what a resume trusts)."""
     _write_rows(layout.losses_csv, rows)
     with atomic_open(layout.kid_csv, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["step", "kid"])
+        writer.writerow(["step", "kid", "kid_sd"])
         writer.writerows(kids)
     plot_gan_curves(layout.curves_png, rows, kids, kid_features[1] if kid_features else "")
     generator_ema = networks["G_ema"]
@@ -279,7 +282,11 @@ def _checkpoint(
     sample_grid(layout.samples_png, generator_ema, data.class_names, data.trained_classes, config.seed)
     card = gan_card(config, data, shape, step, ada)
     if kids:
-        card["kid"] = {"last": round(kids[-1][1], 5), "features": kid_features[1] if kid_features else None}
+        card["kid"] = {
+            "last": round(kids[-1][1], 5),
+            "last_sd": round(kids[-1][2], 5),
+            "features": kid_features[1] if kid_features else None,
+        }
     state = {
         f"{name}.{k}": v.detach().cpu().contiguous()
         for name, net in networks.items()
@@ -294,7 +301,7 @@ def _checkpoint(
         "ada_p": ada.p,
         "ada_signs": torch.tensor(ada.pending_signs, dtype=torch.float64),
         "rng": torch.get_rng_state(),
-        "kids": torch.tensor(kids, dtype=torch.float64).reshape(-1, 2),
+        "kids": torch.tensor(kids, dtype=torch.float64).reshape(-1, 3),
         "settings_json": _resume_settings(config),
     }
     buffer = io.BytesIO()
@@ -316,7 +323,7 @@ def _resume(
     optimise_d: torch.optim.Optimizer,
     ada: AdaptiveAugment,
     device: torch.device,
-) -> tuple[int, list[dict[str, float]], list[tuple[int, float]]]:
+) -> tuple[int, list[dict[str, float]], list[tuple[int, float, float]]]:
     if not (layout.last_state.exists() and layout.checkpoint.exists()):
         return 0, [], []
     from safetensors.torch import load_file
@@ -335,7 +342,7 @@ def _resume(
     torch.set_rng_state(saved["rng"])
     step = int(saved["step"])
     rows = [row for row in _read_rows(layout.losses_csv) if row["step"] <= step]
-    kids = [(int(s), float(k)) for s, k in saved["kids"].tolist()]
+    kids = [(int(row[0]), float(row[1]), float(row[2]) if len(row) > 2 else math.nan) for row in saved["kids"].tolist()]
     log.info("resuming GAN training at step %d", step)
     return step, rows, kids
 
