@@ -26,7 +26,7 @@ in tumour). Every slide spans the same area, so each µm/px gives the same numbe
   only the linear head trains, on the backbone's cached features (`train --freeze-backbone`, a linear
   probe), at the head learning rate of ``--lr-probe`` that the validation slide picks.
 
-Prints balanced accuracy and minority (tumour) recall on the test slides, means ± SD over seeds, each
+Prints balanced accuracy and minority (tumour) recall on each test set, means ± SD over seeds, each
 row's margin over (a) with its spread over seeds, pre-training and GAN images/s, and KID. Prints the CPU
 flags; compare within one run only.
 """
