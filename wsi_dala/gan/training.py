@@ -284,7 +284,7 @@ def _checkpoint(
     if kids:
         card["kid"] = {
             "last": round(kids[-1][1], 5),
-            "last_sd": round(kids[-1][2], 5),
+            "last_sd": None if math.isnan(kids[-1][2]) else round(kids[-1][2], 5),  # NaN: resumed from before SDs
             "features": kid_features[1] if kid_features else None,
         }
     state = {
