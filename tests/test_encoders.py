@@ -201,3 +201,16 @@ def test_weights_of_another_layout_are_refused_before_any_data_is_read(capsys, t
     assert code == 2 and len(err) == 1, err
     assert "plain.safetensors: does not fit timm:vit_tiny" in err[0] and "ls1.gamma" in err[0], err[0]
     assert "training on" not in captured.out and not (tmp_path / "o").exists()
+
+
+def test_the_linear_head_list_agrees_with_the_models_it_names():
+    """`TrainConfig` checks --freeze-backbone against a list of names (the config must not import torch);
+    the models decide by their head's structure. The two must agree for every torchvision baseline."""
+    from wsi_dala.model.build import _TORCHVISION
+    from wsi_dala.model_choices import LINEAR_HEAD_ARCHITECTURES
+
+    for arch in _TORCHVISION:
+        model = build_model(arch, 2, "none", input_size=224)
+        probe = model.linear_probe_encoder()
+        assert (probe is not None) == (arch in LINEAR_HEAD_ARCHITECTURES), arch
+        assert probe is None or probe is model.features, arch
