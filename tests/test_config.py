@@ -39,8 +39,7 @@ VALUES = {
     "tiling.tissue.fold_od_ratio": (1.8, 1.0),
     "tiling.tissue.min_fold_area_um2": (10000.0, -1.0),
     "tiling.qc.mode": ("exclude", "drop"),
-    "tiling.qc.blur_drop": (0.5, 1.0),
-    "tiling.qc.blur_floor": (0.1, 1.0),
+    "tiling.qc.max_edge_blur_um": (0.6, 0.0),
     "tiling.qc.max_blur_fraction": (0.7, 0.0),
     "tiling.qc.max_fold_fraction": (0.5, 1.5),
     "tiling.qc.max_ink_fraction": (0.2, -0.1),
@@ -136,6 +135,16 @@ def test_renamed_keys_still_load_with_a_warning(tmp_path, caplog):
     assert (config.tiling.reader_threads, config.tiling.tile_size_px, config.tiling.stride_px) == (3, 96, 48)
     assert config.export.cam_threshold_method == "otsu"
     assert "tiling.workers is deprecated; call it tiling.reader_threads" in caplog.text
+
+
+def test_removed_qc_keys_load_ignored_with_a_warning(tmp_path, caplog):
+    """The slide-median blur rule is gone: a config that tuned it still loads, and says what replaced it."""
+    path = tmp_path / "old.yaml"
+    path.write_text("tiling:\n  qc:\n    blur_drop: 0.4\n    blur_floor: 0.1\n    max_blur_fraction: 0.6\n")
+    config = load_config(path)
+    assert config.tiling.qc.max_blur_fraction == 0.6
+    assert "tiling.qc.blur_drop is no longer used and is ignored" in caplog.text
+    assert "max_edge_blur_um" in caplog.text
 
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])

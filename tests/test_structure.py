@@ -129,7 +129,7 @@ STORE_ARRAYS = {"tiles", "coords", "tissue_fraction", "tissue_mask", "tile_chunk
 # Keys only the tile store uses (generic words such as "class_names" also name run.json and metrics fields).
 STORE_ONLY = {"tile_chunks_done", "score_chunks_done", "chunk_tiles", "tile_size_l0", "cam_grid", "scoring_key"}
 STORE_ONLY |= {"scores_complete", "tiling_key", "mask_downsample", "read_size_level_px", "stride_l0"}
-STORE_ONLY |= {"qc_ink", "qc_fold", "qc_sharpness", "qc_blur", "qc_flags", "ink_mask", "fold_mask"}
+STORE_ONLY |= {"qc_ink", "qc_fold", "qc_edge_blur_um", "qc_blur", "qc_flags", "ink_mask", "fold_mask"}
 
 
 def _store_spellings(path: Path) -> list[tuple[int, str]]:

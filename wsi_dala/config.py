@@ -70,12 +70,13 @@ class TissueConfig(Settings):
 class QCConfig(Settings):
     """Quality control per tile (wsi_dala.qc): blur, folds and ink, and what is done with flagged tiles."""
 
-    mode: QCMode = "flag"  # flag: scored, left out of tumour regions, hatched; exclude: not tiled; off: not measured
-    blur_drop: float = Field(0.5, gt=0, lt=1)  # blurred: sharpness below this fraction of the slide's median
-    blur_floor: float = Field(0.2, ge=0, lt=1)  # ... or below this absolute sharpness, whatever the slide
+    mode: QCMode = (
+        "flag"  # flag: scored and marked, calls unchanged; exclude: flagged tiles left out; off: not measured
+    )
+    max_edge_blur_um: float = Field(0.45, gt=0, le=20)  # out of focus: a part's edges are wider than this (σ, µm)
     max_blur_fraction: float = Field(
         0.5, gt=0, le=1
-    )  # flagged: at least this share of the tile's tissue is out of focus
+    )  # flagged: at least this share of the tile's judged parts is out of focus
     max_fold_fraction: Fraction = 0.25  # flagged: more of the tile than this is folded tissue
     max_ink_fraction: Fraction = 0.10  # flagged: more of the tile than this is ink (margin included)
 
@@ -311,6 +312,14 @@ DEPRECATED_KEYS: dict[str, dict[str, str]] = {
     "tiling": {"tile_size": "tile_size_px", "stride": "stride_px", "workers": "reader_threads"},
     "export": {"cam_threshold": "cam_threshold_method"},
 }
+# Keys whose meaning is gone (the setting they tuned no longer exists): read, ignored with a warning, for one release.
+REMOVED_KEYS: dict[tuple[str, ...], dict[str, str]] = {
+    ("tiling", "qc"): {
+        "blur_drop": "blur is judged by the width of each tile's edges in µm, not against the slide's median: "
+        "see tiling.qc.max_edge_blur_um",
+        "blur_floor": "see tiling.qc.max_edge_blur_um",
+    },
+}
 _SECTIONS: dict[str, type[Settings]] = {
     "tiling": TilingConfig,
     "scoring": ScoringConfig,
@@ -390,6 +399,16 @@ def _renamed_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
                 log.warning("%s: %s.%s is deprecated; call it %s.%s", where, section, old, section, new)
                 values.setdefault(new, values.pop(old))
         data[section] = values
+    for path, removed in REMOVED_KEYS.items():
+        values = data
+        for key in path:
+            values = values.get(key) if isinstance(values, dict) else None
+        if not isinstance(values, dict):
+            continue
+        for old, why in removed.items():
+            if old in values:
+                log.warning("%s: %s.%s is no longer used and is ignored (%s)", where, ".".join(path), old, why)
+                values.pop(old)
     return data
 
 

@@ -3,7 +3,9 @@
 Tiles become locked ``tile`` detections classed Tumor / Non-tumor at ``tile_threshold`` with their
 measurements (QC blur, fold and ink among them); tumour regions become ``annotation`` polygons traced
 on the ``tumour`` heatmap layer (calibrated probability, sub-tile through the CAM) at each threshold,
-leaving out cells QC flagged, with holes, at least ``min_region_area_um2``. Outlines are traced between
+with holes, at least ``min_region_area_um2``. Quality control marks, it does not remove: each region
+carries the share of its area over QC-flagged tiles as a measurement (``QC flagged fraction``); only
+``qc.mode: exclude`` leaves flagged tiles out, and then they are not in the heatmap at all. Outlines are traced between
 cell centres by marching squares (:func:`qupath_export.polygons.contour_polygons`): no cell staircase,
 and a boundary within half a cell of the cells' edges (plus the ``simplify_cells`` tolerance).
 """
@@ -30,7 +32,7 @@ from qupath_export.polygons import contour_polygons
 from wsi_dala.cam_profile import correct
 from wsi_dala.cam_threshold import CamSettings, dynamic_threshold
 from wsi_dala.config import ExportConfig
-from wsi_dala.heatmap import FLAGGED_CELL, Heatmap
+from wsi_dala.heatmap import Heatmap
 from wsi_dala.store import TileStore
 
 POSITIVE_CLASS, NEGATIVE_CLASS = "Tumor", "Non-tumor"  # QuPath's built-in Tumor class, and ours
@@ -124,20 +126,25 @@ def region_features(heatmap: Heatmap, config: ExportConfig) -> tuple[list[dict[s
     features, summary = [], []
     layer = heatmap.tumour
     min_area_px = config.min_region_area_um2 / heatmap.slide_mpp**2
-    flagged = heatmap.qc_flagged >= FLAGGED_CELL  # NaN (no tile) is not flagged
     for threshold in sorted(config.region_thresholds):
-        regions = contour_polygons(  # QC-flagged cells make no region: traced as if they had no value
+        regions = contour_polygons(
             layer,
             threshold,
             heatmap.cell_l0,
             simplify_tolerance=config.simplify_cells * heatmap.cell_l0,
             min_area=min_area_px,
-            excluded=flagged,
         )
         for number, polygon in enumerate(regions.geoms, start=1):
             mean_p = _mean_inside(layer, polygon, heatmap.cell_l0)
+            flagged = _mean_inside(heatmap.qc_flagged, polygon, heatmap.cell_l0)
+            flagged = 0.0 if not np.isfinite(flagged) else flagged
             area_um2 = polygon.area * heatmap.slide_mpp**2
-            measurements = {"Area µm^2": area_um2, "Mean tumour probability": mean_p, "Threshold": threshold}
+            measurements = {
+                "Area µm^2": area_um2,
+                "Mean tumour probability": mean_p,
+                "Threshold": threshold,
+                "QC flagged fraction": flagged,
+            }
             feature = annotation_feature(
                 polygon, POSITIVE_CLASS, f"Tumour region {number} (p >= {threshold:g})", measurements
             )
@@ -148,6 +155,7 @@ def region_features(heatmap: Heatmap, config: ExportConfig) -> tuple[list[dict[s
                         "threshold": threshold,
                         "area_um2": round(area_um2, 1),
                         "mean_probability": round(mean_p, 4) if np.isfinite(mean_p) else None,
+                        "qc_flagged_fraction": round(flagged, 4),
                     }
                 )
     return features, summary

@@ -15,8 +15,8 @@ cover a cell; no value — NaN — where no tile lies, i.e. no tissue):
 - ``uncertainty``: the SD of the tile's probability over test-time views or MC-dropout passes (only when
   scoring measured it);
 - ``qc_flagged``: the share of the tiles over each cell that quality control flagged (out of focus,
-  folded, inked): drawn hatched on the overlay and left out of tumour regions. Under ``qc.mode:
-  exclude`` flagged tiles are not stitched at all.
+  folded, inked): drawn hatched on the overlay, and measured per tumour region; it changes no other
+  layer. Under ``qc.mode: exclude`` flagged tiles are not stitched at all.
 
 The stitch is vectorised (``np.add.at`` over every cell of a block of tiles, one layer at a time; the
 per-tile scores read once, the CAMs a block of chunks at a time): its cost grows linearly with the tiles
@@ -56,7 +56,7 @@ LAYER_MEANINGS = {
 }
 RENDER_BAND_ROWS = 256  # overlay rows coloured at once
 HATCH_RGB = (0, 230, 255)  # cyan: not in the inferno scale, not in H&E
-FLAGGED_CELL = 0.5  # a cell at least this much covered by flagged tiles is drawn hatched, and is no region
+FLAGGED_CELL = 0.5  # a cell at least this much covered by flagged tiles is drawn hatched
 MIN_SEAM_TILES = 4  # interior tumour tiles needed before the seam index means anything
 
 

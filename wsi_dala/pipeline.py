@@ -240,36 +240,21 @@ def _run_locked(
     return RunSummary(layout, record, skipped=False)
 
 
-MOSTLY_BLURRED = 0.9  # this share of tissue tiles out of focus: the slide is not worth a heatmap
-
-
 def check_quality(store: TileStore, slide_path: Path, layout: RunLayout) -> None:
-    """Refuse a slide with no tissue, or with tissue almost all out of focus, in one line naming the
-    pictures that show why (they are written before this is called)."""
+    """Refuse a slide with no tissue, in one line naming the pictures that show why (they are written before
+    this is called). Quality control never refuses a slide: it marks tiles, and warns when it marks most."""
     info, qc = store.info, store.info.qc
-    pictures = f"mask written to {layout.tissue_mask_png}, QC picture to {layout.qc_png}"
     if info.n_tiles == 0:
-        excluded = sum(qc.excluded_tiles.values()) if qc is not None else 0
-        if qc is not None and excluded:
-            raise QualityError(
-                f"{slide_path}: all {excluded} tissue tiles were excluded by QC (ink "
-                f"{qc.excluded_tiles.get('ink', 0)}, folds {qc.excluded_tiles.get('fold', 0)}); run with "
-                f"--qc flag to score them flagged; {pictures}"
-            )
+        pictures = f"mask written to {layout.tissue_mask_png}, QC picture to {layout.qc_png}"
         why = ""
         if qc is not None and qc.areas_um2.get("ink", 0.0) > qc.areas_um2.get("tissue", 0.0):
             why = f" (marker ink covers {qc.areas_um2['ink'] / 1e6:.2f} mm², more than any tissue)"
         raise QualityError(f"{slide_path}: no tissue found{why}; {pictures}")
-    if qc is not None and qc.mode != "off" and qc.counts.get("blur", 0) >= MOSTLY_BLURRED * info.n_tiles:
-        share = 100 * qc.counts["blur"] / info.n_tiles
-        raise QualityError(
-            f"{slide_path}: {share:.0f} % of the tissue tiles are out of focus (rescan it, or run with "
-            f"--qc off to score it anyway); {pictures}"
-        )
 
 
-def qc_summary(store: TileStore) -> dict[str, Any]:
-    """QC for run.json and the batch report: counts, areas in µm² and shares of the tissue in percent."""
+def qc_summary(store: TileStore, tile_threshold: float | None = None) -> dict[str, Any]:
+    """QC for run.json and the batch report: counts, areas in µm² and shares of the tissue in percent; under
+    ``exclude``, the tiles left out and how much of them the model called tumour (at ``tile_threshold``)."""
     qc = store.info.qc
     if qc is None:
         return {}
@@ -277,14 +262,33 @@ def qc_summary(store: TileStore) -> dict[str, Any]:
     percent = {  # ink is not tissue (it is cut out of the mask), so it is given as an area only
         name: round(100 * qc.areas_um2.get(name, 0.0) / tissue, 2) if tissue > 0 else 0.0 for name in ("blur", "fold")
     }
-    return {
+    summary: dict[str, Any] = {
         "mode": qc.mode,
         "tiles_flagged": qc.counts,
         "tiles_excluded": qc.excluded_tiles,
         "areas_um2": qc.areas_um2,
         "percent_of_tissue": percent,
         "ink_mm2": round(qc.areas_um2.get("ink", 0.0) / 1e6, 4),
-        "median_sharpness": qc.median_sharpness,
+        "median_edge_blur_um": qc.median_edge_blur_um,
+        "warning": qc.warning,
+    }
+    if qc.mode == "exclude" and tile_threshold is not None and store.info.scoring is not None:
+        summary["tumour_excluded"] = excluded_tumour(store, tile_threshold)
+    return summary
+
+
+def excluded_tumour(store: TileStore, tile_threshold: float) -> dict[str, Any]:
+    """What ``--qc exclude`` took away from the tumour calls: tiles left out that the model called tumour,
+    and their tissue area (mm²)."""
+    info = store.info
+    left_out = ~store.usable_tiles()
+    tumour = left_out & (np.nan_to_num(store.positive_scores(), nan=0.0) >= tile_threshold)
+    tile_area_mm2 = (min(info.tiling.tile_size_l0, info.tiling.stride_l0) * info.tiling.slide_mpp) ** 2 / 1e6
+    return {
+        "tiles": int(tumour.sum()),
+        "tissue_mm2": round(float(store.tissue_fraction()[tumour].sum()) * tile_area_mm2, 4),
+        "of_tumour_tiles": int((np.nan_to_num(store.positive_scores(), nan=0.0) >= tile_threshold).sum()),
+        "threshold": tile_threshold,
     }
 
 
@@ -425,7 +429,7 @@ def _record(
         settings=config.to_dict(),
         outputs={name: path.name for name, path in _outputs(layout, config).items()},
         versions=_versions(),
-        qc=qc_summary(TileStore(tiled.store)),
+        qc=qc_summary(TileStore(tiled.store), config.export.tile_threshold),
         stain=stain_summary(TileStore(tiled.store), card, config.scoring.stain_normalise),
         calibration=calibration_summary(card),
         heatmap=stages.heatmap.summary(),

@@ -10,8 +10,8 @@ tiles.zarr/                      (Zarr v3)
   fold_mask          [h, w]       bool     folded (double-layer) tissue
   qc_ink             [N]          float32  fraction of the tile covered by ink
   qc_fold            [N]          float32  fraction of the tile covered by folded tissue
-  qc_sharpness       [N, b, b]    float32  sharpness of each part of the tile (NaN: glass or not measured)
-  qc_blur            [N]          float32  share of the tile's tissue out of focus (at completion)
+  qc_edge_blur_um    [N, b, b]    float32  edge blur σ (µm) of each part of the tile (NaN: too few edges, not measured)
+  qc_blur            [N]          float32  share of the tile's judged parts out of focus (at completion)
   qc_flags           [N]          uint8    wsi_dala.qc bits: 1 blur, 2 fold, 4 ink (at completion)
   tile_chunks_done   [n_chunks]   bool     which tile chunks are fully written (the resume point)
   scores             [N, C]       float32  class probabilities          (written by scoring)
@@ -58,7 +58,7 @@ STORE_FORMAT = "wsi-dala.tiles/1"
 TILES, COORDS, TISSUE_FRACTION, TISSUE_MASK = "tiles", "coords", "tissue_fraction", "tissue_mask"
 TILE_CHUNKS_DONE = "tile_chunks_done"
 INK_MASK, FOLD_MASK = "ink_mask", "fold_mask"
-QC_INK, QC_FOLD, QC_SHARPNESS, QC_BLUR, QC_FLAGS = "qc_ink", "qc_fold", "qc_sharpness", "qc_blur", "qc_flags"
+QC_INK, QC_FOLD, QC_EDGE_BLUR, QC_BLUR, QC_FLAGS = "qc_ink", "qc_fold", "qc_edge_blur_um", "qc_blur", "qc_flags"
 SCORES, CAMS, SCORE_CHUNKS_DONE = "scores", "cams", "score_chunks_done"
 SCORE_SD = "score_sd"  # per tile: SD of the positive probability over TTA views / MC-dropout passes (NaN: not measured)
 _SCORE_ARRAYS = (SCORES, CAMS, SCORE_SD, SCORE_CHUNKS_DONE)
@@ -68,7 +68,7 @@ _FORMAT, _COMPLETE, _CHUNK_TILES = "format", "complete", "chunk_tiles"
 _SCORING_KEY, _SCORES_COMPLETE = "scoring_key", "scores_complete"
 _QC, _STAIN = "qc", "stain"
 _PER_TILE_QC = (QC_INK, QC_FOLD)
-QC_PARTS = 4  # qc_sharpness holds QC_PARTS x QC_PARTS parts of each tile (wsi_dala.qc judges them)
+QC_PARTS = 4  # qc_edge_blur_um holds QC_PARTS x QC_PARTS parts of each tile (wsi_dala.qc judges them)
 _TILING_KEY = "tiling_key"  # the TilingRecord field that says which slide and settings a store was cut with
 
 StoreState = Literal["new", "done", "resume", "replace"]
@@ -149,12 +149,14 @@ class QCRecord:
     """How the tiles' quality was judged and what was found; written when tiling completes."""
 
     mode: str  # flag | exclude | off
-    median_sharpness: float | None  # None: blur not measured (mode off, or no tiles)
-    counts: dict[str, int]  # tiles flagged per reason ("blur", "fold", "ink") and with any flag ("any")
+    counts: dict[str, int]  # tiles flagged per reason ("blur", "fold", "ink"), with any flag ("any"), and
+    # tiles whose focus could not be judged ("blur_not_judged": too few edges, e.g. glass or smooth stain)
     areas_um2: dict[str, float]  # "tissue", "ink", "fold" (from the masks), "blur" (tissue of blurred tiles)
-    excluded_tiles: dict[str, int]  # exclude mode: grid tiles with tissue left out for ink or folds
+    excluded_tiles: dict[str, int]  # exclude mode: flagged tiles left out of the later stages, per reason
     glass_rgb: list[float]
     settings: dict[str, Any]
+    median_edge_blur_um: float | None = None  # over the slide's judged parts; None: not measured (off, no tiles)
+    warning: str | None = None  # e.g. QC flags almost every tile: the slide itself needs a look
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str = "tile store") -> QCRecord | None:
@@ -293,7 +295,7 @@ class TileStore:
         group.create_array(QC_FOLD, data=np.asarray(fold, dtype=np.float32), chunks=per_tile)
         parts = QC_PARTS
         group.create_array(
-            QC_SHARPNESS, shape=(n, parts, parts), chunks=(chunk, parts, parts), dtype="float32", fill_value=np.nan
+            QC_EDGE_BLUR, shape=(n, parts, parts), chunks=(chunk, parts, parts), dtype="float32", fill_value=np.nan
         )
         n_chunks = n_chunks_of(n, chunk)
         group.create_array(TILE_CHUNKS_DONE, data=np.zeros(n_chunks, dtype=bool), chunks=(max(1, n_chunks),))
@@ -375,8 +377,8 @@ class TileStore:
     def qc_fold(self, rows: slice = slice(None)) -> np.ndarray:
         return np.asarray(self._array(QC_FOLD)[rows])
 
-    def qc_sharpness(self, rows: slice = slice(None)) -> np.ndarray:
-        return np.asarray(self._array(QC_SHARPNESS)[rows])
+    def qc_edge_blur_um(self, rows: slice = slice(None)) -> np.ndarray:
+        return np.asarray(self._array(QC_EDGE_BLUR)[rows])
 
     def qc_blur(self, rows: slice = slice(None)) -> np.ndarray:
         """Share of each tile's tissue out of focus (zeros before the store is complete)."""
@@ -401,14 +403,14 @@ class TileStore:
 
         return da.from_zarr(str(self.path), component=TILES)
 
-    def write_tiles(self, start: int, data: np.ndarray, sharpness: np.ndarray | None = None) -> None:
-        """Tiles from row ``start`` on, with their sharpness (wsi_dala.qc) when it was measured."""
+    def write_tiles(self, start: int, data: np.ndarray, edge_blur_um: np.ndarray | None = None) -> None:
+        """Tiles from row ``start`` on, with their edge blur per part (wsi_dala.qc) when it was measured."""
         with self._naming_failures():
             self._array(TILES)[start : start + len(data)] = data
-            if sharpness is not None:
-                parts = np.full((len(sharpness), QC_PARTS, QC_PARTS), np.nan, dtype=np.float32)
-                parts[:, : sharpness.shape[1], : sharpness.shape[2]] = sharpness[:, :QC_PARTS, :QC_PARTS]
-                self._array(QC_SHARPNESS)[start : start + len(sharpness)] = parts
+            if edge_blur_um is not None:
+                parts = np.full((len(edge_blur_um), QC_PARTS, QC_PARTS), np.nan, dtype=np.float32)
+                parts[:, : edge_blur_um.shape[1], : edge_blur_um.shape[2]] = edge_blur_um[:, :QC_PARTS, :QC_PARTS]
+                self._array(QC_EDGE_BLUR)[start : start + len(edge_blur_um)] = parts
 
     @contextmanager
     def _naming_failures(self) -> Iterator[None]:
@@ -538,7 +540,7 @@ def store_damage(path: Path) -> str | None:
         group = zarr.open_group(path, mode="r", zarr_format=3)
         attrs: dict[str, Any] = dict(group.attrs)
         chunk, side = int(attrs[_CHUNK_TILES]), int(attrs["tile_size_px"])
-        names = (TILES, COORDS, TISSUE_FRACTION, *_PER_TILE_QC, QC_SHARPNESS, TILE_CHUNKS_DONE)
+        names = (TILES, COORDS, TISSUE_FRACTION, *_PER_TILE_QC, QC_EDGE_BLUR, TILE_CHUNKS_DONE)
         arrays = {name: group[name] for name in names}
         shapes = {name: tuple(node.shape) for name, node in arrays.items() if isinstance(node, zarr.Array)}
     except (KeyError, ValueError, TypeError, OSError, zarr.errors.BaseZarrError) as exc:
@@ -551,7 +553,7 @@ def store_damage(path: Path) -> str | None:
         COORDS: (n, 2),
         TISSUE_FRACTION: (n,),
         **{name: (n,) for name in _PER_TILE_QC},
-        QC_SHARPNESS: (n, QC_PARTS, QC_PARTS),
+        QC_EDGE_BLUR: (n, QC_PARTS, QC_PARTS),
         TILE_CHUNKS_DONE: (n_chunks_of(n, max(1, chunk)),),
     }
     for name, shape in expected.items():

@@ -28,7 +28,7 @@ from wsi_dala.grid import LevelChoice, block_order, choose_level, grid_origins, 
 from wsi_dala.identity import config_hash, slide_fingerprint
 from wsi_dala.layout import RunLayout
 from wsi_dala.memory import release_freed_memory
-from wsi_dala.qc import BLUR, FOLD, INK, judge, tile_sharpness
+from wsi_dala.qc import BLUR, FOLD, INK, judge, tile_edge_blur_um
 from wsi_dala.qc_figure import QCPicture, blurred_tiles_mask, render_qc
 from wsi_dala.slide import Resolution, Slide
 from wsi_dala.store import QCMasks, QCRecord, SlideRecord, TileStore, TilingRecord, existing_store_state
@@ -50,7 +50,6 @@ class TilePlan:
     ink_fraction: np.ndarray  # [N]
     fold_fraction: np.ndarray  # [N]
     grid_tiles: int  # tiles in the full grid, before the tissue filter
-    excluded: dict[str, int]  # tiles with tissue left out by QC (mode exclude): "ink", "fold"
     analysis: TissueAnalysis
     mask_downsample: float
     mask_mpp: float
@@ -133,12 +132,8 @@ def plan_tiles(slide: Slide, config: TilingConfig) -> TilePlan:
     fractions = covered(analysis.tissue)
     keep = fractions >= max(config.min_tissue, 1e-9)
     ink, fold = covered(analysis.ink), covered(analysis.fold)
-    excluded = {"ink": 0, "fold": 0}
-    if config.qc.mode == "exclude":
-        inked = keep & (ink > config.qc.max_ink_fraction)
-        folded = keep & (fold > config.qc.max_fold_fraction)
-        excluded = {"ink": int(inked.sum()), "fold": int(folded.sum())}
-        keep &= ~(inked | folded)
+    # Every mode tiles (and scores) every tissue tile: `exclude` leaves flagged tiles out of the later stages,
+    # so run.json can say how much tumour that removed.
     origins, fractions, ink, fold = origins[keep], fractions[keep], ink[keep], fold[keep]
     block_l0 = max(1, config.region_level_px // max(1, choice.read_size_level_px)) * stride_l0
     order = block_order(origins, block_l0)
@@ -150,7 +145,6 @@ def plan_tiles(slide: Slide, config: TilingConfig) -> TilePlan:
         ink_fraction=ink[order],
         fold_fraction=fold[order],
         grid_tiles=int(keep.size),
-        excluded=excluded,
         analysis=analysis,
         mask_downsample=mask_downsample,
         mask_mpp=mpp0 * mask_downsample,
@@ -180,7 +174,7 @@ def read_tiles(
 
 def _tiling_key(fingerprint: dict[str, Any], config: TilingConfig) -> str:
     # Reader threads change how fast tiles are cut, never which: they are not part of the key. Every QC
-    # setting is (exclude changes which tiles are cut; off measures no sharpness).
+    # setting is (every one changes a verdict; off measures no edge blur).
     settings = config.model_dump(mode="json", exclude={"reader_threads"})
     return config_hash({"slide": fingerprint, "config": settings})
 
@@ -281,7 +275,7 @@ def _write_chunks(
         tiles = read_tiles(slide, origins[rows[index]], plan.choice, config.tile_px, block_l0)
         if not measure_blur:
             return tiles, None
-        return tiles, tile_sharpness(tiles, plan.choice.effective_mpp, plan.analysis.glass_rgb[1])
+        return tiles, tile_edge_blur_um(tiles, plan.choice.effective_mpp)
 
     in_flight: dict[Future[tuple[np.ndarray, np.ndarray | None]], int] = {}
     threads = config.reader_threads
@@ -296,8 +290,8 @@ def _write_chunks(
                 finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in finished:
                     index = in_flight.pop(future)
-                    data, sharpness = future.result()
-                    store.write_tiles(rows[index].start, data, sharpness)
+                    data, edge_blur = future.result()
+                    store.write_tiles(rows[index].start, data, edge_blur)
                     store.mark_tile_chunk_done(index, done)
                     bar.update(len(data))
                     if on_chunk_written is not None:
@@ -362,40 +356,69 @@ def _tiling_record(
     )
 
 
+MOSTLY_FLAGGED = 0.9  # QC flags this share of the tiles: the slide itself needs a look (a warning, not a failure)
+
+
 def _complete(store: TileStore, plan: TilePlan, config: TilingConfig) -> None:
-    """Judge every tile's quality against the slide's own tiles, record it, and mark the store usable."""
+    """Judge every tile's quality from its own measurements, record it, and mark the store usable."""
     qc = config.qc
-    sharpness = store.qc_sharpness()
-    verdict = judge(sharpness, fold_fraction=store.qc_fold(), ink_fraction=store.qc_ink(), config=qc)
+    verdict = judge(store.qc_edge_blur_um(), fold_fraction=store.qc_fold(), ink_fraction=store.qc_ink(), config=qc)
     flags = verdict.flags if qc.mode != "off" else np.zeros_like(verdict.flags)
     info = store.info
     mask_pixel_um2 = plan.mask_mpp**2
     tile_area_um2 = (min(info.tiling.tile_size_l0, info.tiling.stride_l0) * info.tiling.slide_mpp) ** 2
+    counts = flag_counts(flags)
+    counts["blur_not_judged"] = int((~verdict.judged).sum()) if qc.mode != "off" else 0
     blurred = (flags & BLUR) > 0
     record = QCRecord(
         mode=qc.mode,
-        median_sharpness=None
-        if qc.mode == "off" or not np.isfinite(verdict.median_sharpness)
-        else round(verdict.median_sharpness, 4),
-        counts={
-            "blur": int(blurred.sum()),
-            "fold": int(((flags & FOLD) > 0).sum()),
-            "ink": int(((flags & INK) > 0).sum()),
-            "any": int((flags > 0).sum()),
-        },
+        counts=counts,
         areas_um2={
             "tissue": round(float(plan.analysis.tissue.sum()) * mask_pixel_um2, 1),
             "ink": round(float(plan.analysis.ink.sum()) * mask_pixel_um2, 1),
             "fold": round(float(plan.analysis.fold.sum()) * mask_pixel_um2, 1),
             "blur": round(float((store.tissue_fraction() * verdict.blur)[blurred].sum()) * tile_area_um2, 1),
         },
-        excluded_tiles=plan.excluded,
+        excluded_tiles=flag_counts(flags) if qc.mode == "exclude" else {},
         glass_rgb=[round(v, 1) for v in plan.analysis.glass_rgb],
         settings=qc.to_dict(),
+        median_edge_blur_um=None
+        if qc.mode == "off" or not np.isfinite(verdict.median_edge_blur_um)
+        else round(verdict.median_edge_blur_um, 4),
+        warning=_mostly_flagged(counts, info.n_tiles),
     )
-    # The stain is measured on tiles QC would flag in any mode (off only stops flagging, not ink being ink).
-    stain = measure_slide_stain(store, verdict.flags, plan.analysis.glass_rgb)
+    if record.warning:
+        log.warning("%s: %s", info.tiling.slide.path, record.warning)
+    # The stain is measured without inked or folded tiles, in every mode (off stops flagging, not ink being
+    # ink); blur is not left out, as it barely moves the stain vectors and `off` does not measure it, so a
+    # stain-normalised run scores alike in every mode.
+    stain = measure_slide_stain(store, verdict.flags & (FOLD | INK), plan.analysis.glass_rgb)
     store.mark_complete(verdict.blur, flags, record, stain=stain)
+
+
+def flag_counts(flags: np.ndarray) -> dict[str, int]:
+    """Tiles with each QC flag, and with any."""
+    return {
+        "blur": int(((flags & BLUR) > 0).sum()),
+        "fold": int(((flags & FOLD) > 0).sum()),
+        "ink": int(((flags & INK) > 0).sum()),
+        "any": int((flags > 0).sum()),
+    }
+
+
+def _mostly_flagged(counts: dict[str, int], n_tiles: int) -> str | None:
+    """A warning when QC flags almost every tile (the slide needs a look, or a rescan); None otherwise."""
+    if n_tiles == 0 or counts["any"] < MOSTLY_FLAGGED * n_tiles:
+        return None
+    reasons = ", ".join(
+        f"{counts[k]} {word}"
+        for k, word in (("blur", "out of focus"), ("fold", "folded"), ("ink", "inked"))
+        if counts[k]
+    )
+    return (
+        f"QC flagged {counts['any']} of {n_tiles} tiles ({100 * counts['any'] / n_tiles:.0f} %: {reasons}); "
+        "they are scored and marked: look at qc.png, and rescan the slide if it is out of focus"
+    )
 
 
 STAIN_SAMPLE_TILES = 64  # tiles the slide's stain is measured on, spread evenly over the slide
@@ -406,7 +429,7 @@ def measure_slide_stain(
 ) -> dict[str, Any] | None:
     """The slide's H&E stain, measured on a sample of its tiles at the tiles' own µm/px (the resolution
     the model's reference is measured at, on its training tiles: a thumbnail reads 10° and 1.8x off on
-    CMU-1). QC-flagged tiles are left out. None when there is too little stain to measure."""
+    CMU-1). Tiles with a flag in ``flags`` are left out. None when there is too little stain to measure."""
     from wsi_dala.stain import StainError, measure_tiles
 
     usable = np.flatnonzero(flags == 0)
@@ -454,9 +477,10 @@ def qc_words(qc: QCRecord | None) -> str:
         return "QC off (blur not measured, nothing flagged)"
     counts = qc.counts
     words = f"flagged: {counts['blur']} out of focus, {counts['fold']} folded, {counts['ink']} inked"
+    if counts.get("blur_not_judged"):
+        words += f" ({counts['blur_not_judged']} too smooth to judge focus)"
     if qc.mode == "exclude":
-        excluded = qc.excluded_tiles
-        words += f"; not tiled: {excluded.get('fold', 0)} folded, {excluded.get('ink', 0)} inked"
+        words += f"; left out of heatmap and regions: {qc.excluded_tiles.get('any', 0)}"
     return words
 
 

@@ -208,9 +208,9 @@ def add_qc_option(parser: argparse.ArgumentParser, default: str | None) -> None:
         "--qc",
         choices=("flag", "exclude", "off"),
         default=default,
-        help="flag: score flagged tiles but leave them out of tumour regions and hatch them on the overlay; "
-        "exclude: do not tile inked or folded tiles, and drop blurred ones from heatmap and GeoJSON; "
-        f"off: measure nothing (default: {shown})",
+        help="flag: mark out-of-focus, folded and inked tiles (hatched on the overlay, QC measurements on tiles and "
+        "regions) and change no call; exclude: leave flagged tiles out of heatmap, regions and GeoJSON (the summary "
+        f"says how much tumour that removed); off: measure nothing (default: {shown})",
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wsi_dala.cli.common import (
     Verb,
@@ -128,12 +128,8 @@ def print_summary(summary: RunSummary) -> None:
     if qc and qc["mode"] == "off":
         print("QC:          off (blur not measured, nothing flagged)")
     elif qc:
-        percent, flagged, excluded = qc["percent_of_tissue"], qc["tiles_flagged"], qc["tiles_excluded"]
-        what = "excluded" if qc["mode"] == "exclude" else "flagged"
-        print(
-            f"QC:          {flagged['any']} tiles {what} (+{sum(excluded.values())} not tiled); of the tissue "
-            f"{percent['blur']:.0f} % out of focus, {percent['fold']:.0f} % folded; marker ink {qc['ink_mm2']:.2f} mm²"
-        )
+        for line in qc_lines(qc):
+            print(line)
     if record.stain.get("out_of_distribution"):
         print(f"stain:       out of distribution ({record.stain['summary']}); consider --stain-normalise macenko")
     if not summary.skipped:
@@ -153,6 +149,34 @@ def print_summary(summary: RunSummary) -> None:
     print("outputs:")
     for name, file_name in record.outputs.items():
         print(f"  {name:<15} {summary.layout.root / file_name}")
+
+
+def qc_lines(qc: dict[str, Any]) -> list[str]:
+    """What QC found and did, for the summary: flagged tiles are marked; under exclude, what was left out."""
+    percent, flagged = qc["percent_of_tissue"], qc["tiles_flagged"]
+    lines = [
+        f"QC:          {flagged['any']} tiles flagged ({flagged['blur']} out of focus, {flagged['fold']} folded, "
+        f"{flagged['ink']} inked); of the tissue {percent['blur']:.0f} % out of focus, {percent['fold']:.0f} % "
+        f"folded; marker ink {qc['ink_mm2']:.2f} mm²"
+    ]
+    if qc["mode"] == "flag" and flagged["any"]:
+        lines.append(
+            "             flagged tiles are scored and marked (hatched); regions and probabilities are unchanged"
+        )
+    tumour = qc.get("tumour_excluded")
+    if qc["mode"] == "exclude" and tumour is not None:
+        lines.append(
+            f"             --qc exclude left out {qc['tiles_excluded'].get('any', 0)} tiles, {tumour['tiles']} of the "
+            f"{tumour['of_tumour_tiles']} tiles called tumour ({tumour['tissue_mm2']:.2f} mm² of tissue)"
+        )
+        if tumour["tiles"] and tumour["tiles"] == tumour["of_tumour_tiles"]:
+            lines.append(
+                "warning:     every tile called tumour was flagged and left out: no tumour region is exported; "
+                "run with --qc flag to see them marked"
+            )
+    if qc.get("warning"):
+        lines.append(f"warning:     {qc['warning']}")
+    return lines
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
