@@ -113,11 +113,12 @@ def _row(engine, precision, first_use, bare, scoring, packed, reference, positiv
 
 def engines_on_demo(args: argparse.Namespace) -> None:
     from wsi_dala.config import PipelineConfig, ScoringConfig, TilingConfig
-    from wsi_dala.demo import DemoSettings, tumour_iou
+    from wsi_dala.demo import DemoSettings
     from wsi_dala.layout import DemoLayout
     from wsi_dala.pipeline import run_slide
     from wsi_dala.store import TileStore
     from wsi_dala.synthetic import TUMOUR, SyntheticSlideSpec, write_synthetic_slide
+    from wsi_dala.truth import tumour_iou
 
     layout = DemoLayout(Path(args.demo))
     settings = DemoSettings()

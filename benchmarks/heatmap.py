@@ -45,9 +45,9 @@ CASES = {
 
 
 def write_training_slides(folder: Path) -> list[Path]:
-    from wsi_dala.demo import write_truth_annotations
     from wsi_dala.layout import annotations_beside
     from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+    from wsi_dala.truth import write_truth_annotations
 
     paths = []
     for seed in TRAIN_SEEDS:
@@ -100,9 +100,9 @@ def truth_cells(slide, cell_l0: float, shape: tuple[int, int]) -> np.ndarray:
 def region_iou(slide, heatmap, layer: str) -> float:
     from qupath_export.polygons import mask_to_polygons
     from wsi_dala.config import ExportConfig
-    from wsi_dala.demo import INK_MARGIN_UM
     from wsi_dala.export import region_features
     from wsi_dala.synthetic import TUMOUR
+    from wsi_dala.truth import INK_MARGIN_UM
 
     traced = replace(heatmap, tumour=getattr(heatmap, layer))
     features, _ = region_features(traced, ExportConfig())

@@ -16,6 +16,7 @@ from wsi_dala.calibration import (
     MIN_TEMPERATURE,
     bound_warning,
     brier,
+    calibration_folds,
     calibration_report,
     ece,
     fit_temperature,
@@ -58,6 +59,62 @@ def test_fit_recovers_a_known_temperature_and_lowers_nll():
 def test_fit_also_recovers_a_temperature_below_one():
     logits, labels = _sampled_at_temperature(0.5, seed=1)
     assert fit_temperature(logits, labels, "synthetic") == pytest.approx(0.5, abs=0.05)
+
+
+def _slides(n: int, n_slides: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """A slide name and a level-0 position per tile."""
+    rng = np.random.default_rng(seed)
+    return [f"slide{i % n_slides}" for i in range(n)], rng.uniform(0, 20000, size=(n, 2))
+
+
+def test_an_over_confident_model_gets_a_temperature_that_helps_on_held_out_tiles():
+    """Logits of a calibrated model, x3: the cross-validated fit must find T > 1, and the held-out ECE must fall
+    (so "always T = 1" cannot pass)."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(0.0, 2.0, 3000)
+    labels = (rng.random(3000) < 1 / (1 + np.exp(-z))).astype(np.int64)
+    logits = np.stack([np.zeros_like(z), 3.0 * z], axis=1)
+    for n_slides, by in ((5, "slides"), (2, "spatial blocks within slides")):
+        groups, positions = _slides(3000, n_slides)
+        folds = calibration_folds(labels, groups, positions)
+        assert folds[1] == by
+        report = calibration_report(logits, labels, "over-confident", folds=folds)
+        held = report.held_out
+        assert held is not None and held.helps and report.note is None
+        assert report.temperature == pytest.approx(3.0, rel=0.15)
+        assert held.after.ece < 0.5 * held.before.ece and held.after.brier < held.before.brier
+        assert report.to_dict()["held_out"]["helps"] is True
+
+
+def test_a_fit_that_does_not_help_on_held_out_tiles_is_not_kept():
+    """A calibrated model, and a dozen tiles labelled against it with huge logits (annotation edges): the NLL
+    fit raises T for the dozen and leaves the rest under-confident. Held out, NLL falls but ECE and Brier rise:
+    T stays 1, and the report says why."""
+    rng = np.random.default_rng(4)
+    n = 2000
+    z = rng.normal(0.0, 3.0, n)
+    labels = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(np.int64)
+    wrong = rng.choice(n, 12, replace=False)
+    z[wrong] = np.where(labels[wrong] == 1, -25.0, 25.0)
+    logits = np.stack([np.zeros(n), z], axis=1)
+    groups, positions = _slides(n, 4)
+    report = calibration_report(logits, labels, "noisy labels", folds=calibration_folds(labels, groups, positions))
+    held = report.held_out
+    assert report.fitted is not None and report.fitted > 1.3, "the NLL fit alone raises T"
+    assert held is not None and held.after.nll < held.before.nll and held.after.ece > held.before.ece
+    assert report.temperature == 1.0 and not held.helps
+    assert report.note is not None and "not both better, so T = 1" in report.note
+    assert report.after == report.before
+
+
+def test_folds_follow_slides_then_blocks_then_chance():
+    labels = np.array([0, 1] * 30)
+    by_slide, _ = calibration_folds(labels, [f"s{i % 3}" for i in range(60)], None)
+    assert all(len(set(by_slide[[j for j in range(60) if j % 3 == i]])) == 1 for i in range(3)), "a slide is one fold"
+    positions = np.stack([np.tile([0.0, 10.0], 30), np.repeat([0.0, 10.0], 30)], axis=1)
+    blocks, by = calibration_folds(labels, ["one"] * 60, positions)
+    assert by == "spatial blocks within slides" and set(blocks.tolist()) == {0, 1, 2, 3}
+    assert calibration_folds(labels, ["one"] * 60, None)[1] == "random folds"
 
 
 def test_data_classified_all_right_is_confident_never_certain_and_uninformative_logits_flagged():
@@ -123,13 +180,15 @@ def test_model_card_refuses_a_temperature_the_fit_cannot_give():
 
 
 def test_training_measures_the_cam_profile_even_where_every_validation_tile_is_right(blob_model):
-    """The blob model gets all its validation tiles right: the temperature is fitted against targets smoothed
-    by Laplace's rule (the card says so), and the CAM profile is measured."""
+    """The blob model gets all its validation tiles right: a temperature is fitted for Laplace's rule, then
+    judged on held-out folds, where sharper is always better when nothing is wrong: T stays 1 and the card says
+    why. The CAM profile is measured all the same."""
     result, out = blob_model
     card = read_card(result.checkpoint)
     n_val = card.validation_metrics["n"]
     assert card.validation_metrics["accuracy"] == 1.0  # re-saving kept the rest of the card
-    assert card.temperature is not None and card.calibration["smoothing"] == pytest.approx(1 / (n_val + 2))
+    assert card.temperature == 1.0 and card.calibration["fitted_temperature"] > 1.0
+    assert card.calibration["held_out"]["helps"] is False and "T = 1" in card.calibration["note"]
     profile = np.asarray(card.cam_profile)
     assert profile.shape == (3, 3) and profile.mean() == pytest.approx(1.0, rel=0.05)
     assert 0 < card.calibration["cam_profile_tiles"] < n_val

@@ -4,6 +4,7 @@ measured and divided out (no tile grid in the map); the uncertainty layer; outli
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -20,10 +21,11 @@ from wsi_dala.cam_profile import (
     symmetrised,
 )
 from wsi_dala.config import HeatmapConfig, PipelineConfig, TilingConfig
-from wsi_dala.heatmap import cam_evidence, interior_positive, reference_tiles, stitch
+from wsi_dala.heatmap import interior_positive, reference_tiles, stitch
 from wsi_dala.pipeline import run_slide
 from wsi_dala.store import ScoringRecord, TileStore
 from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.tumour_layer import cam_evidence
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +47,39 @@ def _copy_store(summary, tmp_path):
 
 
 def _loop_stitch(store: TileStore, profile: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """The reference: one tile at a time, as the stitch did before it was vectorised."""
+    """The reference: one tile and one cell at a time. The tumour layer's cell is the probability interpolated
+    bilinearly between the centres of the tiles around it (those with a value), weighed against the cell's CAM
+    evidence: sigmoid(logit(p~) + 2 logit(e)), e clipped to [0.01, 0.99]."""
     info = store.info
     grid = info.scoring.cam_grid
     cell = info.tile_size_l0 / grid
+    stride, tile = info.tiling.stride_l0, info.tile_size_l0
     rows, cols = int(np.ceil(info.tiling.slide.height / cell)), int(np.ceil(info.tiling.slide.width / cell))
     sums = np.zeros((2, rows + grid, cols + grid))
     counts = np.zeros((rows + grid, cols + grid))
-    cells = np.round(store.coords() / cell).astype(int)
-    for (cx, cy), p, cam in zip(cells, store.positive_scores(), store.cams(), strict=True):
+    coords, probability = store.coords(), store.positive_scores()
+    origin = coords.min(axis=0)
+    node = {tuple(np.round((c - origin) / stride).astype(int)): p for c, p in zip(coords, probability, strict=True)}
+    cells = np.round(coords / cell).astype(int)
+    for (cx, cy), (x0, y0), p, cam in zip(cells, coords, probability, store.cams(), strict=True):
+        evidence = cam_evidence(correct(cam[None], profile)[0] / scale)
+        values = np.zeros((grid, grid))
+        for a in range(grid):
+            for b in range(grid):
+                y = (y0 - origin[1] + (a + 0.5) * cell - tile / 2) / stride  # the cell's centre, in tile steps
+                x = (x0 - origin[0] + (b + 0.5) * cell - tile / 2) / stride
+                total = weight = 0.0
+                for ny in (int(np.floor(y)), int(np.floor(y)) + 1):
+                    for nx in (int(np.floor(x)), int(np.floor(x)) + 1):
+                        w = (1 - abs(y - ny)) * (1 - abs(x - nx))
+                        if w > 0 and (nx, ny) in node:
+                            total, weight = total + w * node[(nx, ny)], weight + w
+                smooth = min(max(total / weight, 1e-6), 1 - 1e-6)
+                e = min(max(evidence[a, b], 0.01), 0.99)
+                logit = math.log(smooth / (1 - smooth)) + 2 * math.log(e / (1 - e))
+                values[a, b] = 1 / (1 + math.exp(-logit))
         sums[0, cy : cy + grid, cx : cx + grid] += p
-        sums[1, cy : cy + grid, cx : cx + grid] += p * cam_evidence(correct(cam[None], profile)[0] / scale)
+        sums[1, cy : cy + grid, cx : cx + grid] += values
         counts[cy : cy + grid, cx : cx + grid] += 1
     with np.errstate(invalid="ignore"):
         mean = np.where(counts > 0, sums / counts, np.nan)[:, :rows, :cols]
@@ -82,8 +106,11 @@ def test_vectorised_stitch_equals_the_per_tile_loop(request, run):
 
 
 def test_border_attenuation_is_divided_out(scored, tmp_path):
-    """CAMs dimmed at tile borders and corners, as a CNN's are: without correction the map shows the
-    tile grid (seam index well below 1); with it the seam index is within 0.97-1.03."""
+    """CAMs dimmed at tile borders and corners, as a CNN's are: without correction the map shows the tile grid
+    where the CAM speaks (the colour scorer's tiles are often undecided, p 0.5-0.8, so its CAM reaches inside
+    tumour); with it the corner dip shrinks to under 0.6 of that (the rest is the blend's: at a tile's corner
+    the interpolated probability is more undecided, and this scorer's evidence sits below its probability).
+    A trained model, confident inside tumour, reads 1.00 (benchmarks/unseen.py)."""
     store = _copy_store(scored, tmp_path)
     grid = store.info.scoring.cam_grid
     edge = np.where((np.arange(grid) == 0) | (np.arange(grid) == grid - 1), 0.45, 1.0)
@@ -94,8 +121,9 @@ def test_border_attenuation_is_divided_out(scored, tmp_path):
     assert interior.sum() >= 8 and reference_tiles(store, HeatmapConfig(), interior).sum() >= 8
     plain = stitch(store.path, HeatmapConfig(border_correction=False))
     corrected = stitch(store.path, HeatmapConfig())
-    assert plain.seam_index is not None and plain.seam_index < 0.9
-    assert corrected.seam_index is not None and 0.97 <= corrected.seam_index <= 1.03
+    assert plain.seam_index is not None and plain.seam_index < 0.95
+    assert corrected.seam_index is not None and 0.95 <= corrected.seam_index <= 1.03
+    assert abs(1 - corrected.seam_index) < 0.6 * abs(1 - plain.seam_index)
     profile = corrected.cam_profile
     corners = profile[[0, 0, -1, -1], [0, -1, 0, -1]].mean()
     assert corners < 0.5 * profile[1:-1, 1:-1].mean()  # the planted dimming, measured back (the colour
@@ -106,7 +134,8 @@ def test_evidence_saturates_smoothly_and_keeps_gradations(scored):
     np.testing.assert_allclose(cam_evidence(np.array([0.0, 1.0, 2.0, -1.0, np.nan])), [0, 0.95, 0.9975, 0, 0])
     heatmap = stitch(scored.layout.tiles_store, HeatmapConfig())
     values = heatmap.tumour[np.isfinite(heatmap.tumour) & (heatmap.probability >= 0.5)]
-    assert values.size > 100 and (values >= np.nanmax(heatmap.tumour) - 1e-6).mean() <= 0.05  # not a mask
+    # not a mask: a cell reads the maximum only where every tile around it is certain (here 8 %)
+    assert values.size > 100 and (values >= np.nanmax(heatmap.tumour) - 1e-6).mean() <= 0.15
 
 
 def test_profile_estimate_and_prior():

@@ -12,12 +12,12 @@ import zarr
 from tests.qupath_rules import check_file
 from wsi_dala.cli import main
 from wsi_dala.config import PipelineConfig, ScoringConfig, TilingConfig, load_config
-from wsi_dala.demo import tumour_iou
 from wsi_dala.errors import ConfigError
 from wsi_dala.pipeline import run_slide
 from wsi_dala.scoring import score_store
 from wsi_dala.store import SCORE_CHUNKS_DONE, SCORES, TileStore
 from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.truth import tumour_iou
 
 
 def _slide(tmp_path_factory, mpp, width, height):
@@ -46,7 +46,9 @@ def _config(checkpoint, **scoring):
 def test_exported_regions_match_planted_tumour(request, tmp_path, colour_checkpoint, fixture):
     slide = request.getfixturevalue(fixture)
     summary = run_slide(slide.path, tmp_path, _config(colour_checkpoint), progress=False)
-    assert tumour_iou(slide, summary.layout.tumour_geojson()) >= 0.95
+    # 0.95 with the layer p x CAM, whose regions only this scorer (an exact CAM) suits; the tumour layer weighs
+    # the CAM against the interpolated probability instead (wsi_dala.tumour_layer), as learned models need
+    assert tumour_iou(slide, summary.layout.tumour_geojson()) >= 0.9
     tiles = check_file(summary.layout.tiles_geojson())
     regions = check_file(summary.layout.tumour_geojson())
     assert len(tiles) == summary.record.counts.tiles and regions

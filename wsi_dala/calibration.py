@@ -39,22 +39,30 @@ class CalibrationMetrics:
 
 @dataclass(frozen=True)
 class CalibrationReport:
-    """A fitted temperature and what it did to the data it was fitted on."""
+    """A temperature fitted on a set of labelled tiles, judged on held-out folds, and what it does to them."""
 
-    temperature: float
+    temperature: float  # the one to apply: the fit when held-out tiles confirm it, else 1
     n: int  # tiles it was fitted on
     before: CalibrationMetrics  # T = 1
     after: CalibrationMetrics  # T = temperature
     smoothing: float = 0.0  # > 0: every tile was right; T set so the mean error is Laplace's 1/(n+2)
+    fitted: float | None = None  # the NLL fit on all tiles (None: the same as ``temperature``)
+    held_out: HeldOut | None = None  # cross-validation, when folds were given
+    note: str | None = None  # why the fit was not kept
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        record: dict[str, object] = {
             "temperature": self.temperature,
             "n": self.n,
             "smoothing": self.smoothing,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
         }
+        if self.fitted is not None:
+            record["fitted_temperature"] = self.fitted
+        if self.held_out is not None:
+            record["held_out"] = self.held_out.to_dict()
+        return record | ({"note": self.note} if self.note else {})
 
 
 @dataclass(frozen=True)
@@ -196,15 +204,37 @@ def calibration_report(
     where: str,
     class_names: Sequence[str] | None = None,
     bins: int = ECE_BINS,
+    folds: tuple[np.ndarray, str] | None = None,
 ) -> CalibrationReport:
-    """Fit T on these tiles and measure them before and after."""
-    temperature = fit_temperature(logits, labels, where, class_names)
+    """Fit T on these tiles and measure them before and after.
+
+    With ``folds`` (a fold per tile and what they are, :func:`calibration_folds`) the fit is also
+    cross-validated, and kept only if the held-out ECE and Brier score both fall; otherwise T = 1, and the
+    report says why. (An NLL fit can make calibration worse: a few confident mistakes — tiles at an
+    annotation's edge — pull T up and leave every other tile under-confident.)"""
+    fitted = fit_temperature(logits, labels, where, class_names)
+    held_out, note = None, None
+    temperature = fitted
+    if folds is not None:
+        held_out = held_out_temperature(logits, labels, folds[0], folds[1], where, class_names, bins)
+        if held_out is None:
+            temperature, note = 1.0, "not judged on held-out tiles (no fold leaves both classes to fit on): T = 1"
+        elif not held_out.helps:
+            temperature = 1.0
+            note = (
+                f"on held-out tiles ({held_out.folds} folds by {held_out.by}) T = {fitted:.3g} moved ECE "
+                f"{held_out.before.ece:.4f} -> {held_out.after.ece:.4f} and Brier {held_out.before.brier:.4f} -> "
+                f"{held_out.after.brier:.4f}: not both better, so T = 1"
+            )
     return CalibrationReport(
         temperature=temperature,
         n=len(labels),
-        smoothing=1.0 / (len(labels) + 2) if all_right(logits, labels) else 0.0,
+        smoothing=1.0 / (len(labels) + 2) if all_right(logits, labels) and temperature == fitted else 0.0,
         before=calibration_metrics(logits, labels, 1.0, bins),
         after=calibration_metrics(logits, labels, temperature, bins),
+        fitted=fitted if folds is not None else None,
+        held_out=held_out,
+        note=note,
     )
 
 
@@ -258,3 +288,96 @@ def _checked(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
     if labels.size and (labels.min() < 0 or labels.max() >= scores.shape[1]):
         raise ValueError(f"labels outside 0..{scores.shape[1] - 1}")
     return scores, labels
+
+
+MAX_FOLDS = 5  # cross-validation folds at most (slides are merged into this many folds beyond it)
+SPATIAL_BLOCKS = 4  # with fewer than 3 slides, each slide is cut into 2 x 2 blocks at its median x and y
+MIN_FOLD_GROUPS = 3  # slides needed to cross-validate across slides
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A temperature judged on tiles it was not fitted on: each fold's T is fitted on the other folds and
+    applied to it; the pooled held-out tiles are measured at T = 1 (before) and at their fold's T (after)."""
+
+    folds: int
+    by: str  # "slides", "spatial blocks within slides" or "random folds"
+    before: CalibrationMetrics
+    after: CalibrationMetrics
+    temperatures: list[float]  # per fold
+    n: int  # held-out tiles pooled
+
+    @property
+    def helps(self) -> bool:
+        """Scaling lowered both the held-out ECE and the held-out Brier score."""
+        return self.after.ece < self.before.ece and self.after.brier < self.before.brier
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "folds": self.folds,
+            "by": self.by,
+            "n_tiles": self.n,
+            "fold_temperatures": [round(t, 4) for t in self.temperatures],
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "helps": self.helps,
+        }
+
+
+def calibration_folds(
+    labels: np.ndarray, groups: Sequence[str] | None, positions: np.ndarray | None, seed: int = 0
+) -> tuple[np.ndarray, str]:
+    """A fold per tile, and what the folds are: whole slides with at least MIN_FOLD_GROUPS slides (a
+    temperature must hold on a slide it has not seen); else spatial blocks within each slide (neighbouring
+    tiles are alike, so a random split would flatter the fit); else, without positions, random folds."""
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    names = np.asarray(groups) if groups is not None else np.zeros(n, dtype=str)
+    unique = sorted(set(names.tolist()))
+    if len(unique) >= MIN_FOLD_GROUPS:
+        order = rng.permutation(len(unique))
+        fold_of = {unique[i]: int(k % MAX_FOLDS) for k, i in enumerate(order)}
+        return np.array([fold_of[g] for g in names.tolist()], dtype=np.int64), "slides"
+    if positions is not None and np.isfinite(positions).all():
+        folds = np.zeros(n, dtype=np.int64)
+        for name in unique:
+            members = names == name
+            x, y = positions[members, 0], positions[members, 1]
+            folds[members] = (x > np.median(x)).astype(np.int64) + 2 * (y > np.median(y)).astype(np.int64)
+        return folds, "spatial blocks within slides"
+    return rng.permutation(n) % MAX_FOLDS, "random folds"
+
+
+def held_out_temperature(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    folds: np.ndarray,
+    by: str,
+    where: str,
+    class_names: Sequence[str] | None = None,
+    bins: int = ECE_BINS,
+) -> HeldOut | None:
+    """Cross-validated temperature scaling (see :class:`HeldOut`); None when no fold can be held out (every
+    fold's complement must hold both classes)."""
+    logits, labels = _checked(logits, labels)
+    scaled_t1, scaled_t, held_labels, temperatures = [], [], [], []
+    for fold in np.unique(folds):
+        held, rest = folds == fold, folds != fold
+        if len(np.unique(labels[rest])) < 2 or not held.any():
+            continue
+        temperature = fit_temperature(logits[rest], labels[rest], f"{where} (fold {fold})", class_names)
+        temperatures.append(temperature)
+        scaled_t1.append(logits[held])
+        scaled_t.append(logits[held] / temperature)
+        held_labels.append(labels[held])
+    if not temperatures:
+        return None
+    pooled_labels = np.concatenate(held_labels)
+    return HeldOut(
+        folds=len(temperatures),
+        by=by,
+        before=calibration_metrics(np.concatenate(scaled_t1), pooled_labels, 1.0, bins),
+        after=calibration_metrics(np.concatenate(scaled_t), pooled_labels, 1.0, bins),
+        temperatures=temperatures,
+        n=len(pooled_labels),
+    )

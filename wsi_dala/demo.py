@@ -15,18 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import shapely
-
-from qupath_export.annotations import read_annotations
-from qupath_export.geojson import annotation_feature, write_feature_collection
-from qupath_export.polygons import mask_to_polygons
 from wsi_dala.config import PipelineConfig, TilingConfig, TrainConfig
 from wsi_dala.fileio import write_json_atomic
 from wsi_dala.layout import DemoLayout, annotations_beside
 from wsi_dala.pipeline import RunSummary, run_slide
-from wsi_dala.synthetic import TUMOUR, SyntheticSlide, SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.synthetic import SyntheticSlide, SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.training.slide_tiles import AnnotatedSlide, annotated_slide_samples
 from wsi_dala.training.train import TrainResult, train_model
+from wsi_dala.truth import tumour_iou, write_truth_annotations
 
 
 @dataclass(frozen=True)
@@ -37,29 +33,6 @@ class DemoSettings:
     tile_mpp: float = 0.5
     epochs: int = 3
     seed: int = 20
-
-
-def write_truth_annotations(slide: SyntheticSlide, path: Path) -> Path:
-    """The planted tumour as QuPath annotations (what a pathologist would draw and export)."""
-    regions = mask_to_polygons(slide.labels == TUMOUR, pixel_size=slide.label_px)
-    features = [f for f in (annotation_feature(p, "Tumor", "planted tumour") for p in regions.geoms) if f]
-    write_feature_collection(path, features)
-    return path
-
-
-INK_MARGIN_UM = 150.0  # tiles QC flags for ink reach about a tile (and the ink margin) beyond the ink
-
-
-def tumour_iou(slide: SyntheticSlide, regions_geojson: Path, ink_margin_um: float = INK_MARGIN_UM) -> float:
-    """IoU of exported tumour annotations with the planted tumour (level-0 polygons), outside marker ink
-    and ``ink_margin_um`` around it: tissue under ink cannot be assessed, and QC leaves it out of regions."""
-    truth = mask_to_polygons(slide.labels == TUMOUR, pixel_size=slide.label_px)
-    found = shapely.union_all([a.geometry for a in read_annotations(regions_geojson)])
-    if slide.ink.any():
-        ink = mask_to_polygons(slide.ink_mask(), pixel_size=slide.label_px).buffer(ink_margin_um / slide.spec.mpp)
-        truth, found = shapely.difference(truth, ink), shapely.difference(found, ink)
-    union = shapely.union(truth, found).area
-    return float(shapely.intersection(truth, found).area / union) if union > 0 else 0.0
 
 
 def _write_slides(layout: DemoLayout, settings: DemoSettings) -> tuple[list[SyntheticSlide], SyntheticSlide]:

@@ -5,13 +5,14 @@ a tile covers exactly g x g cells. Layers, each overlap-averaged (sum and count 
 cover a cell; no value — NaN — where no tile lies, i.e. no tissue):
 
 - ``probability``: the tile's (calibrated) tumour probability over its whole area;
-- ``tumour``: that probability, lowered cell by cell where the tile's Grad-CAM is cooler than the
-  hottest cell of a typical tumour tile of this slide: ``p x (1 - exp(-3 CAM' / s))``. ``CAM'`` is the raw
-  map divided by the model's border profile (:mod:`wsi_dala.cam_profile`; without it every tile's dim
-  corners print the tile grid into the map), ``s`` is one slide-wide scale (a percentile of the tumour
-  tiles' corrected peaks). One scale, not per-tile min-max, so a benign tile's weak map is not stretched to 1;
-  a smooth saturation, not a clip, so the layer keeps gradations inside a tumour.
-  A model without a feature map has no CAM: its tumour layer is the probability layer;
+- ``tumour``: the probability interpolated between tile centres, weighed against each cell's Grad-CAM
+  evidence as a prior against a likelihood ratio (:mod:`wsi_dala.tumour_layer`): smooth inside tumour and
+  outside it, following the CAM within the tiles along an edge. The evidence is
+  ``1 - exp(-3 CAM' / s)``: ``CAM'`` the raw map divided by the model's border profile
+  (:mod:`wsi_dala.cam_profile`; without it every tile's dim corners would print the tile grid along edges),
+  ``s`` one slide-wide scale (a percentile of the tumour tiles' corrected peaks), so a benign tile's weak
+  map is not stretched to 1. A model without a feature map has no CAM: its tumour layer is the
+  interpolated probability;
 - ``uncertainty``: the SD of the tile's probability over test-time views or MC-dropout passes (only when
   scoring measured it);
 - ``qc_flagged``: the share of the tiles over each cell that quality control flagged (out of focus,
@@ -42,22 +43,23 @@ from scipy import ndimage
 from wsi_dala.cam_profile import MIN_SLIDE_TILES, blend_profile, correct, profile_sum, symmetrised
 from wsi_dala.config import HeatmapConfig
 from wsi_dala.grid import grid_origins
+from wsi_dala.heatmap_grid import seam_index, tile_period_power
 from wsi_dala.layout import building_path
 from wsi_dala.picture_frame import colour_bar, enlarged, legend, save_framed_png
 from wsi_dala.store import TileStore
+from wsi_dala.tumour_layer import TileLattice, cam_evidence, cell_values
 
 LAYERS = ("probability", "tumour", "uncertainty", "qc_flagged")
 LAYER_MEANINGS = {
     "probability": "the tile's calibrated tumour probability, overlap-averaged over the tiles covering the cell",
-    "tumour": "the probability lowered where the tile's border-corrected Grad-CAM is cooler than the hottest "
-    "cell of a typical tumour tile of the slide: p x (1 - exp(-3 CAM / slide scale))",
+    "tumour": "the probability p interpolated between tile centres, weighed against the cell's Grad-CAM evidence "
+    "e = 1 - exp(-3 CAM / slide scale): sigmoid(logit(p) + 2 logit(e))",
     "uncertainty": "SD of the tile's tumour probability over test-time views / MC-dropout passes",
     "qc_flagged": "share of the tiles over the cell that quality control flagged",
 }
 RENDER_BAND_ROWS = 256  # overlay rows coloured at once
 HATCH_RGB = (0, 230, 255)  # cyan: not in the inferno scale, not in H&E
 FLAGGED_CELL = 0.5  # a cell at least this much covered by flagged tiles is drawn hatched
-MIN_SEAM_TILES = 4  # interior tumour tiles needed before the seam index means anything
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Heatmap:
     cam_profile: np.ndarray = field(default_factory=lambda: np.ones((1, 1)))  # what each CAM was divided by
     profile_tiles: int = 0  # positive tiles of this slide the profile was measured on
     seam_index: float | None = None  # mean of tile-corner cells / mean of the other cells, inside tumour
+    tile_period_power: float | None = None  # power at the tile period inside tumour / neighbouring frequencies
 
     @property
     def cell_mpp(self) -> float:
@@ -96,6 +99,7 @@ class Heatmap:
                 "max": round(float(self.cam_profile.max()), 3),
             },
             "seam_index": None if self.seam_index is None else round(self.seam_index, 4),
+            "tile_period_power": None if self.tile_period_power is None else round(self.tile_period_power, 3),
             "layers": list(self.layers),
         }
 
@@ -197,18 +201,6 @@ class _ReferenceCams:
         return np.split(self.cams, np.flatnonzero(np.diff(self.chunks)) + 1) if len(self.cams) else []
 
 
-EVIDENCE_AT_SCALE = 0.95  # a cell as hot as the slide scale reads this share of its tile's probability
-_EVIDENCE_RATE = -math.log(1.0 - EVIDENCE_AT_SCALE)
-
-
-def cam_evidence(relative: np.ndarray) -> np.ndarray:
-    """How much of its tile's probability a cell keeps, from its CAM relative to the slide scale:
-    1 − exp(−3·x), so 0 → 0, the scale → 0.95, twice the scale → 0.9975. It saturates smoothly and never
-    reaches 1, so the layer shows how strong the evidence is inside a tumour as well as where it ends
-    (a hard clip at the scale made most of a tumour read exactly its tiles' probability: a mask)."""
-    return 1.0 - np.exp(-_EVIDENCE_RATE * np.clip(np.nan_to_num(relative, nan=0.0), 0.0, None))
-
-
 def stitch(
     store_path: str | Path, config: HeatmapConfig | None = None, card_profile: np.ndarray | None = None
 ) -> Heatmap:
@@ -279,9 +271,9 @@ def stitch(
     flagged = store.qc_flags()[kept] > 0
     blocks = _blocks(len(p), STITCH_BLOCK_TILES)
     layers = {"probability": layer_of((part, p[part]) for part in blocks)}
-    # Without CAMs (a model with no feature map) the tumour layer is the probability layer.
+    # Without CAMs (a model with no feature map) the tumour layer is the interpolated probability.
     has_cams = scoring.has_cams
-    layers["tumour"] = layer_of(_tumour_values(store, kept, p, profile, scale)) if has_cams else layers["probability"]
+    layers["tumour"] = layer_of(_tumour_values(store, kept, p, (profile, scale) if has_cams else None))
     layers["qc_flagged"] = layer_of((part, flagged[part]) for part in blocks)
     if measured_sd:
         sd = np.nan_to_num(store.score_sd()[kept])
@@ -299,7 +291,16 @@ def stitch(
     )
     corners = np.round(store.coords()[interior] / cell_l0).astype(np.int64)
     heatmap.seam_index = seam_index(heatmap.tumour, corners, grid)
+    heatmap.tile_period_power = tile_period_power(heatmap.tumour, _inside_tumour(heatmap, config, grid), grid)
     return heatmap
+
+
+def _inside_tumour(heatmap: Heatmap, config: HeatmapConfig, grid: int) -> np.ndarray:
+    """Cells of the tumour layer at or above the positive threshold and a tile's width from its edge: the
+    inside of a tumour, where a checkerboard or a dotted grid would show (edges are judged by their outlines)."""
+    with np.errstate(invalid="ignore"):
+        tumour = heatmap.tumour >= config.positive_threshold
+    return ndimage.binary_erosion(tumour, structure=np.ones((3, 3), dtype=bool), iterations=max(1, grid))
 
 
 STITCH_BLOCK_TILES = 16384  # tiles stitched (and whose CAMs are read) at once: a few MB
@@ -310,10 +311,16 @@ def _blocks(n: int, step: int) -> list[slice]:
 
 
 def _tumour_values(
-    store: TileStore, kept: np.ndarray, probability: np.ndarray, profile: np.ndarray, scale: float
+    store: TileStore, kept: np.ndarray, probability: np.ndarray, cams: tuple[np.ndarray, float] | None
 ) -> Iterator[tuple[slice, np.ndarray]]:
-    """Per block of kept tiles: p x CAM evidence per cell ([n, g*g]), reading whole chunks of CAMs."""
+    """Per block of kept tiles, the tumour layer's value per cell ([n, g*g], :mod:`wsi_dala.tumour_layer`):
+    the probability interpolated between tile centres, handed to the CAM evidence where the tiles around a
+    cell disagree. ``cams``: the border profile and slide scale (None: the model has no CAM). Whole chunks of
+    CAMs are read at a time."""
     info = store.info
+    grid = info.require_scores(str(store.path)).cam_grid
+    coords = store.coords()[kept]
+    lattice = TileLattice(coords, probability, info.tiling.stride_l0, info.tile_size_l0)
     step = info.chunk_tiles * max(1, STITCH_BLOCK_TILES // info.chunk_tiles)
     done = 0
     for rows in _blocks(info.n_tiles, step):
@@ -322,8 +329,12 @@ def _tumour_values(
         if not n:
             continue
         part = slice(done, done + n)
-        evidence = cam_evidence(correct(store.cams(rows)[chosen], profile) / scale).reshape(n, -1)
-        yield part, probability[part][:, None] * np.nan_to_num(evidence, nan=0.0)
+        interpolated = lattice.at_cells(coords[part], grid)
+        evidence = None
+        if cams is not None:
+            profile, scale = cams
+            evidence = cam_evidence(correct(store.cams(rows)[chosen], profile) / scale).reshape(n, -1)
+        yield part, cell_values(interpolated, evidence)
         done += n
 
 
@@ -409,27 +420,6 @@ class _ChunkCams:
         return self._cams[rows.start - self._rows.start : rows.stop - self._rows.start]
 
 
-def seam_index(layer: np.ndarray, tile_cells: np.ndarray, grid: int) -> float | None:
-    """Mean of the cells at the four corners of these tiles ÷ mean of their other cells (1: no seams).
-
-    The CAM is weakest at a tile's corners; a map that shows the tile grid reads well below 1. None with
-    fewer than MIN_SEAM_TILES tiles (grid 1 has no corners apart from its one cell).
-    """
-    if len(tile_cells) < MIN_SEAM_TILES or grid < 2:
-        return None
-    rows, cols = np.mgrid[0:grid, 0:grid]
-    corner = ((rows == 0) | (rows == grid - 1)) & ((cols == 0) | (cols == grid - 1))
-    y = tile_cells[:, 1, None, None] + rows[None]
-    x = tile_cells[:, 0, None, None] + cols[None]
-    inside = (y < layer.shape[0]) & (x < layer.shape[1])
-    values = np.where(inside, layer[np.minimum(y, layer.shape[0] - 1), np.minimum(x, layer.shape[1] - 1)], np.nan)
-    at_corners = np.nanmean(values[:, corner]) if np.isfinite(values[:, corner]).any() else np.nan
-    elsewhere = np.nanmean(values[:, ~corner]) if np.isfinite(values[:, ~corner]).any() else np.nan
-    if not (np.isfinite(at_corners) and np.isfinite(elsewhere)) or elsewhere <= 0:
-        return None
-    return float(at_corners / elsewhere)
-
-
 def _halve(layer: np.ndarray) -> np.ndarray:
     """2x2 NaN-aware mean (a cell with no tile stays NaN)."""
     h, w = (layer.shape[0] + 1) // 2 * 2, (layer.shape[1] + 1) // 2 * 2
@@ -485,6 +475,7 @@ def write_heatmap(
             "cam_scale": heatmap.cam_scale,
             "cam_border_profile": np.round(heatmap.cam_profile, 4).tolist(),
             "seam_index": heatmap.seam_index,
+            "tile_period_power": heatmap.tile_period_power,
             "config": config.to_dict(),
             "no_value": "NaN where no tile was scored (no tissue)",
             **(extra_attrs or {}),

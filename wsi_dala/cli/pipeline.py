@@ -122,8 +122,13 @@ def print_summary(summary: RunSummary) -> None:
         print(f"model:       calibrated, temperature {calibration['temperature']:.3g}")
     elif calibration:
         print("model:       uncalibrated (no temperature in the model card; `wsi-dala calibrate` fits one)")
+    grid = []
     if heatmap.get("seam_index") is not None:
-        print(f"heatmap:     seam index {heatmap['seam_index']:.3f} (tile corners / other cells in tumour; 1: no grid)")
+        grid.append(f"seam index {heatmap['seam_index']:.3f}")
+    if heatmap.get("tile_period_power") is not None:
+        grid.append(f"tile-period power {heatmap['tile_period_power']:.2f}")
+    if grid:
+        print(f"heatmap:     {', '.join(grid)} (the tile grid in the tumour layer; 1: none)")
     qc = record.qc
     if qc and qc["mode"] == "off":
         print("QC:          off (blur not measured, nothing flagged)")

@@ -53,7 +53,13 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--input-size", type=int, default=224, metavar="PX", help="input side (crops at native scale)")
     fit.add_argument("--epochs", type=int, default=20, help="maximum epochs")
     fit.add_argument("--batch-size", type=number_in(1, 1e6, integer=True), default=32, help="batch size")
-    fit.add_argument("--lr-backbone", type=float, default=1e-4, help="AdamW learning rate of the backbone")
+    fit.add_argument(
+        "--lr-backbone",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="AdamW learning rate of the backbone (default: 1e-4 with pre-trained weights, 1e-3 from scratch)",
+    )
     fit.add_argument("--lr-head", type=float, default=1e-3, help="AdamW learning rate of attention and head")
     fit.add_argument(
         "--imbalance",

@@ -21,12 +21,15 @@ from wsi_dala.calibration import (
     CalibrationReport,
     ReliabilityBins,
     bound_warning,
+    calibration_folds,
     calibration_report,
     reliability_bins,
     softmax,
 )
 from wsi_dala.cam_profile import MIN_PROFILE, measure_profile
 from wsi_dala.model import ModelCard
+from wsi_dala.store import TileStore
+from wsi_dala.training.datasets import Sample
 from wsi_dala.training.plots import plot_reliability
 from wsi_dala.training.predict import Predictions
 
@@ -43,15 +46,23 @@ class Calibration:
     warning: str | None = None  # why the temperature is not to be trusted (see calibration.bound_warning)
 
     def record(self, fitted_on: str) -> dict[str, Any]:
-        """The model card's ``calibration``: where it was fitted and what it did."""
+        """The model card's ``calibration``: where it was fitted, what it did, and how it fared on held-out
+        tiles (and so whether it was kept)."""
+        report = self.report
         record: dict[str, Any] = {
             "fitted_on": fitted_on,
-            "n_tiles": self.report.n,
+            "n_tiles": report.n,
             "bins": len(self.before.count),
-            "before": self.report.before.to_dict(),
-            "after": self.report.after.to_dict(),
-            "smoothing": self.report.smoothing,  # > 0: all tiles right, T set for a mean error of 1/(n+2)
+            "before": report.before.to_dict(),
+            "after": report.after.to_dict(),
+            "smoothing": report.smoothing,  # > 0: all tiles right, T set for a mean error of 1/(n+2)
         }
+        if report.fitted is not None:
+            record["fitted_temperature"] = report.fitted
+        if report.held_out is not None:
+            record["held_out"] = report.held_out.to_dict()
+        if report.note:
+            record["note"] = report.note
         return record | ({"warning": self.warning} if self.warning else {})
 
 
@@ -66,11 +77,32 @@ class CamProfile:
         return None if self.grid is None else self.grid.tolist()
 
 
-def fit_calibration(predictions: Predictions, class_names: list[str], where: str, bins: int = ECE_BINS) -> Calibration:
-    """The temperature (by NLL) of one pass's raw logits; a ConfigError naming ``where`` when none can be
+def sample_folds(samples: list[Sample], labels: np.ndarray) -> tuple[np.ndarray, str]:
+    """Cross-validation folds for calibrating on these samples (:func:`wsi_dala.calibration.calibration_folds`):
+    by slide (or patient) when there are three or more, else by spatial blocks of each slide (tiles of a tile
+    store have level-0 positions), else random."""
+    positions = np.full((len(samples), 2), np.nan)
+    stores: dict[str, np.ndarray] = {}
+    for i, sample in enumerate(samples):
+        if sample.index >= 0:
+            if sample.source not in stores:
+                stores[sample.source] = TileStore(sample.source).coords()
+            positions[i] = stores[sample.source][sample.index]
+    return calibration_folds(labels, [s.group for s in samples], positions)
+
+
+def fit_calibration(
+    predictions: Predictions,
+    class_names: list[str],
+    where: str,
+    bins: int = ECE_BINS,
+    folds: tuple[np.ndarray, str] | None = None,
+) -> Calibration:
+    """The temperature (by NLL) of one pass's raw logits, cross-validated on ``folds`` and kept only where
+    held-out tiles confirm it (else T = 1, with the reason); a ConfigError naming ``where`` when none can be
     fitted (no tiles, one class). Every tile right: T for a mean error of Laplace's 1/(n+2) (see
     :func:`wsi_dala.calibration.fit_temperature`)."""
-    report = calibration_report(predictions.logits, predictions.labels, where, class_names, bins)
+    report = calibration_report(predictions.logits, predictions.labels, where, class_names, bins, folds)
     warning = bound_warning(report.temperature)
     if warning is not None:
         log.warning("%s (%d tiles): %s", where, report.n, warning)
@@ -122,11 +154,18 @@ def summary_lines(calibration: Calibration, profile: CamProfile) -> list[str]:
     """What the CLI prints about a fit."""
     report = calibration.report
     before, after = report.before, report.after
-    lines = [
-        f"temperature: {report.temperature:.4g} (fitted on {report.n} tiles)",
-        f"ECE   {before.ece:.4f} -> {after.ece:.4f}",
-        f"Brier {before.brier:.4f} -> {after.brier:.4f}",
-        f"NLL   {before.nll:.4f} -> {after.nll:.4f}",
+    lines = [f"temperature: {report.temperature:.4g} (fitted on {report.n} tiles)"]
+    held = report.held_out
+    if held is not None:
+        lines.append(
+            f"held out ({held.folds} folds by {held.by}, {held.n} tiles): ECE {held.before.ece:.4f} -> "
+            f"{held.after.ece:.4f}, Brier {held.before.brier:.4f} -> {held.after.brier:.4f}"
+        )
+    if report.note:
+        lines.append(f"note: {report.note}")
+    lines += [
+        f"on the tiles it was fitted on: ECE {before.ece:.4f} -> {after.ece:.4f}, Brier {before.brier:.4f} -> "
+        f"{after.brier:.4f}, NLL {before.nll:.4f} -> {after.nll:.4f}",
     ]
     if calibration.warning:
         lines.append(f"note: {calibration.warning}")

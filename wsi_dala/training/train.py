@@ -45,6 +45,7 @@ from wsi_dala.training.calibrate import (
     calibrated_card,
     fit_calibration,
     positive_cam_profile,
+    sample_folds,
     uncalibrated_card,
     write_reliability,
 )
@@ -619,7 +620,8 @@ def _calibrate_best(session: _Session, layout: TrainLayout, val_samples: list[Sa
                 cam_class=card.positive_index,
             )
         profile = positive_cam_profile(predictions, card.positive_index)
-        calibration = fit_calibration(predictions, session.class_names, VALIDATION)
+        folds = sample_folds(val_samples, predictions.labels)
+        calibration = fit_calibration(predictions, session.class_names, VALIDATION, folds=folds)
     except ConfigError as exc:
         log.warning("%s; the model stays uncalibrated (T = 1)", exc)
         save_checkpoint(path, model, uncalibrated_card(card, str(exc), profile))
