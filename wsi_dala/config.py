@@ -187,6 +187,7 @@ def known_architecture(value: str) -> str:
 
 
 FROM_SCRATCH_LR_BACKBONE = 1e-3
+FROM_SCRATCH_FAST_ARCHITECTURES = ("dalaresnet50", "resnet18", "resnet34", "resnet50", "densenet121", "vgg16")
 
 
 class TrainConfig(Settings):
@@ -226,12 +227,14 @@ class TrainConfig(Settings):
     @model_validator(mode="before")
     @classmethod
     def _backbone_rate_for_its_start(cls, data: Any) -> Any:
-        """A backbone trained from scratch needs a larger step than one fine-tuned from pre-trained weights: at
-        1e-4 a from-scratch DALAResNet50 learnt nothing in 3 epochs on real-texture slides (validation balanced
-        accuracy 0.50), at 1e-3 it reached 0.96 (benchmarks/unseen.py)."""
+        """A CNN trained from scratch needs a larger step than one fine-tuned from pre-trained weights: at 1e-4
+        a from-scratch DALAResNet50 learnt nothing in 3 epochs on real-texture slides (validation balanced
+        accuracy 0.50), at 1e-3 it reached 0.96 (benchmarks/unseen.py). Transformers keep 1e-4 (at 1e-3 a tiny
+        ResViT-GANNet's Grad-CAM went to zero everywhere)."""
         if isinstance(data, dict) and data.get("lr_backbone") is None:
             data = {k: v for k, v in data.items() if k != "lr_backbone"}
-            if data.get("pretrained", "imagenet") == "none":
+            cnn = data.get("arch", "dalaresnet50") in FROM_SCRATCH_FAST_ARCHITECTURES
+            if data.get("pretrained", "imagenet") == "none" and cnn:
                 data["lr_backbone"] = FROM_SCRATCH_LR_BACKBONE
         return data
 

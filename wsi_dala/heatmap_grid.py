@@ -19,6 +19,8 @@ from scipy import ndimage
 
 MIN_SEAM_TILES = 4  # interior tumour tiles needed before the seam index means anything
 MIN_PHASE_CELLS = 4  # cells per phase of the period needed before the phase means are worth comparing
+
+
 def seam_index(layer: np.ndarray, tile_cells: np.ndarray, grid: int) -> float | None:
     """Mean of the cells at the four corners of these tiles ÷ mean of their other cells (1: no seams).
 

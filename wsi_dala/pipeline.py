@@ -285,7 +285,7 @@ def excluded_tumour(store: TileStore, tile_threshold: float) -> dict[str, Any]:
     tumour = left_out & (np.nan_to_num(store.positive_scores(), nan=0.0) >= tile_threshold)
     tile_area_mm2 = (min(info.tiling.tile_size_l0, info.tiling.stride_l0) * info.tiling.slide_mpp) ** 2 / 1e6
     return {
-        "tiles": int(tumour.sum()),
+        "tumour_tiles": int(tumour.sum()),
         "tissue_mm2": round(float(store.tissue_fraction()[tumour].sum()) * tile_area_mm2, 4),
         "of_tumour_tiles": int((np.nan_to_num(store.positive_scores(), nan=0.0) >= tile_threshold).sum()),
         "threshold": tile_threshold,

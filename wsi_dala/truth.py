@@ -1,6 +1,7 @@
 """What a run found against a generated slide's planted truth: region IoU, outline distance, tile AUC and
 calibration. Used by the demo, the benchmarks and the tests, for slides of either generator
-(:mod:`wsi_dala.synthetic`, :mod:`wsi_dala.synthetic_texture`): both keep the truth as label maps.
+(:mod:`wsi_dala.synthetic`, :mod:`wsi_dala.synthetic_texture`): both keep the truth as label maps. And the
+reference for real marker ink, which comes with no mask (:func:`real_ink_reference`).
 
 Tissue under marker ink (and ``ink_margin_um`` around it) is left out of the region measures: it is cut out
 of the tissue mask, so no tool can call it.
@@ -149,3 +150,33 @@ class TileTruth:
             logit = self.temperature * np.log(p / (1 - p))
             p = 1.0 / (1.0 + np.exp(-logit / temperature))
         return ece(np.stack([1 - p, p], axis=1), self.positive[chosen].astype(np.int64))
+
+
+def real_ink_reference(
+    rgb: np.ndarray, haemorrhage: list[tuple[int, int]] | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A reference for marker ink on a real RGB image, by colour, independent of :mod:`wsi_dala.tissue`'s rules
+    (written for the real images in ``benchmarks/tissue.py`` and checked by eye): green-to-blue marker, hue
+    0.25-0.66 (saturation > 0.07 relative to the glass); red marker, hue >= 0.95 or <= 0.04 (saturation > 0.12,
+    red 30 grey levels above green), less ``haemorrhage`` (a polygon of (x, y): red, but tissue);
+    purple-black marker, darker than half the glass. Returns the ink masks by name and the stained tissue
+    (saturation > 0.06, less the ink and 3 pixels around it)."""
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+
+    from wsi_dala.tissue import glass_colour, hsv
+
+    glass = glass_colour(rgb)
+    if glass.max() >= 254:  # a view with no glass: the scanner's white
+        glass = np.full(3, 245.0, dtype=np.float32)
+    hue, saturation, value = hsv(np.clip(rgb / glass, 0, 1))
+    signed = rgb.astype(np.int16)
+    green = (hue > 0.25) & (hue < 0.66) & (saturation > 0.07)
+    red = ((hue >= 0.95) | (hue <= 0.04)) & (saturation > 0.12) & (signed[..., 0] - signed[..., 1] > 30)
+    if haemorrhage:
+        polygon = Image.new("L", (rgb.shape[1], rgb.shape[0]), 0)
+        ImageDraw.Draw(polygon).polygon(haemorrhage, fill=1)
+        red &= ~np.asarray(polygon).astype(bool)
+    dark = (value < 0.5) & ~green & ~red
+    tissue = (saturation > 0.06) & (value < 0.96) & ~ndimage.binary_dilation(green | red | dark, iterations=3)
+    return {"red": red, "green": green, "purple-black": dark}, tissue

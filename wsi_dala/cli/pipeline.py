@@ -170,11 +170,12 @@ def qc_lines(qc: dict[str, Any]) -> list[str]:
         )
     tumour = qc.get("tumour_excluded")
     if qc["mode"] == "exclude" and tumour is not None:
+        left_out = qc["tiles_excluded"].get("any", 0)
         lines.append(
-            f"             --qc exclude left out {qc['tiles_excluded'].get('any', 0)} tiles, {tumour['tiles']} of the "
+            f"             --qc exclude left out {left_out} tiles, {tumour['tumour_tiles']} of the "
             f"{tumour['of_tumour_tiles']} tiles called tumour ({tumour['tissue_mm2']:.2f} mm² of tissue)"
         )
-        if tumour["tiles"] and tumour["tiles"] == tumour["of_tumour_tiles"]:
+        if tumour["tumour_tiles"] and tumour["tumour_tiles"] == tumour["of_tumour_tiles"]:
             lines.append(
                 "warning:     every tile called tumour was flagged and left out: no tumour region is exported; "
                 "run with --qc flag to see them marked"

@@ -58,7 +58,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="LR",
-        help="AdamW learning rate of the backbone (default: 1e-4 with pre-trained weights, 1e-3 from scratch)",
+        help="AdamW learning rate of the backbone (default: 1e-4; 1e-3 for a CNN trained from scratch)",
     )
     fit.add_argument("--lr-head", type=float, default=1e-3, help="AdamW learning rate of attention and head")
     fit.add_argument(

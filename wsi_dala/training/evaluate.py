@@ -196,9 +196,7 @@ def calibrate_checkpoint(
         raise OutputError(f"{layout.checkpoint}: is the input checkpoint; give calibrate another --out")
     run = _Run(batch_size, device, precision, progress)
     model, card, predictions = _checkpoint_predictions(checkpoint, samples, class_names, run, cams=True)
-    calibration = fit_calibration(
-        predictions, class_names, fitted_on, folds=sample_folds(samples, predictions.labels)
-    )
+    calibration = fit_calibration(predictions, class_names, fitted_on, folds=sample_folds(samples, predictions.labels))
     profile = positive_cam_profile(predictions, card.positive_index)
     layout.root.mkdir(parents=True, exist_ok=True)
     save_checkpoint(layout.checkpoint, model, calibrated_card(card, calibration, profile, fitted_on))
