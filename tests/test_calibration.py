@@ -297,3 +297,17 @@ def test_calibrate_help_explains_every_option(capsys):
     for option in ("--model", "--out", "--split-from", "--batch-size", "--device", "--precision", "--folder"):
         assert option in text
     assert "(default: 32)" in text and "(default: auto)" in text and "never modified" in text
+
+
+def test_sharpening_needs_other_slides_to_confirm_it():
+    """An under-confident model (calibrated logits / 3): with five validation slides held out in turn, T ~ 1/3
+    is kept; with two (spatial blocks within them) it is not, and the report says why."""
+    rng = np.random.default_rng(5)
+    z = rng.normal(0.0, 3.0, 3000)
+    labels = (rng.random(3000) < 1 / (1 + np.exp(-z))).astype(np.int64)
+    logits = np.stack([np.zeros_like(z), z / 3.0], axis=1)
+    five = calibration_report(logits, labels, "five slides", folds=calibration_folds(labels, *_slides(3000, 5)))
+    assert five.temperature == pytest.approx(1 / 3, rel=0.15) and five.held_out is not None and five.held_out.helps
+    two = calibration_report(logits, labels, "two slides", folds=calibration_folds(labels, *_slides(3000, 2)))
+    assert two.temperature == 1.0 and two.fitted is not None and two.fitted < 0.5
+    assert two.note is not None and "sharpen" in two.note

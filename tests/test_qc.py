@@ -110,7 +110,7 @@ def test_judge_flags_parts_by_their_edge_width_alone():
     edge_blur[1] = 1.0  # all out of focus
     edge_blur[2, :2] = 1.0  # half out of focus: flagged
     edge_blur[3, :1] = 1.0  # a quarter: not flagged
-    edge_blur[4] = np.nan  # no edges anywhere: not judged, not flagged
+    edge_blur[4] = np.nan  # all glass: not judged, not flagged
     fold = np.array([0, 0, 0, 0, 0, 0.4], dtype=np.float32)
     ink = np.array([0.2, 0, 0, 0, 0, 0], dtype=np.float32)
     result = judge(edge_blur, fold, ink, config)
@@ -119,6 +119,10 @@ def test_judge_flags_parts_by_their_edge_width_alone():
     assert list(result.judged) == [True, True, True, True, False, True]
     everywhere = judge(np.full((5, 4, 4), 1.0, dtype=np.float32), np.zeros(5), np.zeros(5), config)
     assert (everywhere.flags & BLUR).all(), "a slide out of focus everywhere is flagged everywhere"
+    washed_out = np.full((2, 4, 4), np.inf, dtype=np.float32)  # tissue whose every edge defocus has erased
+    washed_out[1, :2] = 0.1
+    verdict = judge(washed_out, np.zeros(2), np.zeros(2), config)
+    assert (verdict.flags & BLUR).all() and verdict.judged.all() and verdict.blur[0] == 1.0
     sharp = judge(np.full((5, 4, 4), 0.2, dtype=np.float32), np.zeros(5), np.zeros(5), config)
     assert not (sharp.flags & BLUR).any(), "no slide median: a sharp slide has nothing blurred in it"
     half = np.full((4, 4, 4), 0.05, dtype=np.float32)
@@ -225,3 +229,16 @@ def test_slide_stain_ignores_marker_ink(cmu_tiles):
     inked[:, 22:30] = (40, 40, 45)  # and a black one
     distance = stain_distance(measure_tiles(list(inked)), clean)
     assert distance["h_angle_deg"] < 2 and distance["e_angle_deg"] < 2
+
+
+def test_tissue_whose_edges_defocus_washed_out_reads_out_of_focus(cmu_tiles, other_real_tiles):
+    """Defocus of σ = 4 µm leaves parts of tissue with no edge at all: they read as out of focus (+inf), not
+    as "not judged"; in focus, no part of tissue lacks edges, and glass is never judged."""
+    for tiles in (cmu_tiles, *other_real_tiles.values()):
+        assert not np.isposinf(tile_edge_blur_um(_jpeg_like(tiles, 0), 0.5)).any()
+    washed = tile_edge_blur_um(_jpeg_like(cmu_tiles, 8.0), 0.5)
+    assert np.isposinf(washed).mean() > 0.1
+    none = np.zeros(len(cmu_tiles), dtype=np.float32)
+    assert (judge(washed, none, none, QCConfig()).flags & BLUR).all()
+    glass = np.full((2, 224, 224, 3), 244, dtype=np.uint8)
+    assert np.isnan(tile_edge_blur_um(_jpeg_like(glass, 0), 0.5)).all()

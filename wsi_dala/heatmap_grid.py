@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 MIN_SEAM_TILES = 4  # interior tumour tiles needed before the seam index means anything
+FLAT_POWER = 1e-10  # a residual power this small is a flat layer (float32 rounding), not a pattern
 MIN_PHASE_CELLS = 4  # cells per phase of the period needed before the phase means are worth comparing
 
 
@@ -72,7 +73,9 @@ def tile_period_power(layer: np.ndarray, inside: np.ndarray, period_cells: int) 
 
     ratios = []
     for period in (period_cells, 2 * period_cells):
-        reference = (power(period - 1) + power(period + 1)) / 2
-        if reference > 0:
-            ratios.append(power(period) / reference)
+        reference, repeating = (power(period - 1) + power(period + 1)) / 2, power(period)
+        if reference > FLAT_POWER:
+            ratios.append(repeating / reference)
+        elif repeating <= FLAT_POWER:
+            ratios.append(1.0)  # flat inside (a confident model): nothing repeats, with the tiles or without
     return max(ratios) if ratios else None

@@ -16,8 +16,11 @@ The verdict is absolute: a part is out of focus when its edges are wider than ``
 (σ, µm); a tile is flagged when at least ``max_blur_fraction`` of the parts that could be judged are.
 No slide median: a tumour nest whose texture differs from the rest of the slide is not "blurred" for
 being different (the last release's rule flagged 37 % of sharp tumour on a slide of another
-generator). A part with fewer than ``MIN_EDGE_PIXELS`` edge pixels (glass, smooth stain) is *not
-judged* (NaN); a tile none of whose parts is judged is counted as such, never as a pass.
+generator). A part of *tissue* with fewer than ``MIN_EDGE_PIXELS`` edge pixels reads as out of focus
+(+inf): in focus, no part of tissue of any of the benchmark's kinds lacked edges (fat and pale stroma
+included), while a defocus of σ = 4 µm washes them out of 19-100 % of parts. A part that is mostly glass
+(a lumen, a fat vacuole, the section's edge) is *not judged* (NaN); a tile none of whose parts is judged
+is counted as such, never as a pass.
 
 Measured by ``benchmarks/qc.py`` on real H&E from six sources (CMU-1 skin; TCGA carcinoma, lung and
 level-0 tiles; HistoQC's four templates; torchstain's pair) and on both generators, at 0.5 µm/px:
@@ -44,16 +47,24 @@ BLUR, FOLD, INK = 1, 2, 4  # bits of the per-tile flags
 SMOOTHING_UM = (0.4, 0.6)  # the two Gaussian smoothings compared, in µm: the same physical scales at every µm/px
 MIN_SMOOTHING_PX = (0.8, 1.2)  # ... but never finer than this in pixels (a narrower kernel is badly sampled)
 MIN_GRADIENT_PER_UM = 6.0  # grey levels a µm (green channel, after the finer smoothing): an edge, not noise
+MAX_NOISE_GREY = np.float32(4.0)  # the noise estimate is capped here: dense fine texture reads as noise too
+NOISE_MARGIN = np.float32(2.0)  # ... and at least this many times the tile's own noise SD (a noisy scan's noise
+# ridges reach 1.2 SD at the 99th percentile after the finer smoothing; counted as edges they read as sharp)
 MIN_EDGE_PIXELS = 12  # a part with fewer edge pixels is not judged
+STRONG_EDGE = np.float32(2.0)  # ... nor one whose edges are all weaker than this many times the threshold
+MIN_STRONG_PIXELS = 4  # (under heavy defocus a noisy scan's only "edges" are noise, just above the threshold)
 BLOCKS = QC_PARTS  # each tile is judged in BLOCKS x BLOCKS parts
 MIN_BLOCK_PX = 24  # ... each at least this many pixels a side (a smaller tile is judged in fewer parts)
 BORDER_PX = 3  # edge pixels this close to the tile's border are not used (the filters see padding there)
 NO_RATIO_SIGMA_PX = 10.0  # an edge whose two peaks are equal is as wide as can be measured
+GLASS_SHARE = 0.92  # a pixel brighter (green channel) than this share of the glass is glass
+MIN_GLASS_SHARE = 0.5  # a part without edges and at least this much glass is glass, not judged
 
 
-def tile_edge_blur_um(tiles: np.ndarray, tile_mpp: float) -> np.ndarray:
+def tile_edge_blur_um(tiles: np.ndarray, tile_mpp: float, glass_green: float = 245.0) -> np.ndarray:
     """Edge blur σ (µm) per part of each tile of a uint8 batch [n, T, T, 3] at ``tile_mpp``: [n, b, b]
-    float32, about 0 in focus, NaN where the part has too few edges to judge. Vectorised on the batch."""
+    float32, about 0 in focus; +inf where a part of tissue has no edge at all (defocus has washed them out);
+    NaN where the part is mostly glass (brighter than GLASS_SHARE of ``glass_green``). Vectorised."""
     n = len(tiles)
     if n == 0:
         return np.zeros((0, 1, 1), dtype=np.float32)
@@ -61,7 +72,9 @@ def tile_edge_blur_um(tiles: np.ndarray, tile_mpp: float) -> np.ndarray:
     s1, s2 = (max(low, um / tile_mpp) for um, low in zip(SMOOTHING_UM, MIN_SMOOTHING_PX, strict=True))
     fine, fine_y, fine_x = _gradient(green, s1)
     coarse = _gradient(green, s2)[0]
-    edges = _ridges(fine, fine_y, fine_x) & (fine >= MIN_GRADIENT_PER_UM * tile_mpp)
+    noise = np.minimum(noise_sigma(green), MAX_NOISE_GREY)  # fine texture reads as noise; scanners stay below
+    floor = np.maximum(np.float32(MIN_GRADIENT_PER_UM * tile_mpp), NOISE_MARGIN * noise)
+    edges = _ridges(fine, fine_y, fine_x) & (fine >= floor[:, None, None])
     del fine_y, fine_x
     edges[:, :BORDER_PX] = edges[:, -BORDER_PX:] = False
     edges[:, :, :BORDER_PX] = edges[:, :, -BORDER_PX:] = False
@@ -73,11 +86,24 @@ def tile_edge_blur_um(tiles: np.ndarray, tile_mpp: float) -> np.ndarray:
     blocks = max(1, min(BLOCKS, green.shape[1] // MIN_BLOCK_PX))
     per_part = _parts(sigma2, blocks)  # [n, b, b, pixels of a part]
     count = np.isfinite(per_part).sum(axis=-1)
-    median = np.full(count.shape, np.nan, dtype=np.float32)
-    judged = count >= MIN_EDGE_PIXELS
+    strong = _parts((edges & (fine >= STRONG_EDGE * floor[:, None, None])).astype(np.float32), blocks).sum(-1)
+    median = np.full(count.shape, np.inf, dtype=np.float32)  # tissue without edges: as wide as can be
+    judged = (count >= MIN_EDGE_PIXELS) & (strong >= MIN_STRONG_PIXELS)
     if judged.any():
         median[judged] = np.nanmedian(per_part[judged], axis=-1)
+    glass = _parts((green >= np.float32(GLASS_SHARE * glass_green)).astype(np.float32), blocks).mean(axis=-1)
+    median[(glass >= MIN_GLASS_SHARE) & ~judged] = np.nan  # mostly glass (a lumen, fat, the slide's edge)
     return (np.sqrt(median) * np.float32(tile_mpp)).astype(np.float32)
+
+
+def noise_sigma(images: np.ndarray) -> np.ndarray:
+    """Each image's sensor noise (grey levels, SD), by Immerkær's estimator ("Fast noise variance
+    estimation", 1996): the mean absolute response to a mask that cancels flat and linear image content.
+    Texture raises it a little (edges, not much): the edge threshold then rises with it, which only ever
+    leaves fewer edges to judge."""
+    kernel = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
+    response = ndimage.convolve(images, kernel[None], mode="nearest")[:, 1:-1, 1:-1]
+    return (np.sqrt(np.pi / 2) / 6 * np.abs(response).mean(axis=(1, 2))).astype(np.float32)
 
 
 def _gradient(images: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,12 +156,12 @@ class QCResult:
 def judge(edge_blur_um: np.ndarray, fold_fraction: np.ndarray, ink_fraction: np.ndarray, config: QCConfig) -> QCResult:
     """Flag each tile from its measurements: blur part by part against an absolute edge width.
 
-    ``edge_blur_um`` is [N, b, b] (NaN: too few edges, or not measured).
+    ``edge_blur_um`` is [N, b, b] (+inf: tissue without edges, out of focus; NaN: glass, or not measured).
     """
     n = len(edge_blur_um)
     parts = edge_blur_um.reshape(n, int(np.prod(edge_blur_um.shape[1:])))
-    measured = np.isfinite(parts)
-    judged_parts = measured.sum(axis=1)
+    judged = ~np.isnan(parts)  # +inf (tissue without edges) is judged: out of focus
+    judged_parts = judged.sum(axis=1)
     with np.errstate(invalid="ignore"):
         blurred_parts = (parts > config.max_edge_blur_um).sum(axis=1)
     blur = np.where(judged_parts > 0, blurred_parts / np.maximum(judged_parts, 1), 0.0).astype(np.float32)
@@ -143,5 +169,6 @@ def judge(edge_blur_um: np.ndarray, fold_fraction: np.ndarray, ink_fraction: np.
     flags[(judged_parts > 0) & (blur >= config.max_blur_fraction)] |= BLUR
     flags[fold_fraction > config.max_fold_fraction] |= FOLD
     flags[ink_fraction > config.max_ink_fraction] |= INK
+    measured = np.isfinite(parts)
     median = float(np.median(parts[measured])) if measured.any() else float("nan")
     return QCResult(blur=blur, flags=flags, judged=judged_parts > 0, median_edge_blur_um=median)

@@ -275,7 +275,7 @@ def _write_chunks(
         tiles = read_tiles(slide, origins[rows[index]], plan.choice, config.tile_px, block_l0)
         if not measure_blur:
             return tiles, None
-        return tiles, tile_edge_blur_um(tiles, plan.choice.effective_mpp)
+        return tiles, tile_edge_blur_um(tiles, plan.choice.effective_mpp, plan.analysis.glass_rgb[1])
 
     in_flight: dict[Future[tuple[np.ndarray, np.ndarray | None]], int] = {}
     threads = config.reader_threads

@@ -116,7 +116,9 @@ def evaluate_checkpoint(
     probabilities, labels = predictions.probabilities, predictions.labels
     predicted = probabilities.argmax(1)
     overall = classification_metrics(labels, predicted, class_names, card.positive_index, probabilities)
-    calibration, calibration_text = _calibration_section(predictions, card.temperature, layout.reliability_png)
+    calibration, calibration_text = _calibration_section(
+        predictions, card.temperature, layout.reliability_png, (card.calibration or {}).get("note")
+    )
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "overall": overall,
@@ -143,9 +145,11 @@ def evaluate_checkpoint(
 
 
 def _calibration_section(
-    predictions: Predictions, temperature: float | None, figure: Path
+    predictions: Predictions, temperature: float | None, figure: Path, note: str | None = None
 ) -> tuple[dict[str, Any], str]:
-    """ECE, Brier and NLL at T = 1 and, when the card has one, at its temperature; the reliability diagram."""
+    """ECE, Brier and NLL at T = 1 and, when the card has one, at its temperature, on these tiles (held out
+    from the fit, unless they are the tiles it was fitted on); the reliability diagram. ``note``: the card's
+    word on its temperature (why it stayed 1)."""
     logits, labels = predictions.logits, predictions.labels
     before = calibration_metrics(logits, labels)
     after = calibration_metrics(logits, labels, temperature) if temperature is not None else None
@@ -166,7 +170,9 @@ def _calibration_section(
             ("before (T = 1)", reliability_bins(softmax(logits), labels)),
             (f"after (T = {temperature:.3g})", reliability_bins(softmax(logits, temperature), labels)),
         ]
-        text = head + f"temperature {temperature:.4g} from the model card\n"
+        text = head + f"temperature {temperature:.4g} from the model card, on these held-out tiles\n"
+        if note:
+            text += f"  ({note})\n"
         text += f"  ECE {before.ece:.4f} -> {after.ece:.4f}  Brier {before.brier:.4f} -> {after.brier:.4f}  "
         text += f"NLL {before.nll:.4f} -> {after.nll:.4f}"
     plot_reliability(figure, curves, f"Reliability: {len(labels)} tiles, {ECE_BINS} bins")
