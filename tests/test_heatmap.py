@@ -47,10 +47,13 @@ def _copy_store(summary, tmp_path):
     return TileStore(target, mode="r+")
 
 
-def _loop_stitch(store: TileStore, profile: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+def _loop_stitch(
+    store: TileStore, profile: np.ndarray, scale: float, evidence_profile: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The reference: one tile and one cell at a time. The tumour layer's cell is the probability interpolated
     bilinearly between the centres of the tiles around it (those with a value), weighed against the cell's CAM
-    evidence: sigmoid(logit(p~) + 2 logit(e)), e clipped to [0.01, 0.99]."""
+    evidence (divided by its mean at that cell over typical tumour tiles): sigmoid(logit(p~) + 2 logit(e)), e
+    clipped to [0.08, 0.92]."""
     info = store.info
     grid = info.scoring.cam_grid
     cell = info.tile_size_l0 / grid
@@ -76,7 +79,7 @@ def _loop_stitch(store: TileStore, profile: np.ndarray, scale: float) -> tuple[n
                         if w > 0 and (nx, ny) in node:
                             total, weight = total + w * node[(nx, ny)], weight + w
                 smooth = min(max(total / weight, 1e-6), 1 - 1e-6)
-                e = min(max(evidence[a, b], 0.01), 0.99)
+                e = min(max(min(evidence[a, b] / evidence_profile[a, b], 1.0), 0.08), 0.92)
                 logit = math.log(smooth / (1 - smooth)) + 2 * math.log(e / (1 - e))
                 values[a, b] = 1 / (1 + math.exp(-logit))
         sums[0, cy : cy + grid, cx : cx + grid] += p
@@ -99,7 +102,8 @@ def test_vectorised_stitch_equals_the_per_tile_loop(request, run):
     summary = request.getfixturevalue(run)
     config = HeatmapConfig(min_cell_tissue=0.0)
     heatmap = stitch(summary.layout.tiles_store, config)
-    probability, tumour = _loop_stitch(TileStore(summary.layout.tiles_store), heatmap.cam_profile, heatmap.cam_scale)
+    store = TileStore(summary.layout.tiles_store)
+    probability, tumour = _loop_stitch(store, heatmap.cam_profile, heatmap.cam_scale, heatmap.evidence_profile)
     assert np.isfinite(heatmap.probability).sum() > 1000
     np.testing.assert_allclose(heatmap.probability, probability, rtol=1e-5, atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(heatmap.tumour, tumour, rtol=1e-5, atol=1e-6, equal_nan=True)

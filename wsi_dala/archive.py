@@ -189,6 +189,9 @@ def quality_notes(qc: dict[str, Any], stain: dict[str, Any]) -> list[str]:
         notes.append(f"marker ink on {ink_mm2:.2f} mm² (removed from the tissue)")
     if isinstance(stain, dict) and stain.get("out_of_distribution"):
         notes.append(f"out of distribution: stain ({stain.get('summary', 'far from the model reference')})")
+    warning = qc.get("warning") if isinstance(qc, dict) else None
+    if isinstance(warning, str) and warning:
+        notes.append(warning.split(";")[0])  # "QC flagged 97 of 100 tiles (97 %: 97 out of focus)"
     return notes
 
 
