@@ -134,7 +134,7 @@ def real_slide(model: Path, folder: Path) -> dict[str, float]:
 
 
 def fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
+    return "—" if value is None else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:

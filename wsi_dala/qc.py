@@ -22,12 +22,15 @@ included), while a defocus of σ = 4 µm washes them out of 19-100 % of parts. A
 (a lumen, a fat vacuole, the section's edge) is *not judged* (NaN); a tile none of whose parts is judged
 is counted as such, never as a pass.
 
-Measured by ``benchmarks/qc.py`` on real H&E from six sources (CMU-1 skin; TCGA carcinoma, lung and
-level-0 tiles; HistoQC's four templates; torchstain's pair) and on both generators, at 0.5 µm/px:
-in focus, edge σ ≤ 0.4 µm for 99 % of parts; blurred by σ = 1 µm (2 px), ≥ 0.6 µm for 95 % of tiles.
-At 0.25 µm/px (40x) in-focus edges reach 0.38 µm (1.5 px), so the threshold is in µm, not pixels.
-A tile at a coarse µm/px cannot show blur finer than about a pixel: at 1 µm/px a 1 µm blur reads as
-sharp, as it does to a model working at that resolution.
+Measured by ``benchmarks/qc.py`` (tables in ``docs/quality.md``) on real H&E of six sources (CMU-1 skin;
+TCGA carcinoma, lung and level-0 tiles of fat and mixed tissue; HistoQC's four templates; torchstain's pair)
+and on both generators, 19 kinds, at 0.5 µm/px with sensor noise and JPEG: no tile in focus flagged, every
+tile blurred by σ ≥ 1 µm (2 px, Gaussian) or a disk of radius ≥ 1.5 µm flagged, in every kind. At 0.25 µm/px
+(40x) in-focus edges reach about 0.38 µm, so the threshold is in µm, not pixels. A tile at a coarse µm/px
+cannot show blur finer than about a pixel: at 1 µm/px a 1 µm blur reads as sharp, as it does to a model
+working at that resolution. The edge threshold rises with the tile's own noise (Immerkær's estimate, capped
+at 4 grey levels: dense fine texture reads as noise too), and a part needs a few strong edges, so the noise
+of a heavily defocused tile on a noisy scanner is not read as sharp edges.
 
 **Folds and ink** come from the low-resolution masks (:mod:`wsi_dala.tissue`): the fraction of each
 tile they cover.
