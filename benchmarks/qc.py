@@ -33,6 +33,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tissue import cpu_flags  # noqa: E402  (benchmarks/ is on sys.path when this runs as a script)
+
 from wsi_dala.config import QCConfig  # noqa: E402
 from wsi_dala.qc import judge, tile_edge_blur_um  # noqa: E402
 
@@ -41,15 +43,6 @@ NOISE_GREY = 2.0
 JPEG_QUALITY = 80
 CONDITIONS = (("sharp", 0.0), ("gauss", 1.0), ("gauss", 1.5), ("gauss", 2.0), ("gauss", 3.0), ("gauss", 4.0),
               ("gauss", 8.0), ("disk", 2.0), ("disk", 3.0), ("disk", 4.0))  # fmt: skip
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no avx2/avx512"
 
 
 def rescaled(image: np.ndarray, factor: float) -> np.ndarray:

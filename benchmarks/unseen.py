@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tissue import cpu_flags  # noqa: E402  (benchmarks/ is on sys.path when this runs as a script)
+
 from wsi_dala.grid import tissue_fractions  # noqa: E402
 from wsi_dala.layout import annotations_beside  # noqa: E402
 from wsi_dala.qc import BLUR  # noqa: E402
@@ -48,15 +50,6 @@ TEXTURES = ROOT / "tests" / "data" / "textures" / "textures.json"
 CMU = ROOT / "tests" / "data" / "cmu_small_region.svs"
 TRAIN = ["--unannotated-class", "Non-tumor", "--mpp", "0.5", "--input-size", "128", "--epochs", "6",
          "--pretrained", "none"]  # fmt: skip
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no avx2/avx512"
 
 
 def write_slide(source: str, path: Path, seed: int, role: str) -> PlantedSlide:
