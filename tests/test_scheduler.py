@@ -129,10 +129,22 @@ def test_garbage_bytes_are_refused_without_memory_error():
 
 
 def test_an_http_reply_is_refused_without_memory_error():
-    # Its first 8 bytes read as a frame length of exbibytes: MemoryError inside Dask's handshake.
+    # Its first 8 bytes read as a frame length of exbibytes: refused before Dask's reader allocates it.
     with _raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") as port:
-        message, _ = _refused(f"tcp://127.0.0.1:{port}", "not a Dask scheduler (")
-    assert "MemoryError" in message  # named as the cause, not raised
+        message, _ = _refused(f"tcp://127.0.0.1:{port}", "not a Dask scheduler (", "MiB, not a Dask handshake")
+    assert "MemoryError" not in message
+
+
+def test_a_peer_announcing_a_huge_frame_is_refused_before_it_is_read():
+    """A hostile "scheduler" announcing a 3 GiB first frame, then streaming bytes: refused at its header, the
+    process's peak memory not raised by anything like the frame."""
+    import resource
+    import struct
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with _raw_server(struct.pack("Q", 3 * 2**30) + b"\0" * (1 << 20)) as port:
+        _refused(f"tcp://127.0.0.1:{port}", "announces 3072 MiB")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: far below 3 GiB
 
 
 def test_nothing_listening_times_out():

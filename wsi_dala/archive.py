@@ -32,7 +32,7 @@ from typing import Any
 
 from wsi_dala.config import BatchConfig, PipelineConfig
 from wsi_dala.errors import QualityError, ResolutionError, SlideOpenError, SlideReadError, WsiDalaError
-from wsi_dala.fileio import atomic_open, read_json_object, write_json_atomic
+from wsi_dala.fileio import atomic_open, ensure_writable_dir, read_json_object, write_json_atomic
 from wsi_dala.formats import SLIDE_SUFFIXES
 from wsi_dala.identity import slide_fingerprint
 from wsi_dala.layout import BatchLayout, BatchSlideLayout, safe_stem
@@ -54,6 +54,7 @@ class SlideOutcome:
     started: str = ""
     runs: int = 0  # how many times this slide was actually processed, over all batches
     quality: list[str] = field(default_factory=list)  # QC and stain findings worth a look ("12 % ... out of focus")
+    aliases: list[str] = field(default_factory=list)  # other names (links) of the same file, not run again
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,9 +92,29 @@ def find_slides(root: str | Path, pattern: str = "*") -> list[Path]:
 
 
 def slide_id(root: Path, path: Path) -> str:
-    """Stable and unique within the archive: the name plus a hash of the path relative to the root."""
-    relative = path.resolve().relative_to(root.resolve()).as_posix()
+    """Stable and unique within the archive: the name plus a hash of the path relative to the root. The path
+    as found, not resolved: a symbolic link to a file outside the archive is named by its link."""
+    relative = Path(os.path.relpath(path.absolute(), root.absolute())).as_posix()
     return f"{safe_stem(path.name)}-{hashlib.sha256(relative.encode()).hexdigest()[:8]}"
+
+
+def unique_slides(slides: list[Path]) -> tuple[list[Path], dict[Path, list[Path]]]:
+    """The slides with each file once (the first of its names in sorted order, where links or copies of a
+    folder reach the same file twice), and the other names of each kept slide."""
+    kept: list[Path] = []
+    first: dict[Path, Path] = {}
+    aliases: dict[Path, list[Path]] = {}
+    for path in sorted(slides):
+        try:
+            target = path.resolve()
+        except OSError:  # a link loop: keep it, and let the run say what is wrong with it
+            target = path.absolute()
+        if target in first:
+            aliases.setdefault(first[target], []).append(path)
+            continue
+        first[target] = path
+        kept.append(path)
+    return kept, aliases
 
 
 # ---------------------------------------------------------------- locks
@@ -205,16 +226,19 @@ def run_batch(
     from tqdm import tqdm
 
     started = time.perf_counter()
-    archive, out_dir = Path(archive), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slides = find_slides(archive, batch.pattern)
+    # Absolute before anything reaches a worker: a worker of a cluster runs in a folder of its own.
+    archive, out_dir = Path(archive).absolute(), Path(out_dir).absolute()
+    ensure_writable_dir(out_dir)
+    slides, aliases = unique_slides(find_slides(archive, batch.pattern))
     jobs = [(str(p), slide_id(archive, p)) for p in slides]
     # Slides run with the scheduler of the batch; each slide scores on its own worker, locally.
     per_slide = config.model_copy(update={"scoring": config.scoring.model_copy(update={"scheduler": None})})
     result = BatchResult()
     bar = tqdm(total=len(jobs), unit="slide", desc="batch", disable=not progress)
     for outcome in _execute(jobs, str(out_dir), per_slide, batch):
-        result.outcomes.append(SlideOutcome(**outcome))
+        found = SlideOutcome(**outcome)
+        found.aliases = [str(a) for a in aliases.get(Path(found.path), [])]
+        result.outcomes.append(found)
         bar.update(1)
         bar.set_postfix(failed=len(result.failed))
     bar.close()
@@ -261,6 +285,13 @@ def _execute(
         yield process_slide(path, sid, out_dir, config, batch)
 
 
+def _cell(text: str) -> str:
+    """Text for one cell of a Markdown table: a newline, a pipe or a backtick in a slide's name (names come
+    from the archive, not from us) must not break the row."""
+    flat = " ".join(str(text).split())
+    return flat.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'")
+
+
 def write_reports(layout: BatchLayout, archive: Path, result: BatchResult) -> None:
     counts = result.counts()
     summary = {
@@ -283,16 +314,22 @@ def write_reports(layout: BatchLayout, archive: Path, result: BatchResult) -> No
     ]
     if result.failed:
         lines += ["## Failures", "", "| slide | attempts | error |", "|---|---|---|"]
-        lines += [f"| `{o.path}` | {o.attempts} | {(o.error or '').replace('|', '/')} |" for o in result.failed]
+        lines += [f"| {_cell(o.path)} | {o.attempts} | {_cell(o.error or '')} |" for o in result.failed]
         lines.append("")
     flagged = [o for o in result.outcomes if o.quality]
     if flagged:
         lines += ["## Quality", ""]
-        lines += [f"- `{o.slide_id}`: {'; '.join(o.quality)}" for o in flagged]
+        lines += [f"- {_cell(o.slide_id)}: {_cell('; '.join(o.quality))}" for o in flagged]
         lines.append("")
-    lines += ["## Slides", "", "| slide | id | status | tiles | seconds | output |", "|---|---|---|---|---|---|"]
     lines += [
-        f"| `{Path(o.path).name}` | {o.slide_id} | {o.status} | {o.tiles} | {o.seconds:.1f} | `{o.output}` |"
+        "## Slides",
+        "",
+        "| slide | id | status | tiles | seconds | output | also reached as |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {_cell(Path(o.path).name)} | {o.slide_id} | {o.status} | {o.tiles} | {o.seconds:.1f} | "
+        f"{_cell(o.output)} | {_cell(', '.join(Path(a).name for a in o.aliases))} |"
         for o in result.outcomes
     ]
     with atomic_open(layout.report_md, "w", encoding="utf-8") as handle:

@@ -130,9 +130,40 @@ def _probe_in_new_loop(address: str, timeout_s: float, security: Security) -> Ba
     return None
 
 
+MAX_HANDSHAKE_BYTES = 1 << 20  # a scheduler's first message is a few hundred bytes; more is not Dask
+
+
+async def _first_message_size(address: str, timeout_s: float) -> None:
+    """Read, on a plain TCP connection, the frame lengths of the first message the peer sends (a Dask peer
+    sends its handshake at once) and refuse one over MAX_HANDSHAKE_BYTES before anything is allocated for
+    it: Dask's own reader allocates whatever length a peer announces (a hostile peer streaming a 3 GiB frame
+    held 4 GB of memory within the deadline)."""
+    import struct
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.protocol.utils import unpack_frames
+
+    host, port = parse_host_port(parse_address(address)[1])
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, asyncio.TimeoutError):
+        return  # no connection: Dask's own connect retries it and says so
+    try:
+        (total,) = struct.unpack("Q", await reader.readexactly(8))
+        if total > MAX_HANDSHAKE_BYTES:
+            raise _NotAScheduler(f"its first message announces {total / 2**20:.0f} MiB, not a Dask handshake")
+        _, buffers = unpack_frames(await reader.readexactly(total), partial=True)
+        if sum(buffers) > MAX_HANDSHAKE_BYTES:
+            raise _NotAScheduler(f"its first message announces {sum(buffers) / 2**20:.0f} MiB of buffers")
+    finally:
+        writer.close()
+
+
 async def _identify(address: str, timeout_s: float, security: Security) -> None:
     from distributed.comm import connect as comm_connect
 
+    if address.startswith("tcp://") or "://" not in address:  # plain TCP: look at the size before Dask reads
+        await _first_message_size(address if "://" in address else f"tcp://{address}", timeout_s)
     comm = await comm_connect(address, timeout=timeout_s, **security.get_connection_args("client"))
     try:
         await comm.write({"op": "identity", "reply": True})

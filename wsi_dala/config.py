@@ -49,22 +49,23 @@ class Settings(BaseModel):
         return self.model_dump(mode="json")
 
 
+MAX_TILE_SIZE_PX = 8192  # a tile larger than this is not a tile (and would not fit a batch in memory)
 QCMode = Literal["flag", "exclude", "off"]
 
 
 class TissueConfig(Settings):
     """How tissue, marker ink and folds are found on the low-resolution image (wsi_dala.tissue)."""
 
-    mask_mpp: float = Field(8.0, gt=0)  # µm/px of the image the masks are computed on (finer if tiles need it)
+    mask_mpp: float = Field(8.0, gt=0, le=1000)  # µm/px of the image the masks are computed on (finer if tiles need it)
     min_saturation: float = Field(0.05, ge=0, le=1)  # stained: more saturated than this, relative to glass
-    glass_noise_factor: float = Field(3.0, ge=0)  # ... and than this times the glass's own 95th percentile
+    glass_noise_factor: float = Field(3.0, ge=0, le=100)  # ... and than this times the glass's own 95th percentile
     max_brightness: float = Field(0.97, gt=0, le=1)  # brighter than this (relative to glass) is glass
-    min_tissue_area_um2: float = Field(20_000.0, ge=0)  # smaller pieces are debris
-    min_hole_area_um2: float = Field(10_000.0, ge=0)  # smaller holes inside tissue are filled
-    min_ink_area_um2: float = Field(20_000.0, gt=0)  # ink: the unambiguous core of a mark covers this much
-    ink_margin_um: float = Field(24.0, ge=0)  # ink edges blur into neighbours; drop this much around ink
-    fold_od_ratio: float = Field(1.6, gt=1)  # fold: optical density this many times the usual for its colour
-    min_fold_area_um2: float = Field(20_000.0, ge=0)  # smaller dark patches are not folds
+    min_tissue_area_um2: float = Field(20_000.0, ge=0, le=1e10)  # smaller pieces are debris
+    min_hole_area_um2: float = Field(10_000.0, ge=0, le=1e10)  # smaller holes inside tissue are filled
+    min_ink_area_um2: float = Field(20_000.0, gt=0, le=1e10)  # ink: the unambiguous core of a mark covers this much
+    ink_margin_um: float = Field(24.0, ge=0, le=10_000)  # ink edges blur into neighbours; drop this much around ink
+    fold_od_ratio: float = Field(1.6, gt=1, le=100)  # fold: optical density this many times the usual for its colour
+    min_fold_area_um2: float = Field(20_000.0, ge=0, le=1e10)  # smaller dark patches are not folds
 
 
 class QCConfig(Settings):
@@ -84,17 +85,17 @@ class QCConfig(Settings):
 class TilingConfig(Settings):
     """How tiles are cut: the one tiling settings type (YAML ``tiling:``, flags, training, the demo)."""
 
-    mpp: float | None = Field(None, gt=0)  # tile µm/px; None: the model card's, else DEFAULT_TILE_MPP
-    tile_size_px: int | None = Field(None, ge=MIN_TILE_SIZE_PX)  # None: the model card's, else 224
-    stride_px: int | None = Field(None, ge=1)  # None: the tile size (no overlap)
+    mpp: float | None = Field(None, gt=0, le=1000)  # tile µm/px; None: the model card's, else DEFAULT_TILE_MPP
+    tile_size_px: int | None = Field(None, ge=MIN_TILE_SIZE_PX, le=MAX_TILE_SIZE_PX)  # None: the model card's, else 224
+    stride_px: int | None = Field(None, ge=1, le=MAX_TILE_SIZE_PX)  # None: the tile size (no overlap)
     min_tissue: Fraction = 0.25  # keep tiles with at least this fraction of tissue
     allow_upsample: bool = False
     reader: Reader = "auto"
-    slide_mpp: float | None = Field(None, gt=0)  # the slide's level-0 µm/px when its metadata lacks it
-    reader_threads: int = Field(2, ge=1)
+    slide_mpp: float | None = Field(None, gt=0, le=1000)  # the slide's level-0 µm/px when its metadata lacks it
+    reader_threads: int = Field(2, ge=1, le=256)
     tolerance: float = Field(0.05, ge=0, le=0.5)  # within ±this of the target no resize is done
-    chunk_tiles: int = Field(64, ge=1)  # tiles per Zarr chunk (the unit of writing and resuming)
-    region_level_px: int = Field(2048, ge=64)  # side of the large region reads, in pixels of the read level
+    chunk_tiles: int = Field(64, ge=1, le=4096)  # tiles per Zarr chunk (the unit of writing and resuming)
+    region_level_px: int = Field(2048, ge=64, le=16384)  # side of the large region reads, in pixels of the read level
     tissue: TissueConfig = TissueConfig()
     qc: QCConfig = QCConfig()
 
@@ -124,7 +125,7 @@ StainNormalisation = Literal["none", "macenko", "reinhard"]
 
 
 class ScoringConfig(Settings):
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=4096)
     stain_normalise: StainNormalisation = "none"  # map tiles to the model card's reference stain first
     precision: ScoringPrecision = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
     backend: Backend = "auto"  # auto: the fastest installed engine for the precision, measured once per CPU
@@ -135,7 +136,7 @@ class ScoringConfig(Settings):
     devices: Literal["one", "all"] = "one"  # all: one Dask worker per visible GPU (dask-cuda's LocalCUDACluster)
     scheduler: str | None = None  # None: local threads; else the address of a dask.distributed scheduler
     connect_timeout_s: float = Field(30.0, gt=0, le=3600)  # connecting to the scheduler, handshake included
-    wave: int = Field(4, ge=1)  # chunks per local compute call (the resume granularity on the local scheduler)
+    wave: int = Field(4, ge=1, le=1024)  # chunks per local compute call (the resume granularity on the local scheduler)
     tta: TestTimeAugmentation = "none"  # flips: 4 views, d4: 8 (8x the backbone work); gives a per-tile SD
     mc_dropout: int = Field(0, ge=0, le=1000)  # >0: this many extra passes of the head with dropout on (per-tile SD)
 
@@ -151,15 +152,15 @@ class HeatmapConfig(Settings):
     cam_scale_percentile: float = Field(25.0, ge=0, le=100)  # of the tumour tiles' peak border-corrected CAM
     positive_threshold: Fraction = 0.5  # tiles at or above this probability define that scale and the border profile
     border_correction: bool = True  # divide each CAM by the model's mean CAM profile over a tile (no tile seams)
-    min_level_px: int = Field(64, ge=1)  # stop the pyramid when a level is smaller than this
+    min_level_px: int = Field(64, ge=1, le=65536)  # stop the pyramid when a level is smaller than this
     min_cell_tissue: Fraction = 0.5  # cells with less tissue (by the tissue mask) get no value
 
 
 class ExportConfig(Settings):
     tile_threshold: Fraction = 0.5  # tiles at or above: class Tumor
     region_thresholds: Annotated[tuple[Probability, ...], Field(strict=False, min_length=1)] = (0.5,)
-    min_region_area_um2: float = Field(10_000.0, ge=0)  # 0.01 mm²
-    simplify_cells: float = Field(0.1, ge=0)  # simplification tolerance, in heatmap cells (outlines move ≤ half a cell)
+    min_region_area_um2: float = Field(10_000.0, ge=0, le=1e12)  # 0.01 mm²
+    simplify_cells: float = Field(0.1, ge=0, le=100)  # simplification tolerance, heatmap cells (outlines move ≤ ½ cell)
     gzip: bool = False
     cam_threshold_method: ThresholdMethod = "mean_std"  # for the per-tile "DT-CAM area fraction"
 
@@ -196,27 +197,27 @@ class TrainConfig(Settings):
     arch: str = "dalaresnet50"  # one of wsi_dala.model_choices.ARCHITECTURES
     options: dict[str, Any] = Field(default_factory=dict)  # architecture options (DALAResNet50: DalaOptions)
     pretrained: str = "imagenet"  # imagenet | none | a weights file
-    input_size: int = Field(224, ge=MIN_TILE_SIZE_PX)
-    epochs: int = Field(20, ge=0)
-    batch_size: int = Field(32, ge=1)
-    lr_backbone: float = Field(1e-4, gt=0)  # left out: 1e-4 to fine-tune pre-trained weights, 1e-3 from scratch
-    lr_head: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    input_size: int = Field(224, ge=MIN_TILE_SIZE_PX, le=MAX_TILE_SIZE_PX)
+    epochs: int = Field(20, ge=0, le=100_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr_backbone: float = Field(1e-4, gt=0, le=10)  # left out: 1e-4 to fine-tune pre-trained weights, 1e-3 from scratch
+    lr_head: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0, le=10)
     imbalance: Literal["cb-loss", "sampler", "none"] = "cb-loss"
     beta: float = Field(0.999, ge=0, lt=1)  # class-balanced loss β
-    patience: int = Field(5, ge=1)  # early stopping: epochs without validation-loss improvement
+    patience: int = Field(5, ge=1, le=100_000)  # early stopping: epochs without validation-loss improvement
     seed: int = 0
     freeze_until: Literal["layer1", "layer2", "layer3"] | None = None  # "layer3": layer4 + attention + head only
     freeze_backbone: bool = False  # train the linear head alone, on encoder features computed once (a linear probe)
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, bf16 on a CPU with native bf16, else fp32
-    loader_workers: int = Field(0, ge=0)  # data-loading processes (0: load in the training process)
-    precise_bn_batches: int = Field(0, ge=0)  # >0: re-estimate BatchNorm statistics on this many batches
+    loader_workers: int = Field(0, ge=0, le=256)  # data-loading processes (0: load in the training process)
+    precise_bn_batches: int = Field(0, ge=0, le=100_000)  # >0: re-estimate BatchNorm statistics on this many batches
     stain_normalise: StainNormalisation = "none"  # map training batches to the published H&E reference first
     mask_guided: bool = False  # lesion masks from the QuPath annotations guide training (wsi_dala.training.guidance)
     hard_attention_floor: float = Field(0.1, ge=0, le=1)  # mask_guided: features outside the lesion x this (1: off)
-    attention_loss_weight: float = Field(0.5, ge=0)  # mask_guided: weight of attention-to-mask BCE (0: off)
-    contrastive_weight: float = Field(0.0, ge=0)  # supervised-contrastive term on pooled features (0: off)
+    attention_loss_weight: float = Field(0.5, ge=0, le=1000)  # mask_guided: weight of attention-to-mask BCE (0: off)
+    contrastive_weight: float = Field(0.0, ge=0, le=1000)  # supervised-contrastive term on pooled features (0: off)
     contrastive_temperature: float = Field(0.1, gt=0, le=10)
 
     @field_validator("arch")
@@ -262,20 +263,20 @@ class PretrainConfig(Settings):
     arch: str = "dalaresnet50"  # any architecture of `train` with a pooled feature
     options: dict[str, Any] = Field(default_factory=dict)
     pretrained: str = "imagenet"  # starting weights: imagenet | none | a weights file
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=2)  # tiles per step; each gives two views, the other 2N - 2 are negatives
-    tiles_per_epoch: int = Field(0, ge=0)  # draws per epoch, slides weighted equally (0: as many as there are tiles)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-6, ge=0)
+    epochs: int = Field(20, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=2, le=4096)  # tiles per step; each gives two views, the other 2N - 2 are negatives
+    tiles_per_epoch: int = Field(0, ge=0, le=10**9)  # draws per epoch, slides weighted equally (0: one per tile)
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-6, ge=0, le=10)
     temperature: float = Field(0.2, gt=0, le=10)
-    projection_dim: int = Field(128, ge=8)
+    projection_dim: int = Field(128, ge=8, le=8192)
     crop_fraction: float = Field(0.75, gt=0.1, le=1.0)  # view side / tile side, at the tile's µm/px
     hed_scale: float = Field(0.05, ge=0, lt=1)
     hed_shift: float = Field(0.05, ge=0, lt=1)
     seed: int = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     precision: Precision = "auto"
-    loader_workers: int = Field(0, ge=0)
+    loader_workers: int = Field(0, ge=0, le=256)
 
     @field_validator("arch")
     @classmethod
@@ -290,20 +291,20 @@ class GanConfig(Settings):
     """`wsi-dala gan train` settings: a class-conditional StyleGAN2 with ADA (wsi_dala.gan)."""
 
     resolution: int = 64  # tile side, a power of two in 32..256; tiles are cut (or cropped) to it at their µm/px
-    steps: int = Field(2000, ge=1)  # generator updates
-    batch_size: int = Field(16, ge=2)
-    lr: float = Field(0.0025, gt=0)  # Adam, both networks (StyleGAN2's)
-    r1_gamma: float = Field(1.0, ge=0)  # R1 penalty on real tiles (lazy, every r1_interval steps)
-    r1_interval: int = Field(16, ge=1)
-    ema_half_life_images: int = Field(10_000, ge=1)  # the sampled generator: an EMA of the trained one
-    ema_rampup: float = Field(0.05, ge=0)  # half-life at most this x images seen so far (0: off), as StyleGAN2-ADA
+    steps: int = Field(2000, ge=1, le=10**8)  # generator updates
+    batch_size: int = Field(16, ge=2, le=4096)
+    lr: float = Field(0.0025, gt=0, le=10)  # Adam, both networks (StyleGAN2's)
+    r1_gamma: float = Field(1.0, ge=0, le=1e6)  # R1 penalty on real tiles (lazy, every r1_interval steps)
+    r1_interval: int = Field(16, ge=1, le=10**6)
+    ema_half_life_images: int = Field(10_000, ge=1, le=10**9)  # the sampled generator: an EMA of the trained one
+    ema_rampup: float = Field(0.05, ge=0, le=100)  # half-life ≤ this x images seen so far (0: off), as StyleGAN2-ADA
     ada_target: float = Field(0.6, gt=0, lt=1)
-    ada_speed_images: int = Field(100_000, ge=1)
-    z_dim: int = Field(128, ge=8)
-    channel_max: int = Field(256, ge=16)
-    checkpoint_every: int = Field(250, ge=1)  # steps between checkpoints (and sample grids)
-    kid_every: int = Field(0, ge=0)  # steps between KID measurements (0: only at the end, when a KID encoder is given)
-    kid_samples: int = Field(500, ge=20)
+    ada_speed_images: int = Field(100_000, ge=1, le=10**10)
+    z_dim: int = Field(128, ge=8, le=4096)
+    channel_max: int = Field(256, ge=16, le=4096)
+    checkpoint_every: int = Field(250, ge=1, le=10**8)  # steps between checkpoints (and sample grids)
+    kid_every: int = Field(0, ge=0, le=10**8)  # steps between KIDs (0: only at the end, when a KID encoder is given)
+    kid_samples: int = Field(500, ge=20, le=10**6)
     seed: int = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN)
 
@@ -319,9 +320,9 @@ class BatchConfig(Settings):
     """`wsi-dala batch` options (flags only)."""
 
     pattern: str = "*"  # glob on file names (e.g. "*.svs")
-    retries: int = Field(2, ge=0)  # extra attempts for failures that are not the input's fault
-    stale_lock_s: float = Field(24 * 3600.0, gt=0)  # a lock from another host older than this is stale
-    dask_workers: int = Field(1, ge=1)  # >1: a local dask.distributed cluster with this many processes
+    retries: int = Field(2, ge=0, le=100)  # extra attempts for failures that are not the input's fault
+    stale_lock_s: float = Field(24 * 3600.0, gt=0, le=365 * 24 * 3600.0)  # another host's lock this old is stale
+    dask_workers: int = Field(1, ge=1, le=1024)  # >1: a local dask.distributed cluster with this many processes
     scheduler: str | None = None  # address of an existing dask.distributed scheduler
 
 

@@ -45,3 +45,7 @@ class EngineError(WsiDalaError):
 
 class EngineExportError(EngineError):
     """A model could not be exported or quantised for an engine: the pipeline falls back to torch."""
+
+
+class EngineFileError(EngineError):
+    """An engine could not load a model file from the cache (cut short, corrupted): it is rebuilt."""

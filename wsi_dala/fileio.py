@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from wsi_dala.errors import OutputError
-from wsi_dala.layout import PARTIAL_SUFFIX, partial_prefix
+from wsi_dala.layout import PARTIAL_SUFFIX, partial_prefix, remove_stale_partials
+
+log = logging.getLogger(__name__)
 
 
 def _create_beside(path: Path) -> tuple[int, Path]:
@@ -20,7 +23,7 @@ def _create_beside(path: Path) -> tuple[int, Path]:
     are for sharing; ``mkstemp`` would make them 0600, and reading the umask means changing it)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = path.with_name(f"{partial_prefix(path)}{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+        tmp = path.with_name(f"{partial_prefix(path)}{os.getpid()}-{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
@@ -74,7 +77,8 @@ def save_png_atomic(path: str | os.PathLike[str], image: Any) -> None:
 
 
 def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
-    """Create ``path`` if needed and prove we can write into it, before any work starts."""
+    """Create ``path`` if needed and prove we can write into it, before any work starts; remove the partial
+    files a killed writer left there (a kill -9 cannot clean up after itself: the next run does)."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -83,4 +87,32 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise OutputError(f"{path}: output directory cannot be written ({reason})") from exc
+    removed = remove_stale_partials(path)
+    if removed:
+        log.info("%s: removed %d unfinished file(s) a killed writer left", path, removed)
     return path
+
+
+@contextmanager
+def naming_failures(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Disk full, quota or I/O errors while writing ``path`` (a store, a folder of files) name ``path``: the
+    OS names no file, and a bare "No space left on device" does not say where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from exc
+
+
+def require_free_space(folder: str | os.PathLike[str], needed_bytes: int, what: str) -> None:
+    """Refuse, in one line naming ``folder``, to start writing ``what`` where it cannot fit: some writers
+    (TorchScript's) abort the whole process on a full disk instead of raising."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise OutputError(
+            f"{folder}: not enough free space for {what} (about {needed_bytes / 1e6:.0f} MB needed, "
+            f"{free / 1e6:.0f} MB free)"
+        )

@@ -40,6 +40,16 @@ class _Rooted(Protocol):
     def root(self) -> Path: ...
 
 
+class _Layout:
+    """Every layout's root is a Path, whatever the caller passed (a string from argparse, say): a layout
+    built from a string once made every batch end in a TypeError after its work was done."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+
 def safe_stem(name: str) -> str:
     """A file-name-safe stem from a slide's name (never trust names from inputs)."""
     stem = Path(name).name
@@ -56,8 +66,47 @@ def building_path(final: Path) -> Path:
 
 
 def partial_prefix(final: Path) -> str:
-    """Prefix of the hidden temporary files written beside ``final`` before the atomic rename."""
+    """Prefix of the hidden temporary files written beside ``final`` before the atomic rename; the writer's
+    process id follows it, so a later run can tell a dead writer's leftovers from a live one's."""
     return f".{final.name}."
+
+
+_PARTIAL_PID = re.compile(r"\.(\d+)(?:-[0-9a-f]+)?(?:\.[A-Za-z]+)?" + re.escape(PARTIAL_SUFFIX) + "$")
+STALE_PARTIAL_S = 24 * 3600.0  # a partial file with no writer we can see is this old: its writer is gone
+
+
+def remove_stale_partials(folder: Path) -> int:
+    """Remove the partial files in ``folder`` whose writer is gone: those named with a process id (see
+    :func:`writing_path`) of a process no longer running on this host, and any untouched for a day. For
+    folders no lock guards (export, training, engine caches), so that a kill -9 leaves nothing behind the
+    next run of the command; returns how many were removed."""
+    import os
+    import time
+
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for path in folder.glob(f".*{PARTIAL_SUFFIX}"):
+        match = _PARTIAL_PID.search(path.name)
+        try:
+            stale = time.time() - path.lstat().st_mtime > STALE_PARTIAL_S
+        except FileNotFoundError:
+            continue
+        if match and not stale:
+            pid = int(match.group(1))
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                stale = True
+            except PermissionError:
+                stale = False
+        if stale:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def remove_partials(folder: Path) -> int:
@@ -88,7 +137,7 @@ def cam_figure(out_dir: Path, image_path: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class RunLayout:
+class RunLayout(_Layout):
     """The output folder of one slide's run (also what `wsi-dala tile` writes)."""
 
     root: Path
@@ -118,7 +167,7 @@ class RunLayout:
 
 
 @dataclass(frozen=True)
-class TrainLayout:
+class TrainLayout(_Layout):
     """The folder of one training run (`wsi-dala train --out DIR`)."""
 
     root: Path
@@ -139,7 +188,7 @@ class TrainLayout:
 
 
 @dataclass(frozen=True)
-class GanLayout:
+class GanLayout(_Layout):
     """The folder of one GAN training run (`wsi-dala gan train --out DIR`)."""
 
     root: Path
@@ -158,7 +207,7 @@ def generated_tile_name(class_name: str, seed: int, index: int) -> str:
 
 
 @dataclass(frozen=True)
-class PretrainLayout:
+class PretrainLayout(_Layout):
     """The folder of one pre-training run (`wsi-dala pretrain --out DIR`)."""
 
     root: Path
@@ -189,7 +238,7 @@ def slide_tiles_dir(tiles_root: Path, slide_path: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class EvalLayout:
+class EvalLayout(_Layout):
     """The folder of one evaluation (`wsi-dala evaluate --out DIR`)."""
 
     root: Path
@@ -203,7 +252,7 @@ class EvalLayout:
 
 
 @dataclass(frozen=True)
-class CalibrateLayout:
+class CalibrateLayout(_Layout):
     """The folder of one calibration (`wsi-dala calibrate --out DIR`); the input checkpoint is never touched."""
 
     root: Path
@@ -215,7 +264,7 @@ class CalibrateLayout:
 
 
 @dataclass(frozen=True)
-class BatchSlideLayout:
+class BatchSlideLayout(_Layout):
     """One slide's folder inside a batch output: its run, its batch state and its lock."""
 
     root: Path
@@ -225,7 +274,7 @@ class BatchSlideLayout:
 
 
 @dataclass(frozen=True)
-class BatchLayout:
+class BatchLayout(_Layout):
     """The output folder of `wsi-dala batch`: one folder per slide, and the batch's reports."""
 
     root: Path
@@ -238,7 +287,7 @@ class BatchLayout:
 
 
 @dataclass(frozen=True)
-class DemoLayout:
+class DemoLayout(_Layout):
     """Everything `wsi-dala demo` writes."""
 
     root: Path
@@ -276,7 +325,7 @@ def writing_path(final: Path, pid: int, step: str = "") -> Path:
 
 
 @dataclass(frozen=True)
-class EngineLayout:
+class EngineLayout(_Layout):
     """One checkpoint's engine files: ONNX exports (fp32, int8), measured speeds, OpenVINO's compile cache."""
 
     root: Path
@@ -297,7 +346,7 @@ class EngineLayout:
 
 
 @dataclass(frozen=True)
-class WSInferModelLayout:
+class WSInferModelLayout(_Layout):
     """A WSInfer model folder (the wsinfer-zoo layout, and QuPath's ``local/<model>/``): read by ``run --model
     DIR``, written by ``export-model --format wsinfer``; the checkpoint it was imported as sits in ``.wsi-dala/``."""
 

@@ -24,7 +24,7 @@ import torch
 
 from wsi_dala.engines.exports import OPSET, quiet
 from wsi_dala.errors import CheckpointError
-from wsi_dala.fileio import ensure_writable_dir, write_json_atomic
+from wsi_dala.fileio import ensure_writable_dir, require_free_space, write_json_atomic
 from wsi_dala.layout import ONNX_MODEL_NAME, WSInferModelLayout, writing_path
 from wsi_dala.model import ModelCard, load_checkpoint, read_card
 from wsi_dala.model.scripted import IMPORTED_TORCHSCRIPT
@@ -45,6 +45,9 @@ def export_model(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[
     model, card = load_checkpoint(checkpoint, "cpu")
     model = model.float().eval()
     out = ensure_writable_dir(out_dir)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # the file, and the traced copy read back for the check: twice the weights, and some room
+    require_free_space(out, 2 * weights + 16 * 2**20, f"the {fmt} export of {Path(checkpoint).name}")
     if fmt == "wsinfer":
         return _export_wsinfer(model, card, Path(checkpoint), out)
     return [_export_onnx(model, card, Path(checkpoint), out)]

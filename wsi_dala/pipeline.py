@@ -22,7 +22,13 @@ from wsi_dala.cluster import check_address
 from wsi_dala.config import PipelineConfig, TilingConfig
 from wsi_dala.errors import CheckpointError, OutputError, QualityError
 from wsi_dala.export import ExportResult, export_qupath
-from wsi_dala.fileio import ensure_writable_dir, read_json_object, save_png_atomic, write_json_atomic
+from wsi_dala.fileio import (
+    ensure_writable_dir,
+    naming_failures,
+    read_json_object,
+    save_png_atomic,
+    write_json_atomic,
+)
 from wsi_dala.heatmap import Heatmap, render_overlay, stitch, write_heatmap
 from wsi_dala.heatmap_ngff import write_heatmap_ngff
 from wsi_dala.identity import config_hash, file_sha256, slide_fingerprint
@@ -221,8 +227,10 @@ def _run_locked(
     timings["tile_and_score"] = time.perf_counter() - started  # less than tile + score when they overlapped
     t = time.perf_counter()
     heatmap = stitch(tiled.store, config.heatmap, card_profile(card))
-    write_heatmap(heatmap, layout.heatmap_store, config.heatmap, {"slide": str(slide_path), "run_key": key})
-    write_heatmap_ngff(heatmap, layout.heatmap_ngff, config.heatmap.min_level_px)
+    with naming_failures(layout.heatmap_store):  # a full disk names the store, not just "No space left"
+        write_heatmap(heatmap, layout.heatmap_store, config.heatmap, {"slide": str(slide_path), "run_key": key})
+    with naming_failures(layout.heatmap_ngff):
+        write_heatmap_ngff(heatmap, layout.heatmap_ngff, config.heatmap.min_level_px)
     _render(layout, heatmap)
     release_freed_memory()
     timings["stitch"] = time.perf_counter() - t

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from wsi_dala.cli.common import (
     Verb,
@@ -102,7 +103,7 @@ def _batch(args: argparse.Namespace) -> int:
     print(f"{len(result.outcomes)} slides in {result.seconds:.1f} s: {counts}")
     for outcome in result.failed:
         print(f"  FAILED {outcome.path}: {outcome.error}")
-    print(f"report: {BatchLayout(args.out).report_md}")
+    print(f"report: {BatchLayout(Path(args.out)).report_md}")
     return 1 if result.failed else 0
 
 

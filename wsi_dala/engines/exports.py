@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from wsi_dala.errors import EngineError, EngineExportError
-from wsi_dala.layout import EngineLayout, engine_dir_beside, writing_path
+from wsi_dala.layout import EngineLayout, engine_dir_beside, remove_stale_partials, writing_path
 from wsi_dala.model.interface import as_split
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def engine_layout(checkpoint: str | os.PathLike[str]) -> EngineLayout:
         with contextlib.suppress(OSError):
             folder.mkdir(parents=True, exist_ok=True)
             if os.access(folder, os.W_OK):
+                remove_stale_partials(folder)  # an export killed half-way (a kill -9 leaves up to 100 MB)
                 return EngineLayout(folder, checkpoint.stem)
     tried = ", ".join(map(str, candidates))
     raise EngineError(f"{checkpoint}: no writable folder for its engine files (tried {tried})")

@@ -10,6 +10,7 @@ not used (a logged fallback, recorded in ``run.json``), so ``auto`` never trades
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import time
@@ -31,7 +32,7 @@ from wsi_dala.engines.runtimes import (
     require_installed,
     scoring_threads,
 )
-from wsi_dala.errors import EngineError, EngineExportError
+from wsi_dala.errors import EngineError, EngineExportError, EngineFileError
 from wsi_dala.fileio import read_json_object, write_json_atomic
 from wsi_dala.model.interface import as_split
 
@@ -209,7 +210,7 @@ def _best_plan(
     check: dict[str, dict[str, float]] = {}
     reference: torch.Tensor | None = None
     cache_file, key = _speed_cache(request)
-    cached = read_json_object(cache_file).get(key, {})
+    cached = _valid_rates(cache_file, key)
     labels = {engine: f"{engine} {engine_precision(request.precision, engine, 'cpu')}" for engine in candidates}
     all_cached = len(candidates) > 1 and all(label in cached for label in labels.values())
     if all_cached:  # every rate known: build and check the fastest alone, the next only if it fails its check
@@ -219,8 +220,7 @@ def _best_plan(
             break
         precision = engine_precision(request.precision, engine, "cpu")
         try:
-            plan = _engine_plan(request, engine, precision)
-            backbone = build_backbone(plan, request.model, "cpu")
+            plan, backbone = _built(request, engine, precision)
         except EngineExportError as exc:
             fallbacks.append(f"{engine}: {exc}")
             continue
@@ -241,9 +241,44 @@ def _best_plan(
         del backbone
     if rates:
         stored = read_json_object(cache_file)
-        stored[key] = {**stored.get(key, {}), **rates}
+        stored[key] = {**_valid_rates(cache_file, key, warn=False), **rates}
         write_json_atomic(cache_file, stored)
     return best, rates, fallbacks, check
+
+
+def _built(request: BackboneRequest, engine: str, precision: str) -> tuple[BackbonePlan, Backbone]:
+    """The engine's plan and its backbone. A cached model file the engine cannot load (cut short by a kill,
+    corrupted) is removed and built again, once, with one warning: a cache is rebuilt, never trusted."""
+    plan = _engine_plan(request, engine, precision)
+    try:
+        return plan, build_backbone(plan, request.model, "cpu")
+    except EngineFileError as exc:
+        log.warning("%s; removing it and building it again", exc)
+        if plan.model_file is not None:
+            Path(plan.model_file).unlink(missing_ok=True)
+        plan = _engine_plan(request, engine, precision)
+        try:
+            return plan, build_backbone(plan, request.model, "cpu")
+        except EngineFileError as again:
+            raise EngineExportError(str(again)) from again
+
+
+def _valid_rates(cache_file: Path, key: str, warn: bool = True) -> dict[str, float]:
+    """This measurement's cached rates, each a finite positive number; a damaged cache (not JSON, not a
+    mapping, a rate that is not a number) is logged once and measured again, never trusted."""
+    entry = read_json_object(cache_file).get(key, {})
+    if not isinstance(entry, dict):
+        if warn:
+            log.warning("%s: damaged speed cache (%r is not a mapping); measuring again", cache_file, key)
+        return {}
+    rates: dict[str, float] = {}
+    for label, value in entry.items():
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+        if math.isfinite(number) and number > 0:
+            rates[str(label)] = float(number)
+        elif warn:
+            log.warning("%s: damaged speed cache (%s: %r); measuring again", cache_file, label, value)
+    return rates
 
 
 def _best_rate(backbone: Backbone, request: BackboneRequest) -> float:

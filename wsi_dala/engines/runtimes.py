@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from wsi_dala.devices import autocast
-from wsi_dala.errors import EngineError
+from wsi_dala.errors import EngineError, EngineFileError
 from wsi_dala.model.interface import as_split
 
 if TYPE_CHECKING:
@@ -110,13 +110,19 @@ def build_backbone(plan: BackbonePlan, model: nn.Module, device: str) -> Backbon
             f"{plan.model_file}: the {plan.engine} model file is not on this machine; on a cluster, point "
             f"$WSI_DALA_ENGINE_CACHE at a shared folder"
         )
-    if plan.engine == "onnxruntime":
-        return OnnxRuntimeBackbone(Path(plan.model_file), plan.threads)
-    if plan.engine == "openvino":
-        from wsi_dala.layout import EngineLayout
+    try:
+        if plan.engine == "onnxruntime":
+            return OnnxRuntimeBackbone(Path(plan.model_file), plan.threads)
+        if plan.engine == "openvino":
+            from wsi_dala.layout import EngineLayout
 
-        compile_cache = EngineLayout(Path(plan.model_file).parent, "").openvino_cache
-        return OpenVinoBackbone(Path(plan.model_file), plan.precision, plan.threads, compile_cache)
+            compile_cache = EngineLayout(Path(plan.model_file).parent, "").openvino_cache
+            return OpenVinoBackbone(Path(plan.model_file), plan.precision, plan.threads, compile_cache)
+    except EngineError:
+        raise
+    except Exception as exc:  # the runtimes raise their own types for a file they cannot read
+        message = " ".join(str(exc).split())[:300]
+        raise EngineFileError(f"{plan.model_file}: {plan.engine} cannot load it ({message})") from exc
     raise EngineError(f"unknown engine {plan.engine!r}")
 
 

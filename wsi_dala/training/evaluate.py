@@ -18,7 +18,7 @@ from torch import nn
 from wsi_dala.calibration import ECE_BINS, calibration_metrics, check_labels, reliability_bins, softmax
 from wsi_dala.devices import pick_device
 from wsi_dala.errors import ConfigError, OutputError
-from wsi_dala.fileio import write_json_atomic
+from wsi_dala.fileio import ensure_writable_dir, write_json_atomic
 from wsi_dala.layout import CalibrateLayout, EvalLayout
 from wsi_dala.model import ModelCard, load_checkpoint, save_checkpoint
 from wsi_dala.stain import StainProfile
@@ -110,7 +110,7 @@ def evaluate_checkpoint(
     ``bf16`` or ``fp16`` (see :mod:`wsi_dala.devices`).
     """
     layout = EvalLayout(Path(out_dir))
-    layout.root.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(layout.root)
     run = _Run(batch_size, device, precision, progress)
     _, card, predictions = _checkpoint_predictions(checkpoint, samples, class_names, run, cams=False)
     probabilities, labels = predictions.probabilities, predictions.labels
@@ -204,7 +204,7 @@ def calibrate_checkpoint(
     model, card, predictions = _checkpoint_predictions(checkpoint, samples, class_names, run, cams=True)
     calibration = fit_calibration(predictions, class_names, fitted_on, folds=sample_folds(samples, predictions.labels))
     profile = positive_cam_profile(predictions, card.positive_index)
-    layout.root.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(layout.root)
     save_checkpoint(layout.checkpoint, model, calibrated_card(card, calibration, profile, fitted_on))
     write_reliability(layout.reliability_png, calibration, fitted_on)
     write_json_atomic(

@@ -31,7 +31,7 @@ from wsi_dala.calibration import check_labels
 from wsi_dala.config import TrainConfig
 from wsi_dala.devices import autocast, normalise, pick_device, resolve_precision
 from wsi_dala.errors import ConfigError
-from wsi_dala.fileio import atomic_open, write_json_atomic
+from wsi_dala.fileio import atomic_open, ensure_writable_dir, write_json_atomic
 from wsi_dala.identity import config_hash
 from wsi_dala.layout import TrainLayout
 from wsi_dala.model import ModelCard, build_model, load_checkpoint, save_checkpoint
@@ -269,8 +269,7 @@ def train_model(
     ``on_epoch_end(row)`` is called after each epoch's state is saved. ``feature_cache_dir``: where
     ``freeze_backbone`` keeps the encoder features (default: the run folder's ``features``).
     """
-    layout = TrainLayout(Path(out_dir))
-    layout.root.mkdir(parents=True, exist_ok=True)
+    layout = TrainLayout(ensure_writable_dir(out_dir))
     session = _start_session(train_samples, class_names, positive_class, config, card_fields)
     if config.freeze_backbone:
         session.features = _head_data(
