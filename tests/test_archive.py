@@ -230,6 +230,23 @@ def test_scoring_config_scheduler_not_forwarded_per_slide(archive, tmp_path):
     assert result.counts() == {"done": 1}
 
 
+def test_a_damaged_dicom_level_is_named_not_silently_left_out(tmp_path, caplog):
+    import numpy as np
+
+    from tests.dicom_wsi import write_dicom_wsi
+    from wsi_dala.slide import Slide
+
+    image = np.full((512, 512, 3), 235, np.uint8)
+    image[100:400, 150:350] = (180, 90, 160)
+    files = write_dicom_wsi([image, image[::2, ::2].copy(), image[::4, ::4].copy()], 0.5, tmp_path / "case9")
+    coarse = files[-1]
+    coarse.write_bytes(coarse.read_bytes()[: coarse.stat().st_size // 2])  # cut short, as a failed copy leaves it
+    with caplog.at_level("WARNING", logger="wsi_dala.slide"), Slide(tmp_path / "case9") as slide:
+        assert slide.info.level_dimensions == ((512, 512), (256, 256))  # OpenSlide leaves the file out
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"{coarse}: OpenSlide cannot read this file") and "a level it held is missing" in warning
+
+
 def test_a_dicom_folder_is_one_slide_and_opens(tmp_path):
     from pathlib import Path
 

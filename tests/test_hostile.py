@@ -206,8 +206,9 @@ def test_greyscale_slide_says_why_no_tissue(tmp_path):
     path = tmp_path / "grey.tif"
     tifffile.imwrite(path, grey, tile=(256, 256), resolution=(2e4, 2e4), resolutionunit="CENTIMETER", photometric="rgb")
     result = _cli("tile", path, "--out", tmp_path / "out", "-q")
-    assert result.returncode == 0
+    assert result.returncode == 2, "no tissue is bad input for `tile` as for `run`"
     assert "no tissue found (the slide has no colour" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "out" / "qc.png").exists() and (tmp_path / "out" / "tiles.zarr").exists()
 
 
 # ----------------------------------------------------------------------------- the output folder

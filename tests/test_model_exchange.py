@@ -130,6 +130,29 @@ def test_our_export_keeps_its_positive_class_when_the_names_do_not_say_it(tmp_pa
     assert read_card(asked).positive_class == "low"
 
 
+def test_an_edited_config_of_our_export_is_named_not_silently_ignored(resnet18_folder, tmp_path, caplog):
+    import shutil
+
+    from wsi_dala.model import read_card
+    from wsi_dala.model_import import imported_checkpoint
+
+    _, exported = resnet18_folder
+    folder = tmp_path / "edited"
+    shutil.copytree(exported, folder, ignore=shutil.ignore_patterns(".wsi-dala"))
+    with caplog.at_level("WARNING", logger="wsi_dala.model_import"):
+        imported_checkpoint(folder)
+    assert not caplog.records, "an untouched export converts without a warning"
+    config = json.loads((folder / "config.json").read_text())
+    config["spacing_um_px"] = 0.25
+    config["class_names"] = ["benign", "malignant"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="wsi_dala.model_import"):
+        card = read_card(imported_checkpoint(folder))
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "class_names, spacing_um_px differ from the model card inside torchscript_model.pt" in warning
+    assert (card.mpp, card.class_names[1]) == (1.0, "Tumor"), "the card inside wins, as the warning says"
+
+
 def test_run_takes_a_wsinfer_folder(resnet18_folder, svs_050, tmp_path):
     _, folder = resnet18_folder
     cli = [sys.executable, "-m", "wsi_dala", "run", str(svs_050.path), "--model", str(folder), "-q"]

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 class SlideOutcome:
     slide_id: str
     path: str
-    status: str  # done | skipped | failed | locked
+    status: str  # done | skipped | failed | locked | not run
     attempts: int = 0
     seconds: float = 0.0
     tiles: int = 0
@@ -64,6 +64,7 @@ class SlideOutcome:
 class BatchResult:
     outcomes: list[SlideOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    interrupted: bool = False  # SIGTERM stopped it; slides not reached are "not run"
 
     @property
     def failed(self) -> list[SlideOutcome]:
@@ -219,10 +220,22 @@ def quality_notes(qc: dict[str, Any], stain: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- the batch
 
 
+class BatchInterrupted(Exception):
+    """SIGTERM (a scheduler's stop, a shutdown) reached the batch: stop, and report what finished."""
+
+
+LOCK_RETRY_ROUNDS = 3  # slides found locked by a holder that then died are run again this many times at most
+LOCK_RETRY_WAIT_S = 2.0
+
+
 def run_batch(
     archive: str | Path, out_dir: str | Path, config: PipelineConfig, batch: BatchConfig, progress: bool = True
 ) -> BatchResult:
-    """Process every slide of the archive; write batch.json and report.md; never stop at a bad slide."""
+    """Process every slide of the archive; write batch.json and report.md; never stop at a bad slide.
+
+    A slide whose lock was held by a process that has since died (a Dask worker killed mid-slide, whose task
+    Dask gave to another worker at once) is run again within the batch. SIGTERM stops the batch: the report
+    of what finished is written, the rest are listed as not run, and ``result.interrupted`` is set."""
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -233,19 +246,71 @@ def run_batch(
     jobs = [(str(p), slide_id(archive, p)) for p in slides]
     # Slides run with the scheduler of the batch; each slide scores on its own worker, locally.
     per_slide = config.model_copy(update={"scoring": config.scoring.model_copy(update={"scheduler": None})})
+    if per_slide.model and Path(per_slide.model).exists():
+        per_slide = per_slide.model_copy(update={"model": str(Path(per_slide.model).absolute())})
     result = BatchResult()
     bar = tqdm(total=len(jobs), unit="slide", desc="batch", disable=not progress)
-    for outcome in _execute(jobs, str(out_dir), per_slide, batch):
-        found = SlideOutcome(**outcome)
-        found.aliases = [str(a) for a in aliases.get(Path(found.path), [])]
-        result.outcomes.append(found)
-        bar.update(1)
-        bar.set_postfix(failed=len(result.failed))
-    bar.close()
+    done: dict[str, SlideOutcome] = {}
+    try:
+        with _stopped_by_sigterm():
+            todo = jobs
+            for round_ in range(LOCK_RETRY_ROUNDS + 1):
+                for outcome in _execute(todo, str(out_dir), per_slide, batch):
+                    found = SlideOutcome(**outcome)
+                    found.aliases = [str(a) for a in aliases.get(Path(found.path), [])]
+                    if found.slide_id not in done:
+                        bar.update(1)
+                    done[found.slide_id] = found
+                    bar.set_postfix(failed=sum(o.status == "failed" for o in done.values()))
+                todo = [job for job in jobs if _holder_gone(out_dir, done.get(job[1]), batch)]
+                if not todo or round_ == LOCK_RETRY_ROUNDS:
+                    break
+                log.warning("%d slide(s) were locked by a process that has died; running them again", len(todo))
+                time.sleep(LOCK_RETRY_WAIT_S)
+    except BatchInterrupted:
+        result.interrupted = True
+        log.warning("SIGTERM: stopping the batch; the report lists what finished")
+    finally:
+        bar.close()
+    result.outcomes = list(done.values())
+    for path, sid in jobs:
+        if sid not in done:
+            result.outcomes.append(SlideOutcome(sid, path, "not run", error="the batch was stopped before it"))
     result.outcomes.sort(key=lambda o: o.path)
     result.seconds = time.perf_counter() - started
     write_reports(BatchLayout(out_dir), archive, result)
     return result
+
+
+def _holder_gone(out_dir: Path, outcome: SlideOutcome | None, batch: BatchConfig) -> bool:
+    """The slide was found locked, and its lock's holder is no longer there."""
+    if outcome is None or outcome.status != "locked":
+        return False
+    from wsi_dala.locks import LockHolder
+
+    holder = LockHolder.read(BatchLayout(out_dir).slide(outcome.slide_id).lock)
+    return holder is None or holder.is_stale(batch.stale_lock_s)
+
+
+@contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into BatchInterrupted while the batch runs (in the main thread only: elsewhere Python
+    cannot take signals)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise BatchInterrupted()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _execute(
@@ -270,12 +335,21 @@ def _execute(
             )
             client = Client(cluster)
         try:
+            # A worker that dies mid-slide: Dask gives its task to another worker (its allowed-failures); the
+            # slide's lock, held by the dead process, is then stale and cleared (see run_batch for the rest).
             futures = [
-                client.submit(process_slide, path, sid, out_dir, config, batch, key=f"slide-{sid}", pure=False)
+                client.submit(process_slide, path, sid, out_dir, config, batch, key=f"slide-{sid}-{time.time_ns()}",
+                              pure=False)
                 for path, sid in jobs
-            ]
+            ]  # fmt: skip
+            slide_of = {future.key: job for future, job in zip(futures, jobs, strict=True)}
             for future in as_completed(futures):
-                yield future.result()
+                try:
+                    yield future.result()
+                except Exception as exc:  # the task itself could not finish (its workers kept dying)
+                    path, sid = slide_of[future.key]
+                    error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                    yield SlideOutcome(sid, path, "failed", error=f"on the cluster: {error}").to_dict()
         finally:
             client.close()
             if cluster is not None:

@@ -15,6 +15,7 @@ runs the model's own code: a model folder is trusted input, like any model.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -28,7 +29,13 @@ from wsi_dala.identity import file_sha256
 from wsi_dala.layout import IMPORT_CACHE_DIR, WSInferModelLayout, imported_torchscript, writing_path
 from wsi_dala.model import ModelCard, build_model, save_checkpoint
 from wsi_dala.model.scripted import IMPORTED_TORCHSCRIPT, SHA256_OPTION, load_torchscript
-from wsi_dala.model.wsinfer_format import CARD_EXTRA_FILE, normalisation_of, positive_class_of, read_wsinfer_config
+from wsi_dala.model.wsinfer_format import (
+    CARD_EXTRA_FILE,
+    normalisation_of,
+    positive_class_of,
+    read_wsinfer_config,
+    wsinfer_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,7 @@ def imported_checkpoint(folder: str | os.PathLike[str], positive_class: str | No
     extra = extra_files[CARD_EXTRA_FILE]
     if extra:  # written by `wsi-dala export-model`: our own card and network, whatever the architecture
         card = ModelCard.from_json(extra, f"{script} (its wsi-dala model card)")
+        _warn_if_config_edited(config_path, card, script)
         if positive_class is not None:
             card.positive_class = positive_class_of(card.class_names, positive_class, str(config_path))
         model = _our_model(scripted, card, script)
@@ -89,6 +97,25 @@ def imported_checkpoint(folder: str | os.PathLike[str], positive_class: str | No
         card = _card(config, ours, names, positive, config_path)
     _save(target, model, card)
     return target
+
+
+def _warn_if_config_edited(config_path: Path, card: ModelCard, script: Path) -> None:
+    """A folder written by ``export-model`` carries its card inside the TorchScript, and that card is what
+    scores; an edit to config.json (other classes, another spacing) would otherwise be ignored without a word."""
+    try:
+        written = wsinfer_config(card)
+    except CheckpointError:
+        return
+    found = json.loads(config_path.read_text())
+    edited = [key for key, value in written.items() if json.dumps(found.get(key)) != json.dumps(value)]
+    if edited:
+        log.warning(
+            "%s: %s differ from the model card inside %s, which wins (it is what the network was trained with); "
+            "to change them, export the model again",
+            config_path,
+            ", ".join(edited),
+            script.name,
+        )
 
 
 def _save(target: Path, model: torch.nn.Module, card: ModelCard) -> None:

@@ -10,6 +10,7 @@ changes what the model sees: user override > vendor property > TIFF resolution t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -27,6 +28,9 @@ from wsi_dala.tiff_regions import level_readers
 READERS = ("auto", "openslide", "tiffslide")
 BACKGROUND_RGB = 255  # what padding outside the image looks like: white glass
 MPP_PLAUSIBLE_RANGE = (0.01, 100.0)  # µm/px; anything outside is metadata garbage
+MAX_DICOM_FILES_CHECKED = 64  # a DICOM WSI holds one file per level (plus label, overview); more is another case
+
+log = logging.getLogger(__name__)
 
 
 def magnification_to_mpp(magnification: float) -> float:
@@ -195,6 +199,32 @@ def dicom_entry(path: Path) -> Path:
     return instances[0] if instances else path
 
 
+_WARNED_UNREAD: set[Path] = set()
+
+
+def warn_unread_dicom_files(folder: Path, entry: Path) -> list[Path]:
+    """The ``.dcm`` files of a DICOM folder that OpenSlide cannot open: OpenSlide leaves such a file out of
+    the series without a word, so a damaged coarse level silently changes the pyramid (and the tissue mask,
+    which is found on a coarse level). Each is named once per process; the list is returned."""
+    import openslide
+
+    unread = []
+    for path in sorted(p for p in folder.glob("*.dcm") if p.is_file() and p != entry)[:MAX_DICOM_FILES_CHECKED]:
+        try:
+            openslide.OpenSlide(str(path)).close()
+        except Exception as exc:  # OpenSlide raises its own and libdicom's errors
+            unread.append(path)
+            if path not in _WARNED_UNREAD:
+                _WARNED_UNREAD.add(path)
+                log.warning(
+                    "%s: OpenSlide cannot read this file (%s); the slide opens without it, so a level it held is "
+                    "missing (replace the file if it belongs to the slide)",
+                    path,
+                    _short(exc),
+                )
+    return unread
+
+
 def _open_backend(path: Path, reader: str) -> tuple[Any, str]:
     errors = []
     order = _reader_order(path, reader)
@@ -227,6 +257,8 @@ class Slide:
             check_tiff_integrity(path)
         self.path = path  # a DICOM folder stays the slide's name (its identity covers every file in it)
         handle, self.reader = _open_backend(dicom_entry(path), reader)
+        if path.is_dir() and self.reader == "openslide":
+            warn_unread_dicom_files(path, dicom_entry(path))
         self._local = threading.local()
         self._local.handle = handle
         self._handles = [handle]

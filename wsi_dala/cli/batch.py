@@ -16,6 +16,8 @@ from wsi_dala.cli.common import (
 )
 from wsi_dala.layout import BatchLayout
 
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as the shell reports a process it ended
+
 
 def _configure_batch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -104,6 +106,9 @@ def _batch(args: argparse.Namespace) -> int:
     for outcome in result.failed:
         print(f"  FAILED {outcome.path}: {outcome.error}")
     print(f"report: {BatchLayout(Path(args.out)).report_md}")
+    if result.interrupted:
+        print("stopped by SIGTERM: the report lists what finished; run the same command to go on")
+        return EXIT_TERMINATED
     return 1 if result.failed else 0
 
 

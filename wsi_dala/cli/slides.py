@@ -71,6 +71,11 @@ def _tile(args: argparse.Namespace) -> int:
     if not result.skipped and result.seconds > 0:
         print(f"speed:        {result.n_tiles / result.seconds:.1f} tiles/s")
     print(f"store:        {result.store}")
+    from wsi_dala.pipeline import check_quality
+
+    # A slide with no tissue is bad input for `tile` as for `run` (exit 2, one line); the empty store and the
+    # pictures that show why stay on disk.
+    check_quality(TileStore(result.store), Path(args.slide), RunLayout.for_slide(Path(args.out), args.slide))
     return 0
 
 

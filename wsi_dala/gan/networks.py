@@ -47,9 +47,7 @@ class GanShape:
 
 def check_resolution(resolution: int) -> None:
     if resolution < MIN_RESOLUTION or resolution > MAX_RESOLUTION or resolution & (resolution - 1):
-        raise ValueError(
-            f"GAN tiles must be a power of two from {MIN_RESOLUTION} to {MAX_RESOLUTION} px, got {resolution}"
-        )
+        raise ValueError(f"GAN tiles must be a power of two from {MIN_RESOLUTION} to {MAX_RESOLUTION} px")
 
 
 class EqualLinear(nn.Module):

@@ -218,7 +218,13 @@ def _check_safetensors(path: Path) -> Path:
     # A safetensors file opens with its JSON header's length (u64, little-endian) and then "{": checked
     # first, because that length can itself begin with the bytes of a pickle's protocol marker.
     header_length = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
-    looks_safetensors = head[8:9] == b"{" and 0 < header_length <= path.stat().st_size - 8
+    size = path.stat().st_size
+    looks_safetensors = head[8:9] == b"{" and 0 < header_length <= size - 8
+    if head[8:9] == b"{" and header_length > size - 8 and path.suffix == ".safetensors":
+        raise CheckpointError(
+            f"{path}: a safetensors file cut short (its header says {header_length} bytes, the file has {size}); "
+            "copy it again"
+        )
     looks_pickle = head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:4] == b"PK\x03\x04"
     if (looks_pickle and not looks_safetensors) or path.suffix in (".pt", ".pth", ".ckpt", ".pkl", ".bin"):
         raise CheckpointError(

@@ -37,14 +37,17 @@ class SyntheticSource:
 
 
 def parse_synthetic_argument(text: str) -> SyntheticSource:
-    """``DIR`` or ``DIR:RATIO`` (RATIO in (0, 10])."""
+    """``DIR`` or ``DIR:RATIO`` (RATIO in (0, 10]). A ':' belongs to the path only when the whole text is an
+    existing path; ``DIR:abc`` with DIR a folder is a bad RATIO, not a folder named ``DIR:abc``."""
     folder, sep, ratio_text = text.rpartition(":")
-    if not sep or not folder:
+    if not sep or not folder or Path(text).exists():
         return SyntheticSource(Path(text))
     try:
         ratio = float(ratio_text)
     except ValueError:
-        return SyntheticSource(Path(text))  # a ':' in the path itself
+        if Path(folder).exists():
+            raise ConfigError(f"--synthetic {text}: RATIO must be a number in (0, 10], got {ratio_text!r}") from None
+        return SyntheticSource(Path(text))  # neither exists: let the folder check name it
     if not 0 < ratio <= 10:
         raise ConfigError(f"--synthetic {text}: RATIO must be in (0, 10], got {ratio_text}")
     return SyntheticSource(Path(folder), ratio)
