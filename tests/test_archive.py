@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,6 +205,13 @@ def test_locks_are_exclusive_and_stale_ones_cleared(tmp_path):
     )
     with slide_lock(BatchSlideLayout(tmp_path), 3600) as held:
         assert held  # its owner is gone: the lock was stale
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exited, not yet reaped by its parent (us)
+    while not Path(f"/proc/{zombie.pid}/stat").read_text().rpartition(")")[2].startswith(" Z"):
+        time.sleep(0.05)
+    (tmp_path / "slide.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": zombie.pid, "time": 0}))
+    with slide_lock(BatchSlideLayout(tmp_path), 3600) as held:
+        assert held  # a killed worker whose parent has not reaped it yet holds nothing
+    zombie.wait()
     (tmp_path / "slide.lock").write_text(json.dumps({"host": "another-host", "pid": 1, "time": time.time()}))
     with slide_lock(BatchSlideLayout(tmp_path), 3600) as held:
         assert not held  # another machine's fresh lock is respected
@@ -258,3 +266,120 @@ def test_a_dicom_folder_is_one_slide_and_opens(tmp_path):
     assert found == [tmp_path / "site-c" / "case9"]
     with Slide(found[0]) as slide:  # what run_slide opens for this entry
         assert slide.info.vendor == "dicom"
+
+
+def _counts(out) -> dict[str, int]:
+    return json.loads((out / "batch.json").read_text())["counts"]
+
+
+def test_a_good_archive_of_links_exits_0_each_slide_named_by_its_link(archive, tmp_path):
+    """Labs point a batch at a mounted archive through symbolic links; the same file reached twice runs once."""
+    root, config_file = archive
+    links = tmp_path / "links"
+    (links / "nested").mkdir(parents=True)
+    (links / "first.svs").symlink_to(root / "site-a" / "case.svs")
+    (links / "nested" / "second.tif").symlink_to(root / "site-b" / "2024" / "other.tif")
+    (links / "zz-again.svs").symlink_to(root / "site-a" / "case.svs")
+    out = tmp_path / "out"
+    done = subprocess.run(_batch_cli(links, out, config_file), capture_output=True, text=True)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert _counts(out) == {"done": 2}
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {
+        slide_id(links, links / "first.svs"),
+        slide_id(links, links / "nested" / "second.tif"),
+    }
+    (row,) = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| first.svs |")]
+    assert row.endswith("| zz-again.svs |"), "the other name of the same file is listed, not scored"
+    again = subprocess.run(_batch_cli(links, out, config_file), capture_output=True, text=True)
+    assert again.returncode == 0 and _counts(out) == {"skipped": 2}
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_batch_with_the_report_of_what_finished(archive, tmp_path):
+    root, config_file = archive
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        _batch_cli(root, out, config_file), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(
+        json.loads(p.read_text()).get("status") == "done" for p in out.glob("*/state.json")
+    ):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    assert "stopped by SIGTERM" in stdout
+    counts = _counts(out)
+    assert counts.get("done", 0) >= 1 and counts.get("not run", 0) >= 1, counts
+    assert "| not run |" in (out / "report.md").read_text()
+    assert not list(out.rglob("slide.lock")) and not list(out.rglob("*.partial"))
+    finished = subprocess.run(_batch_cli(root, out, config_file), capture_output=True, text=True)
+    assert finished.returncode == 1  # the two bad slides, nothing else
+    counts = _counts(out)
+    assert counts["failed"] == 2 and counts.get("done", 0) + counts.get("skipped", 0) == 3, counts
+
+
+def _dask(*args: str, cwd, log) -> subprocess.Popen:
+    """A `dask` command-line process (the scheduler or a worker), as a lab starts one."""
+    dask = shutil.which("dask") or str(Path(sys.executable).parent / "dask")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([dask, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+@pytest.mark.slow
+def test_a_real_cluster_with_a_worker_killed_mid_slide_finishes_every_good_slide(archive, tmp_path):
+    """`dask scheduler` and two `dask worker` processes on localhost; the batch is given relative paths (the
+    workers run elsewhere); the worker holding a slide is killed mid-slide."""
+    root, config_file = archive
+    here, workers_home = tmp_path / "here", tmp_path / "workers"
+    here.mkdir()
+    workers_home.mkdir()
+    shutil.copytree(root, here / "archive", symlinks=True)
+    scheduler_file = tmp_path / "scheduler.json"
+    log = (tmp_path / "dask.log").open("w")
+    common = ["--no-dashboard"]
+    processes = [_dask("scheduler", "--scheduler-file", str(scheduler_file), "--port", "0", *common, cwd=tmp_path,
+                       log=log)]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        workers = [
+            _dask("worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", "--no-nanny", *common,
+                  cwd=workers_home, log=log)
+            for _ in range(2)
+        ]  # fmt: skip
+        processes += workers
+        cli = _batch_cli("archive", "out", config_file, "--scheduler", address)
+        batch = subprocess.Popen(cli, cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        killed = None
+        deadline = time.monotonic() + 300
+        while killed is None and batch.poll() is None and time.monotonic() < deadline:
+            for lock in (here / "out").glob("*/slide.lock"):
+                try:
+                    pid = json.loads(lock.read_text())["pid"]
+                except (OSError, ValueError, KeyError):
+                    continue  # being written
+                match = [w for w in workers if w.pid == pid]
+                if match:
+                    time.sleep(0.5)  # mid-slide
+                    match[0].send_signal(signal.SIGKILL)
+                    killed = lock.parent.name
+                    break
+            time.sleep(0.1)
+        stdout, stderr = batch.communicate(timeout=600)
+        assert killed is not None, "no worker was killed while it held a slide: the test proved nothing"
+        assert batch.returncode == 1 and "Traceback" not in stderr, stderr  # 1: the two bad slides
+        counts = _counts(here / "out")
+        assert counts == {"done": 3, "failed": 2}, (counts, stdout)
+        assert json.loads((here / "out" / killed / "state.json").read_text())["status"] in ("done", "failed")
+        assert not [p for p in workers_home.rglob("*") if p.name in ("state.json", "out")], "stray worker files"
+        again = subprocess.run(cli, cwd=here, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 1 and _counts(here / "out") == {"skipped": 3, "failed": 2}
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+        log.close()

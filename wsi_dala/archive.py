@@ -220,8 +220,9 @@ def quality_notes(qc: dict[str, Any], stain: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- the batch
 
 
-class BatchInterrupted(Exception):
-    """SIGTERM (a scheduler's stop, a shutdown) reached the batch: stop, and report what finished."""
+class BatchInterrupted(BaseException):
+    """SIGTERM (a scheduler's stop, a shutdown) reached the batch: stop, and report what finished. A
+    BaseException, as KeyboardInterrupt is, so a slide's own error handling does not record it as a failure."""
 
 
 LOCK_RETRY_ROUNDS = 3  # slides found locked by a holder that then died are run again this many times at most

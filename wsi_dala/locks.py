@@ -64,7 +64,17 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has exited but not been reaped by its parent still answers kill(0); it holds nothing.
+    (Linux's /proc only; elsewhere a zombie counts as alive until reaped.)"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] in (["Z"], ["X"])
 
 
 def _clear_stale(path: Path, holder: LockHolder) -> None:
