@@ -189,3 +189,36 @@ def test_train_settings_are_checked_before_any_data_is_read(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "command line.beta: input should be less than 1" in err and str(missing) not in err
     assert not (tmp_path / "run").exists()
+
+
+def _unbounded_numbers(model: type) -> list[str]:
+    """The numeric fields of a settings model (and the models inside it) with no upper bound."""
+    schema = model.model_json_schema()
+    definitions = schema.get("$defs", {})
+    found: list[str] = []
+
+    def walk(properties: dict, prefix: str) -> None:
+        for name, spec in properties.items():
+            for option in spec.get("anyOf", [spec]):
+                if "$ref" in option:
+                    walk(definitions[option["$ref"].rsplit("/", 1)[1]]["properties"], f"{prefix}{name}.")
+                elif option.get("type") in ("integer", "number") and not {"maximum", "exclusiveMaximum"} & set(option):
+                    found.append(prefix + name)
+
+    walk(schema["properties"], "")
+    return found
+
+
+def test_every_numeric_setting_has_an_upper_bound():
+    from wsi_dala import config
+
+    models = [c for c in vars(config).values() if isinstance(c, type) and issubclass(c, config.Settings)]
+    assert len(models) >= 10
+    assert {m.__name__: _unbounded_numbers(m) for m in models if _unbounded_numbers(m)} == {}
+
+
+def test_a_huge_chunk_is_refused_before_it_is_allocated(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("tiling:\n  chunk_tiles: 1000000000\n")
+    with pytest.raises(ConfigError, match=r"config.yaml.tiling.chunk_tiles: input should be less than or equal to"):
+        load_config(path)

@@ -4,6 +4,8 @@ checkpoint hash, int8 where the engine has it, and clear refusals or recorded fa
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -165,3 +167,62 @@ def test_cuda_scoring_with_prefetched_batches_matches_the_cpu(dala):
     on_gpu = score_tiles(tiles, str(dala), "cuda", "fp32", 16)  # 3 batches: the copy of the next overlaps
     np.testing.assert_allclose(on_gpu[:, :2], on_cpu[:, :2], atol=1e-3)
     np.testing.assert_allclose(on_gpu[:, 3:], on_cpu[:, 3:], atol=1e-2 * on_cpu[:, 3:].max())
+
+
+def _own_checkpoint(tmp_path) -> str:
+    """A small checkpoint in its own folder, so its engine cache (``<ckpt>.engines/``) is this test's alone."""
+    torch.manual_seed(0)
+    return str(write_untrained_checkpoint(tmp_path / "m.safetensors", "resnet18", tile_size_px=TILE_PX, mpp=2.0))
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_cut_engine_file_is_rebuilt_with_one_warning(tmp_path, caplog):
+    checkpoint = _own_checkpoint(tmp_path)
+    first = plan_backbone(_request(checkpoint, "onnxruntime", "fp32"))
+    onnx_file = engine_layout(checkpoint).onnx("ab" * 32, TILE_PX)
+    assert first.plan.engine == "onnxruntime" and onnx_file.exists()
+    size = onnx_file.stat().st_size
+    onnx_file.write_bytes(onnx_file.read_bytes()[: size // 3])  # a kill during a copy, a full disk
+    engine_plan._CHOSEN.clear()  # the next process
+    with caplog.at_level("WARNING"):
+        again = plan_backbone(_request(checkpoint, "onnxruntime", "fp32"))
+    (warning,) = _warnings(caplog)
+    assert warning.startswith(f"{onnx_file}: onnxruntime cannot load it") and "building it again" in warning
+    assert again.plan.engine == "onnxruntime" and onnx_file.stat().st_size == size
+    engine_plan._CHOSEN.clear()
+
+
+def test_a_damaged_speed_cache_is_measured_again_with_one_warning(tmp_path, caplog, monkeypatch):
+    checkpoint = _own_checkpoint(tmp_path)
+    measure = engine_plan.measure_rate
+    monkeypatch.setattr(engine_plan, "measure_rate", lambda backbone, images: measure(backbone, images, 0.01))
+    plan_backbone(_request(checkpoint, "auto", "fp32"))
+    speed_json = engine_layout(checkpoint).speed_json
+    (key,) = json.loads(speed_json.read_text())
+    for damage in ("not json {", '{"KEY": {"torch fp32": "fast", "onnxruntime fp32": -1}}', "[]"):
+        speed_json.write_text(damage.replace("KEY", key))
+        engine_plan._CHOSEN.clear()  # the next process
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            again = plan_backbone(_request(checkpoint, "auto", "fp32"))
+        (warning,) = _warnings(caplog)
+        assert warning.startswith(f"{speed_json}: damaged speed cache") and warning.endswith("measuring again")
+        rates = json.loads(speed_json.read_text())[key]
+        assert again.reason == "measured fastest" and all(isinstance(v, float) and v > 0 for v in rates.values())
+    engine_plan._CHOSEN.clear()
+
+
+def test_partial_files_of_a_killed_export_are_removed_by_the_next_run(tmp_path):
+    checkpoint = _own_checkpoint(tmp_path)
+    folder = engine_layout(checkpoint).root
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = folder / f".m.onnx.{dead.pid}.partial"  # what a kill -9 during an export leaves
+    leftover.write_bytes(b"\0" * 1000)
+    alive = folder / f".m.onnx.{os.getpid()}.partial"  # a live writer's file is left alone
+    alive.write_bytes(b"\0")
+    engine_layout(checkpoint)
+    assert not leftover.exists() and alive.exists()

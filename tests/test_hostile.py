@@ -36,10 +36,28 @@ def inputs(tmp_path_factory):
     return {"slide": slide.path, "other": other.path, "model": model, "config": config, "folder": folder}
 
 
-def _cli(*args: object, timeout: float = CASE_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: object, timeout: float = CASE_TIMEOUT_S, max_file_bytes: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess; ``max_file_bytes``: no file it writes may grow past this (a full disk, as the
+    writer sees it: every write past the limit fails with an OSError that names no file)."""
     return subprocess.run(
-        [sys.executable, "-m", "wsi_dala", *map(str, args)], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "wsi_dala", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=None if max_file_bytes is None else _file_size_limit(max_file_bytes),
     )
+
+
+def _file_size_limit(max_bytes: int):
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return apply
 
 
 def _run(inputs: dict, out: Path, *extra: object, slide: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -199,6 +217,22 @@ def test_argument_errors_are_one_line(tmp_path, argv, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_wordings_say_what_happened(inputs, tmp_path):
+    gan = _cli("gan", "train", "--folder", tmp_path, "--out", tmp_path / "gan", "--resolution", 48)
+    assert _one_error(gan, "resolution: must be a power of two from 32 to 256").endswith(", got 48")
+    bare = tmp_path / "synthetic"
+    bare.mkdir()
+    ratio = _cli("train", "--folder", tmp_path, "--out", tmp_path / "o", "--synthetic", f"{bare}:abc")
+    _one_error(ratio, f"--synthetic {bare}:abc: RATIO must be a number in (0, 10], got 'abc'")
+    weights = inputs["model"].read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(weights[:20])  # cut inside its JSON header
+    run = _run({**inputs, "model": cut}, tmp_path / "run")
+    _one_error(run, f"{cut}: a safetensors file cut short", "copy it again")
+    unknown = _cli("run", inputs["slide"], "--bogus")
+    _one_error(unknown, "run: unrecognized arguments: --bogus (see wsi-dala run --help)")
+
+
 def test_greyscale_slide_says_why_no_tissue(tmp_path):
     import tifffile
 
@@ -266,6 +300,42 @@ def test_leftover_partial_files_are_removed_by_the_next_run(inputs, reference, t
     (out / ".heatmap.zarr.partial").mkdir()
     assert _run(inputs, out).returncode == 0  # an unchanged run: nothing to do but the clean-up
     assert not list(out.glob(".*.partial"))
+
+
+@pytest.mark.parametrize("limit_bytes", [20_000, 300_000])
+def test_a_full_disk_names_the_file_and_a_rerun_finishes(inputs, tmp_path, limit_bytes):
+    out = tmp_path / "run"
+    result = _cli("run", inputs["slide"], "--model", inputs["model"], "--config", inputs["config"], "--out", out,
+                  "-q", max_file_bytes=limit_bytes)  # fmt: skip
+    line = _one_error(result, "cannot be written (File too large)")
+    assert line.startswith(f"wsi-dala: error: {out}/"), "the path the disk refused is named"
+    assert not list(out.rglob("*.partial"))
+    assert json.loads((out / "run.json").read_text())["status"] == "running", "nothing looks finished"
+    assert _run(inputs, out).returncode == 0
+
+
+def test_a_full_disk_during_the_heatmap_names_the_heatmap_store(inputs, tmp_path):
+    out = tmp_path / "run"
+    tiled = _cli("tile", inputs["slide"], "--out", out, "--mpp", 1, "--tile-size", 64, "--min-tissue", 0.05, "-q")
+    assert tiled.returncode == 0, tiled.stderr
+    result = _cli("run", inputs["slide"], "--model", inputs["model"], "--config", inputs["config"], "--out", out,
+                  "-q", max_file_bytes=150_000)  # the tiles fit; the heatmap's chunks do not  # fmt: skip
+    _one_error(result, f"{out}/heatmap", "cannot be written")
+
+
+def test_export_model_on_a_full_disk_names_the_file_and_leaves_nothing(inputs, tmp_path):
+    for fmt, name in (("wsinfer", "torchscript_model.pt"), ("onnx", "model.onnx")):
+        out = tmp_path / fmt
+        result = _cli("export-model", inputs["model"], "--out", out, "--format", fmt, max_file_bytes=4_000)
+        _one_error(result, f"{out / name}: cannot be written (File too large)")  # no C++ abort (rc 134)
+        assert not list(out.iterdir())
+    out = tmp_path / "wsinfer"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f".torchscript_model.pt.{dead.pid}.partial").write_bytes(b"\0" * 1000)  # what a kill -9 leaves
+    done = _cli("export-model", inputs["model"], "--out", out, "--format", "wsinfer")
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "torchscript_model.pt"]
 
 
 # ----------------------------------------------------------------------------- locks and concurrency

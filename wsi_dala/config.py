@@ -37,6 +37,7 @@ DEFAULT_TILE_MPP = 0.5  # what tiles are cut at when neither the settings nor a 
 DEFAULT_TILE_SIZE_PX = 224
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Probability = Annotated[float, Strict(), Field(gt=0, le=1)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # what numpy's and torch's generators all take
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 
 
@@ -206,7 +207,7 @@ class TrainConfig(Settings):
     imbalance: Literal["cb-loss", "sampler", "none"] = "cb-loss"
     beta: float = Field(0.999, ge=0, lt=1)  # class-balanced loss β
     patience: int = Field(5, ge=1, le=100_000)  # early stopping: epochs without validation-loss improvement
-    seed: int = 0
+    seed: Seed = 0
     freeze_until: Literal["layer1", "layer2", "layer3"] | None = None  # "layer3": layer4 + attention + head only
     freeze_backbone: bool = False  # train the linear head alone, on encoder features computed once (a linear probe)
     device: str = Field("auto", pattern=DEVICE_PATTERN)
@@ -273,7 +274,7 @@ class PretrainConfig(Settings):
     crop_fraction: float = Field(0.75, gt=0.1, le=1.0)  # view side / tile side, at the tile's µm/px
     hed_scale: float = Field(0.05, ge=0, lt=1)
     hed_shift: float = Field(0.05, ge=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     precision: Precision = "auto"
     loader_workers: int = Field(0, ge=0, le=256)
@@ -290,7 +291,8 @@ class PretrainConfig(Settings):
 class GanConfig(Settings):
     """`wsi-dala gan train` settings: a class-conditional StyleGAN2 with ADA (wsi_dala.gan)."""
 
-    resolution: int = 64  # tile side, a power of two in 32..256; tiles are cut (or cropped) to it at their µm/px
+    # tile side, a power of two in 32..256; tiles are cut (or cropped) to it at their µm/px
+    resolution: int = Field(64, ge=32, le=256)
     steps: int = Field(2000, ge=1, le=10**8)  # generator updates
     batch_size: int = Field(16, ge=2, le=4096)
     lr: float = Field(0.0025, gt=0, le=10)  # Adam, both networks (StyleGAN2's)
@@ -305,14 +307,14 @@ class GanConfig(Settings):
     checkpoint_every: int = Field(250, ge=1, le=10**8)  # steps between checkpoints (and sample grids)
     kid_every: int = Field(0, ge=0, le=10**8)  # steps between KIDs (0: only at the end, when a KID encoder is given)
     kid_samples: int = Field(500, ge=20, le=10**6)
-    seed: int = 0
+    seed: Seed = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN)
 
     @field_validator("resolution")
     @classmethod
     def _power_of_two(cls, value: int) -> int:
         if value < 32 or value > 256 or value & (value - 1):
-            raise ValueError(f"must be a power of two from 32 to 256, got {value}")
+            raise ValueError("must be a power of two from 32 to 256")
         return value
 
 

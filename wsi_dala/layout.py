@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from wsi_dala.formats import SLIDE_SUFFIXES, WRAPPER_SUFFIXES
+from wsi_dala.locks import pid_alive
 
 DEFAULT_RUNS_DIR = Path("wsi-dala-runs")  # `wsi-dala run` without --out writes below this, one folder per slide
 DEFAULT_DEMO_DIR = "wsi-dala-demo"
@@ -80,7 +81,6 @@ def remove_stale_partials(folder: Path) -> int:
     :func:`writing_path`) of a process no longer running on this host, and any untouched for a day. For
     folders no lock guards (export, training, engine caches), so that a kill -9 leaves nothing behind the
     next run of the command; returns how many were removed."""
-    import os
     import time
 
     removed = 0
@@ -93,13 +93,7 @@ def remove_stale_partials(folder: Path) -> int:
         except FileNotFoundError:
             continue
         if match and not stale:
-            pid = int(match.group(1))
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                stale = True
-            except PermissionError:
-                stale = False
+            stale = not pid_alive(int(match.group(1)))
         if stale:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

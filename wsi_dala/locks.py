@@ -51,11 +51,11 @@ class LockHolder:
 
     def is_stale(self, stale_after_s: float) -> bool:
         if self.host == socket.gethostname():
-            return not _pid_alive(self.pid)
+            return not pid_alive(self.pid)
         return time.time() - self.since > stale_after_s
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:

@@ -14,6 +14,7 @@ hidden name, then renamed).
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 
 from wsi_dala.engines.exports import OPSET, quiet
-from wsi_dala.errors import CheckpointError
-from wsi_dala.fileio import ensure_writable_dir, require_free_space, write_json_atomic
+from wsi_dala.errors import CheckpointError, OutputError
+from wsi_dala.fileio import ensure_writable_dir, naming_failures, require_free_space, write_json_atomic
 from wsi_dala.layout import ONNX_MODEL_NAME, WSInferModelLayout, writing_path
 from wsi_dala.model import ModelCard, load_checkpoint, read_card
 from wsi_dala.model.scripted import IMPORTED_TORCHSCRIPT
@@ -76,14 +77,20 @@ def _export_wsinfer(model: torch.nn.Module, card: ModelCard, checkpoint: Path, o
         with torch.no_grad(), quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch, and what QuPath loads
             traced = torch.jit.trace(logits, example[:2], check_trace=False)
-            torch.jit.save(traced, str(partial), _extra_files={CARD_EXTRA_FILE: card.to_json()})  # for a round trip
-            loaded = torch.jit.load(str(partial), map_location="cpu").eval()
+            # Saved to memory and written by Python: TorchScript's own file writer aborts the whole process
+            # (C++ terminate) on a full disk instead of raising.
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer, _extra_files={CARD_EXTRA_FILE: card.to_json()})  # for a round trip
+            buffer.seek(0)
+            loaded = torch.jit.load(buffer, map_location="cpu").eval()
         with torch.no_grad():
             expected = torch.softmax(logits(example), dim=1)
             got = torch.softmax(loaded(example), dim=1)
         _require_equal(expected, got, checkpoint, "TorchScript")
-        os.replace(partial, target)
-    except CheckpointError:
+        with naming_failures(target):
+            partial.write_bytes(buffer.getvalue())
+            os.replace(partial, target)
+    except (CheckpointError, OutputError):
         raise
     except Exception as exc:
         why = _line(exc)
@@ -127,6 +134,9 @@ def _export_onnx(model: torch.nn.Module, card: ModelCard, checkpoint: Path, out:
     except CheckpointError:
         raise
     except Exception as exc:
+        written = _os_error(exc)
+        if written is not None:  # a full disk, a quota (wrapped by the exporter or not): the file's name
+            raise OutputError(f"{target}: cannot be written ({written.strerror or _line(written)})") from exc
         raise CheckpointError(f"{checkpoint}: {card.architecture} cannot be exported to ONNX ({_line(exc)})") from exc
     finally:
         partial.unlink(missing_ok=True)
@@ -146,6 +156,16 @@ def _require_equal(expected: torch.Tensor, got: torch.Tensor, checkpoint: Path, 
         raise CheckpointError(
             f"{checkpoint}: the {what} export gives other probabilities than the model (max |Δp| {difference:.2g})"
         )
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``, where an exporter wrapped one in its own error."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None or isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _line(exc: BaseException) -> str:

@@ -75,7 +75,9 @@ class _Interrupts:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _configure_logging(args.verbose)
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:

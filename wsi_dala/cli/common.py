@@ -49,7 +49,19 @@ class Parser(argparse.ArgumentParser):
     """argparse, with a bad argument reported like every other input error: one line, exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_INPUT_ERROR, f"wsi-dala: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        command = self.prog.removeprefix("wsi-dala").strip()
+        where = f"{command}: " if command else ""
+        self.exit(EXIT_INPUT_ERROR, f"wsi-dala: error: {where}{message} (see {self.prog} --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Also records the innermost command's parser (set first, as the innermost finishes first), so an
+        unknown option is reported by the command it was given to, with that command's --help."""
+        parsed, extra = super().parse_known_args(args, namespace)
+        if not hasattr(parsed, "command_parser"):
+            parsed.command_parser = self
+        return parsed, extra
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):

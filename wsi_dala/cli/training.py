@@ -278,6 +278,9 @@ def _train(args: argparse.Namespace) -> int:
         from wsi_dala.model.encoder import check_encoder_weights
 
         check_encoder_weights(config.arch, config.options, Path(config.pretrained), config.input_size)
+    from wsi_dala.training.synthetic_tiles import mix_synthetic, parse_synthetic_argument
+
+    synthetic = [parse_synthetic_argument(text) for text in args.synthetic]  # a bad RATIO before any data is read
     layout = TrainLayout(Path(args.out))
     samples, names, mpp, note, source = load_samples(args, layout.tiles_dir, args.input_size)
     train, val = _split(args, samples, source)
@@ -293,11 +296,8 @@ def _train(args: argparse.Namespace) -> int:
 
         slides = [parse_slide_argument(text) for text in args.slide]
         train = attach_lesion_masks(train, slides, positive)
-    if args.synthetic:
-        from wsi_dala.training.synthetic_tiles import mix_synthetic, parse_synthetic_argument
-
-        sources = [parse_synthetic_argument(text) for text in args.synthetic]
-        train, mixed = mix_synthetic(train, names, sources, card_fields["mpp"], args.input_size, args.seed)
+    if synthetic:
+        train, mixed = mix_synthetic(train, names, synthetic, card_fields["mpp"], args.input_size, args.seed)
         card_fields["training_data"]["synthetic"] = mixed
         print("synthetic: " + "; ".join(f"{m['added']} {m['class']} tiles from {m['folder']}" for m in mixed))
     result = train_model(

@@ -9,6 +9,7 @@ not used (a logged fallback, recorded in ``run.json``), so ``auto`` never trades
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -264,20 +265,31 @@ def _built(request: BackboneRequest, engine: str, precision: str) -> tuple[Backb
 
 
 def _valid_rates(cache_file: Path, key: str, warn: bool = True) -> dict[str, float]:
-    """This measurement's cached rates, each a finite positive number; a damaged cache (not JSON, not a
+    """This measurement's cached rates, each a finite positive number. A damaged cache (not JSON, not a
     mapping, a rate that is not a number) is logged once and measured again, never trusted."""
-    entry = read_json_object(cache_file).get(key, {})
+    try:
+        stored = json.loads(cache_file.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        if warn:
+            log.warning("%s: damaged speed cache (%s); measuring again", cache_file, str(exc).splitlines()[0][:120])
+        return {}
+    entry = stored.get(key, {}) if isinstance(stored, dict) else None
     if not isinstance(entry, dict):
         if warn:
-            log.warning("%s: damaged speed cache (%r is not a mapping); measuring again", cache_file, key)
+            log.warning("%s: damaged speed cache (not a mapping of rates); measuring again", cache_file)
         return {}
     rates: dict[str, float] = {}
+    damaged: list[str] = []
     for label, value in entry.items():
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
         if math.isfinite(number) and number > 0:
             rates[str(label)] = float(number)
-        elif warn:
-            log.warning("%s: damaged speed cache (%s: %r); measuring again", cache_file, label, value)
+        else:
+            damaged.append(f"{label}: {value!r}"[:80])
+    if damaged and warn:
+        log.warning("%s: damaged speed cache (%s); measuring again", cache_file, "; ".join(damaged))
     return rates
 
 
