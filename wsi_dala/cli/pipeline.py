@@ -13,6 +13,7 @@ from wsi_dala.cli.common import (
     add_slide_options,
     add_stain_option,
     add_uncertainty_options,
+    number_in,
 )
 from wsi_dala.formats import slide_argument
 from wsi_dala.layout import DEFAULT_DEMO_DIR, default_run_dir
@@ -187,8 +188,13 @@ def qc_lines(qc: dict[str, Any]) -> list[str]:
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", nargs="?", default=DEFAULT_DEMO_DIR, help="folder for everything the demo writes")
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs")
-    parser.add_argument("--seed", type=int, default=20, help="seed of the generated slides and of training")
+    parser.add_argument("--epochs", type=number_in(1, 1000, integer=True), default=3, help="training epochs")
+    parser.add_argument(
+        "--seed",
+        type=number_in(0, 2**32 - 1, integer=True),
+        default=20,
+        help="seed of the generated slides and of training",
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
