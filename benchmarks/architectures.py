@@ -3,7 +3,7 @@ compared on held-out slides.
 
     python benchmarks/architectures.py [--seeds 0 1] [--epochs 3] [--tile-px 64] [--mpp 1.0]
 
-Generated slides (``wsi_dala.synthetic``) with their tumour drawn as QuPath annotations: four train the
+Generated slides (``wsi_dala.slides.synthetic``) with their tumour drawn as QuPath annotations: four train the
 models, two are held out. Each configuration is trained by the real `wsi-dala train` (from random weights:
 nothing is downloaded), then scored on the held-out tiles with DT Grad-CAM:
 
@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tissue import cpu_flags
 
 from tests.test_slide_training import _write_qupath_annotations
-from wsi_dala.cam import upsample
 from wsi_dala.cli import main
-from wsi_dala.config import TilingConfig
+from wsi_dala.core.config import TilingConfig
+from wsi_dala.explain.cam import upsample
 from wsi_dala.model import load_checkpoint
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.training.datasets import SampleDataset
 from wsi_dala.training.lesion_masks import attach_lesion_masks
 from wsi_dala.training.loaders import make_loader

@@ -4,7 +4,7 @@
 
 On the same tiles, in one process, for each engine × precision this CPU can run:
 - **bare**: backbone only, on batches already in memory (no slide reads, no CAM);
-- **scoring**: ``wsi_dala.scoring.score_tiles`` — what each Dask task runs: normalisation, backbone,
+- **scoring**: ``wsi_dala.inference.scoring.score_tiles`` — what each Dask task runs: normalisation, backbone,
   head, DT Grad-CAM for every tile — on the same in-memory tiles;
 - the first-use cost (export, quantisation, compile) and the difference from torch fp32 (max |Δp|,
   CAM error relative to the largest CAM value, class flips).
@@ -38,7 +38,7 @@ COMBINATIONS = (
 
 
 def _available(combinations: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
-    from wsi_dala.devices import cpu_supports_bf16
+    from wsi_dala.model.devices import cpu_supports_bf16
 
     return [(e, p) for e, p in combinations if p != "bf16" or cpu_supports_bf16()]
 
@@ -46,10 +46,10 @@ def _available(combinations: tuple[tuple[str, str], ...]) -> list[tuple[str, str
 def engines_on_tiles(args: argparse.Namespace) -> None:
     import torch
 
-    from wsi_dala.engines.plan import BackboneRequest, plan_backbone
-    from wsi_dala.engines.runtimes import build_backbone
+    from wsi_dala.inference.engines.plan import BackboneRequest, plan_backbone
+    from wsi_dala.inference.engines.runtimes import build_backbone
+    from wsi_dala.inference.scoring import prepared_images, score_tiles
     from wsi_dala.model import load_checkpoint, write_untrained_checkpoint
-    from wsi_dala.scoring import prepared_images, score_tiles
 
     with tempfile.TemporaryDirectory() as folder:
         os.environ.setdefault("WSI_DALA_ENGINE_CACHE", str(Path(folder) / "engines"))
@@ -85,7 +85,7 @@ def engines_on_tiles(args: argparse.Namespace) -> None:
             _row(engine, precision, first_use, bare, scoring, packed, reference, card.positive_index)
         if args.compile:
             for precision in [p for p in ("fp32", "bf16") if ("torch", p) in _available(COMBINATIONS)]:
-                from wsi_dala.devices import autocast
+                from wsi_dala.model.devices import autocast
                 from wsi_dala.model.interface import as_split
 
                 compiled = torch.compile(as_split(model).forward_features)
@@ -112,13 +112,13 @@ def _row(engine, precision, first_use, bare, scoring, packed, reference, positiv
 
 
 def engines_on_demo(args: argparse.Namespace) -> None:
-    from wsi_dala.config import PipelineConfig, ScoringConfig, TilingConfig
-    from wsi_dala.demo import DemoSettings
-    from wsi_dala.layout import DemoLayout
-    from wsi_dala.pipeline import run_slide
-    from wsi_dala.store import TileStore
-    from wsi_dala.synthetic import TUMOUR, SyntheticSlideSpec, write_synthetic_slide
-    from wsi_dala.truth import tumour_iou
+    from wsi_dala.core.config import PipelineConfig, ScoringConfig, TilingConfig
+    from wsi_dala.core.layout import DemoLayout
+    from wsi_dala.runs.demo import DemoSettings
+    from wsi_dala.runs.pipeline import run_slide
+    from wsi_dala.runs.truth import tumour_iou
+    from wsi_dala.slides.synthetic import TUMOUR, SyntheticSlideSpec, write_synthetic_slide
+    from wsi_dala.tiling.store import TileStore
 
     layout = DemoLayout(Path(args.demo))
     settings = DemoSettings()

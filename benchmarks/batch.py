@@ -33,10 +33,10 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from wsi_dala.archive import run_batch
-    from wsi_dala.config import BatchConfig, PipelineConfig
+    from wsi_dala.core.config import BatchConfig, PipelineConfig
     from wsi_dala.model import write_untrained_checkpoint
-    from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+    from wsi_dala.runs.archive import run_batch
+    from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
     width, height = (int(v) for v in args.size.split("x"))
     archive = DATA / f"archive_{args.slides}x{args.size}"

@@ -4,7 +4,7 @@ unlabelled tiles of other slides, with GAN-made tumour tiles, and both.
     python benchmarks/few_labels.py [--seeds 0 1 2] [--fractions 0.05 0.2 1.0] [--gan-steps 300]
         [--mpp 0.5] [--other-stains pale dark]
 
-Generated slides (``wsi_dala.synthetic``), tumour drawn as QuPath annotations, 64 px tiles at ``--mpp``
+Generated slides (``wsi_dala.slides.synthetic``), tumour drawn as QuPath annotations, 64 px tiles at ``--mpp``
 (default 1 µm/px, where the generator's tiles are flat colour; at 0.5 µm/px they show its nuclei, denser
 in tumour). Every slide spans the same area, so each µm/px gives the same number of tiles:
 
@@ -51,12 +51,12 @@ from tissue import cpu_flags
 
 from tests.test_slide_training import _write_qupath_annotations
 from wsi_dala.cli import main
-from wsi_dala.config import GanConfig, TilingConfig, TrainConfig
+from wsi_dala.core.config import GanConfig, TilingConfig, TrainConfig
 from wsi_dala.gan.quality import encoder_features
 from wsi_dala.gan.sampling import sample_tiles
 from wsi_dala.gan.training import GanData, train_gan
 from wsi_dala.model import load_checkpoint
-from wsi_dala.synthetic import STAIN_NAMES, SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.slides.synthetic import STAIN_NAMES, SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.training.datasets import Sample
 from wsi_dala.training.loaders import make_loader
 from wsi_dala.training.metrics import classification_metrics

@@ -30,8 +30,8 @@ from tissue import cpu_flags
 
 from tests.images import write_blob_folder
 from wsi_dala.cli import main
-from wsi_dala.devices import autocast, resolve_precision
 from wsi_dala.model import build_model
+from wsi_dala.model.devices import autocast, resolve_precision
 
 UNI_OPTIONS = {"init_values": 1e-5}
 ENCODERS = {

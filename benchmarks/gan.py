@@ -3,7 +3,7 @@ training, and the GAN's speed on this machine.
 
     python benchmarks/gan.py [--steps 600] [--kid-every 100] [--resolution 64]
 
-Generated slides (``wsi_dala.synthetic``), tumour drawn as QuPath annotations, tiles at ``--mpp``
+Generated slides (``wsi_dala.slides.synthetic``), tumour drawn as QuPath annotations, tiles at ``--mpp``
 (default 1 µm/px: flat colour; at 0.5 µm/px the generator's nuclei show, as in few_labels.py): the
 tumour tiles of ``--slides`` slides train the GAN (`gan train --class Tumor`, whole slides held out for KID's
 real tiles); KID is measured in the feature space of a `wsi-dala pretrain` backbone (resnet18, SimCLR on

@@ -76,11 +76,11 @@ def main() -> None:
     import zarr
     from tissue import cpu_flags
 
-    from wsi_dala.cam import head_logits_and_raw_cams
-    from wsi_dala.devices import resolve_device, resolve_precision
-    from wsi_dala.engines import BackbonePlan, load_backbone
+    from wsi_dala.explain.cam import head_logits_and_raw_cams
+    from wsi_dala.inference.engines import BackbonePlan, load_backbone
+    from wsi_dala.inference.scoring import cached_model, prepared_images, score_tiles
     from wsi_dala.model import write_untrained_checkpoint
-    from wsi_dala.scoring import cached_model, prepared_images, score_tiles
+    from wsi_dala.model.devices import resolve_device, resolve_precision
 
     device = resolve_device("auto")
     precision = resolve_precision(args.precision, device)

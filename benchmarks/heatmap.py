@@ -45,9 +45,9 @@ CASES = {
 
 
 def write_training_slides(folder: Path) -> list[Path]:
-    from wsi_dala.layout import annotations_beside
-    from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
-    from wsi_dala.truth import write_truth_annotations
+    from wsi_dala.core.layout import annotations_beside
+    from wsi_dala.runs.truth import write_truth_annotations
+    from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
     paths = []
     for seed in TRAIN_SEEDS:
@@ -72,7 +72,7 @@ def train(slides: list[Path], out: Path, epochs: int) -> Path:
 
 
 def write_case(folder: Path, name: str):
-    from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+    from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
     case = CASES[name]
     spec = SyntheticSlideSpec(
@@ -85,7 +85,7 @@ def truth_cells(slide, cell_l0: float, shape: tuple[int, int]) -> np.ndarray:
     """Planted tumour on the heatmap's cell grid (a cell is tumour when at least half of it is)."""
     from PIL import Image
 
-    from wsi_dala.synthetic import TUMOUR
+    from wsi_dala.slides.synthetic import TUMOUR
 
     tumour = (slide.labels == TUMOUR).astype(np.float32)
     scale = cell_l0 / slide.label_px
@@ -99,10 +99,10 @@ def truth_cells(slide, cell_l0: float, shape: tuple[int, int]) -> np.ndarray:
 
 def region_iou(slide, heatmap, layer: str) -> float:
     from qupath_export.polygons import mask_to_polygons
-    from wsi_dala.config import ExportConfig
-    from wsi_dala.export import region_features
-    from wsi_dala.synthetic import TUMOUR
-    from wsi_dala.truth import INK_MARGIN_UM
+    from wsi_dala.core.config import ExportConfig
+    from wsi_dala.outputs.geojson import region_features
+    from wsi_dala.runs.truth import INK_MARGIN_UM
+    from wsi_dala.slides.synthetic import TUMOUR
 
     traced = replace(heatmap, tumour=getattr(heatmap, layer))
     features, _ = region_features(traced, ExportConfig())
@@ -116,8 +116,8 @@ def region_iou(slide, heatmap, layer: str) -> float:
 
 
 def tile_auc(slide, store) -> float:
-    from wsi_dala.grid import tissue_fractions
-    from wsi_dala.synthetic import TUMOUR
+    from wsi_dala.slides.synthetic import TUMOUR
+    from wsi_dala.tiling.grid import tissue_fractions
 
     fraction = tissue_fractions(slide.labels == TUMOUR, slide.label_px, store.coords(), store.info.tile_size_l0)
     usable = store.usable_tiles() & ((fraction >= 0.5) | (fraction <= 0.1))  # ambiguous tiles left out
@@ -140,11 +140,11 @@ def truth_seam_index(heatmap, tumour: np.ndarray, grid: int, stride_cells: int) 
 
 
 def measure_run(slide, checkpoint: Path, out: Path, variant: str) -> dict:
-    from wsi_dala.config import HeatmapConfig, PipelineConfig, TilingConfig
-    from wsi_dala.heatmap import stitch
+    from wsi_dala.core.config import HeatmapConfig, PipelineConfig, TilingConfig
     from wsi_dala.model import read_card
-    from wsi_dala.pipeline import card_profile, run_slide
-    from wsi_dala.store import TileStore
+    from wsi_dala.outputs.heatmap import stitch
+    from wsi_dala.runs.pipeline import card_profile, run_slide
+    from wsi_dala.tiling.store import TileStore
 
     tiling = TilingConfig(min_tissue=0.25, stride_px=64 if variant == "half-stride" else None)
     heatmap_config = HeatmapConfig(border_correction=variant != "no-correction")
@@ -175,7 +175,7 @@ def measure_run(slide, checkpoint: Path, out: Path, variant: str) -> dict:
 def scaled_store(source, path: Path, n_tiles: int, rng: np.random.Generator):
     """A store of ``n_tiles`` on a square grid, scores and CAMs drawn from a real run (the stitch reads
     nothing else): what stitching costs at that size, without cutting and scoring 10^5 tiles."""
-    from wsi_dala.store import QCRecord, ScoringRecord, TileStore
+    from wsi_dala.tiling.store import QCRecord, ScoringRecord, TileStore
 
     info = source.info
     side = int(np.ceil(np.sqrt(n_tiles)))
@@ -201,7 +201,7 @@ def scaled_store(source, path: Path, n_tiles: int, rng: np.random.Generator):
 
 
 def stitch_scaling(source_store, score_s_per_tile: float, folder: Path) -> list[dict]:
-    from wsi_dala.heatmap import stitch
+    from wsi_dala.outputs.heatmap import stitch
 
     rows = []
     rng = np.random.default_rng(0)
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['score_s']:8.1f} {row['stitch_s']:8.2f}"
             )
             sys.stdout.flush()
-    from wsi_dala.store import TileStore
+    from wsi_dala.tiling.store import TileStore
 
     default = results[("like-training", "default")]
     source = TileStore(args.out / "runs" / "like-training-default" / "tiles.zarr")

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from wsi_dala.cam import logits_and_raw_cams
-from wsi_dala.devices import cpu_supports_bf16
+from wsi_dala.explain.cam import logits_and_raw_cams
 from wsi_dala.model import ARCHITECTURES, build_model
+from wsi_dala.model.devices import cpu_supports_bf16
 
 
 def _sync(device: torch.device) -> None:

@@ -5,10 +5,10 @@
 
 Sharp tiles come from real H&E of several labs and organs (CMU-1 skin; TCGA carcinoma, lung, level-0
 tiles of fat and mixed tissue; HistoQC's four templates; torchstain's pair) and from both generators
-(:mod:`wsi_dala.synthetic`, flat colours in three stains, and :mod:`wsi_dala.synthetic_texture`, real
+(:mod:`wsi_dala.slides.synthetic`, flat colours in three stains, and :mod:`wsi_dala.slides.synthetic_texture`, real
 texture), at 0.5 µm/px (224 px). Each tile is cut with a margin, blurred as a scanner out of focus would
 (a Gaussian of σ 1-4 px, or a disk of radius 2-4 px, the defocus of a lens), given sensor noise (σ 2 grey
-levels), cropped and written as JPEG (quality 80), then judged by ``wsi_dala.qc`` with its defaults.
+levels), cropped and written as JPEG (quality 80), then judged by ``wsi_dala.tissue.qc`` with its defaults.
 
 Prints, per tissue kind and strength, the share of tiles flagged out of focus and, in brackets, the share
 the measure could judge at all (a tile that is all glass is *not judged*, which is not a pass). Targets:
@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from tissue import cpu_flags  # noqa: E402  (benchmarks/ is on sys.path when this runs as a script)
 
-from wsi_dala.config import QCConfig  # noqa: E402
-from wsi_dala.qc import judge, tile_edge_blur_um  # noqa: E402
+from wsi_dala.core.config import QCConfig  # noqa: E402
+from wsi_dala.tissue.qc import judge, tile_edge_blur_um  # noqa: E402
 
 TILE_PX, MARGIN_PX = 224, 16
 NOISE_GREY = 2.0
@@ -72,7 +72,7 @@ def png(path: Path) -> np.ndarray:
 
 
 def slide_level0(path: Path) -> np.ndarray:
-    from wsi_dala.slide import Slide
+    from wsi_dala.slides.reader import Slide
 
     with Slide(path) as slide:
         return slide.read_region(0, 0, 0, slide.info.width, slide.info.height)
@@ -117,8 +117,8 @@ def real_kinds(real: Path, data: Path, mpp: float) -> dict[str, list[np.ndarray]
 
 def generated_kinds(scratch: Path, data: Path) -> dict[str, list[np.ndarray]]:
     """Windows of tumour and of other tissue from both generators, at 0.5 µm/px."""
-    from wsi_dala.synthetic import TISSUE, TUMOUR, SyntheticSlideSpec, write_synthetic_slide
-    from wsi_dala.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
+    from wsi_dala.slides.synthetic import TISSUE, TUMOUR, SyntheticSlideSpec, write_synthetic_slide
+    from wsi_dala.slides.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
 
     kinds: dict[str, list[np.ndarray]] = {}
 

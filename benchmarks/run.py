@@ -29,9 +29,9 @@ DATA = Path(__file__).resolve().parent / ".data"
 
 def bare_backbone_rate(checkpoint: Path, store: Path, backend: dict, batch_size: int, n_tiles: int) -> float:
     """Backbone-only tiles/s of the engine the run chose, on the run's tiles already in memory."""
-    from wsi_dala.engines import BackbonePlan, load_backbone
-    from wsi_dala.scoring import cached_model, prepared_images
-    from wsi_dala.store import TileStore
+    from wsi_dala.inference.engines import BackbonePlan, load_backbone
+    from wsi_dala.inference.scoring import cached_model, prepared_images
+    from wsi_dala.tiling.store import TileStore
 
     model, card = cached_model(str(checkpoint), "cpu")
     plan = BackbonePlan(backend["engine"], backend["precision"], backend.get("model_file"), backend["threads"])
@@ -62,9 +62,9 @@ def main() -> None:
     from tiling import phase_generate
     from tissue import cpu_flags
 
-    from wsi_dala.config import PipelineConfig, ScoringConfig
+    from wsi_dala.core.config import PipelineConfig, ScoringConfig
     from wsi_dala.model import write_untrained_checkpoint
-    from wsi_dala.pipeline import run_slide
+    from wsi_dala.runs.pipeline import run_slide
 
     slide = args.slide or DATA / "synthetic_40000x30000_0.25.svs"
     if not slide.exists():

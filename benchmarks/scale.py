@@ -20,7 +20,7 @@ What it does:
    28 level-0 px per pixel, random scores and CAMs that make smooth tumour blobs with noise (and
    border-dimmed CAMs, as a CNN's are), a few QC-flagged patches. The tile pixels are never written
    (the Zarr array's fill value: no bytes on disk);
-2. in a fresh process (so its peak memory is its own), runs what ``wsi_dala.pipeline`` runs after
+2. in a fresh process (so its peak memory is its own), runs what ``wsi_dala.runs.pipeline`` runs after
    scoring, in its order, with default settings: ``stitch`` → ``write_heatmap`` (heatmap.zarr) →
    ``write_heatmap_ngff`` (heatmap.ome.zarr) → tile
    detections GeoJSON → tumour region GeoJSON (``export_tiles`` and ``export_regions``, the two halves of
@@ -104,9 +104,9 @@ def border_attenuation(grid: int) -> np.ndarray:
 
 def build_store(path: Path, n_tiles: int, seed: int) -> dict[str, Any]:
     """A complete, scored tile store of ``n_tiles`` tiles (see the module's docstring)."""
-    from wsi_dala.grid import block_order
-    from wsi_dala.qc import BLUR, FOLD
-    from wsi_dala.store import QCRecord, ScoringRecord, SlideRecord, TileStore, TilingRecord
+    from wsi_dala.tiling.grid import block_order
+    from wsi_dala.tiling.store import QCRecord, ScoringRecord, SlideRecord, TileStore, TilingRecord
+    from wsi_dala.tissue.qc import BLUR, FOLD
 
     rng = np.random.default_rng(seed)
     lattice = tissue_lattice(rng, n_tiles)
@@ -204,10 +204,10 @@ def _timed(results: dict[str, Any], stage: Any, name: str, work: Callable[[], An
 
 def run_stages(store_path: str, out: str, render: bool, skip: tuple[str, ...], stage: Any) -> dict[str, Any]:
     """What the pipeline runs after scoring, in its order (run in a fresh process)."""
-    from wsi_dala.config import PipelineConfig
-    from wsi_dala.export import export_regions, export_tiles
-    from wsi_dala.heatmap import render_overlay, stitch, write_heatmap
-    from wsi_dala.heatmap_ngff import write_heatmap_ngff
+    from wsi_dala.core.config import PipelineConfig
+    from wsi_dala.outputs.geojson import export_regions, export_tiles
+    from wsi_dala.outputs.heatmap import render_overlay, stitch, write_heatmap
+    from wsi_dala.outputs.ngff import write_heatmap_ngff
 
     config = PipelineConfig()
     folder = Path(out)
@@ -237,7 +237,7 @@ def run_stages(store_path: str, out: str, render: bool, skip: tuple[str, ...], s
             results, stage, "export regions", lambda: export_regions(heatmap, regions_path, config.export)[0]
         )
     if render:
-        from wsi_dala.store import TileStore
+        from wsi_dala.tiling.store import TileStore
 
         mask = TileStore(store_path).tissue_mask()
         assert mask is not None

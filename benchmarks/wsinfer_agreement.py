@@ -11,7 +11,7 @@
    with an empty zoo registry, ``HF_HUB_OFFLINE=1``);
 3. reads WSInfer's patches (level-0 ``minx, miny, width, height``) with our reader, resizes them as our
    tiler does, and again as WSInfer does (so the pixels match), and scores them with
-   ``wsi_dala.scoring.score_tiles`` (fp32, torch);
+   ``wsi_dala.inference.scoring.score_tiles`` (fp32, torch);
 4. prints, for each, the Spearman correlation of the positive-class probabilities, the max and median
    |Δp|, and the share of patches within 0.02 (targets: Spearman ≥ 0.99; within 0.02 where the pixels match).
 
@@ -67,10 +67,10 @@ def our_probabilities(
     the model sees the same pixels."""
     from PIL import Image
 
+    from wsi_dala.inference.scoring import score_tiles
     from wsi_dala.model import read_card
-    from wsi_dala.scoring import score_tiles
-    from wsi_dala.slide import Slide
-    from wsi_dala.tiling import resize_tile
+    from wsi_dala.slides.reader import Slide
+    from wsi_dala.tiling.tiler import resize_tile
 
     card = read_card(checkpoint)
     size = card.tile_size_px
@@ -97,8 +97,8 @@ def main() -> int:
     args = parser.parse_args()
     from scipy.stats import spearmanr
 
+    from wsi_dala.interop.model_export import export_model
     from wsi_dala.model import read_card, write_untrained_checkpoint
-    from wsi_dala.model_export import export_model
 
     if not args.slide.exists():
         raise SystemExit(f"{args.slide}: not found (benchmarks/compare_wsinfer.py generates it)")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.images import write_blob_folder
-from wsi_dala.config import TrainConfig
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.core.config import TrainConfig
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.training.datasets import image_folder_samples
 from wsi_dala.training.splits import group_split
 from wsi_dala.training.train import train_model

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_dala.archive import find_slides, run_batch, slide_id, slide_lock
-from wsi_dala.config import BatchConfig, PipelineConfig, ScoringConfig
-from wsi_dala.layout import BatchSlideLayout
+from wsi_dala.core.config import BatchConfig, PipelineConfig, ScoringConfig
+from wsi_dala.core.layout import BatchSlideLayout
 from wsi_dala.model import write_untrained_checkpoint
 from wsi_dala.model.colour import CLASS_NAMES
-from wsi_dala.store import TileStore
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.runs.archive import find_slides, run_batch, slide_id, slide_lock
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.tiling.store import TileStore
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def archive(tmp_path_factory):
 
 
 def _config(config_file) -> PipelineConfig:
-    from wsi_dala.config import load_config
+    from wsi_dala.core.config import load_config
 
     return load_config(config_file)
 
@@ -242,14 +242,14 @@ def test_a_damaged_dicom_level_is_named_not_silently_left_out(tmp_path, caplog):
     import numpy as np
 
     from tests.dicom_wsi import write_dicom_wsi
-    from wsi_dala.slide import Slide
+    from wsi_dala.slides.reader import Slide
 
     image = np.full((512, 512, 3), 235, np.uint8)
     image[100:400, 150:350] = (180, 90, 160)
     files = write_dicom_wsi([image, image[::2, ::2].copy(), image[::4, ::4].copy()], 0.5, tmp_path / "case9")
     coarse = files[-1]
     coarse.write_bytes(coarse.read_bytes()[: coarse.stat().st_size // 2])  # cut short, as a failed copy leaves it
-    with caplog.at_level("WARNING", logger="wsi_dala.slide"), Slide(tmp_path / "case9") as slide:
+    with caplog.at_level("WARNING", logger="wsi_dala.slides.reader"), Slide(tmp_path / "case9") as slide:
         assert slide.info.level_dimensions == ((512, 512), (256, 256))  # OpenSlide leaves the file out
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning.startswith(f"{coarse}: OpenSlide cannot read this file") and "a level it held is missing" in warning
@@ -258,7 +258,7 @@ def test_a_damaged_dicom_level_is_named_not_silently_left_out(tmp_path, caplog):
 def test_a_dicom_folder_is_one_slide_and_opens(tmp_path):
     from pathlib import Path
 
-    from wsi_dala.slide import Slide
+    from wsi_dala.slides.reader import Slide
 
     shutil.copytree(Path(__file__).parent / "data" / "dicom-boxes", tmp_path / "site-c" / "case9")
     (tmp_path / "site-c" / "notes.txt").write_text("not a slide")

@@ -11,7 +11,11 @@ import pytest
 
 from tests.conftest import QUICK
 from tests.images import write_blob_folder
-from wsi_dala.calibration import (
+from wsi_dala.cli import main
+from wsi_dala.core.config import TrainConfig
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.model import read_card, write_untrained_checkpoint
+from wsi_dala.model.calibration import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
     bound_warning,
@@ -25,10 +29,6 @@ from wsi_dala.calibration import (
     reliability_bins,
     softmax,
 )
-from wsi_dala.cli import main
-from wsi_dala.config import TrainConfig
-from wsi_dala.errors import ConfigError
-from wsi_dala.model import read_card, write_untrained_checkpoint
 from wsi_dala.training.datasets import image_folder_samples
 from wsi_dala.training.train import train_model
 
@@ -166,7 +166,7 @@ def test_single_class_and_empty_data_are_refused_in_one_line():
 
 
 def test_model_card_refuses_a_temperature_the_fit_cannot_give():
-    from wsi_dala.errors import CheckpointError
+    from wsi_dala.core.errors import CheckpointError
     from wsi_dala.model import ModelCard
 
     def card(temperature: float) -> ModelCard:

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from tests.images import blob_image
-from wsi_dala.cam import CamSettings, dt_gradcam, dynamic_threshold, logits_and_raw_cams
 from wsi_dala.cli import main
-from wsi_dala.devices import normalise
+from wsi_dala.explain.cam import CamSettings, dt_gradcam, dynamic_threshold, logits_and_raw_cams
 from wsi_dala.model import DALAResNet50, load_checkpoint
+from wsi_dala.model.devices import normalise
 
 
 def test_thresholds_follow_each_maps_distribution():
@@ -104,11 +104,11 @@ def test_cam_cli_writes_side_by_side_pngs(blob_model, tmp_path, capsys):
 
 
 @pytest.mark.skipif(
-    not __import__("wsi_dala.devices", fromlist=["x"]).cpu_supports_bf16(),
+    not __import__("wsi_dala.model.devices", fromlist=["x"]).cpu_supports_bf16(),
     reason="this CPU has no native bf16; scoring runs in fp32 here",
 )
 def test_bf16_scoring_stays_within_stated_tolerance_of_fp32(blob_model):
-    from wsi_dala.scoring import score_tiles
+    from wsi_dala.inference.scoring import score_tiles
 
     result, _ = blob_model
     rng = np.random.default_rng(3)

@@ -16,7 +16,7 @@ import pytest
 from tests.images import write_blob_folder
 from wsi_dala.model import write_untrained_checkpoint
 from wsi_dala.model.colour import CLASS_NAMES
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
 WSI_DALA = shutil.which("wsi-dala") or str(Path(sys.executable).parent / "wsi-dala")
 TIMEOUT_S = 120

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from wsi_dala.cli import main
-from wsi_dala.store import is_complete
+from wsi_dala.tiling.store import is_complete
 
 
 def _run(capsys, *argv):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsi_dala.config import PipelineConfig, load_config, with_overrides
-from wsi_dala.errors import ConfigError
+from wsi_dala.core.config import PipelineConfig, load_config, with_overrides
+from wsi_dala.core.errors import ConfigError
 
 DEFAULT_YAML = Path(__file__).parent.parent / "pipelines" / "default.yaml"
 
@@ -210,7 +210,7 @@ def _unbounded_numbers(model: type) -> list[str]:
 
 
 def test_every_numeric_setting_has_an_upper_bound():
-    from wsi_dala import config
+    from wsi_dala.core import config
 
     models = [c for c in vars(config).values() if isinstance(c, type) and issubclass(c, config.Settings)]
     assert len(models) >= 10

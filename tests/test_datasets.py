@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.images import BREAKHIS_PATIENTS, write_blob_folder, write_breakhis_tree
-from wsi_dala.errors import ConfigError
+from wsi_dala.core.errors import ConfigError
 from wsi_dala.training.datasets import breakhis_samples, image_folder_samples
 from wsi_dala.training.splits import group_split, read_breakhis_fold
 

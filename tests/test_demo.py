@@ -11,7 +11,7 @@ import pytest
 
 from tests.qupath_rules import check_file
 from tests.test_cli_commands import ok, wsi_dala
-from wsi_dala.layout import RunLayout
+from wsi_dala.core.layout import RunLayout
 from wsi_dala.model import read_card
 
 

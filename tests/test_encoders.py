@@ -15,9 +15,9 @@ import zarr
 from safetensors.torch import load_file, save_file
 
 from tests.images import write_blob_folder
-from wsi_dala.cam import logits_and_raw_cams
 from wsi_dala.cli import main
-from wsi_dala.errors import CheckpointError
+from wsi_dala.core.errors import CheckpointError
+from wsi_dala.explain.cam import logits_and_raw_cams
 from wsi_dala.model import build_model, load_checkpoint
 
 TINY_VIT = "timm:vit_tiny_patch16_224"
@@ -207,7 +207,7 @@ def test_the_linear_head_list_agrees_with_the_models_it_names():
     """`TrainConfig` checks --freeze-backbone against a list of names (the config must not import torch);
     the models decide by their head's structure. The two must agree for every torchvision baseline."""
     from wsi_dala.model.build import _TORCHVISION
-    from wsi_dala.model_choices import LINEAR_HEAD_ARCHITECTURES
+    from wsi_dala.model.registry import LINEAR_HEAD_ARCHITECTURES
 
     for arch in _TORCHVISION:
         model = build_model(arch, 2, "none", input_size=224)

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from wsi_dala.cli import main
-from wsi_dala.config import PipelineConfig, ScoringConfig, TilingConfig
-from wsi_dala.engines import plan as engine_plan
-from wsi_dala.engines.exports import engine_layout, ensure_onnx
-from wsi_dala.engines.plan import BackboneRequest, plan_backbone
-from wsi_dala.errors import EngineError
+from wsi_dala.core.config import PipelineConfig, ScoringConfig, TilingConfig
+from wsi_dala.core.errors import EngineError
+from wsi_dala.inference.engines import plan as engine_plan
+from wsi_dala.inference.engines.exports import engine_layout, ensure_onnx
+from wsi_dala.inference.engines.plan import BackboneRequest, plan_backbone
 from wsi_dala.model import load_checkpoint, write_untrained_checkpoint
-from wsi_dala.pipeline import run_slide
-from wsi_dala.store import TileStore
+from wsi_dala.runs.pipeline import run_slide
+from wsi_dala.tiling.store import TileStore
 
 TILE_PX = 64
 
@@ -160,7 +160,7 @@ def test_devices_all_without_a_gpu_is_one_line_and_exit_2(svs_050, dala, tmp_pat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_scoring_with_prefetched_batches_matches_the_cpu(dala):
-    from wsi_dala.scoring import score_tiles
+    from wsi_dala.inference.scoring import score_tiles
 
     tiles = np.random.default_rng(3).integers(0, 256, size=(40, TILE_PX, TILE_PX, 3), dtype=np.uint8)
     on_cpu = score_tiles(tiles, str(dala), "cpu", "fp32", 16)

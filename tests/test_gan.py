@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from tests.images import write_blob_folder
 from wsi_dala.cli import main
 from wsi_dala.cli.common import EXIT_INTERRUPTED
-from wsi_dala.config import GanConfig
-from wsi_dala.errors import CheckpointError
+from wsi_dala.core.config import GanConfig
+from wsi_dala.core.errors import CheckpointError
 from wsi_dala.gan import training as gan_training
 from wsi_dala.gan.ada import AdaptiveAugment, augment
 from wsi_dala.gan.networks import GanShape, Generator, ModulatedConv, generate

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_dala.errors import ResolutionError
-from wsi_dala.grid import block_order, choose_level, grid_origins, tissue_fractions
+from wsi_dala.core.errors import ResolutionError
+from wsi_dala.tiling.grid import block_order, choose_level, grid_origins, tissue_fractions
 
 LEVELS_025 = ([0.25, 1.0, 4.0], [1.0, 4.0, 16.0])
 LEVELS_050 = ([0.5, 2.0, 8.0], [1.0, 4.0, 16.0])

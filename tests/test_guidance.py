@@ -15,7 +15,7 @@ from tests.images import write_blob_folder
 from tests.test_slide_training import _write_qupath_annotations
 from wsi_dala.cli import main
 from wsi_dala.model import build_model, read_card
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.training.contrastive import supervised_contrastive_loss
 from wsi_dala.training.guidance import Guidance, guided_logits_and_loss
 from wsi_dala.training.lesion_masks import lesion_geometry, tile_mask

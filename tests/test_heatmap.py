@@ -13,7 +13,8 @@ import shapely
 import zarr
 
 from qupath_export.polygons import contour_polygons, mask_to_polygons
-from wsi_dala.cam_profile import (
+from wsi_dala.core.config import HeatmapConfig, PipelineConfig, TilingConfig
+from wsi_dala.explain.border_profile import (
     PRIOR_TILES_CARD,
     blend_profile,
     correct,
@@ -21,12 +22,11 @@ from wsi_dala.cam_profile import (
     profile_sum,
     symmetrised,
 )
-from wsi_dala.config import HeatmapConfig, PipelineConfig, TilingConfig
-from wsi_dala.heatmap import interior_positive, reference_tiles, stitch
-from wsi_dala.pipeline import run_slide
-from wsi_dala.store import ScoringRecord, TileStore
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
-from wsi_dala.tumour_layer import cam_evidence
+from wsi_dala.outputs.heatmap import interior_positive, reference_tiles, stitch
+from wsi_dala.outputs.tumour_layer import cam_evidence
+from wsi_dala.runs.pipeline import run_slide
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.tiling.store import ScoringRecord, TileStore
 
 
 @pytest.fixture(scope="module")
@@ -224,13 +224,13 @@ def test_regions_of_a_real_texture_slide_follow_its_tumour_without_a_grid(tmp_pa
     planted tumour: each tile's probability a confident majority vote of its cover (as a classifier trained on
     tiles labelled by majority is), its CAM the cover of each cell. The stitch and export then owe us regions
     within IoU 0.9 of the truth, outlines within half a tile, and no tile grid inside the tumour."""
-    from wsi_dala.config import ExportConfig
-    from wsi_dala.export import export_regions
-    from wsi_dala.grid import tissue_fractions
-    from wsi_dala.synthetic import TUMOUR
-    from wsi_dala.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
-    from wsi_dala.tiling import tile_slide
-    from wsi_dala.truth import outline_distance_um, tumour_iou
+    from wsi_dala.core.config import ExportConfig
+    from wsi_dala.outputs.geojson import export_regions
+    from wsi_dala.runs.truth import outline_distance_um, tumour_iou
+    from wsi_dala.slides.synthetic import TUMOUR
+    from wsi_dala.slides.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
+    from wsi_dala.tiling.grid import tissue_fractions
+    from wsi_dala.tiling.tiler import tile_slide
 
     textures = load_textures(Path(__file__).parent / "data" / "textures" / "textures.json", 0.5)
     spec = TextureSlideSpec(width=5760, height=4320, seed=7, tumour_fraction=0.35)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from wsi_dala.config import PipelineConfig, ScoringConfig, TilingConfig
-from wsi_dala.heatmap_ngff import pyramid_shapes
-from wsi_dala.pipeline import run_slide
+from wsi_dala.core.config import PipelineConfig, ScoringConfig, TilingConfig
+from wsi_dala.outputs.ngff import pyramid_shapes
+from wsi_dala.runs.pipeline import run_slide
 
 
 def test_the_run_writes_a_valid_ngff_heatmap_with_its_scale_and_values(svs_025, colour_checkpoint, tmp_path):

@@ -17,8 +17,8 @@ import pytest
 
 from wsi_dala.model import write_untrained_checkpoint
 from wsi_dala.model.colour import CLASS_NAMES
-from wsi_dala.store import COORDS, TileStore
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.tiling.store import COORDS, TileStore
 
 CASE_TIMEOUT_S = 60
 

@@ -18,10 +18,10 @@ import pytest
 import shapely
 
 from qupath_export.annotations import Annotation, AnnotationError, read_annotation_file, read_annotations
-from wsi_dala.config import TilingConfig
-from wsi_dala.errors import ConfigError
-from wsi_dala.store import TileStore
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.core.config import TilingConfig
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.tiling.store import TileStore
 from wsi_dala.training.slide_tiles import (
     AnnotatedSlide,
     annotated_slide_samples,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wsi_dala.errors import CheckpointError
+from wsi_dala.core.errors import CheckpointError
 from wsi_dala.model import (
     ARCHITECTURES,
     DalaOptions,

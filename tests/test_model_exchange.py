@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_dala.errors import CheckpointError
+from wsi_dala.core.errors import CheckpointError
+from wsi_dala.inference.scoring import score_tiles
+from wsi_dala.interop.model_export import export_model
 from wsi_dala.model import write_untrained_checkpoint
-from wsi_dala.model_export import export_model
-from wsi_dala.scoring import score_tiles
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,8 @@ def resnet18_folder(tmp_path_factory):
 
 
 def test_a_wsinfer_folder_imports_with_its_weights_card_and_grad_cam(resnet18_folder):
+    from wsi_dala.interop.model_import import imported_checkpoint
     from wsi_dala.model import read_card
-    from wsi_dala.model_import import imported_checkpoint
 
     checkpoint, folder = resnet18_folder
     imported = imported_checkpoint(folder)
@@ -118,8 +118,8 @@ def test_a_wsinfer_folder_imports_with_its_weights_card_and_grad_cam(resnet18_fo
 
 
 def test_our_export_keeps_its_positive_class_when_the_names_do_not_say_it(tmp_path):
+    from wsi_dala.interop.model_import import imported_checkpoint
     from wsi_dala.model import read_card
-    from wsi_dala.model_import import imported_checkpoint
 
     checkpoint = write_untrained_checkpoint(
         tmp_path / "grades.safetensors", "resnet18", 64, 1.0, class_names=("low", "high"), positive_class="high"
@@ -133,20 +133,20 @@ def test_our_export_keeps_its_positive_class_when_the_names_do_not_say_it(tmp_pa
 def test_an_edited_config_of_our_export_is_named_not_silently_ignored(resnet18_folder, tmp_path, caplog):
     import shutil
 
+    from wsi_dala.interop.model_import import imported_checkpoint
     from wsi_dala.model import read_card
-    from wsi_dala.model_import import imported_checkpoint
 
     _, exported = resnet18_folder
     folder = tmp_path / "edited"
     shutil.copytree(exported, folder, ignore=shutil.ignore_patterns(".wsi-dala"))
-    with caplog.at_level("WARNING", logger="wsi_dala.model_import"):
+    with caplog.at_level("WARNING", logger="wsi_dala.interop.model_import"):
         imported_checkpoint(folder)
     assert not caplog.records, "an untouched export converts without a warning"
     config = json.loads((folder / "config.json").read_text())
     config["spacing_um_px"] = 0.25
     config["class_names"] = ["benign", "malignant"]
     (folder / "config.json").write_text(json.dumps(config))
-    with caplog.at_level("WARNING", logger="wsi_dala.model_import"):
+    with caplog.at_level("WARNING", logger="wsi_dala.interop.model_import"):
         card = read_card(imported_checkpoint(folder))
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "class_names, spacing_um_px differ from the model card inside torchscript_model.pt" in warning
@@ -185,8 +185,8 @@ def zoo_folder(tmp_path_factory, resnet18_folder):
 
 
 def test_a_zoo_model_folder_imports_into_the_eager_network(zoo_folder):
+    from wsi_dala.interop.model_import import imported_checkpoint
     from wsi_dala.model import read_card
-    from wsi_dala.model_import import imported_checkpoint
 
     network, folder = zoo_folder
     imported = imported_checkpoint(folder)
@@ -215,7 +215,7 @@ def _folder(tmp_path, config: dict | None, script: bytes | None):
 
 
 def test_bad_wsinfer_folders_get_one_line_naming_the_file(zoo_folder, tmp_path):
-    from wsi_dala.model_import import imported_checkpoint
+    from wsi_dala.interop.model_import import imported_checkpoint
 
     _, good = zoo_folder
     config = json.loads((good / "config.json").read_text())
@@ -314,9 +314,9 @@ def test_a_model_without_an_eager_network_scores_through_its_torchscript_without
 def test_the_torchscript_of_an_import_runs_only_from_its_import_cache(scripted_folder, tmp_path):
     import shutil
 
-    from wsi_dala.layout import imported_torchscript
+    from wsi_dala.core.layout import imported_torchscript
+    from wsi_dala.interop.model_import import imported_checkpoint
     from wsi_dala.model import load_checkpoint
-    from wsi_dala.model_import import imported_checkpoint
 
     _, source = scripted_folder
     folder = tmp_path / "model"

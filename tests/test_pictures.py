@@ -8,10 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_dala.heatmap import render_overlay
-from wsi_dala.memory import limit_malloc_arenas, release_freed_memory
-from wsi_dala.picture_frame import MARGIN_PX, MIN_SIDE_KEY_PX, TITLE_PX, colour_bar, save_framed_png, title_width_px
-from wsi_dala.qc_figure import INK_RGB, QCPicture, render_qc
+from wsi_dala.core.memory import limit_malloc_arenas, release_freed_memory
+from wsi_dala.core.picture_frame import (
+    MARGIN_PX,
+    MIN_SIDE_KEY_PX,
+    TITLE_PX,
+    colour_bar,
+    save_framed_png,
+    title_width_px,
+)
+from wsi_dala.outputs.heatmap import render_overlay
+from wsi_dala.tissue.qc_figure import INK_RGB, QCPicture, render_qc
 
 
 def _picture(height: int, width: int) -> np.ndarray:

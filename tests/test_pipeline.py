@@ -11,13 +11,13 @@ import zarr
 
 from tests.qupath_rules import check_file
 from wsi_dala.cli import main
-from wsi_dala.config import PipelineConfig, ScoringConfig, TilingConfig, load_config
-from wsi_dala.errors import ConfigError
-from wsi_dala.pipeline import run_slide
-from wsi_dala.scoring import score_store
-from wsi_dala.store import SCORE_CHUNKS_DONE, SCORES, TileStore
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
-from wsi_dala.truth import tumour_iou
+from wsi_dala.core.config import PipelineConfig, ScoringConfig, TilingConfig, load_config
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.inference.scoring import score_store
+from wsi_dala.runs.pipeline import run_slide
+from wsi_dala.runs.truth import tumour_iou
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.tiling.store import SCORE_CHUNKS_DONE, SCORES, TileStore
 
 
 def _slide(tmp_path_factory, mpp, width, height):
@@ -47,7 +47,7 @@ def test_exported_regions_match_planted_tumour(request, tmp_path, colour_checkpo
     slide = request.getfixturevalue(fixture)
     summary = run_slide(slide.path, tmp_path, _config(colour_checkpoint), progress=False)
     # 0.95 with the layer p x CAM, whose regions only this scorer (an exact CAM) suits; the tumour layer weighs
-    # the CAM against the interpolated probability instead (wsi_dala.tumour_layer), as learned models need
+    # the CAM against the interpolated probability instead (wsi_dala.outputs.tumour_layer), as learned models need
     assert tumour_iou(slide, summary.layout.tumour_geojson()) >= 0.88
     tiles = check_file(summary.layout.tiles_geojson())
     regions = check_file(summary.layout.tumour_geojson())
@@ -180,7 +180,7 @@ def test_run_on_a_dicom_wsi_made_from_real_he_gives_the_svs_scores(colour_checkp
     from scipy.stats import spearmanr
 
     from tests.dicom_wsi import write_dicom_wsi
-    from wsi_dala.slide import Slide
+    from wsi_dala.slides.reader import Slide
 
     svs = Path(__file__).parent / "data" / "cmu_small_region.svs"
     with Slide(svs) as slide:

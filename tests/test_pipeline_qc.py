@@ -11,14 +11,14 @@ import shapely
 from PIL import Image
 
 from tests.qupath_rules import check_file
-from wsi_dala.archive import quality_notes
 from wsi_dala.cli import main
-from wsi_dala.config import PipelineConfig, ScoringConfig, TilingConfig
-from wsi_dala.errors import QualityError
-from wsi_dala.heatmap import HATCH_RGB
-from wsi_dala.pipeline import run_slide
-from wsi_dala.store import TileStore
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.core.config import PipelineConfig, ScoringConfig, TilingConfig
+from wsi_dala.core.errors import QualityError
+from wsi_dala.outputs.heatmap import HATCH_RGB
+from wsi_dala.runs.archive import quality_notes
+from wsi_dala.runs.pipeline import run_slide
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.tiling.store import TileStore
 
 CMU = Path(__file__).parent / "data" / "cmu_small_region.svs"
 
@@ -120,8 +120,8 @@ def test_a_slide_out_of_focus_everywhere_finishes_with_a_warning(tmp_path, capsy
     reported, exit 0."""
     from scipy import ndimage
 
-    from wsi_dala.slide import Slide
-    from wsi_dala.synthetic_texture import write_aperio_svs
+    from wsi_dala.slides.reader import Slide
+    from wsi_dala.slides.synthetic_texture import write_aperio_svs
 
     with Slide(CMU) as slide:
         image = slide.read_region(0, 0, 0, slide.info.width, slide.info.height)

@@ -19,10 +19,10 @@ from skimage.color import hed2rgb, rgb2hed
 
 from wsi_dala.cli import main
 from wsi_dala.cli.common import EXIT_INTERRUPTED
-from wsi_dala.config import PretrainConfig
-from wsi_dala.errors import CheckpointError, ConfigError
+from wsi_dala.core.config import PretrainConfig
+from wsi_dala.core.errors import CheckpointError, ConfigError
 from wsi_dala.model import build_model, read_card
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.training import pretrain as pretrain_module
 from wsi_dala.training.contrastive import nt_xent_loss
 from wsi_dala.training.unlabelled import slide_balanced_weights, unlabelled_set

@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from wsi_dala.config import QCConfig, TilingConfig
-from wsi_dala.grid import tissue_fractions
-from wsi_dala.qc import BLUR, FOLD, INK, judge, tile_edge_blur_um
-from wsi_dala.slide import Slide
-from wsi_dala.store import TileStore
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
-from wsi_dala.tiling import tile_slide
+from wsi_dala.core.config import QCConfig, TilingConfig
+from wsi_dala.slides.reader import Slide
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.tiling.grid import tissue_fractions
+from wsi_dala.tiling.store import TileStore
+from wsi_dala.tiling.tiler import tile_slide
+from wsi_dala.tissue.qc import BLUR, FOLD, INK, judge, tile_edge_blur_um
 
 CMU = Path(__file__).parent / "data" / "cmu_small_region.svs"
 TILING = dict(mpp=0.5, tile_size_px=224, chunk_tiles=16)
@@ -196,7 +196,7 @@ def test_the_real_cmu_crop_is_in_focus(tmp_path):
 
 def test_texture_slide_flags_its_defocus_patch_and_nothing_else(tmp_path):
     """The second generator (real H&E texture), with a patch out of focus by σ = 1.5 µm."""
-    from wsi_dala.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
+    from wsi_dala.slides.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
 
     textures = load_textures(TEXTURES / "textures.json", 0.5)
     spec = TextureSlideSpec(width=3840, height=2880, seed=4, blur_patches=1)
@@ -221,7 +221,7 @@ def test_stain_recorded_in_the_store(flawed_slide, tmp_path):
 
 def test_slide_stain_ignores_marker_ink(cmu_tiles):
     """Blue and black marker over a tenth of the tiles does not turn the measured H&E vectors."""
-    from wsi_dala.stain import measure_tiles, stain_distance
+    from wsi_dala.tissue.stain import measure_tiles, stain_distance
 
     clean = measure_tiles(list(cmu_tiles))
     inked = cmu_tiles.copy()

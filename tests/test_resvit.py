@@ -14,9 +14,9 @@ import zarr
 from safetensors.torch import load_file
 
 from tests.images import write_blob_folder
-from wsi_dala.cam import logits_and_raw_cams
 from wsi_dala.cli import main
-from wsi_dala.errors import CheckpointError
+from wsi_dala.core.errors import CheckpointError
+from wsi_dala.explain.cam import logits_and_raw_cams
 from wsi_dala.model import build_model, load_checkpoint, read_card
 from wsi_dala.model.resvit import CNN_CHANNELS, resnet_grid
 

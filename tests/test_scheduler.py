@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from wsi_dala.cluster import SCHEMES, check_address, connect
-from wsi_dala.errors import ConfigError
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.inference.cluster import SCHEMES, check_address, connect
 
 TIMEOUT_S = 3.0
 SLACK_S = 4.0  # the probe's grace, thread start-up, importing distributed
@@ -202,7 +202,7 @@ def test_a_tcp_cluster_connects_through_the_probe_and_a_worker_is_refused():
 
 def test_the_cli_prints_one_line_and_exits_2(tmp_path: Path):
     from wsi_dala.model import write_untrained_checkpoint
-    from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+    from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
     slide = write_synthetic_slide(tmp_path / "slide.svs", SyntheticSlideSpec(width=2048, height=1536, mpp=0.5, seed=1))
     checkpoint = tmp_path / "model.safetensors"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_dala.errors import ResolutionError
-from wsi_dala.slide import Slide, bounds_offset, magnification_to_mpp, resolve_resolution
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.core.errors import ResolutionError
+from wsi_dala.slides.reader import Slide, bounds_offset, magnification_to_mpp, resolve_resolution
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
 READERS = ("openslide", "tiffslide")
 

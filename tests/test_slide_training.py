@@ -10,8 +10,8 @@ import pytest
 from qupath_export.annotations import read_annotations
 from qupath_export.polygons import mask_to_polygons
 from tests.conftest import QUICK
-from wsi_dala.config import TilingConfig, TrainConfig
-from wsi_dala.synthetic import TUMOUR, SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.core.config import TilingConfig, TrainConfig
+from wsi_dala.slides.synthetic import TUMOUR, SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.training.slide_tiles import AnnotatedSlide, annotated_slide_samples, parse_slide_argument
 from wsi_dala.training.train import train_model
 

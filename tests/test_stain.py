@@ -1,4 +1,4 @@
-"""Stain measurement (wsi_dala.stain) and normalisation (wsi_dala.stain_normalise), with numbers.
+"""Stain measurement (wsi_dala.tissue.stain) and normalisation (wsi_dala.model.stain_normalise), with numbers.
 
 Synthetic images are composed by Beer-Lambert from known stain vectors, so the truth is known; the
 real H-DAB sample ships with scikit-image; the real H&E crop (CMU-1) is used only where present.
@@ -18,9 +18,10 @@ import pytest
 import torch
 from skimage.color import rgb2lab
 
-from wsi_dala import stain_normalise
-from wsi_dala.errors import ConfigError
-from wsi_dala.stain import (
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.model import stain_normalise
+from wsi_dala.model.stain_normalise import StainNormaliser, lab_to_srgb, normalise_tiles, srgb_to_lab
+from wsi_dala.tissue.stain import (
     MAX_PIXELS,
     REFERENCE_PROFILE,
     StainError,
@@ -29,7 +30,6 @@ from wsi_dala.stain import (
     measure_stain,
     stain_distance,
 )
-from wsi_dala.stain_normalise import StainNormaliser, lab_to_srgb, normalise_tiles, srgb_to_lab
 
 CMU_SMALL = Path(__file__).parent / "data" / "cmu_small_region.svs"  # committed (CC0), see tests/data/README.md
 
@@ -346,7 +346,7 @@ def test_reference_profile_is_valid_and_documented_values():
 
 
 def test_stain_module_does_not_import_torch():
-    code = "import sys, wsi_dala.stain; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, wsi_dala.tissue.stain; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 

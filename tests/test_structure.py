@@ -1,5 +1,6 @@
-"""The shape of the package: torch only where a network runs, no import cycles, output paths in layout.py,
-array names and attribute keys in store.py, verbs registered explicitly, one meaning per flag."""
+"""The shape of the package: packages by role that import only what their docstrings allow, torch only where a
+network runs, no import cycles, output paths in core/layout.py, array names and attribute keys in
+tiling/store.py, verbs registered explicitly, one meaning per flag."""
 
 from __future__ import annotations
 
@@ -14,20 +15,20 @@ import pytest
 ROOT = Path(__file__).parent.parent
 PACKAGES = ("wsi_dala", "qupath_export")
 TORCH_FREE = (
-    "wsi_dala.slide",
-    "wsi_dala.tissue",
-    "wsi_dala.qc",
-    "wsi_dala.qc_figure",
-    "wsi_dala.stain",
-    "wsi_dala.grid",
-    "wsi_dala.tiling",
-    "wsi_dala.store",
-    "wsi_dala.heatmap",
-    "wsi_dala.export",
-    "wsi_dala.layout",
-    "wsi_dala.config",
-    "wsi_dala.calibration",
-    "wsi_dala.archive",
+    "wsi_dala.slides.reader",
+    "wsi_dala.tissue.detect",
+    "wsi_dala.tissue.qc",
+    "wsi_dala.tissue.qc_figure",
+    "wsi_dala.tissue.stain",
+    "wsi_dala.tiling.grid",
+    "wsi_dala.tiling.tiler",
+    "wsi_dala.tiling.store",
+    "wsi_dala.outputs.heatmap",
+    "wsi_dala.outputs.geojson",
+    "wsi_dala.core.layout",
+    "wsi_dala.core.config",
+    "wsi_dala.model.calibration",
+    "wsi_dala.runs.archive",
     "wsi_dala.cli",
     "wsi_dala.cli.app",
     "qupath_export.geojson",
@@ -96,6 +97,56 @@ def test_no_import_cycles():
     assert not cycles, f"import cycles: {cycles}"
 
 
+PACKAGE_ROOT = ROOT / "wsi_dala"
+MAX_ROOT_ENTRIES = 16  # packages by role, plus __init__ and __main__
+
+
+def _wings() -> list[str]:
+    return sorted(p.name for p in PACKAGE_ROOT.iterdir() if (p / "__init__.py").exists())
+
+
+def _may_import(package: str) -> set[str] | None:
+    """The packages (or ``package.module`` names) a package's docstring allows; None: any."""
+    doc = ast.get_docstring(ast.parse((PACKAGE_ROOT / package / "__init__.py").read_text())) or ""
+    match = re.search(r"^May import: (.+?)(?: \(.*)?\.$", doc, re.M)
+    assert match, f"wsi_dala/{package}/__init__.py: its docstring says what it may import ('May import: ...')"
+    if match.group(1) == "any package":
+        return None
+    return {name.strip() for name in match.group(1).split(",")}
+
+
+def _imports_anywhere(path: Path) -> set[str]:
+    """Every ``wsi_dala.*`` module a file imports, at module level or inside functions."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("wsi_dala."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("wsi_dala.")}
+    return found
+
+
+def test_the_package_root_holds_packages_by_role():
+    entries = [p.name for p in PACKAGE_ROOT.iterdir() if p.name != "__pycache__"]
+    assert len(entries) <= MAX_ROOT_ENTRIES, sorted(entries)
+    assert {p.name for p in PACKAGE_ROOT.glob("*.py")} == {"__init__.py", "__main__.py"}
+
+
+@pytest.mark.parametrize("package", _wings())
+def test_each_package_imports_only_what_its_docstring_allows(package):
+    allowed = _may_import(package)
+    if allowed is None:
+        return
+    offenders = []
+    for path in (PACKAGE_ROOT / package).rglob("*.py"):
+        for module in _imports_anywhere(path):
+            target = module.split(".")[1]
+            dotted = ".".join(module.split(".")[1:3])
+            if target != package and target not in allowed and dotted not in allowed:
+                offenders.append(f"{path.relative_to(ROOT)} imports {module}")
+    assert not offenders, f"wsi_dala/{package} may import {sorted(allowed)} only:\n" + "\n".join(offenders)
+
+
 def _string_literals(path: Path) -> list[tuple[int, str]]:
     """Every string literal (f-string parts joined), with its line."""
     literals = []
@@ -115,14 +166,14 @@ OUTPUT_NAME = re.compile(r"^\.?[\w{}-][\w{}.-]*\.(json|png|zarr|csv|pt|safetenso
 def test_output_file_names_live_in_layout_only():
     offenders = []
     for name, path in _sources().items():
-        if name == "wsi_dala.layout" or not name.startswith("wsi_dala"):
+        if name == "wsi_dala.core.layout" or not name.startswith("wsi_dala"):
             continue
         offenders += [
             f"{path.relative_to(ROOT)}:{line}: {text!r}"
             for line, text in _string_literals(path)
             if OUTPUT_NAME.match(text)
         ]
-    assert not offenders, "output paths outside wsi_dala/layout.py:\n" + "\n".join(offenders)
+    assert not offenders, "output paths outside wsi_dala/core/layout.py:\n" + "\n".join(offenders)
 
 
 STORE_ARRAYS = {"tiles", "coords", "tissue_fraction", "tissue_mask", "tile_chunks_done", "scores", "cams"}
@@ -145,10 +196,10 @@ def _store_spellings(path: Path) -> list[tuple[int, str]]:
 def test_store_names_and_keys_live_in_store_only():
     offenders = []
     for name, path in _sources().items():
-        if name == "wsi_dala.store" or not name.startswith("wsi_dala"):
+        if name == "wsi_dala.tiling.store" or not name.startswith("wsi_dala"):
             continue
         offenders += [f"{path.relative_to(ROOT)}:{line}: {text!r}" for line, text in _store_spellings(path)]
-    assert not offenders, "tile-store names outside wsi_dala/store.py:\n" + "\n".join(offenders)
+    assert not offenders, "tile-store names outside wsi_dala/tiling/store.py:\n" + "\n".join(offenders)
 
 
 def test_every_verb_is_registered_explicitly():

@@ -1,7 +1,7 @@
 """The synthetic slide generator's quality-control truth: marker ink, tissue folds, blurred patches, stains.
 
 Small slides (2048 x 2048 px at 0.5 µm/px) are written once per module and read back through
-``wsi_dala.slide.Slide``, so the tests measure what a reader sees, JPEG included. At level 0 the painted
+``wsi_dala.slides.reader.Slide``, so the tests measure what a reader sees, JPEG included. At level 0 the painted
 edges of every truth region are ragged by up to one label pixel, so masks are eroded or dilated by
 ``EDGE_LABEL_PX`` before pixels are compared.
 """
@@ -16,9 +16,9 @@ from scipy import ndimage
 
 from wsi_dala.cli import main
 from wsi_dala.cli import slides as slides_cli
-from wsi_dala.errors import ConfigError
-from wsi_dala.slide import Slide
-from wsi_dala.synthetic import (
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.slides.reader import Slide
+from wsi_dala.slides.synthetic import (
     BACKGROUND,
     BLACK_INK,
     BLUE_PEN,

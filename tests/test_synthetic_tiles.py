@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.images import blob_image, write_blob_folder
 from wsi_dala.cli import main
-from wsi_dala.errors import ConfigError
+from wsi_dala.core.errors import ConfigError
 from wsi_dala.model import read_card
 from wsi_dala.training.datasets import Sample
 from wsi_dala.training.synthetic_tiles import SyntheticSource, mix_synthetic, parse_synthetic_argument

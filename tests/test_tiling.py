@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_dala.config import TilingConfig
-from wsi_dala.slide import Slide
-from wsi_dala.store import TileStore
-from wsi_dala.synthetic import TUMOUR
-from wsi_dala.tiling import resize_tile, tile_slide
+from wsi_dala.core.config import TilingConfig
+from wsi_dala.slides.reader import Slide
+from wsi_dala.slides.synthetic import TUMOUR
+from wsi_dala.tiling.store import TileStore
+from wsi_dala.tiling.tiler import resize_tile, tile_slide
 
 SMALL = dict(chunk_tiles=8, region_level_px=1024)
 

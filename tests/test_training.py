@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import QUICK
 from tests.images import write_blob_folder, write_breakhis_tree
 from wsi_dala.cli import main
-from wsi_dala.config import TrainConfig
+from wsi_dala.core.config import TrainConfig
 from wsi_dala.model import read_card
 from wsi_dala.training.datasets import image_folder_samples
 from wsi_dala.training.splits import group_split
@@ -63,7 +63,7 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path):
 
 
 def test_card_records_the_training_stain_and_normalised_training_maps_to_the_reference(tmp_path):
-    from wsi_dala.stain import REFERENCE_PROFILE, StainProfile
+    from wsi_dala.tissue.stain import REFERENCE_PROFILE, StainProfile
 
     root = write_blob_folder(tmp_path / "data", size=32, n=24, groups=4)
     samples, names = image_folder_samples(root)

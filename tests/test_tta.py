@@ -11,12 +11,12 @@ import torch
 import zarr
 
 from wsi_dala.cli import main
-from wsi_dala.errors import ConfigError
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.inference.scoring import Uncertainty, cached_model, score_tiles
+from wsi_dala.inference.tta import VIEWS, apply_view, dropout_modules, require_square, undo_view
 from wsi_dala.model import load_checkpoint, read_card, save_checkpoint, write_untrained_checkpoint
-from wsi_dala.scoring import Uncertainty, cached_model, score_tiles
-from wsi_dala.store import TileStore
-from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
-from wsi_dala.tta import VIEWS, apply_view, dropout_modules, require_square, undo_view
+from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from wsi_dala.tiling.store import TileStore
 
 PURPLE, PINK = (120, 40, 150), (235, 170, 210)
 

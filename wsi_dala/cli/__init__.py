@@ -1,4 +1,7 @@
-"""The ``wsi-dala`` command line: thin verbs over the stages (``app`` wires them; one module per group)."""
+"""The ``wsi-dala`` command line: thin verbs over the stages (``app`` wires them; one module per group).
+
+May import: any package.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,9 @@ EXIT_INTERRUPTED = 130
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code (imported lazily so ``import wsi_dala.cli`` stays light)."""
-    from wsi_dala.memory import limit_malloc_arenas
+    from wsi_dala.core.memory import limit_malloc_arenas
 
-    limit_malloc_arenas()  # before any thread allocates (see wsi_dala.memory)
+    limit_malloc_arenas()  # before any thread allocates (see wsi_dala.core.memory)
     from wsi_dala.cli.app import main as app_main
 
     return app_main(argv)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from wsi_dala.cli.common import number_in
-from wsi_dala.errors import ConfigError
-from wsi_dala.model_choices import (
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.model.registry import (
     ARCHITECTURES,
     ATTENTION_KINDS,
     ATTENTION_POSITIONS,

@@ -14,7 +14,7 @@ from wsi_dala.cli.common import (
     deprecated_flag,
     existing_dir,
 )
-from wsi_dala.layout import BatchLayout
+from wsi_dala.core.layout import BatchLayout
 
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as the shell reports a process it ended
 
@@ -60,8 +60,8 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from wsi_dala.config import BatchConfig, build, load_config, with_overrides
-    from wsi_dala.errors import CheckpointError
+    from wsi_dala.core.config import BatchConfig, build, load_config, with_overrides
+    from wsi_dala.core.errors import CheckpointError
 
     config = with_overrides(
         load_config(args.config),
@@ -91,13 +91,13 @@ def _batch(args: argparse.Namespace) -> int:
     if not config.model:
         raise CheckpointError("no model: give --model CKPT or set `model:` in the pipeline config")
     if batch.scheduler:
-        from wsi_dala.cluster import check_address
+        from wsi_dala.inference.cluster import check_address
 
         check_address(batch.scheduler)
     archive = existing_dir(args.archive, "archive folder")
-    from wsi_dala.archive import run_batch
     from wsi_dala.model import read_card
-    from wsi_dala.pipeline import resolve_model
+    from wsi_dala.runs.archive import run_batch
+    from wsi_dala.runs.pipeline import resolve_model
 
     read_card(resolve_model(config.model, config.positive_class))  # a bad model stops the batch before any slide
     result = run_batch(archive, args.out, config, batch, progress=not args.quiet)

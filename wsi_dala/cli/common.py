@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn, get_args
 
 from wsi_dala.cli import EXIT_INTERRUPTED
-from wsi_dala.config import (
+from wsi_dala.core.config import (
     DEFAULT_TILE_MPP,
     DEFAULT_TILE_SIZE_PX,
     Backend,
@@ -28,8 +28,8 @@ from wsi_dala.config import (
     TilingConfig,
     build,
 )
-from wsi_dala.errors import WsiDalaError
-from wsi_dala.slide import magnification_to_mpp
+from wsi_dala.core.errors import WsiDalaError
+from wsi_dala.slides.reader import magnification_to_mpp
 
 Handler = Callable[[argparse.Namespace], int]
 EXIT_INPUT_ERROR = 2  # the input's fault: one line on stderr

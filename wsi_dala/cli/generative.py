@@ -9,8 +9,8 @@ from typing import Any
 
 from wsi_dala.cli.common import Formatter, Verb, number_in
 from wsi_dala.cli.labelled_data import add_data_options, load_samples
-from wsi_dala.config import GanConfig, build
-from wsi_dala.errors import ConfigError
+from wsi_dala.core.config import GanConfig, build
+from wsi_dala.core.errors import ConfigError
 
 
 def _configure_gan(parser: argparse.ArgumentParser) -> None:
@@ -81,8 +81,8 @@ def _gan(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from wsi_dala.core.layout import GanLayout
     from wsi_dala.gan.training import GanData, train_gan
-    from wsi_dala.layout import GanLayout
 
     values: dict[str, Any] = {
         "resolution": args.resolution,

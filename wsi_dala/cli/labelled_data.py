@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wsi_dala.cli.common import deprecated_flag, number_in, tiling_from_flags
-from wsi_dala.errors import ConfigError
+from wsi_dala.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from wsi_dala.training.datasets import Sample

@@ -15,11 +15,11 @@ from wsi_dala.cli.common import (
     add_uncertainty_options,
     number_in,
 )
-from wsi_dala.formats import slide_argument
-from wsi_dala.layout import DEFAULT_DEMO_DIR, default_run_dir
+from wsi_dala.core.formats import slide_argument
+from wsi_dala.core.layout import DEFAULT_DEMO_DIR, default_run_dir
 
 if TYPE_CHECKING:
-    from wsi_dala.pipeline import RunSummary
+    from wsi_dala.runs.pipeline import RunSummary
 
 
 def _configure_run(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from wsi_dala.config import load_config, with_overrides
+    from wsi_dala.core.config import load_config, with_overrides
 
     # Every setting is checked here, before the slide, the model or torch is touched.
     config = with_overrides(
@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
         },
         export={"tile_threshold": args.tile_threshold, "gzip": args.gzip},
     )
-    from wsi_dala.pipeline import run_slide
+    from wsi_dala.runs.pipeline import run_slide
 
     out = Path(args.out) if args.out else default_run_dir(args.slide)
     print_summary(run_slide(args.slide, out, config, progress=not args.quiet))
@@ -198,7 +198,7 @@ def _configure_demo(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from wsi_dala.demo import DemoSettings, run_demo
+    from wsi_dala.runs.demo import DemoSettings, run_demo
 
     summary, iou = run_demo(args.dir, DemoSettings(epochs=args.epochs, seed=args.seed), progress=not args.quiet)
     print_summary(summary)

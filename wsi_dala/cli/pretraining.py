@@ -7,7 +7,7 @@ from pathlib import Path
 
 from wsi_dala.cli.architecture import add_architecture_options, architecture_options
 from wsi_dala.cli.common import Verb, add_precision_option, number_in
-from wsi_dala.config import PretrainConfig, build
+from wsi_dala.core.config import PretrainConfig, build
 
 
 def _configure_pretrain(parser: argparse.ArgumentParser) -> None:

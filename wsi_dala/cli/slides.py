@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 from wsi_dala.cli.common import Verb, add_slide_options, add_tiling_options, number_in, tiling_from_flags
-from wsi_dala.formats import slide_argument
+from wsi_dala.core.formats import slide_argument
 
 # Spelled out here so that building the parser does not import the generator (scipy, tifffile);
-# tests/test_synthetic.py checks they match wsi_dala.synthetic.MARKER_NAMES and STAIN_NAMES.
+# tests/test_synthetic.py checks they match wsi_dala.slides.synthetic.MARKER_NAMES and STAIN_NAMES.
 _MARKERS_HELP = "green, blue, black, dark-grey, red"
 _STAINS_HELP = "default, pale, dark"
 
@@ -26,7 +26,7 @@ def _configure_info(parser: argparse.ArgumentParser) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from wsi_dala.slide import Slide
+    from wsi_dala.slides.reader import Slide
 
     with Slide(args.slide, reader=args.reader, slide_mpp=args.slide_mpp) as slide:
         info = slide.info.to_dict()
@@ -46,7 +46,7 @@ def _configure_tile(parser: argparse.ArgumentParser) -> None:
 
 def _tile(args: argparse.Namespace) -> int:
     config = tiling_from_flags(args)  # settings are checked before the slide is opened
-    from wsi_dala.tiling import qc_words, tile_slide
+    from wsi_dala.tiling.tiler import qc_words, tile_slide
 
     result = tile_slide(args.slide, args.out, config, progress=not args.quiet)
     what = "already complete, nothing to do" if result.skipped else f"{result.seconds:.1f} s"
@@ -59,8 +59,8 @@ def _tile(args: argparse.Namespace) -> int:
     )
     if result.chunks_resumed:
         print(f"resumed:      {result.chunks_resumed} chunks were already written")
-    from wsi_dala.layout import RunLayout
-    from wsi_dala.store import TileStore
+    from wsi_dala.core.layout import RunLayout
+    from wsi_dala.tiling.store import TileStore
 
     qc = TileStore(result.store).info.qc
     if qc is not None:
@@ -71,7 +71,7 @@ def _tile(args: argparse.Namespace) -> int:
     if not result.skipped and result.seconds > 0:
         print(f"speed:        {result.n_tiles / result.seconds:.1f} tiles/s")
     print(f"store:        {result.store}")
-    from wsi_dala.pipeline import check_quality
+    from wsi_dala.runs.pipeline import check_quality
 
     # A slide with no tissue is bad input for `tile` as for `run` (exit 2, one line); the empty store and the
     # pictures that show why stay on disk.
@@ -118,7 +118,7 @@ def _configure_synthesize(parser: argparse.ArgumentParser) -> None:
 
 def _marker_list(text: str) -> tuple[str, ...]:
     """An argparse type: marker names, comma-separated, or none."""
-    from wsi_dala.synthetic import MARKER_NAMES
+    from wsi_dala.slides.synthetic import MARKER_NAMES
 
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     if names == ("none",):
@@ -131,7 +131,7 @@ def _marker_list(text: str) -> tuple[str, ...]:
 
 def _stain_name(text: str) -> str:
     """An argparse type: one of the generator's H&E palettes."""
-    from wsi_dala.synthetic import STAIN_NAMES
+    from wsi_dala.slides.synthetic import STAIN_NAMES
 
     if text not in STAIN_NAMES:
         raise argparse.ArgumentTypeError(f"{text!r}: one of {_STAINS_HELP}")
@@ -139,7 +139,7 @@ def _stain_name(text: str) -> str:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    from wsi_dala.synthetic import SyntheticSlideSpec, write_synthetic_slide
+    from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
     path = Path(args.path)
     layout = "svs" if path.suffix.lower() == ".svs" else "tiff"

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any, get_args
 from wsi_dala.cli.architecture import add_architecture_options, architecture_options
 from wsi_dala.cli.common import Verb, add_precision_option, deprecated_flag, number_in
 from wsi_dala.cli.labelled_data import add_data_options, load_samples
-from wsi_dala.config import ThresholdMethod, TrainConfig, build
-from wsi_dala.errors import ConfigError
-from wsi_dala.layout import CalibrateLayout, EvalLayout, TrainLayout
-from wsi_dala.model_choices import (
+from wsi_dala.core.config import ThresholdMethod, TrainConfig, build
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.core.layout import CalibrateLayout, EvalLayout, TrainLayout
+from wsi_dala.model.registry import (
     TIMM_PREFIX,
 )
 
@@ -426,7 +426,7 @@ def _configure_export_model(parser: argparse.ArgumentParser) -> None:
 
 
 def _export_model(args: argparse.Namespace) -> int:
-    from wsi_dala.model_export import describe, export_model
+    from wsi_dala.interop.model_export import describe, export_model
 
     print(describe(export_model(args.checkpoint, args.out, args.format)))
     return 0
@@ -444,8 +444,8 @@ def _configure_cam(parser: argparse.ArgumentParser) -> None:
 
 
 def _cam(args: argparse.Namespace) -> int:
-    from wsi_dala.cam_figures import write_cam_figures
-    from wsi_dala.cam_threshold import CamSettings
+    from wsi_dala.explain.figures import write_cam_figures
+    from wsi_dala.explain.threshold import CamSettings
 
     settings = CamSettings(method=args.threshold_method, k=args.k, percentile=args.percentile)
     written = write_cam_figures([Path(p) for p in args.images], Path(args.model), Path(args.out), settings)

@@ -10,9 +10,9 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from wsi_dala.fileio import atomic_open, save_png_atomic
+from wsi_dala.core.fileio import atomic_open, save_png_atomic
+from wsi_dala.core.layout import generated_tile_name
 from wsi_dala.gan.networks import Generator, generate
-from wsi_dala.layout import generated_tile_name
 
 GRID_COLUMNS = 8
 
@@ -77,7 +77,7 @@ def sample_grid(path: Path, generator: Generator, class_names: list[str], traine
 
 
 def tiles_to_pngs(tiles: torch.Tensor, folder: Path, class_name: str, seed: int) -> list[str]:
-    """uint8 [N, 3, H, W] as PNG files named by :func:`wsi_dala.layout.generated_tile_name`; returns the names."""
+    """uint8 [N, 3, H, W] as PNG files named by :func:`wsi_dala.core.layout.generated_tile_name`; returns the names."""
     names = []
     for i, image in enumerate(tiles):
         name = generated_tile_name(class_name, seed, i)

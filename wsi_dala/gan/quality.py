@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from wsi_dala.devices import normalise
-from wsi_dala.errors import CheckpointError, ConfigError
+from wsi_dala.core.errors import CheckpointError, ConfigError
 from wsi_dala.model import build_model
 from wsi_dala.model.build import pretrain_card
+from wsi_dala.model.devices import normalise
 from wsi_dala.model.interface import pooled_features
 from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
 

@@ -15,13 +15,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from wsi_dala.devices import pick_device
-from wsi_dala.errors import CheckpointError, ConfigError
-from wsi_dala.fileio import ensure_writable_dir, write_json_atomic
+from wsi_dala.core.errors import CheckpointError, ConfigError
+from wsi_dala.core.fileio import ensure_writable_dir, write_json_atomic
+from wsi_dala.core.layout import SYNTHETIC_CARD_NAME
 from wsi_dala.gan.figures import tiles_to_pngs
 from wsi_dala.gan.networks import GanShape, Generator, generate
-from wsi_dala.layout import SYNTHETIC_CARD_NAME
 from wsi_dala.model.build import GAN_CARD_KEY
+from wsi_dala.model.devices import pick_device
 
 
 def read_gan_card(path: Path) -> dict[str, Any]:

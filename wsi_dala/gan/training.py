@@ -31,15 +31,15 @@ from torch import nn
 from tqdm import tqdm
 
 from wsi_dala import __version__
-from wsi_dala.config import GanConfig
-from wsi_dala.devices import pick_device
-from wsi_dala.fileio import atomic_open, ensure_writable_dir
+from wsi_dala.core.config import GanConfig
+from wsi_dala.core.fileio import atomic_open, ensure_writable_dir
+from wsi_dala.core.layout import GanLayout
 from wsi_dala.gan.ada import AdaptiveAugment
 from wsi_dala.gan.figures import plot_gan_curves, sample_grid
 from wsi_dala.gan.networks import Discriminator, GanShape, Generator, generate
 from wsi_dala.gan.quality import Features, batched, kid
-from wsi_dala.layout import GanLayout
 from wsi_dala.model.build import GAN_CARD_KEY
+from wsi_dala.model.devices import pick_device
 from wsi_dala.training.datasets import Sample, SampleDataset
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from wsi_dala.model_choices import ATTENTION_KINDS, GATE_MODES
+from wsi_dala.model.registry import ATTENTION_KINDS, GATE_MODES
 
 
 class _Gated(nn.Module, abc.ABC):

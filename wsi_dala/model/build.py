@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from wsi_dala.errors import CheckpointError
+from wsi_dala.core.errors import CheckpointError
 from wsi_dala.model.baselines import TimmClassifier, torchvision_baseline
 from wsi_dala.model.colour import ColourReferenceScorer
 from wsi_dala.model.dala import DalaOptions, DALAResNet50
 from wsi_dala.model.encoder import build_encoder_classifier, read_weights_file
+from wsi_dala.model.registry import TIMM_PREFIX, architecture_problem
 from wsi_dala.model.resvit import ResVitGanNet, resvit_options
-from wsi_dala.model_choices import TIMM_PREFIX, architecture_problem
 
 _TORCHVISION = {
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),

@@ -21,14 +21,14 @@ from safetensors.torch import save
 from torch import nn
 
 from wsi_dala import __version__
-from wsi_dala.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
-from wsi_dala.config import MIN_TILE_SIZE_PX
-from wsi_dala.errors import CheckpointError, ConfigError
-from wsi_dala.fileio import atomic_open
+from wsi_dala.core.config import MIN_TILE_SIZE_PX
+from wsi_dala.core.errors import CheckpointError, ConfigError
+from wsi_dala.core.fileio import atomic_open
 from wsi_dala.model.build import GAN_CARD_KEY, PRETRAIN_CARD_KEY, build_model
+from wsi_dala.model.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
 from wsi_dala.model.scripted import IMPORTED_TORCHSCRIPT, load_imported_scripted
-from wsi_dala.stain import StainProfile
+from wsi_dala.tissue.stain import StainProfile
 
 CARD_KEY = "wsi_dala.model_card"
 
@@ -48,7 +48,7 @@ class ModelCard:
         default_factory=lambda: {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     )
     training_data: dict[str, Any] = field(default_factory=dict)
-    # The training tiles' stain (wsi_dala.stain.StainProfile.to_dict()): what --stain-normalise maps slides to.
+    # The training tiles' stain (wsi_dala.tissue.stain.StainProfile.to_dict()): what --stain-normalise maps slides to.
     stain_reference: dict[str, Any] | None = None
     validation_metrics: dict[str, Any] = field(default_factory=dict)
     # Temperature scaling (one scalar, fitted on validation tiles by NLL): probabilities are softmax(logits / T).
@@ -56,7 +56,8 @@ class ModelCard:
     temperature: float | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
     # The mean Grad-CAM over a tile of the positive class (g x g, mean 1), measured on validation tiles: how much
-    # weaker the CAM is at a tile's borders; the heatmap divides it out (wsi_dala.cam_profile). None: not measured.
+    # weaker the CAM is at a tile's borders; the heatmap divides it out (wsi_dala.explain.border_profile).
+    # None: not measured.
     cam_profile: list[list[float]] | None = None
     software: dict[str, str] = field(default_factory=lambda: {"wsi_dala": __version__, "torch": torch.__version__})
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))

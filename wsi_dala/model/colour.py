@@ -1,7 +1,7 @@
 """A transparent reference scorer: tumour probability from H&E colour, with a spatial map.
 
 Not a learned model. It exists to validate the pipeline end to end with a known answer: on slides
-whose tumour is dense, dark-purple (haematoxylin-rich) tissue — as in ``wsi_dala.synthetic`` — its
+whose tumour is dense, dark-purple (haematoxylin-rich) tissue — as in ``wsi_dala.slides.synthetic`` — its
 probabilities and its Grad-CAM follow the tumour exactly, so exported regions can be compared with the
 planted truth. It runs through the same checkpoint, scoring, CAM and export code as DALAResNet50.
 """

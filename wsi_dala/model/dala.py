@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.models import resnet50
 
 from wsi_dala.model.attention import make_attention
-from wsi_dala.model_choices import ATTENTION_KINDS, ATTENTION_POSITIONS, GATE_MODES
+from wsi_dala.model.registry import ATTENTION_KINDS, ATTENTION_POSITIONS, GATE_MODES
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_dala.errors import CheckpointError
+from wsi_dala.core.errors import CheckpointError
 from wsi_dala.model.interface import as_split
-from wsi_dala.model_choices import TIMM_PREFIX
+from wsi_dala.model.registry import TIMM_PREFIX
 
 log = logging.getLogger(__name__)
 _WRAPPER_PREFIXES = ("module.", "model.", "encoder.", "backbone.")

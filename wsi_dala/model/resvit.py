@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
-from wsi_dala.errors import CheckpointError
+from wsi_dala.core.errors import CheckpointError
 from wsi_dala.model.attention import SEAttention
-from wsi_dala.model_choices import TIMM_PREFIX
+from wsi_dala.model.registry import TIMM_PREFIX
 
 CNN_CHANNELS = 2048
 CAM_LAYERS = ("tama", "cnn")

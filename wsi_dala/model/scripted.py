@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wsi_dala.errors import CheckpointError
-from wsi_dala.identity import file_sha256
-from wsi_dala.layout import imported_torchscript, is_import_cache
+from wsi_dala.core.errors import CheckpointError
+from wsi_dala.core.identity import file_sha256
+from wsi_dala.core.layout import imported_torchscript, is_import_cache
 
 IMPORTED_TORCHSCRIPT = "torchscript"  # the card's architecture for these models
 SHA256_OPTION = "torchscript_sha256"

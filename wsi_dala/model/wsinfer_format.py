@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_dala.errors import CheckpointError
-from wsi_dala.layout import TORCHSCRIPT_CARD_NAME
+from wsi_dala.core.errors import CheckpointError
+from wsi_dala.core.layout import TORCHSCRIPT_CARD_NAME
 from wsi_dala.model.interface import as_split
 
 SPEC_VERSION = "1.0"

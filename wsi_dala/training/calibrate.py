@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from wsi_dala.calibration import (
+from wsi_dala.explain.border_profile import MIN_PROFILE, measure_profile
+from wsi_dala.model import ModelCard
+from wsi_dala.model.calibration import (
     ECE_BINS,
     CalibrationReport,
     ReliabilityBins,
@@ -26,9 +28,7 @@ from wsi_dala.calibration import (
     reliability_bins,
     softmax,
 )
-from wsi_dala.cam_profile import MIN_PROFILE, measure_profile
-from wsi_dala.model import ModelCard
-from wsi_dala.store import TileStore
+from wsi_dala.tiling.store import TileStore
 from wsi_dala.training.datasets import Sample
 from wsi_dala.training.plots import plot_reliability
 from wsi_dala.training.predict import Predictions
@@ -68,7 +68,7 @@ class Calibration:
 
 @dataclass(frozen=True)
 class CamProfile:
-    """The mean relative Grad-CAM over tiles of the positive class (:mod:`wsi_dala.cam_profile`)."""
+    """The mean relative Grad-CAM over tiles of the positive class (:mod:`wsi_dala.explain.border_profile`)."""
 
     grid: np.ndarray | None  # [g, g], mean ~1; None without CAMs or without a single usable tile
     n_tiles: int  # tiles labelled and predicted positive that it averages
@@ -78,7 +78,7 @@ class CamProfile:
 
 
 def sample_folds(samples: list[Sample], labels: np.ndarray) -> tuple[np.ndarray, str]:
-    """Cross-validation folds for calibrating on these samples (:func:`wsi_dala.calibration.calibration_folds`):
+    """Cross-validation folds for calibrating on these samples (:func:`wsi_dala.model.calibration.calibration_folds`):
     by slide (or patient) when there are three or more, else by spatial blocks of each slide (tiles of a tile
     store have level-0 positions), else random."""
     positions = np.full((len(samples), 2), np.nan)
@@ -101,7 +101,7 @@ def fit_calibration(
     """The temperature (by NLL) of one pass's raw logits, cross-validated on ``folds`` and kept only where
     held-out tiles confirm it (else T = 1, with the reason); a ConfigError naming ``where`` when none can be
     fitted (no tiles, one class). Every tile right: T for a mean error of Laplace's 1/(n+2) (see
-    :func:`wsi_dala.calibration.fit_temperature`)."""
+    :func:`wsi_dala.model.calibration.fit_temperature`)."""
     report = calibration_report(predictions.logits, predictions.labels, where, class_names, bins, folds)
     warning = bound_warning(report.temperature)
     if warning is not None:

@@ -20,9 +20,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from wsi_dala.errors import ConfigError
-from wsi_dala.layout import LESION_MASKS_ARRAY
-from wsi_dala.store import TileStore
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.core.layout import LESION_MASKS_ARRAY
+from wsi_dala.tiling.store import TileStore
 from wsi_dala.training.splits import group_from_name
 
 log = logging.getLogger(__name__)

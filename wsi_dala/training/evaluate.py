@@ -2,7 +2,7 @@
 NLL at T = 1 and at the card's temperature), confusion and reliability PNGs, JSON and a table. Or calibrate
 it on them: the same pass, a temperature fitted instead of reported, written into a new checkpoint.
 
-File names come from :class:`wsi_dala.layout.EvalLayout` and :class:`wsi_dala.layout.CalibrateLayout`.
+File names come from :class:`wsi_dala.core.layout.EvalLayout` and :class:`wsi_dala.core.layout.CalibrateLayout`.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from wsi_dala.calibration import ECE_BINS, calibration_metrics, check_labels, reliability_bins, softmax
-from wsi_dala.devices import pick_device
-from wsi_dala.errors import ConfigError, OutputError
-from wsi_dala.fileio import ensure_writable_dir, write_json_atomic
-from wsi_dala.layout import CalibrateLayout, EvalLayout
+from wsi_dala.core.errors import ConfigError, OutputError
+from wsi_dala.core.fileio import ensure_writable_dir, write_json_atomic
+from wsi_dala.core.layout import CalibrateLayout, EvalLayout
 from wsi_dala.model import ModelCard, load_checkpoint, save_checkpoint
-from wsi_dala.stain import StainProfile
-from wsi_dala.stain_normalise import StainNormaliser
+from wsi_dala.model.calibration import ECE_BINS, calibration_metrics, check_labels, reliability_bins, softmax
+from wsi_dala.model.devices import pick_device
+from wsi_dala.model.stain_normalise import StainNormaliser
+from wsi_dala.tissue.stain import StainProfile
 from wsi_dala.training.calibrate import (
     Calibration,
     CamProfile,
@@ -107,7 +107,7 @@ def evaluate_checkpoint(
     """Metrics dict (also written to the layout's metrics JSON) and the printable table.
 
     ``precision``: ``auto`` (fp16 autocast on CUDA, bf16 on a CPU with native bf16, else fp32), ``fp32``,
-    ``bf16`` or ``fp16`` (see :mod:`wsi_dala.devices`).
+    ``bf16`` or ``fp16`` (see :mod:`wsi_dala.model.devices`).
     """
     layout = EvalLayout(Path(out_dir))
     ensure_writable_dir(layout.root)

@@ -23,11 +23,11 @@ import zarr
 from torch import nn
 from tqdm import tqdm
 
-from wsi_dala.devices import autocast, normalise
-from wsi_dala.identity import config_hash
-from wsi_dala.layout import building_path, feature_cache_store
+from wsi_dala.core.identity import config_hash
+from wsi_dala.core.layout import building_path, feature_cache_store
+from wsi_dala.model.devices import autocast, normalise
 from wsi_dala.model.interface import as_split
-from wsi_dala.stain_normalise import StainNormaliser
+from wsi_dala.model.stain_normalise import StainNormaliser
 from wsi_dala.training.datasets import Sample
 from wsi_dala.training.loaders import make_loader
 

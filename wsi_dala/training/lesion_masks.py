@@ -22,9 +22,9 @@ import zarr
 from shapely.geometry.base import BaseGeometry
 
 from qupath_export.annotations import read_annotation_file
-from wsi_dala.errors import ConfigError
-from wsi_dala.layout import LESION_MASKS_ARRAY, building_path, lesion_masks_store
-from wsi_dala.store import TileStore
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.core.layout import LESION_MASKS_ARRAY, building_path, lesion_masks_store
+from wsi_dala.tiling.store import TileStore
 from wsi_dala.training.datasets import Sample
 from wsi_dala.training.slide_tiles import AnnotatedSlide, slide_annotations
 

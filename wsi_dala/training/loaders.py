@@ -2,7 +2,7 @@
 
 Every loader is seeded from ``seed * 1000 + epoch``, so shuffling and weighted sampling replay identically
 when an interrupted run resumes. Images come out as uint8 [N, 3, H, W]; normalisation happens per batch
-on the device (:func:`wsi_dala.devices.normalise`).
+on the device (:func:`wsi_dala.model.devices.normalise`).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from wsi_dala.calibration import ReliabilityBins, ece_of
-from wsi_dala.fileio import atomic_open
+from wsi_dala.core.fileio import atomic_open
+from wsi_dala.model.calibration import ReliabilityBins, ece_of
 
 
 def _save(fig: Figure, path: Path) -> None:

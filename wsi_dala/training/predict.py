@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from wsi_dala.calibration import softmax
-from wsi_dala.cam import logits_and_raw_cams
-from wsi_dala.devices import autocast, normalise
-from wsi_dala.stain_normalise import StainNormaliser
+from wsi_dala.explain.cam import logits_and_raw_cams
+from wsi_dala.model.calibration import softmax
+from wsi_dala.model.devices import autocast, normalise
+from wsi_dala.model.stain_normalise import StainNormaliser
 from wsi_dala.training.loaders import TileLoader
 
 

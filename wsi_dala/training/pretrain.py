@@ -33,12 +33,12 @@ from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
-from wsi_dala.config import PretrainConfig
-from wsi_dala.devices import autocast, pick_device, resolve_precision
-from wsi_dala.fileio import atomic_open, ensure_writable_dir, write_json_atomic
-from wsi_dala.layout import PretrainLayout
+from wsi_dala.core.config import PretrainConfig
+from wsi_dala.core.fileio import atomic_open, ensure_writable_dir, write_json_atomic
+from wsi_dala.core.layout import PretrainLayout
 from wsi_dala.model import build_model
 from wsi_dala.model.checkpoint import PRETRAIN_CARD_KEY
+from wsi_dala.model.devices import autocast, pick_device, resolve_precision
 from wsi_dala.model.interface import pooled_features
 from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
 from wsi_dala.training.contrastive import nt_xent_loss

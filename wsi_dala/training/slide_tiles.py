@@ -21,11 +21,11 @@ import shapely
 from shapely import STRtree
 
 from qupath_export.annotations import Annotation, AnnotationError, AnnotationRead, read_annotation_file
-from wsi_dala.config import TilingConfig
-from wsi_dala.errors import ConfigError
-from wsi_dala.layout import annotations_beside, slide_tiles_dir
-from wsi_dala.store import TileStore
-from wsi_dala.tiling import tile_slide
+from wsi_dala.core.config import TilingConfig
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.core.layout import annotations_beside, slide_tiles_dir
+from wsi_dala.tiling.store import TileStore
+from wsi_dala.tiling.tiler import tile_slide
 from wsi_dala.training.datasets import Sample
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from wsi_dala.errors import ConfigError
+from wsi_dala.core.errors import ConfigError
 
 
 def group_split(

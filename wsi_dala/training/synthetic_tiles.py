@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from wsi_dala.errors import ConfigError
-from wsi_dala.layout import SYNTHETIC_CARD_NAME
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.core.layout import SYNTHETIC_CARD_NAME
 from wsi_dala.training.datasets import IMAGE_SUFFIXES, Sample
 from wsi_dala.training.unlabelled import MPP_TOLERANCE
 

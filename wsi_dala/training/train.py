@@ -2,7 +2,7 @@
 
 Imbalance is handled by the class-balanced loss of Cui et al. 2019 (weight ∝ (1−β)/(1−β^n_c),
 normalised to sum to the number of classes) or by a weighted sampler, never both. Early stopping
-watches the validation loss. Every file of a run is named by :class:`wsi_dala.layout.TrainLayout`: each
+watches the validation loss. Every file of a run is named by :class:`wsi_dala.core.layout.TrainLayout`: each
 epoch appends to the metrics table, redraws the curves and saves the resume state (loaded with
 ``weights_only=True``), from which an interrupted run resumes. At the end, the best checkpoint's temperature
 and Grad-CAM profile are fitted on the validation split and written into its model card.
@@ -27,19 +27,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from wsi_dala.calibration import check_labels
-from wsi_dala.config import TrainConfig
-from wsi_dala.devices import autocast, normalise, pick_device, resolve_precision
-from wsi_dala.errors import ConfigError
-from wsi_dala.fileio import atomic_open, ensure_writable_dir, write_json_atomic
-from wsi_dala.identity import config_hash
-from wsi_dala.layout import TrainLayout
+from wsi_dala.core.config import TrainConfig
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.core.fileio import atomic_open, ensure_writable_dir, write_json_atomic
+from wsi_dala.core.identity import config_hash
+from wsi_dala.core.layout import TrainLayout
 from wsi_dala.model import ModelCard, build_model, load_checkpoint, save_checkpoint
 from wsi_dala.model.build import pretrain_card
+from wsi_dala.model.calibration import check_labels
+from wsi_dala.model.devices import autocast, normalise, pick_device, resolve_precision
 from wsi_dala.model.interface import as_split
-from wsi_dala.model_choices import TIMM_PREFIX
-from wsi_dala.stain import REFERENCE_PROFILE
-from wsi_dala.stain_normalise import StainNormaliser
+from wsi_dala.model.registry import TIMM_PREFIX
+from wsi_dala.model.stain_normalise import StainNormaliser
+from wsi_dala.tissue.stain import REFERENCE_PROFILE
 from wsi_dala.training.calibrate import (
     CamProfile,
     calibrated_card,
@@ -388,9 +388,9 @@ STAIN_SAMPLE_IMAGES = 64  # training images the reference stain is measured on (
 
 def training_stain(samples: list[Sample]) -> dict[str, Any] | None:
     """The training images' stain (Macenko vectors, L*a*b* statistics), measured as a slide's is
-    (:func:`wsi_dala.stain.measure_tiles`), at the images' own resolution: the loaders crop, never resize,
+    (:func:`wsi_dala.tissue.stain.measure_tiles`), at the images' own resolution: the loaders crop, never resize,
     so that is the resolution the model sees. None when the images hold too little stain to measure."""
-    from wsi_dala.stain import StainError, measure_tiles
+    from wsi_dala.tissue.stain import StainError, measure_tiles
 
     if not samples:
         return None
@@ -410,7 +410,7 @@ def stain_normaliser(config: TrainConfig, measured: dict[str, Any] | None) -> St
         return None
     if measured is None:
         raise ConfigError("--stain-normalise: the training images' stain could not be measured (too little stain)")
-    from wsi_dala.stain import REFERENCE_PROFILE, StainProfile
+    from wsi_dala.tissue.stain import REFERENCE_PROFILE, StainProfile
 
     return StainNormaliser(
         config.stain_normalise, StainProfile.from_dict(measured, "training images"), REFERENCE_PROFILE

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsi_dala.errors import ConfigError
-from wsi_dala.layout import TILES_STORE_NAME
-from wsi_dala.store import TileStore
+from wsi_dala.core.errors import ConfigError
+from wsi_dala.core.layout import TILES_STORE_NAME
+from wsi_dala.tiling.store import TileStore
 from wsi_dala.training.datasets import IMAGE_SUFFIXES, Sample
 
 log = logging.getLogger(__name__)

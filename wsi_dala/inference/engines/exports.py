@@ -1,0 +1,128 @@
+"""ONNX exports of a checkpoint's backbone, cached beside the checkpoint and keyed by its hash.
+
+Exporting ResNet50 takes seconds and quantising it about a minute, so each is done once per checkpoint:
+``<checkpoint>.engines/<stem>-<sha16>-<tile>px.onnx`` (a folder beside the checkpoint; the user cache
+``~/.cache/wsi-dala/engines`` where that folder cannot be written; ``$WSI_DALA_ENGINE_CACHE`` over
+both, e.g. a shared filesystem for a Dask cluster). A changed checkpoint has another hash, so it is
+exported again, and the stale files of the same checkpoint name are removed then. Files are written
+beside their final name and renamed, so a crash never leaves a half export that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wsi_dala.core.errors import EngineError, EngineExportError
+from wsi_dala.core.layout import EngineLayout, engine_dir_beside, remove_stale_partials, writing_path
+from wsi_dala.model.interface import as_split
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "WSI_DALA_ENGINE_CACHE"
+OPSET = 18
+MAX_BATCH = 4096
+NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "root")
+
+
+class FeaturesOnly(nn.Module):
+    """The backbone alone (``forward_features``): what the engines run."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return as_split(self.model).forward_features(images)
+
+
+def engine_layout(checkpoint: str | os.PathLike[str]) -> EngineLayout:
+    """Where the engine files of ``checkpoint`` live (the folder is created if missing)."""
+    checkpoint = Path(checkpoint)
+    override = os.environ.get(CACHE_ENV)
+    candidates = [Path(override)] if override else []
+    candidates += [engine_dir_beside(checkpoint), _user_cache() / "engines"]
+    for folder in candidates:
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                remove_stale_partials(folder)  # an export killed half-way (a kill -9 leaves up to 100 MB)
+                return EngineLayout(folder, checkpoint.stem)
+    tried = ", ".join(map(str, candidates))
+    raise EngineError(f"{checkpoint}: no writable folder for its engine files (tried {tried})")
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsi-dala"
+
+
+def ensure_onnx(model: nn.Module, checkpoint: str, sha256: str, tile_px: int) -> Path:
+    """The fp32 ONNX export of ``model``'s backbone, exported now unless a file for this hash exists."""
+    layout = engine_layout(checkpoint)
+    path = layout.onnx(sha256, tile_px)
+    if path.exists():
+        return path
+    log.info("exporting the backbone of %s to %s", checkpoint, path)
+    export_backbone(model, tile_px, path, checkpoint)
+    for stale in layout.exports():
+        if not layout.is_of(stale, sha256):
+            log.info("removing %s: its checkpoint changed", stale)
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def export_backbone(model: nn.Module, tile_px: int, path: Path, source: str) -> None:
+    """Export ``forward_features`` with a free batch axis; written beside ``path``, then renamed."""
+    # A copy, in eval mode and the default memory layout: tracing must not touch the scoring model's state.
+    features = FeaturesOnly(copy.deepcopy(model).float().to(memory_format=torch.contiguous_format)).eval()
+    example = torch.zeros(2, 3, tile_px, tile_px)
+    partial = writing_path(path, os.getpid())
+    try:
+        with quiet():
+            torch.onnx.export(
+                features,
+                (example,),
+                str(partial),
+                input_names=["images"],
+                output_names=["features"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},),
+                dynamo=True,
+                opset_version=OPSET,
+                external_data=False,
+                verbose=False,
+            )
+        os.replace(partial, path)
+    except Exception as exc:
+        raise EngineExportError(f"{source}: the backbone cannot be exported to ONNX ({_one_line(exc)})") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """The exporter's and quantiser's progress lines, warnings and INFO logs kept out of our output."""
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,516 @@
+"""One slide, end to end: tile → score → stitch → export, with ``run.json`` and resume.
+
+Every stage leaves its result on disk (tile store, scores in the store, heatmap.zarr, GeoJSON), and
+each resumes or skips by itself. A run is keyed by the slide's fingerprint, the configuration and the
+checkpoint's hash: an unchanged slide with unchanged settings and model does no work at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_dala import __version__
+from wsi_dala.core.config import PipelineConfig, TilingConfig
+from wsi_dala.core.errors import CheckpointError, OutputError, QualityError
+from wsi_dala.core.fileio import (
+    ensure_writable_dir,
+    naming_failures,
+    read_json_object,
+    save_png_atomic,
+    write_json_atomic,
+)
+from wsi_dala.core.identity import config_hash, file_sha256, slide_fingerprint
+from wsi_dala.core.layout import RunLayout, remove_partials
+from wsi_dala.core.locks import exclusive_lock
+from wsi_dala.core.memory import limit_malloc_arenas, release_freed_memory
+from wsi_dala.inference.cluster import check_address
+from wsi_dala.inference.scoring import ScoringResult, cached_model, check_devices, score_store
+from wsi_dala.inference.streaming import StreamingScorer, can_overlap
+from wsi_dala.model import ModelCard, read_card
+from wsi_dala.outputs.geojson import ExportResult, export_qupath
+from wsi_dala.outputs.heatmap import Heatmap, render_overlay, stitch, write_heatmap
+from wsi_dala.outputs.ngff import write_heatmap_ngff
+from wsi_dala.tiling.store import TileStore
+from wsi_dala.tiling.tiler import TilingResult, check_slide, tile_slide
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+log = logging.getLogger(__name__)
+RUN_FORMAT = "wsi-dala.run/1"
+RUN_LOCK_STALE_S = 24 * 3600.0  # a lock left by another host is stale after this long (same host: pid gone)
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    tiles: int
+    grid_tiles: int
+    tumour_tiles: int
+    regions: int
+
+
+@dataclass(frozen=True)
+class RunResolution:
+    slide_mpp: float
+    slide_mpp_source: str
+    tile_mpp: float
+    level: int
+    resize_factor: float
+    heatmap_cell_mpp: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """``run.json`` of a complete run: what ran, on what, with which settings, how fast, and where it wrote."""
+
+    run_key: str
+    slide_stem: str  # outputs are named by it; a folder holds the run of one slide
+    slide: dict[str, Any]
+    model: dict[str, Any]
+    resolution: RunResolution
+    counts: RunCounts
+    regions: list[dict[str, Any]]
+    timings_s: dict[str, float]
+    tiles_per_s: float | None
+    scoring: dict[str, Any]
+    settings: dict[str, Any]
+    outputs: dict[str, str]  # file names inside the run folder
+    versions: dict[str, str]
+    qc: dict[str, Any] = field(default_factory=dict)  # counts, areas in µm², percentages of tissue
+    stain: dict[str, Any] = field(default_factory=dict)  # the slide's, the model's reference, their distance
+    calibration: dict[str, Any] = field(default_factory=dict)  # the temperature applied, or "uncalibrated"
+    heatmap: dict[str, Any] = field(default_factory=dict)  # cell size, CAM scale, border profile, seam index
+    status: str = "complete"
+    format: str = RUN_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def read_complete(cls, path: Path) -> RunRecord | None:
+        """The record at ``path`` if it is a complete run of this format; None otherwise."""
+        try:
+            data = json.loads(path.read_text())
+            if data.get("status") != "complete" or data.get("format") != RUN_FORMAT:
+                return None
+            names = {f.name for f in fields(cls)}
+            return cls(
+                **{
+                    **{k: v for k, v in data.items() if k in names},
+                    "resolution": RunResolution(**data["resolution"]),
+                    "counts": RunCounts(**data["counts"]),
+                }
+            )
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    layout: RunLayout
+    record: RunRecord
+    skipped: bool
+
+
+def tiling_for_model(config: PipelineConfig, card: ModelCard) -> TilingConfig:
+    """The model card fixes µm/px and tile size unless the configuration overrides them."""
+    return config.tiling.resolved(card.mpp, card.tile_size_px)
+
+
+def run_key(slide_path: Path, config: PipelineConfig, checkpoint_sha: str) -> str:
+    # Where and how fast it runs does not change the result: scheduler and reader threads are not part of it.
+    settings = config.model_dump(
+        mode="json", exclude={"model": True, "scoring": {"scheduler"}, "tiling": {"reader_threads"}}
+    )
+    return config_hash(
+        {"slide": slide_fingerprint(slide_path), "config": settings, "model": checkpoint_sha, "version": __version__}
+    )
+
+
+def _require_model(config: PipelineConfig) -> Path:
+    if not config.model:
+        raise CheckpointError(
+            "no model: give --model CKPT, set `model:` in the pipeline config, or run "
+            "`wsi-dala demo` once to train a small one"
+        )
+    return resolve_model(config.model, config.positive_class)
+
+
+def resolve_model(model: str, positive_class: str | None = None) -> Path:
+    """A checkpoint file as is; a WSInfer model folder as its imported checkpoint (made on first use)."""
+    from wsi_dala.interop.model_import import imported_checkpoint, is_wsinfer_folder
+
+    if is_wsinfer_folder(model):
+        checkpoint = imported_checkpoint(model, positive_class)
+        log.info("%s: WSInfer model folder, imported as %s", model, checkpoint)
+        return checkpoint
+    if positive_class is not None:
+        log.warning("--positive-class applies to WSInfer model folders; %s has its own in its card", model)
+    return Path(model)
+
+
+def run_slide(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    config: PipelineConfig,
+    progress: bool = True,
+    client: Client | None = None,
+) -> RunSummary:
+    """Run the whole pipeline on one slide (or do nothing if an identical run is complete).
+
+    Inputs are checked before the output folder is touched: the checkpoint (card and weights against
+    the architecture) and the slide (readable, µm/px known, the target level available). The folder is
+    then locked for the run; a second run on it is refused at once, naming the holder.
+    """
+    limit_malloc_arenas()  # before the tiler's and the scorer's threads start (see wsi_dala.core.memory)
+    slide_path = Path(slide_path)
+    if config.scoring.scheduler:
+        check_address(config.scoring.scheduler)  # a bad scheme fails now, not after tiling
+    check_devices(config.scoring)
+    checkpoint = _require_model(config)
+    card = read_card(checkpoint)
+    tiling = tiling_for_model(config, card)
+    check_slide(slide_path, tiling)
+    cached_model(str(checkpoint), "cpu")  # weights checked against the architecture now, not after tiling
+    layout = RunLayout.for_slide(out_dir, slide_path)
+    ensure_writable_dir(layout.root)
+    with exclusive_lock(layout.lock, RUN_LOCK_STALE_S) as holder:
+        if holder is not None:
+            raise OutputError(f"{layout.root}: in use by {holder.describe()}; wait for it or choose another --out")
+        return _run_locked(slide_path, layout, config, checkpoint, card, tiling, progress, client)
+
+
+def _run_locked(
+    slide_path: Path,
+    layout: RunLayout,
+    config: PipelineConfig,
+    checkpoint: Path,
+    card: ModelCard,
+    tiling: TilingConfig,
+    progress: bool,
+    client: Client | None,
+) -> RunSummary:
+    previous = read_json_object(layout.run_json)
+    _refuse_another_slide(layout, previous)
+    removed = remove_partials(layout.root)  # left by a run killed while writing (we hold the lock)
+    if removed:
+        log.info("%s: removed %d unfinished file(s) of an interrupted run", layout.root, removed)
+    checkpoint_sha = file_sha256(checkpoint)
+    key = run_key(slide_path, config, checkpoint_sha)
+    done = RunRecord.read_complete(layout.run_json)
+    if done is not None and done.run_key == key:
+        return RunSummary(layout, done, skipped=True)
+    write_json_atomic(
+        layout.run_json,
+        {"format": RUN_FORMAT, "status": "running", "run_key": key, "slide_stem": layout.slide_stem},
+    )
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    streaming = StreamingScorer(str(layout.tiles_store), str(checkpoint), config.scoring, progress)
+    overlap = can_overlap(config.scoring, client)
+    with streaming:
+        callback = streaming.chunk_written if overlap else None
+        tiled = tile_slide(slide_path, layout.root, tiling, progress=progress, on_chunk_written=callback)
+        timings["tile"] = tiled.seconds
+        check_quality(TileStore(tiled.store), slide_path, layout)
+        setup = streaming.finish()
+    scored = score_store(tiled.store, checkpoint, config.scoring, progress=progress, client=client, setup=setup)
+    timings["score"] = scored.seconds  # with overlap: only what was left once tiling ended
+    timings["tile_and_score"] = time.perf_counter() - started  # less than tile + score when they overlapped
+    t = time.perf_counter()
+    heatmap = stitch(tiled.store, config.heatmap, card_profile(card))
+    with naming_failures(layout.heatmap_store):  # a full disk names the store, not just "No space left"
+        write_heatmap(heatmap, layout.heatmap_store, config.heatmap, {"slide": str(slide_path), "run_key": key})
+    with naming_failures(layout.heatmap_ngff):
+        write_heatmap_ngff(heatmap, layout.heatmap_ngff, config.heatmap.min_level_px)
+    _render(layout, heatmap)
+    release_freed_memory()
+    timings["stitch"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gzip = config.export.gzip
+    exported = export_qupath(
+        tiled.store, heatmap, layout.tiles_geojson(gzip), layout.tumour_geojson(gzip), config.export
+    )
+    timings["export"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+    stages = _Stages(tiled, scored, heatmap, exported, streaming.scored_chunks)
+    record = _record(slide_path, checkpoint, checkpoint_sha, card, key, config, layout, stages, timings)
+    write_json_atomic(layout.run_json, record.to_dict())
+    _remove_outputs_no_longer_written(layout, previous, record)
+    return RunSummary(layout, record, skipped=False)
+
+
+def check_quality(store: TileStore, slide_path: Path, layout: RunLayout) -> None:
+    """Refuse a slide with no tissue, in one line naming the pictures that show why (they are written before
+    this is called). Quality control never refuses a slide: it marks tiles, and warns when it marks most."""
+    info, qc = store.info, store.info.qc
+    if info.n_tiles == 0:
+        pictures = f"mask written to {layout.tissue_mask_png}, QC picture to {layout.qc_png}"
+        why = ""
+        if qc is not None and qc.areas_um2.get("ink", 0.0) > qc.areas_um2.get("tissue", 0.0):
+            why = f" (marker ink covers {qc.areas_um2['ink'] / 1e6:.2f} mm², more than any tissue)"
+        raise QualityError(f"{slide_path}: no tissue found{why}; {pictures}")
+
+
+def qc_summary(store: TileStore, tile_threshold: float | None = None) -> dict[str, Any]:
+    """QC for run.json and the batch report: counts, areas in µm² and shares of the tissue in percent; under
+    ``exclude``, the tiles left out and how much of them the model called tumour (at ``tile_threshold``)."""
+    qc = store.info.qc
+    if qc is None:
+        return {}
+    tissue = qc.areas_um2.get("tissue", 0.0)
+    percent = {  # ink is not tissue (it is cut out of the mask), so it is given as an area only
+        name: round(100 * qc.areas_um2.get(name, 0.0) / tissue, 2) if tissue > 0 else 0.0 for name in ("blur", "fold")
+    }
+    summary: dict[str, Any] = {
+        "mode": qc.mode,
+        "tiles_flagged": qc.counts,
+        "tiles_excluded": qc.excluded_tiles,
+        "areas_um2": qc.areas_um2,
+        "percent_of_tissue": percent,
+        "ink_mm2": round(qc.areas_um2.get("ink", 0.0) / 1e6, 4),
+        "median_edge_blur_um": qc.median_edge_blur_um,
+        "warning": qc.warning,
+    }
+    if qc.mode == "exclude" and tile_threshold is not None and store.info.scoring is not None:
+        summary["tumour_excluded"] = excluded_tumour(store, tile_threshold)
+    return summary
+
+
+def excluded_tumour(store: TileStore, tile_threshold: float) -> dict[str, Any]:
+    """What ``--qc exclude`` took away from the tumour calls: tiles left out that the model called tumour,
+    and their tissue area (mm²)."""
+    info = store.info
+    left_out = ~store.usable_tiles()
+    tumour = left_out & (np.nan_to_num(store.positive_scores(), nan=0.0) >= tile_threshold)
+    tile_area_mm2 = (min(info.tiling.tile_size_l0, info.tiling.stride_l0) * info.tiling.slide_mpp) ** 2 / 1e6
+    return {
+        "tumour_tiles": int(tumour.sum()),
+        "tissue_mm2": round(float(store.tissue_fraction()[tumour].sum()) * tile_area_mm2, 4),
+        "of_tumour_tiles": int((np.nan_to_num(store.positive_scores(), nan=0.0) >= tile_threshold).sum()),
+        "threshold": tile_threshold,
+    }
+
+
+def stain_summary(store: TileStore, card: ModelCard, normalised: str) -> dict[str, Any]:
+    """The slide's measured stain against the model's reference, for run.json and the batch report."""
+    from wsi_dala.tissue.stain import REFERENCE_PROFILE, StainProfile, is_out_of_distribution, stain_distance
+
+    measured = store.info.stain
+    reference = card.stain_reference or REFERENCE_PROFILE.to_dict()
+    trained_normalised = card.training_data.get("stain_normalise", "none") != "none"
+    # Only a reference measured on the training tiles says what the model has seen; the published
+    # Macenko reference is a normalisation target, and most real H&E is far from it (CMU-1: 20°).
+    measured_reference = card.stain_reference is not None and not trained_normalised
+    source = "training tiles (model card)" if measured_reference else "published Macenko H&E reference"
+    summary: dict[str, Any] = {
+        "slide": measured,
+        "reference": reference,
+        "reference_source": source,
+        "normalised": normalised,
+    }
+    if measured is None:
+        return {**summary, "distance": None, "out_of_distribution": None}
+    slide_profile = StainProfile.from_dict(measured, f"{store.path}: stain")
+    distance = stain_distance(slide_profile, StainProfile.from_dict(reference, "model card stain reference"))
+    return {
+        **summary,
+        "distance": {k: round(v, 3) for k, v in distance.items()},
+        # None: not judged (no measured reference, or the tiles were mapped to the reference before scoring)
+        "out_of_distribution": is_out_of_distribution(distance)
+        if measured_reference and normalised == "none"
+        else None,
+        "summary": f"H {distance['h_angle_deg']:.0f}°, E {distance['e_angle_deg']:.0f}° from the reference, "
+        f"intensity ×{2 ** distance['h_log2_ratio']:.2f} H, ×{2 ** distance['e_log2_ratio']:.2f} E",
+    }
+
+
+def card_profile(card: ModelCard) -> np.ndarray | None:
+    """The model card's CAM border profile (the stitch's prior), if the card has one."""
+    return np.asarray(card.cam_profile, dtype=np.float64) if card.cam_profile is not None else None
+
+
+def calibration_summary(card: ModelCard) -> dict[str, Any]:
+    """What run.json says about the probabilities: scaled by the card's temperature, or uncalibrated."""
+    if card.temperature is None:
+        return {
+            "status": "uncalibrated",
+            "temperature": 1.0,
+            "note": "the model card has no temperature: probabilities are the network's softmax as is "
+            "(wsi-dala calibrate fits one)",
+        }
+    return {"status": "calibrated", "temperature": card.temperature, "fit": card.calibration}
+
+
+def _refuse_another_slide(layout: RunLayout, previous: dict[str, Any]) -> None:
+    """One folder, one slide: outputs are named by the slide, and QuPath imports what the folder lists."""
+    stem = previous.get("slide_stem")
+    if isinstance(stem, str) and stem != layout.slide_stem:
+        raise OutputError(
+            f"{layout.root}: holds the run of another slide ({stem}); choose another --out for {layout.slide_stem}"
+        )
+
+
+def _remove_outputs_no_longer_written(layout: RunLayout, previous: dict[str, Any], record: RunRecord) -> None:
+    """Files the previous run listed that this one does not write (e.g. ``.geojson`` after ``--gzip``)."""
+    old = previous.get("outputs")
+    if not isinstance(old, dict):
+        return
+    for name in set(map(str, old.values())) - set(record.outputs.values()):
+        path = layout.root / Path(name).name  # never trust a path read from a file: stay in this folder
+        if path.is_file():
+            log.info("%s: removing %s, written by an earlier run with other settings", layout.root, path.name)
+            path.unlink()
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """What each stage returned, for the record."""
+
+    tiled: TilingResult
+    scored: ScoringResult
+    heatmap: Heatmap
+    exported: ExportResult
+    overlapped_chunks: int  # chunks scored while the tiler was still writing
+
+
+def _record(
+    slide_path: Path,
+    checkpoint: Path,
+    checkpoint_sha: str,
+    card: ModelCard,
+    key: str,
+    config: PipelineConfig,
+    layout: RunLayout,
+    stages: _Stages,
+    timings: dict[str, float],
+) -> RunRecord:
+    tiled, cut, total = stages.tiled, stages.tiled.record, timings["total"]
+    return RunRecord(
+        run_key=key,
+        slide_stem=layout.slide_stem,
+        slide={"path": str(slide_path.resolve()), **slide_fingerprint(slide_path)},
+        model={
+            "path": str(checkpoint.resolve()),
+            "sha256": checkpoint_sha,
+            "architecture": card.architecture,
+            "class_names": card.class_names,
+            "positive_class": card.positive_class,
+            "tile_size_px": card.tile_size_px,
+            "mpp": card.mpp,
+            "cam": "DT Grad-CAM"
+            if TileStore(tiled.store).info.require_scores(str(tiled.store)).has_cams
+            else "none: the model has no feature map; the tumour layer and regions are its probability",
+        },
+        resolution=RunResolution(
+            slide_mpp=cut.slide_mpp,
+            slide_mpp_source=cut.mpp_source,
+            tile_mpp=cut.effective_mpp,
+            level=cut.level,
+            resize_factor=cut.resize_factor,
+            heatmap_cell_mpp=stages.heatmap.cell_mpp,
+        ),
+        counts=RunCounts(
+            tiles=int(TileStore(tiled.store).usable_tiles().sum()),
+            grid_tiles=cut.grid_tiles,
+            tumour_tiles=_count_positive(tiled.store, config.export.tile_threshold),
+            regions=stages.exported.n_regions,
+        ),
+        regions=stages.exported.regions,
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        tiles_per_s=round(tiled.n_tiles / total, 2) if total > 0 else None,
+        scoring={
+            "precision": stages.scored.precision,
+            "device": stages.scored.device,
+            "chunks_resumed": stages.scored.chunks_resumed - stages.overlapped_chunks,
+            "chunks_scored_while_tiling": stages.overlapped_chunks,
+            "backend": stages.scored.backend,
+        },
+        settings=config.to_dict(),
+        outputs={name: path.name for name, path in _outputs(layout, config).items()},
+        versions=_versions(),
+        qc=qc_summary(TileStore(tiled.store), config.export.tile_threshold),
+        stain=stain_summary(TileStore(tiled.store), card, config.scoring.stain_normalise),
+        calibration=calibration_summary(card),
+        heatmap=stages.heatmap.summary(),
+    )
+
+
+def _count_positive(store_path: Path, threshold: float) -> int:
+    store = TileStore(store_path)
+    if store.info.n_tiles == 0:
+        return 0
+    return int(((store.positive_scores() >= threshold) & store.usable_tiles()).sum())
+
+
+def _render(layout: RunLayout, heatmap: Heatmap) -> None:
+    from PIL import Image
+
+    thumbnail = np.asarray(Image.open(layout.thumbnail_png).convert("RGB"))
+    save_png_atomic(layout.overview_png, Image.fromarray(thumbnail))
+    render_overlay(
+        thumbnail,
+        heatmap.tumour,
+        layout.overlay_png,
+        f"{layout.slide_stem}: tumour probability (cell {heatmap.cell_mpp:.1f} µm)",
+        flagged=heatmap.qc_flagged,
+    )
+    if heatmap.uncertainty is not None:
+        top = (
+            max(0.05, float(np.nanpercentile(heatmap.uncertainty, 99)))
+            if np.isfinite(heatmap.uncertainty).any()
+            else 0.5
+        )
+        render_overlay(
+            thumbnail,
+            heatmap.uncertainty,
+            layout.uncertainty_png,
+            f"{layout.slide_stem}: SD of the tumour probability per tile",
+            flagged=heatmap.qc_flagged,
+            label="probability SD",
+            top=top,
+            colour_map="viridis",
+        )
+
+
+def _outputs(layout: RunLayout, config: PipelineConfig) -> dict[str, Path]:
+    measured_sd = config.scoring.tta != "none" or config.scoring.mc_dropout > 0
+    return {
+        **({"uncertainty": layout.uncertainty_png} if measured_sd else {}),
+        "tiles_store": layout.tiles_store,
+        "heatmap": layout.heatmap_store,
+        "heatmap_ngff": layout.heatmap_ngff,
+        "overview": layout.overview_png,
+        "overlay": layout.overlay_png,
+        "tiles_geojson": layout.tiles_geojson(config.export.gzip),
+        "tumour_geojson": layout.tumour_geojson(config.export.gzip),
+        "tissue_mask": layout.tissue_mask_png,
+        "qc": layout.qc_png,
+        "run_json": layout.run_json,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import openslide
+    import tiffslide
+    import torch
+    import zarr
+
+    return {
+        "wsi_dala": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dask": dask.__version__,
+        "zarr": zarr.__version__,
+        "openslide": openslide.__library_version__,
+        "tiffslide": tiffslide.__version__,
+    }

@@ -1,0 +1,4 @@
+"""Reading slides (openslide-python or tiffslide; fast tiled-TIFF regions) and writing synthetic ones.
+
+May import: core.
+"""
