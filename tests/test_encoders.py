@@ -206,8 +206,8 @@ def test_weights_of_another_layout_are_refused_before_any_data_is_read(capsys, t
 def test_the_linear_head_list_agrees_with_the_models_it_names():
     """`TrainConfig` checks --freeze-backbone against a list of names (the config must not import torch);
     the models decide by their head's structure. The two must agree for every torchvision baseline."""
-    from wsi_dala.model.build import _TORCHVISION
     from wsi_dala.model.registry import LINEAR_HEAD_ARCHITECTURES
+    from wsi_dala.model.weights import TORCHVISION as _TORCHVISION
 
     for arch in _TORCHVISION:
         model = build_model(arch, 2, "none", input_size=224)

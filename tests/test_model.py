@@ -20,7 +20,8 @@ from wsi_dala.model import (
     save_checkpoint,
 )
 from wsi_dala.model.attention import GateAttention
-from wsi_dala.model.build import OFFLINE_ENV
+from wsi_dala.model.registry import REGISTRY, architecture
+from wsi_dala.model.weights import OFFLINE_ENV
 
 
 def test_shapes_and_parameter_counts():
@@ -67,31 +68,30 @@ def test_other_attention_kinds_build_and_run(kind):
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
 
 
-def test_every_architecture_builds_with_the_split_interface():
-    spatial = {}
+def test_every_architecture_builds_as_its_registry_entry_says():
+    """The registry's torch-free facts (what the CLI, settings and docs read) agree with the built networks."""
     for arch in ARCHITECTURES:
+        entry = REGISTRY[arch]
         if arch == "colour-reference":  # the reference scorer has two classes by definition
             with pytest.raises(ValueError, match="two classes"):
                 build_model(arch, num_classes=3)
-            continue
-        model = build_model(arch, num_classes=3, pretrained="none").eval()
+            model = build_model(arch, num_classes=2).eval()
+        else:
+            model = build_model(arch, num_classes=3, pretrained="none").eval()
         with torch.no_grad():
             features = model.forward_features(torch.randn(1, 3, 224, 224))
-            assert model.forward_head(features).shape == (1, 3), arch
-        spatial[arch] = model.spatial_features
-    assert spatial == {
-        "dalaresnet50": True,
-        "resnet18": True,
-        "resnet34": True,
-        "resnet50": True,
-        "seresnet50": True,
-        "densenet121": True,
-        "vgg16": True,
-        "vit_b_16": False,
-        "swin_t": True,
-        "dinov2_vitb14": False,
-        "resvit-gannet": True,
-    }
+            assert model.forward_head(features).shape == (1, 3 if arch != "colour-reference" else 2), arch
+        assert model.spatial_features == entry.spatial_features, arch
+        assert features.shape[1 if entry.spatial_features else 2] == entry.feature_dim, (arch, features.shape)
+        probe = getattr(model, "linear_probe_encoder", lambda: None)()
+        assert (probe is not None) == entry.linear_probe, arch
+    assert [a for a in ARCHITECTURES if not REGISTRY[a].spatial_features] == ["vit_b_16", "dinov2_vitb14"]
+
+
+def test_an_unknown_architecture_names_the_choices():
+    with pytest.raises(CheckpointError, match="unknown architecture 'resnet9000': must be one of dalaresnet50, "):
+        build_model("resnet9000")
+    assert architecture("timm:vit_tiny_patch16_224").loads_own_weights
 
 
 def test_imagenet_offline_names_the_file(monkeypatch, tmp_path):

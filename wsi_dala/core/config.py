@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from pydantic_core import ErrorDetails
 
 from wsi_dala.core.errors import ConfigError
-from wsi_dala.model.registry import LINEAR_HEAD_ARCHITECTURES, TIMM_PREFIX, architecture_problem
+from wsi_dala.model.registry import LINEAR_HEAD_ARCHITECTURES, REGISTRY, TIMM_PREFIX, architecture, architecture_problem
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +194,6 @@ def known_architecture(value: str) -> str:
     return value
 
 
-FROM_SCRATCH_LR_BACKBONE = 1e-3
-FROM_SCRATCH_FAST_ARCHITECTURES = ("dalaresnet50", "resnet18", "resnet34", "resnet50", "densenet121", "vgg16")
-
-
 class TrainConfig(Settings):
     """`wsi-dala train` settings. Defaults from ``shared/model-spec.md`` (ours, not the paper's)."""
 
@@ -241,14 +237,14 @@ class TrainConfig(Settings):
         ResViT-GANNet's Grad-CAM went to zero everywhere)."""
         if isinstance(data, dict) and data.get("lr_backbone") is None:
             data = {k: v for k, v in data.items() if k != "lr_backbone"}
-            cnn = data.get("arch", "dalaresnet50") in FROM_SCRATCH_FAST_ARCHITECTURES
-            if data.get("pretrained", "imagenet") == "none" and cnn:
-                data["lr_backbone"] = FROM_SCRATCH_LR_BACKBONE
+            arch = data.get("arch", "dalaresnet50")
+            if data.get("pretrained", "imagenet") == "none" and isinstance(arch, str) and arch in REGISTRY:
+                data["lr_backbone"] = REGISTRY[arch].from_scratch_lr
         return data
 
     @model_validator(mode="after")
     def _frozen_backbone_needs_an_encoder(self) -> TrainConfig:
-        if self.freeze_backbone and not (self.arch.startswith(TIMM_PREFIX) or self.arch in LINEAR_HEAD_ARCHITECTURES):
+        if self.freeze_backbone and not architecture(self.arch).linear_probe:
             raise ValueError(
                 f"--freeze-backbone needs an encoder with a pooled linear head: --arch timm:NAME or one of "
                 f"{', '.join(LINEAR_HEAD_ARCHITECTURES)}, not {self.arch}"

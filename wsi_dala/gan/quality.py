@@ -18,10 +18,10 @@ import torch
 
 from wsi_dala.core.errors import CheckpointError, ConfigError
 from wsi_dala.model import build_model
-from wsi_dala.model.build import pretrain_card
 from wsi_dala.model.devices import normalise
 from wsi_dala.model.interface import pooled_features
 from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
+from wsi_dala.model.weights import pretrain_card
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 Features = Callable[[torch.Tensor], torch.Tensor]  # uint8 tiles [N, 3, H, W] -> features [N, D]

@@ -20,8 +20,8 @@ from wsi_dala.core.fileio import ensure_writable_dir, write_json_atomic
 from wsi_dala.core.layout import SYNTHETIC_CARD_NAME
 from wsi_dala.gan.figures import tiles_to_pngs
 from wsi_dala.gan.networks import GanShape, Generator, generate
-from wsi_dala.model.build import GAN_CARD_KEY
 from wsi_dala.model.devices import pick_device
+from wsi_dala.model.weights import GAN_CARD_KEY
 
 
 def read_gan_card(path: Path) -> dict[str, Any]:

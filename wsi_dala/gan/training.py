@@ -38,8 +38,8 @@ from wsi_dala.gan.ada import AdaptiveAugment
 from wsi_dala.gan.figures import plot_gan_curves, sample_grid
 from wsi_dala.gan.networks import Discriminator, GanShape, Generator, generate
 from wsi_dala.gan.quality import Features, batched, kid
-from wsi_dala.model.build import GAN_CARD_KEY
 from wsi_dala.model.devices import pick_device
+from wsi_dala.model.weights import GAN_CARD_KEY
 from wsi_dala.training.datasets import Sample, SampleDataset
 
 log = logging.getLogger(__name__)

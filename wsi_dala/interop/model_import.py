@@ -28,6 +28,7 @@ from wsi_dala.core.fileio import ensure_writable_dir
 from wsi_dala.core.identity import file_sha256
 from wsi_dala.core.layout import IMPORT_CACHE_DIR, WSInferModelLayout, imported_torchscript, writing_path
 from wsi_dala.model import ModelCard, build_model, save_checkpoint
+from wsi_dala.model.registry import WSINFER_IMPORTS
 from wsi_dala.model.scripted import IMPORTED_TORCHSCRIPT, SHA256_OPTION, load_torchscript
 from wsi_dala.model.wsinfer_format import (
     CARD_EXTRA_FILE,
@@ -39,7 +40,7 @@ from wsi_dala.model.wsinfer_format import (
 
 log = logging.getLogger(__name__)
 
-IMPORTABLE = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50"}  # their name -> ours
+IMPORTABLE = WSINFER_IMPORTS  # their name -> ours (the registry's wsinfer_names)
 
 
 def is_wsinfer_folder(path: str | os.PathLike[str]) -> bool:

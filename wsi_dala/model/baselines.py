@@ -8,11 +8,15 @@ timm provides SEResNet50 and DINOv2 ViT-B/14, which torchvision lacks. Each mode
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision import models as tvm
 
+from wsi_dala.core.errors import CheckpointError
 from wsi_dala.model.interface import as_split
+from wsi_dala.model.weights import TORCHVISION, require_online, torchvision_imagenet_state
 
 
 class SplitClassifier(nn.Module):
@@ -112,3 +116,39 @@ class TimmClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def build_torchvision(
+    arch: str, num_classes: int, pretrained: str, options: dict[str, Any], input_size: int
+) -> nn.Module:
+    """The registry's builder for the torchvision baselines."""
+    constructor, _ = TORCHVISION[arch]
+    backbone = constructor(weights=None)
+    if pretrained == "imagenet":
+        backbone.load_state_dict(torchvision_imagenet_state(arch))
+    return torchvision_baseline(arch, num_classes, backbone)
+
+
+_TIMM = {"seresnet50": ("seresnet50", True), "dinov2_vitb14": ("vit_base_patch14_dinov2", False)}
+
+
+def build_timm_baseline(
+    arch: str, num_classes: int, pretrained: str, options: dict[str, Any], input_size: int
+) -> TimmClassifier:
+    """The registry's builder for the two baselines timm provides (SE-ResNet-50, DINOv2 ViT-B/14)."""
+    import timm
+
+    name, spatial = _TIMM[arch]
+    kwargs: dict[str, Any] = {"img_size": input_size} if arch == "dinov2_vitb14" else {}
+    if pretrained == "imagenet":
+        require_online(f"timm/{name}", "the Hugging Face hub cache (~/.cache/huggingface/hub)")
+        try:
+            net = timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+        except Exception as exc:
+            raise CheckpointError(
+                f"could not fetch pretrained weights for {arch} (timm/{name}): {exc}; on a connected machine "
+                f"run once to fill ~/.cache/huggingface/hub, or use --pretrained PATH or --pretrained none"
+            ) from exc
+    else:
+        net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    return TimmClassifier(net, spatial)

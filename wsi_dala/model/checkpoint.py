@@ -24,10 +24,11 @@ from wsi_dala import __version__
 from wsi_dala.core.config import MIN_TILE_SIZE_PX
 from wsi_dala.core.errors import CheckpointError, ConfigError
 from wsi_dala.core.fileio import atomic_open
-from wsi_dala.model.build import GAN_CARD_KEY, PRETRAIN_CARD_KEY, build_model
+from wsi_dala.model.build import build_model
 from wsi_dala.model.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
 from wsi_dala.model.scripted import IMPORTED_TORCHSCRIPT, load_imported_scripted
+from wsi_dala.model.weights import GAN_CARD_KEY, PRETRAIN_CARD_KEY
 from wsi_dala.tissue.stain import StainProfile
 
 CARD_KEY = "wsi_dala.model_card"

@@ -8,6 +8,8 @@ planted truth. It runs through the same checkpoint, scoring, CAM and export code
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,3 +54,10 @@ class ColourReferenceScorer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def build_colour(
+    arch: str, num_classes: int, pretrained: str, options: dict[str, Any], input_size: int
+) -> ColourReferenceScorer:
+    """The registry's builder for ``colour-reference`` (no weights to load)."""
+    return ColourReferenceScorer(num_classes, **options)

@@ -11,12 +11,14 @@ DT Grad-CAM target) and ``forward_head`` (the part that back-propagation for a C
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models import resnet50
 
+from wsi_dala.core.errors import CheckpointError
 from wsi_dala.model.attention import make_attention
 from wsi_dala.model.registry import ATTENTION_KINDS, ATTENTION_POSITIONS, GATE_MODES
 
@@ -109,3 +111,23 @@ class DALAResNet50(nn.Module):
         if freeze_until not in order[2:]:
             raise ValueError(f"freeze_until must be one of layer1, layer2, layer3, got {freeze_until!r}")
         return order[: order.index(freeze_until) + 1]
+
+
+def build_dala(arch: str, num_classes: int, pretrained: str, options: dict[str, Any], input_size: int) -> DALAResNet50:
+    """The registry's builder for ``dalaresnet50``: ImageNet weights go into the ResNet50 part, the attention
+    and head start random."""
+    from wsi_dala.model.weights import torchvision_imagenet_state
+
+    known = {f.name for f in fields(DalaOptions)}
+    unknown = set(options) - known
+    if unknown:
+        raise CheckpointError(f"unknown DALAResNet50 options: {sorted(unknown)}")
+    model = DALAResNet50(num_classes, DalaOptions(**options))
+    if pretrained == "imagenet":
+        state = torchvision_imagenet_state("resnet50")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        stray = list(unexpected) + [k for k in missing if not k.startswith(("attention.", "head."))]
+        if stray:
+            raise CheckpointError(f"ImageNet ResNet50 weights do not fit DALAResNet50: {stray[:5]}")
+    return model

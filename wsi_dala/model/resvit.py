@@ -23,6 +23,7 @@ The CAM is taken over the CNN channels only (``cam_channels``), with gradients t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +35,9 @@ from torchvision import models as tvm
 from wsi_dala.core.errors import CheckpointError
 from wsi_dala.model.attention import SEAttention
 from wsi_dala.model.registry import TIMM_PREFIX
+from wsi_dala.model.weights import torchvision_imagenet_state
+
+log = logging.getLogger(__name__)
 
 CNN_CHANNELS = 2048
 CAM_LAYERS = ("tama", "cnn")
@@ -210,3 +214,31 @@ def resvit_options(options: dict[str, Any]) -> ResVitOptions:
     if unknown:
         raise CheckpointError(f"unknown ResViT-GANNet options: {sorted(unknown)} (known: {sorted(known)})")
     return ResVitOptions(**options)
+
+
+def build_resvit(
+    arch: str, num_classes: int, pretrained: str, options: dict[str, Any], input_size: int
+) -> ResVitGanNet:
+    """The registry's builder for ``resvit-gannet``."""
+    model = ResVitGanNet(num_classes, resvit_options(options), input_size)
+    if pretrained == "imagenet":
+        _load_resvit_imagenet(model, input_size)
+    return model
+
+
+def _load_resvit_imagenet(model: ResVitGanNet, input_size: int) -> None:
+    """ImageNet weights into both branches: torchvision's ResNet50 and (for vit_b_16) ViT-B/16, its position
+    embedding interpolated when the tile is not 224 px; a timm ViT takes no download (train from none)."""
+    cnn, vit = model.imagenet_parts()
+    resnet = tvm.resnet50(weights=None)
+    resnet.load_state_dict(torchvision_imagenet_state("resnet50"))
+    cnn.load_state_dict(nn.Sequential(*list(resnet.children())[:-2]).state_dict())
+    if vit is None:
+        log.warning("resvit-gannet: ImageNet weights for the ResNet50 branch only; the timm ViT starts random")
+        return
+    state = torchvision_imagenet_state("vit_b_16")
+    if input_size != 224:
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        state = interpolate_embeddings(input_size, 16, state)
+    vit.load_state_dict(state)

@@ -33,12 +33,12 @@ from wsi_dala.core.fileio import atomic_open, ensure_writable_dir, write_json_at
 from wsi_dala.core.identity import config_hash
 from wsi_dala.core.layout import TrainLayout
 from wsi_dala.model import ModelCard, build_model, load_checkpoint, save_checkpoint
-from wsi_dala.model.build import pretrain_card
 from wsi_dala.model.calibration import check_labels
 from wsi_dala.model.devices import autocast, normalise, pick_device, resolve_precision
 from wsi_dala.model.interface import as_split
 from wsi_dala.model.registry import TIMM_PREFIX
 from wsi_dala.model.stain_normalise import StainNormaliser
+from wsi_dala.model.weights import pretrain_card
 from wsi_dala.tissue.stain import REFERENCE_PROFILE
 from wsi_dala.training.calibrate import (
     CamProfile,
