@@ -16,9 +16,9 @@ from tests.test_slide_training import _write_qupath_annotations
 from wsi_dala.cli import main
 from wsi_dala.model import build_model, read_card
 from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
-from wsi_dala.training.contrastive import supervised_contrastive_loss
 from wsi_dala.training.guidance import Guidance, guided_logits_and_loss
 from wsi_dala.training.lesion_masks import lesion_geometry, tile_mask
+from wsi_dala.training.losses import supervised_contrastive_loss
 
 
 def test_a_tile_mask_is_exact_for_a_polygon_with_a_hole():

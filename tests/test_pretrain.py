@@ -24,7 +24,7 @@ from wsi_dala.core.errors import CheckpointError, ConfigError
 from wsi_dala.model import build_model, read_card
 from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.training import pretrain as pretrain_module
-from wsi_dala.training.contrastive import nt_xent_loss
+from wsi_dala.training.losses import nt_xent_loss
 from wsi_dala.training.unlabelled import slide_balanced_weights, unlabelled_set
 from wsi_dala.training.views import ViewSettings, hed_jitter, hed_to_rgb, histology_view, rgb_to_hed
 

@@ -13,8 +13,9 @@ from wsi_dala.cli import main
 from wsi_dala.core.config import TrainConfig
 from wsi_dala.model import read_card
 from wsi_dala.training.datasets import image_folder_samples
+from wsi_dala.training.losses import class_balanced_weights
 from wsi_dala.training.splits import group_split
-from wsi_dala.training.train import class_balanced_weights, train_model
+from wsi_dala.training.train import train_model
 
 
 def test_dalaresnet50_learns_synthetic_data(blob_model):

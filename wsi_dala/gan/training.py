@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save
 from torch import nn
 from tqdm import tqdm
@@ -41,6 +40,7 @@ from wsi_dala.gan.quality import Features, batched, kid
 from wsi_dala.model.devices import pick_device
 from wsi_dala.model.weights import GAN_CARD_KEY
 from wsi_dala.training.datasets import Sample, SampleDataset
+from wsi_dala.training.losses import gan_discriminator_loss, gan_generator_loss, r1_penalty
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,10 @@ def _discriminator_step(
         fakes = generator(torch.randn(len(reals), config.z_dim, device=reals.device), labels)
     real_logits = discriminator(ada(reals), labels)
     fake_logits = discriminator(ada(fakes), labels)
-    loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+    loss = gan_discriminator_loss(real_logits, fake_logits)
     r1 = torch.zeros(())
     if config.r1_gamma > 0 and step % config.r1_interval == 0:
-        penalised = reals.detach().requires_grad_(True)
-        (gradients,) = torch.autograd.grad(discriminator(ada(penalised), labels).sum(), penalised, create_graph=True)
-        r1 = gradients.square().sum(dim=(1, 2, 3)).mean()
+        r1 = r1_penalty(lambda images: discriminator(ada(images), labels), reals)
         loss = loss + r1 * (config.r1_gamma / 2) * config.r1_interval
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
@@ -185,7 +183,7 @@ def _generator_step(
     labels: torch.Tensor,
 ) -> float:
     fakes = generator(torch.randn(len(labels), config.z_dim, device=labels.device), labels)
-    loss = F.softplus(-discriminator(ada(fakes), labels)).mean()
+    loss = gan_generator_loss(discriminator(ada(fakes), labels))
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     optimiser.step()

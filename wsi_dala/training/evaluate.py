@@ -37,7 +37,7 @@ from wsi_dala.training.loaders import make_loader
 from wsi_dala.training.metrics import classification_metrics, format_table
 from wsi_dala.training.plots import plot_confusion, plot_reliability
 from wsi_dala.training.predict import Predictions, predict
-from wsi_dala.training.train import training_stain
+from wsi_dala.training.session import training_stain
 
 
 def _evaluation_stain(card: ModelCard, samples: list[Sample]) -> StainNormaliser | None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_dala.model.interface import as_split
-from wsi_dala.training.contrastive import supervised_contrastive_loss
+from wsi_dala.training.losses import binary_cross_entropy, supervised_contrastive_loss
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def guided_logits_and_loss(
             attention = gate.spatial if gate is not None and gate.spatial is not None else None
             if attention is None:
                 attention = _differentiable_cam(model, features, guidance.lesion_index)
-            extra = extra + guidance.attention_loss_weight * _bce(attention[lesion], cells[lesion, 0])
+            extra = extra + guidance.attention_loss_weight * binary_cross_entropy(attention[lesion], cells[lesion, 0])
     logits = split.forward_head(guided)
     if guidance.contrastive_weight > 0:
         pooled = F.normalize(features.float().mean(dim=(2, 3)), dim=1)
@@ -81,12 +81,6 @@ def guided_logits_and_loss(
             pooled, targets, guidance.contrastive_temperature
         )
     return logits, extra
-
-
-def _bce(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy written out in fp32 (``F.binary_cross_entropy`` refuses to run under autocast)."""
-    p, t = probability.float().clamp(1e-6, 1 - 1e-6), target.float()
-    return -(t * torch.log(p) + (1 - t) * torch.log1p(-p)).mean()
 
 
 def _differentiable_cam(model: nn.Module, features: torch.Tensor, index: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ Why SimCLR rather than MoCo v2: with the small batches a CPU affords, MoCo's mem
 negatives, but it needs a momentum encoder (twice the weights) and a queue whose state must be saved for
 an exact resume; SimCLR's in-batch negatives need neither, and at 64-256 tiles per step (126-510
 negatives per view) it is the simpler method to get right. The loss is NT-Xent
-(:func:`wsi_dala.training.contrastive.nt_xent_loss`), the views those of
+(:func:`wsi_dala.training.losses.nt_xent_loss`), the views those of
 :mod:`wsi_dala.training.views` (crops at the tile's µm/px, D4, HED stain jitter, blur, light).
 
 The encoder is any `train` architecture's ``forward_features``, pooled; a two-layer projection head
@@ -41,8 +41,8 @@ from wsi_dala.model.checkpoint import PRETRAIN_CARD_KEY
 from wsi_dala.model.devices import autocast, pick_device, resolve_precision
 from wsi_dala.model.interface import pooled_features
 from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
-from wsi_dala.training.contrastive import nt_xent_loss
 from wsi_dala.training.datasets import SampleDataset
+from wsi_dala.training.losses import nt_xent_loss
 from wsi_dala.training.plots import plot_pretrain_loss
 from wsi_dala.training.unlabelled import UnlabelledSet, slide_balanced_weights
 from wsi_dala.training.views import ViewSettings, histology_view
