@@ -6,12 +6,14 @@ The exit codes are those of docs/exit-codes.md. Deeper checks of each command li
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.images import write_blob_folder
 from wsi_dala.model import write_untrained_checkpoint
@@ -148,3 +150,30 @@ def test_gan_train_and_sample(kit, tmp_path):
     assert len(list((tmp_path / "s").glob("*.png"))) == 4
     refused(wsi_dala("gan", "train", "--folder", kit["images"], "--out", tmp_path / "g", "--resolution", 48), "48")
     refused(wsi_dala("gan", "sample", "--model", tmp_path / "no.safetensors", "--class", "x", "--out", gan), "no.")
+
+
+@pytest.mark.parametrize(
+    ("module", "command", "extra"),
+    [
+        ("timm", ["train", "--arch", "timm:vit_tiny_patch16_224", "--weights", "none", "--epochs", 1], "timm"),
+        ("onnxruntime", ["export-model", "MODEL", "--format", "onnx"], "onnxruntime"),
+        ("torch_fidelity", ["gan", "train", "--steps", 1, "--resolution", 32, "--kid-inception", "INCEPTION"], "gan"),
+    ],
+)
+def test_a_missing_extra_is_named_in_one_line(kit, tmp_path, module, command, extra):
+    """Without an optional package the command says which extra installs it (here the package is hidden by a
+    module of its name that fails to import, as an uninstalled one does)."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / f"{module}.py").write_text("raise ImportError('not installed (hidden by the test)')\n")
+    inception = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save({}, inception)  # a weights-only file, so the check that reads it passes
+    args = [{"MODEL": kit["model"], "INCEPTION": inception}.get(a, a) if isinstance(a, str) else a for a in command]
+    if command[0] in ("train", "gan"):
+        args += ["--folder", kit["images"], *(["--train-mpp", 1] if command[0] == "gan" else TINY_TRAIN[4:])]
+    env = {**os.environ, "PYTHONPATH": str(hidden)}
+    result = subprocess.run(
+        [WSI_DALA, *map(str, args), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
+    )  # fmt: skip
+    refused(result, f"pip install 'wsi-dala[{extra}]'")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from wsi_dala.core.errors import CheckpointError, ConfigError
+from wsi_dala.core.extras import require
 from wsi_dala.model import build_model
 from wsi_dala.model.devices import normalise
 from wsi_dala.model.interface import pooled_features
@@ -52,9 +53,10 @@ def inception_features(path: Path) -> tuple[Features, str]:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # anything but plain tensors is refused, never run
         raise CheckpointError(f"{path}: not a weights-only torch file ({' '.join(str(exc).split())[:160]})") from exc
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    inception = require("torch_fidelity.feature_extractor_inceptionv3", "KID of generated tiles (gan train)")
+    network = inception.FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+    )
 
     def features(tiles: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -69,7 +71,9 @@ def batched(features: Features, tiles: torch.Tensor, batch: int = 64) -> torch.T
 
 def kid(real: torch.Tensor, generated: torch.Tensor, seed: int = 0) -> tuple[float, float]:
     """KID mean and SD over subsets (torch-fidelity's estimator) between two feature sets [N, D]."""
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    metric = require("torch_fidelity.metric_kid", "KID of generated tiles (gan train)")
+    KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD = metric.KEY_METRIC_KID_MEAN, metric.KEY_METRIC_KID_STD
+    kid_features_to_metric = metric.kid_features_to_metric
 
     size = min(1000, len(real), len(generated))
     result = kid_features_to_metric(

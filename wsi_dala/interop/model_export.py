@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from wsi_dala.core.errors import CheckpointError, OutputError
+from wsi_dala.core.extras import require
 from wsi_dala.core.fileio import ensure_writable_dir, naming_failures, require_free_space, write_json_atomic
 from wsi_dala.core.layout import ONNX_MODEL_NAME, WSInferModelLayout, writing_path
 from wsi_dala.inference.engines.exports import OPSET, quiet
@@ -144,8 +145,7 @@ def _export_onnx(model: torch.nn.Module, card: ModelCard, checkpoint: Path, out:
 
 
 def _onnx_probabilities(path: Path, rgb01: np.ndarray) -> np.ndarray:
-    import onnxruntime
-
+    onnxruntime = require("onnxruntime", "export-model --format onnx (it checks the export against torch)")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.asarray(session.run(["probabilities"], {"rgb01": rgb01.astype(np.float32)})[0])
 

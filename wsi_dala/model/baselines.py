@@ -15,6 +15,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from wsi_dala.core.errors import CheckpointError
+from wsi_dala.core.extras import require
 from wsi_dala.model.interface import as_split
 from wsi_dala.model.weights import TORCHVISION, require_online, torchvision_imagenet_state
 
@@ -136,8 +137,7 @@ def build_timm_baseline(
     arch: str, num_classes: int, pretrained: str, options: dict[str, Any], input_size: int
 ) -> TimmClassifier:
     """The registry's builder for the two baselines timm provides (SE-ResNet-50, DINOv2 ViT-B/14)."""
-    import timm
-
+    timm = require("timm", f"--arch {arch}")
     name, spatial = _TIMM[arch]
     kwargs: dict[str, Any] = {"img_size": input_size} if arch == "dinov2_vitb14" else {}
     if pretrained == "imagenet":

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from wsi_dala.core.errors import CheckpointError
+from wsi_dala.core.extras import require
 from wsi_dala.model.interface import as_split
 from wsi_dala.model.registry import TIMM_PREFIX
 
@@ -95,7 +96,7 @@ def build_encoder_classifier(
 ) -> EncoderClassifier:
     """The timm network ``arch`` names, built with ``options`` as timm keyword arguments (e.g. UNI's
     ``init_values``), its weights from the local file ``pretrained`` (or random with ``none``)."""
-    import timm
+    timm = require("timm", f"--arch {arch}")
 
     name = timm_name(arch)
     if not timm.is_model(name):
@@ -161,7 +162,7 @@ def read_weights_file(
 def check_encoder_weights(arch: str, options: dict[str, Any], path: Path, input_size: int) -> None:
     """Refuse a weights file that does not fit ``arch`` before any data is read (tiling slides takes long):
     the network is built on the meta device (no memory) and the file read lazily (``mmap``)."""
-    import timm
+    timm = require("timm", f"--arch {arch}")
 
     with torch.device("meta"):
         encoder = _create(timm, timm_name(arch), options, input_size)

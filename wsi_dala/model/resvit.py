@@ -33,6 +33,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from wsi_dala.core.errors import CheckpointError
+from wsi_dala.core.extras import require
 from wsi_dala.model.attention import SEAttention
 from wsi_dala.model.registry import TIMM_PREFIX
 from wsi_dala.model.weights import torchvision_imagenet_state
@@ -70,8 +71,7 @@ class _VitTokens(nn.Module):
         super().__init__()
         self.kind = "timm" if source.startswith(TIMM_PREFIX) else "torchvision"
         if self.kind == "timm":
-            import timm
-
+            timm = require("timm", f"ResViT-GANNet with vit={source}")
             name = source[len(TIMM_PREFIX) :]
             if not timm.is_model(name):
                 raise CheckpointError(f"--vit {source}: timm has no model {name!r}")

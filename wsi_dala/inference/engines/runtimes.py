@@ -45,7 +45,8 @@ def installed(engine: str) -> bool:
 
 def require_installed(engine: str) -> None:
     if not installed(engine):
-        raise EngineError(f"--backend {engine}: the {MODULES[engine]} package is not installed (pip install {engine})")
+        install = f"pip install 'wsi-dala[{engine}]'" if engine == "onnxruntime" else f"pip install {engine}"
+        raise EngineError(f"--backend {engine}: the {MODULES[engine]} package is not installed ({install})")
 
 
 def scoring_threads() -> int:
