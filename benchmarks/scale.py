@@ -206,8 +206,9 @@ def run_stages(store_path: str, out: str, render: bool, skip: tuple[str, ...], s
     """What the pipeline runs after scoring, in its order (run in a fresh process)."""
     from wsi_dala.core.config import PipelineConfig
     from wsi_dala.outputs.geojson import export_regions, export_tiles
-    from wsi_dala.outputs.heatmap import render_overlay, stitch, write_heatmap
+    from wsi_dala.outputs.heatmap import stitch, write_heatmap
     from wsi_dala.outputs.ngff import write_heatmap_ngff
+    from wsi_dala.outputs.overlay import render_overlay
 
     config = PipelineConfig()
     folder = Path(out)

@@ -22,7 +22,8 @@ from wsi_dala.explain.border_profile import (
     profile_sum,
     symmetrised,
 )
-from wsi_dala.outputs.heatmap import interior_positive, reference_tiles, stitch
+from wsi_dala.outputs.cam_reference import interior_positive, reference_tiles
+from wsi_dala.outputs.heatmap import stitch
 from wsi_dala.outputs.tumour_layer import cam_evidence
 from wsi_dala.runs.pipeline import run_slide
 from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide

@@ -17,7 +17,7 @@ from wsi_dala.core.picture_frame import (
     save_framed_png,
     title_width_px,
 )
-from wsi_dala.outputs.heatmap import render_overlay
+from wsi_dala.outputs.overlay import render_overlay
 from wsi_dala.tissue.qc_figure import INK_RGB, QCPicture, render_qc
 
 

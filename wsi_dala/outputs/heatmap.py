@@ -24,14 +24,15 @@ per-tile scores read once, the CAMs a block of chunks at a time): its cost grows
 and stays a small share of scoring (``benchmarks/heatmap.py``): 10^6 tiles in ~15 s on 2 cores, in
 ~1.6 GB with the map's layers (``benchmarks/scale.py``). All layers are stored as a
 multiscale Zarr (level k = 2^k cells per pixel) with their level-0 pixel size and µm/px in the
-attributes, and rendered as ``overview.png`` and ``overlay.png`` (with a colour bar).
+attributes, and rendered as ``overview.png`` and ``overlay.png`` (:mod:`wsi_dala.outputs.overlay`). The
+border profile, CAM scale and evidence profile come from :mod:`wsi_dala.outputs.cam_reference`.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,16 +43,20 @@ from scipy import ndimage
 
 from wsi_dala.core.config import HeatmapConfig
 from wsi_dala.core.layout import building_path
-from wsi_dala.core.picture_frame import colour_bar, enlarged, legend, save_framed_png
 from wsi_dala.explain.border_profile import (
-    MIN_PROFILE,
-    MIN_SLIDE_TILES,
-    blend_profile,
     correct,
-    profile_sum,
     symmetrised,
 )
+from wsi_dala.outputs.cam_reference import (
+    ReferenceCams,
+    border_profile_of,
+    evidence_profile_of,
+    interior_positive,
+    reference_tiles,
+    slide_cam_scale_of,
+)
 from wsi_dala.outputs.heatmap_grid import seam_index, tile_period_power
+from wsi_dala.outputs.store_reads import STITCH_BLOCK_TILES, ReadOnceStore, row_blocks
 from wsi_dala.outputs.tumour_layer import TileLattice, cam_evidence, cell_values
 from wsi_dala.tiling.grid import grid_origins
 from wsi_dala.tiling.store import TileStore
@@ -64,9 +69,6 @@ LAYER_MEANINGS = {
     "uncertainty": "SD of the tile's tumour probability over test-time views / MC-dropout passes",
     "qc_flagged": "share of the tiles over the cell that quality control flagged",
 }
-RENDER_BAND_ROWS = 256  # overlay rows coloured at once
-HATCH_RGB = (0, 230, 255)  # cyan: not in the inferno scale, not in H&E
-FLAGGED_CELL = 0.5  # a cell at least this much covered by flagged tiles is drawn hatched
 
 
 @dataclass
@@ -112,103 +114,6 @@ class Heatmap:
         }
 
 
-def _positive(store: TileStore, rows: slice, config: HeatmapConfig) -> np.ndarray:
-    probability = store.positive_scores(rows)
-    return np.isfinite(probability) & (probability >= config.positive_threshold) & store.usable_tiles(rows)
-
-
-def interior_positive(store: TileStore, config: HeatmapConfig) -> np.ndarray:
-    """Per tile: positive, and so are its eight neighbours on the tile grid — deep inside tumour, where
-    every cell should be tumour (what the CAM's border profile and scale are measured on)."""
-    coords, positive = store.coords(), _positive(store, slice(None), config)
-    if not positive.any():
-        return positive
-    lattice = np.round((coords - coords.min(axis=0)) / store.info.tiling.stride_l0).astype(np.int64)
-    grid = np.zeros(tuple(lattice.max(axis=0)[::-1] + 3), dtype=bool)  # margin: edge tiles are never interior
-    grid[lattice[positive, 1] + 1, lattice[positive, 0] + 1] = True
-    interior = ndimage.binary_erosion(grid, structure=np.ones((3, 3), dtype=bool))
-    return positive & interior[lattice[:, 1] + 1, lattice[:, 0] + 1]
-
-
-def reference_tiles(store: TileStore, config: HeatmapConfig, interior: np.ndarray) -> np.ndarray:
-    """The tiles a "typical tumour cell" is learnt from: the ``interior`` positive tiles when there are at
-    least MIN_SLIDE_TILES of them, else every positive tile (small tumours: tiles that are partly tumour
-    dilute the estimate, but it is all there is)."""
-    return interior if interior.sum() >= MIN_SLIDE_TILES else _positive(store, slice(None), config)
-
-
-def border_profile(
-    store: TileStore, config: HeatmapConfig, reference: np.ndarray, prior: np.ndarray | None = None
-) -> tuple[np.ndarray, int]:
-    """The CAM profile over a tile (mean 1) the slide's maps are divided by, and the tiles it rests on.
-
-    Measured on this slide's ``reference`` tiles and shrunk towards ``prior`` (the model card's profile);
-    flat when ``border_correction`` is off.
-    """
-    grid = store.info.require_scores(str(store.path)).cam_grid
-    if not config.border_correction:
-        return np.ones((grid, grid)), 0
-    return _border_profile(grid, _ReferenceCams.read(store, reference), prior)
-
-
-def _border_profile(grid: int, reference: _ReferenceCams, prior: np.ndarray | None) -> tuple[np.ndarray, int]:
-    total, n = np.zeros((grid, grid)), 0
-    for cams in reference.by_chunk():  # summed chunk by chunk, as the tiles were scored
-        part, count = profile_sum(cams)
-        total, n = total + part, n + count
-    return blend_profile(total, n, prior), n
-
-
-def slide_cam_scale(store: TileStore, config: HeatmapConfig, reference: np.ndarray, profile: np.ndarray) -> float:
-    """One scale for the whole slide: a percentile of the reference tiles' peak corrected CAM.
-
-    A cell at least as hot as the hottest cell of a typical tumour tile counts as fully tumour (its
-    tile's probability); cooler cells lower it in proportion. Peaks, not all cells: a positive tile is
-    often mostly something else (a model that calls a tile tumour from a few cells), and its peak is
-    still its tumour. One scale keeps tiles comparable, and the cold part of a partly tumorous tile
-    stays cold.
-    """
-    return _slide_cam_scale(config, _ReferenceCams.read(store, reference), profile)
-
-
-def _slide_cam_scale(config: HeatmapConfig, reference: _ReferenceCams, profile: np.ndarray) -> float:
-    if not len(reference.cams):
-        return 1.0
-    values = []
-    for start in range(0, len(reference.cams), STITCH_BLOCK_TILES):
-        corrected = correct(reference.cams[start : start + STITCH_BLOCK_TILES], profile)
-        values.append(corrected.reshape(len(corrected), -1).max(axis=1))
-    finite = np.concatenate(values)
-    finite = finite[np.isfinite(finite)]
-    scale = float(np.percentile(finite, config.cam_scale_percentile)) if finite.size else 0.0
-    return scale if scale > 0 else 1.0
-
-
-@dataclass(frozen=True)
-class _ReferenceCams:
-    """The raw CAMs of the reference tiles [n, g, g], in store order, and the chunk of each: read once for
-    both the border profile and the slide's scale."""
-
-    cams: np.ndarray
-    chunks: np.ndarray
-
-    @classmethod
-    def read(cls, store: TileStore, reference: np.ndarray) -> _ReferenceCams:
-        grid = store.info.require_scores(str(store.path)).cam_grid
-        cams, chunks, reader = [], [], _ChunkCams(store)
-        for index, rows in enumerate(store.info.chunk_rows()):
-            chosen = reference[rows]
-            if chosen.any():
-                cams.append(reader(rows)[chosen])
-                chunks.append(np.full(len(cams[-1]), index))
-        if not cams:
-            return cls(np.zeros((0, grid, grid), dtype=np.float32), np.zeros(0, dtype=np.int64))
-        return cls(np.concatenate(cams), np.concatenate(chunks))
-
-    def by_chunk(self) -> list[np.ndarray]:
-        return np.split(self.cams, np.flatnonzero(np.diff(self.chunks)) + 1) if len(self.cams) else []
-
-
 def stitch(
     store_path: str | Path, config: HeatmapConfig | None = None, card_profile: np.ndarray | None = None
 ) -> Heatmap:
@@ -220,7 +125,7 @@ def stitch(
     adds the tiles over it in store order, as a per-tile loop would.
     """
     config = config or HeatmapConfig()
-    store = _ReadOnce(store_path)
+    store = ReadOnceStore(store_path)
     info = store.info
     scoring = info.require_scores(str(store.path))
     grid = scoring.cam_grid
@@ -237,11 +142,11 @@ def stitch(
     profile, profile_tiles, scale = np.ones((grid, grid)), 0, 0.0
     evidence_profile = np.ones((grid, grid))
     if scoring.has_cams:
-        reference_cams = _ReferenceCams.read(store, reference)  # what border_profile and slide_cam_scale read
+        reference_cams = ReferenceCams.read(store, reference)  # what border_profile and slide_cam_scale read
         if config.border_correction:
-            profile, profile_tiles = _border_profile(grid, reference_cams, card_profile)
-        scale = _slide_cam_scale(config, reference_cams, profile)
-        evidence_profile = _evidence_profile(reference_cams, profile, scale)
+            profile, profile_tiles = border_profile_of(grid, reference_cams, card_profile)
+        scale = slide_cam_scale_of(config, reference_cams, profile)
+        evidence_profile = evidence_profile_of(reference_cams, profile, scale)
         del reference_cams
     # A tile is kept for its tissue, but parts of it are glass or ink: no value there either.
     no_tissue = _cells_without_tissue(store, config, rows, cols, cell_l0)
@@ -252,7 +157,7 @@ def stitch(
     del cells
     offsets = (np.arange(grid)[:, None] * stride + np.arange(grid)[None, :]).ravel()  # the cells of a tile
     counts = np.zeros(size, dtype=np.int32)
-    for part in _blocks(len(first_cell), STITCH_BLOCK_TILES):
+    for part in row_blocks(len(first_cell), STITCH_BLOCK_TILES):
         index = (first_cell[part, None] + offsets[None, :]).ravel()
         low, high = int(index.min()), int(index.max())
         if low >= 0 and high < size:
@@ -279,7 +184,7 @@ def stitch(
 
     p = probability[kept]
     flagged = store.qc_flags()[kept] > 0
-    blocks = _blocks(len(p), STITCH_BLOCK_TILES)
+    blocks = row_blocks(len(p), STITCH_BLOCK_TILES)
     layers = {"probability": layer_of((part, p[part]) for part in blocks)}
     # Without CAMs (a model with no feature map) the tumour layer is the interpolated probability.
     has_cams = scoring.has_cams
@@ -315,28 +220,6 @@ def _inside_tumour(heatmap: Heatmap, config: HeatmapConfig, grid: int) -> np.nda
     return ndimage.binary_erosion(tumour, structure=np.ones((3, 3), dtype=bool), iterations=max(1, grid))
 
 
-def _evidence_profile(reference: _ReferenceCams, profile: np.ndarray, scale: float) -> np.ndarray:
-    """The mean CAM evidence of the reference (typical tumour) tiles at each cell of a tile, over its mean
-    across cells (flat without reference tiles). Dividing by the border profile evens out the CAM's mean,
-    not its spread: a corner divided by 0.6 is noisier, and the saturating evidence of a noisier cell is
-    lower on average (a seam index of 0.957 on a real-texture slide); dividing the evidence by this evens
-    out what the tumour layer uses."""
-    grid = profile.shape[0]
-    if len(reference.cams) < MIN_SLIDE_TILES:
-        return np.ones((grid, grid))
-    mean = cam_evidence(correct(reference.cams, profile) / scale).mean(axis=0)
-    if not np.isfinite(mean).all() or mean.mean() <= 0:
-        return np.ones((grid, grid))
-    return np.maximum(mean / mean.mean(), MIN_PROFILE)
-
-
-STITCH_BLOCK_TILES = 16384  # tiles stitched (and whose CAMs are read) at once: a few MB
-
-
-def _blocks(n: int, step: int) -> list[slice]:
-    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
-
-
 def _tumour_values(
     store: TileStore,
     kept: np.ndarray,
@@ -353,7 +236,7 @@ def _tumour_values(
     lattice = TileLattice(coords, probability, info.tiling.stride_l0, info.tile_size_l0)
     step = info.chunk_tiles * max(1, STITCH_BLOCK_TILES // info.chunk_tiles)
     done = 0
-    for rows in _blocks(info.n_tiles, step):
+    for rows in row_blocks(info.n_tiles, step):
         chosen = kept[rows]
         n = int(chosen.sum())
         if not n:
@@ -405,50 +288,6 @@ def _cells_without_tissue(
         fraction = (counts / float(side * side)).astype(np.float32)
         out[part] = fraction < config.min_cell_tissue
     return out.reshape(rows, cols)
-
-
-class _ReadOnce(TileStore):
-    """The store (read only), with its per-tile scores, coordinates and flags read whole the first time
-    they are asked for: every read of a chunked array costs ~0.3 ms a chunk (5 s for the scores of 10^6
-    tiles), and the stitch asks for them several times. A few bytes a tile."""
-
-    def __init__(self, path: str | Path) -> None:
-        super().__init__(path)
-        self._whole: dict[str, np.ndarray] = {}
-
-    def _once(self, read: Callable[[slice], np.ndarray], rows: slice) -> np.ndarray:
-        if read.__name__ not in self._whole:
-            self._whole[read.__name__] = read(slice(None))
-        return self._whole[read.__name__][rows].copy()
-
-    def scores(self, rows: slice = slice(None)) -> np.ndarray:
-        return self._once(super().scores, rows)
-
-    def coords(self, rows: slice = slice(None)) -> np.ndarray:
-        return self._once(super().coords, rows)
-
-    def qc_flags(self, rows: slice = slice(None)) -> np.ndarray:
-        return self._once(super().qc_flags, rows)
-
-    def score_sd(self, rows: slice = slice(None)) -> np.ndarray:
-        return self._once(super().score_sd, rows)
-
-
-class _ChunkCams:
-    """``store.cams(rows)`` for the rows of one chunk, read a block of whole chunks at a time."""
-
-    def __init__(self, store: TileStore) -> None:
-        self._store = store
-        self._rows = slice(0, 0)
-        self._cams = np.zeros(0)
-
-    def __call__(self, rows: slice) -> np.ndarray:
-        if not (self._rows.start <= rows.start and rows.stop <= self._rows.stop):
-            info = self._store.info
-            step = info.chunk_tiles * max(1, STITCH_BLOCK_TILES // info.chunk_tiles)
-            self._rows = slice(rows.start, max(rows.stop, min(info.n_tiles, rows.start + step)))
-            self._cams = self._store.cams(self._rows)
-        return self._cams[rows.start - self._rows.start : rows.stop - self._rows.start]
 
 
 def _halve(layer: np.ndarray) -> np.ndarray:
@@ -515,97 +354,3 @@ def write_heatmap(
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
-
-
-OVERLAY_MAX_PX = 4096  # longest side of an overlay picture (a 16-Mpx PNG: ~50 MB to compose and save)
-
-
-def _at_most(image: np.ndarray, longest_px: int) -> np.ndarray:
-    """``image`` shrunk (box filter) so its longest side is at most ``longest_px``; as is when it already is."""
-    height, width = image.shape[:2]
-    if max(height, width) <= longest_px:
-        return image
-    from PIL import Image
-
-    scale = longest_px / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
-
-
-def render_overlay(
-    thumbnail: np.ndarray,
-    layer: np.ndarray,
-    path: Path,
-    title: str,
-    flagged: np.ndarray | None = None,
-    label: str = "tumour probability",
-    top: float = 1.0,
-    colour_map: str = "inferno",
-) -> None:
-    """Heatmap (0-``top``, no colour where there is no value) over the thumbnail, with a colour bar.
-
-    Cells are interpolated bilinearly between their centres (values and coverage apart, so no value
-    bleeds onto glass): the picture shows the map, not the cell grid. Cells mostly covered by QC-flagged
-    tiles (``flagged`` ≥ FLAGGED_CELL) are hatched. The picture is composed here and framed by
-    ``picture_frame`` (matplotlib draws only the title and the colour bar), so memory stays a few bytes
-    a pixel.
-    """
-    from matplotlib import colormaps
-
-    thumbnail = enlarged(_at_most(thumbnail, OVERLAY_MAX_PX))
-    height, width = thumbnail.shape[:2]
-    valid, value = _resample(layer, (height, width))
-    blend = np.empty((height, width, 3), dtype=np.uint8)
-    for first in range(0, height, RENDER_BAND_ROWS):  # the colours are 64 bytes a pixel: a band at a time
-        rows = slice(first, first + RENDER_BAND_ROWS)
-        scaled = np.clip(value[rows] / top, 0, 1)[..., None]
-        coloured = colormaps[colour_map](scaled[..., 0])[..., :3] * 255
-        alpha = np.where(valid[rows, :, None], 0.15 + 0.6 * scaled, 0.0)  # low probability: the tissue shows
-        blend[rows] = ((1 - alpha) * thumbnail[rows] + alpha * coloured).astype(np.uint8)
-    del valid, value
-    hatched = _hatch_mask(flagged, (height, width)) if flagged is not None else None
-    if hatched is not None:
-        blend[hatched] = HATCH_RGB
-    below = None
-    if hatched is not None and hatched.any():
-        from matplotlib.patches import Patch
-
-        key = Patch(
-            facecolor="white",
-            edgecolor=(HATCH_RGB[0] / 255, HATCH_RGB[1] / 255, HATCH_RGB[2] / 255),
-            hatch="///",
-            label="QC-flagged tiles",
-        )
-        below = legend([key], size_px=24)
-    del hatched
-    save_framed_png(blend, path, title, right=colour_bar(colour_map, top, label), below=below)
-
-
-def _resample(layer: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Where a value is (nearest cell: the map's own outline) and the value there, interpolated bilinearly
-    from the neighbouring cells that have one (normalised convolution: glass contributes nothing)."""
-    from PIL import Image
-
-    height, width = shape
-    has_value = np.isfinite(layer)
-
-    def resize(image: np.ndarray, method: Image.Resampling) -> np.ndarray:
-        return np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((width, height), method))
-
-    weight = resize(has_value, Image.Resampling.BILINEAR)
-    total = resize(np.where(has_value, layer, 0.0), Image.Resampling.BILINEAR)
-    valid = resize(has_value, Image.Resampling.NEAREST) > 0.5
-    with np.errstate(invalid="ignore", divide="ignore"):
-        value = np.where(weight > 1e-6, total / weight, 0.0)
-    return valid, np.where(valid, value, 0.0)
-
-
-def _hatch_mask(flagged: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels of diagonal hatch lines (every 6th diagonal) over cells flagged by QC."""
-    from PIL import Image
-
-    height, width = shape
-    cells = np.nan_to_num(flagged, nan=0.0) >= FLAGGED_CELL
-    resized = np.asarray(Image.fromarray(cells).resize((width, height), Image.Resampling.NEAREST))
-    rows, cols = (np.arange(height) % 6).astype(np.uint8), (np.arange(width) % 6).astype(np.uint8)
-    return resized & ((rows[:, None] + cols[None, :]) % 6 == 0)  # (row + col) % 6, a byte a pixel

@@ -36,8 +36,9 @@ from wsi_dala.inference.scoring import ScoringResult, cached_model, check_device
 from wsi_dala.inference.streaming import StreamingScorer, can_overlap
 from wsi_dala.model import ModelCard, read_card
 from wsi_dala.outputs.geojson import ExportResult, export_qupath
-from wsi_dala.outputs.heatmap import Heatmap, render_overlay, stitch, write_heatmap
+from wsi_dala.outputs.heatmap import Heatmap, stitch, write_heatmap
 from wsi_dala.outputs.ngff import write_heatmap_ngff
+from wsi_dala.outputs.overlay import render_overlay
 from wsi_dala.tiling.store import TileStore
 from wsi_dala.tiling.tiler import TilingResult, check_slide, tile_slide
 
