@@ -23,11 +23,6 @@ from wsi_dala.slides.synthetic import (
     BLACK_INK,
     BLUE_PEN,
     GREEN_PEN,
-    INK_BLACK,
-    INK_BLUE,
-    INK_GREEN,
-    INK_NONE,
-    MARKER_NAMES,
     STAIN_NAMES,
     TISSUE,
     TUMOUR,
@@ -36,6 +31,7 @@ from wsi_dala.slides.synthetic import (
     make_truth,
     write_synthetic_slide,
 )
+from wsi_dala.slides.synthetic_artefacts import INK_BLACK, INK_BLUE, INK_GREEN, INK_NONE, MARKER_NAMES
 
 SIDE_PX, MPP = 2048, 0.5
 EDGE_LABEL_PX = 2  # margin around truth edges: ragged painting (1 label px) plus JPEG blocks
