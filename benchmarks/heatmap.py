@@ -175,7 +175,8 @@ def measure_run(slide, checkpoint: Path, out: Path, variant: str) -> dict:
 def scaled_store(source, path: Path, n_tiles: int, rng: np.random.Generator):
     """A store of ``n_tiles`` on a square grid, scores and CAMs drawn from a real run (the stitch reads
     nothing else): what stitching costs at that size, without cutting and scoring 10^5 tiles."""
-    from wsi_dala.tiling.store import QCRecord, ScoringRecord, TileStore
+    from wsi_dala.tiling.store import TileStore
+    from wsi_dala.tiling.store_records import QCRecord, ScoringRecord
 
     info = source.info
     side = int(np.ceil(np.sqrt(n_tiles)))

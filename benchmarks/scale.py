@@ -105,7 +105,8 @@ def border_attenuation(grid: int) -> np.ndarray:
 def build_store(path: Path, n_tiles: int, seed: int) -> dict[str, Any]:
     """A complete, scored tile store of ``n_tiles`` tiles (see the module's docstring)."""
     from wsi_dala.tiling.grid import block_order
-    from wsi_dala.tiling.store import QCRecord, ScoringRecord, SlideRecord, TileStore, TilingRecord
+    from wsi_dala.tiling.store import TileStore
+    from wsi_dala.tiling.store_records import QCRecord, ScoringRecord, SlideRecord, TilingRecord
     from wsi_dala.tissue.qc import BLUR, FOLD
 
     rng = np.random.default_rng(seed)

@@ -27,7 +27,8 @@ from wsi_dala.outputs.heatmap import stitch
 from wsi_dala.outputs.tumour_layer import cam_evidence
 from wsi_dala.runs.pipeline import run_slide
 from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
-from wsi_dala.tiling.store import ScoringRecord, TileStore
+from wsi_dala.tiling.store import TileStore
+from wsi_dala.tiling.store_records import ScoringRecord
 
 
 @pytest.fixture(scope="module")

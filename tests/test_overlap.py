@@ -51,7 +51,7 @@ def test_the_scoring_record_reaches_disk_in_one_write(svs_025, colour_checkpoint
     (zarr's attrs.update writes the file once per key: a batch resumed after such a kill failed)."""
     import zarr
 
-    from wsi_dala.tiling.store import ScoringRecord
+    from wsi_dala.tiling.store_records import ScoringRecord
 
     _run(svs_025, tmp_path, colour_checkpoint, overlap_tiling=False)
     copy = tmp_path / "tiles.zarr"

@@ -53,7 +53,8 @@ from wsi_dala.model import ModelCard, load_checkpoint, read_card
 from wsi_dala.model.devices import normalise, resolve_device
 from wsi_dala.model.interface import as_split, has_feature_map
 from wsi_dala.model.stain_normalise import StainNormaliser
-from wsi_dala.tiling.store import ScoringRecord, TileStore
+from wsi_dala.tiling.store import TileStore
+from wsi_dala.tiling.store_records import ScoringRecord
 
 if TYPE_CHECKING:
     from dask.delayed import Delayed

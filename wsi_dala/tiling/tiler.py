@@ -29,7 +29,8 @@ from wsi_dala.core.layout import RunLayout
 from wsi_dala.core.memory import release_freed_memory
 from wsi_dala.slides.reader import Resolution, Slide
 from wsi_dala.tiling.grid import LevelChoice, block_order, choose_level, grid_origins, tissue_fractions
-from wsi_dala.tiling.store import QCMasks, QCRecord, SlideRecord, TileStore, TilingRecord, existing_store_state
+from wsi_dala.tiling.store import TileStore, existing_store_state
+from wsi_dala.tiling.store_records import QCMasks, QCRecord, SlideRecord, TilingRecord
 from wsi_dala.tissue.detect import TissueAnalysis, analyse_tissue
 from wsi_dala.tissue.qc import BLUR, FOLD, INK, judge, tile_edge_blur_um
 from wsi_dala.tissue.qc_figure import QCPicture, blurred_tiles_mask, render_qc
