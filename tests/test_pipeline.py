@@ -121,6 +121,36 @@ def test_distributed_cluster_gives_the_local_scores(tmp_path, colour_checkpoint,
     )
 
 
+def test_the_run_path_does_each_thing_once(tmp_path, colour_checkpoint, planted_050, monkeypatch):
+    """One run hashes the checkpoint once, chooses the slide's level once, builds its layout once and gets its
+    Dask client from one place (the run, not scoring)."""
+    import wsi_dala.core.identity as identity
+    import wsi_dala.inference.cluster as cluster
+    import wsi_dala.runs.pipeline as pipeline
+    import wsi_dala.tiling.tiler as tiler
+    from wsi_dala.core.layout import RunLayout
+
+    calls: dict[str, int] = {"hash": 0, "level": 0, "layout": 0, "client": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    real_hash = identity.file_sha256
+    monkeypatch.setattr(
+        identity, "file_sha256", lambda path: counted("hash", real_hash)(path) if Path(path).suffix == ".safetensors"
+        else real_hash(path),
+    )  # fmt: skip
+    monkeypatch.setattr(tiler, "choose_level", counted("level", tiler.choose_level))
+    monkeypatch.setattr(RunLayout, "for_slide", classmethod(counted("layout", RunLayout.for_slide.__func__)))
+    monkeypatch.setattr(pipeline, "scoring_client", counted("client", cluster.scoring_client))
+    run_slide(planted_050.path, tmp_path, _config(colour_checkpoint), progress=False)
+    assert calls == {"hash": 1, "level": 1, "layout": 1, "client": 1}, calls
+
+
 def test_config_is_validated(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("tiling:\n  min_tisue: 0.3\n")

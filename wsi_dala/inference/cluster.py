@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from distributed import Client
     from distributed.security import Security
 
+    from wsi_dala.core.config import ScoringConfig
+
 # The schemes dask.distributed can reach a scheduler over; a bare ``host:port`` means tcp.
 SCHEMES = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
 _NEEDS_HOST_PORT = ("tcp", "tls", "ws", "wss")
@@ -207,3 +209,22 @@ def gpu_cluster(n_gpus: int) -> Iterator[Client]:
 
     with LocalCUDACluster(n_workers=n_gpus, threads_per_worker=1) as cluster, Client(cluster) as client:
         yield client
+
+
+@contextmanager
+def scoring_client(config: ScoringConfig, client: Client | None = None) -> Iterator[Client | None]:
+    """The one place a run gets its Dask client: the caller's (a batch's), a local GPU cluster for
+    ``--devices all``, the scheduler at ``config.scheduler`` (connected before tiling, so a bad address fails
+    at once), or None: Dask's local threaded scheduler. Scoring itself never connects."""
+    if client is not None:
+        yield client
+    elif config.devices == "all":
+        import torch
+
+        with gpu_cluster(torch.cuda.device_count()) as own_client:
+            yield own_client
+    elif config.scheduler:
+        with connect(config.scheduler, config.connect_timeout_s) as own_client:
+            yield own_client
+    else:
+        yield None

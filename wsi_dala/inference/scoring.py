@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from wsi_dala.core.config import ScoringConfig
 from wsi_dala.core.errors import ConfigError, QualityError
-from wsi_dala.core.identity import file_sha256
 from wsi_dala.explain.cam import features_and_logits_without_cams, features_logits_and_raw_cams
+from wsi_dala.inference.cluster import scoring_client
 from wsi_dala.inference.engines import Backbone, BackbonePlan, load_backbone, plan_backbone
 from wsi_dala.inference.engines.plan import BackboneChoice, BackboneRequest
 from wsi_dala.inference.tta import (
@@ -49,7 +49,8 @@ from wsi_dala.inference.tta import (
     undo_view,
     views,
 )
-from wsi_dala.model import ModelCard, load_checkpoint, read_card
+from wsi_dala.model import ModelCard, load_checkpoint
+from wsi_dala.model.checkpoint import KnownCheckpoint
 from wsi_dala.model.devices import normalise, resolve_device
 from wsi_dala.model.interface import as_split, has_feature_map
 from wsi_dala.model.stain_normalise import StainNormaliser
@@ -296,18 +297,21 @@ def setup_scoring(
     config: ScoringConfig,
     sample_rows: np.ndarray | None = None,
     complete: bool = True,
+    known: KnownCheckpoint | None = None,
 ) -> ScoringSetup:
     """Check the store and the model, choose the backbone's engine, and derive the scoring key.
 
     ``sample_rows``: rows the engine is chosen on (default: spread over the slide); ``complete=False``
-    for a store still being tiled (scoring overlapped with tiling: no slide-wide stain yet)."""
+    for a store still being tiled (scoring overlapped with tiling: no slide-wide stain yet). ``known``: the
+    run's checkpoint card and hash, so neither is read again."""
     device = resolve_device(config.device)
-    card = read_card(checkpoint)
+    known = known or KnownCheckpoint.read(checkpoint)
+    card = known.card
     _check_store(store, card, complete)
     n_classes, grid = len(card.class_names), feature_grid(checkpoint, card.tile_size_px)
     uncertainty = check_uncertainty(store, checkpoint, config)
     stain = stain_plan(store, card, config.stain_normalise)
-    sha256 = file_sha256(checkpoint)
+    sha256 = known.sha256
     choice = choose_backbone(store, checkpoint, sha256, device, config, stain, sample_rows)
     plan = choice.plan
     uncertain = describe(config.tta, config.mc_dropout)
@@ -345,14 +349,16 @@ def score_store(
     progress: bool = True,
     client: Client | None = None,
     setup: ScoringSetup | None = None,
+    known: KnownCheckpoint | None = None,
 ) -> ScoringResult:
     """Score every tile of a complete tile store, resuming where an earlier run (or a scorer overlapped
-    with tiling, which passes its ``setup``) stopped."""
+    with tiling, which passes its ``setup``) stopped. ``client``: the run's (see ``scoring_client``); without
+    one, scoring gets its own the same way."""
     config = config or ScoringConfig()
     started = time.perf_counter()
     store = TileStore(store_path, mode="r+")
     if setup is None:
-        setup = setup_scoring(store, str(checkpoint), config)
+        setup = setup_scoring(store, str(checkpoint), config, known=known)
     else:
         _check_store(store, setup.card, complete=True)
     done = store.prepare_scores(setup.n_classes, setup.grid, scoring_key=setup.key)
@@ -361,8 +367,11 @@ def score_store(
     if todo:
         tasks = chunk_tasks(store, todo, setup, config.batch_size)
         desc = f"scoring ({store.info.chunk_tiles} tiles/chunk)"
-        with tqdm(total=len(done), initial=resumed, unit="chunk", desc=desc, disable=not progress, leave=False) as bar:
-            for index in _run(tasks, config, client):
+        with (
+            scoring_client(config, client) as run_client,
+            tqdm(total=len(done), initial=resumed, unit="chunk", desc=desc, disable=not progress, leave=False) as bar,
+        ):
+            for index in _run(tasks, config, run_client):
                 store.mark_score_chunk_done(index, done)
                 bar.update(1)
     card, precision = setup.card, setup.choice.plan.precision
@@ -488,20 +497,8 @@ def stain_plan(store: TileStore, card: ModelCard, method: str) -> StainPlan | No
 
 
 def _run(tasks: dict[int, Delayed], config: ScoringConfig, client: Client | None) -> Iterator[int]:
-    """Yield chunk indices as their tasks finish."""
-    if client is None and config.devices == "all":
-        from wsi_dala.inference.cluster import gpu_cluster
-
-        with gpu_cluster(torch.cuda.device_count()) as own_client:
-            yield from _run(tasks, config, own_client)
-        return
-    if client is None and config.scheduler:
-        from wsi_dala.inference.cluster import connect
-
-        # Bounded connect + handshake; a peer that is not a Dask scheduler is one ConfigError line.
-        with connect(config.scheduler, config.connect_timeout_s) as own_client:
-            yield from _run(tasks, config, own_client)
-        return
+    """Yield chunk indices as their tasks finish: on ``client`` (given by the run, which owns it:
+    :func:`wsi_dala.inference.cluster.scoring_client`), else on Dask's local threaded scheduler."""
     if client is not None:
         from distributed import as_completed
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from wsi_dala.core.config import ScoringConfig
 from wsi_dala.inference.scoring import ScoringSetup, chunk_tasks, setup_scoring
+from wsi_dala.model.checkpoint import KnownCheckpoint
 from wsi_dala.tiling.store import TileStore
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,16 @@ def can_overlap(config: ScoringConfig, client: object | None) -> bool:
 class StreamingScorer:
     """Scores chunks in a background thread while the tiler writes the next ones."""
 
-    def __init__(self, store_path: str, checkpoint: str, config: ScoringConfig, progress: bool = True) -> None:
+    def __init__(
+        self,
+        store_path: str,
+        checkpoint: str,
+        config: ScoringConfig,
+        progress: bool = True,
+        known: KnownCheckpoint | None = None,
+    ) -> None:
         self.store_path, self.checkpoint, self.config, self.progress = store_path, checkpoint, config, progress
+        self.known = known
         self.setup: ScoringSetup | None = None
         self._queue: queue.Queue[int] = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._thread: threading.Thread | None = None
@@ -77,7 +86,7 @@ class StreamingScorer:
         store = TileStore(self.store_path, mode="r+")
         rows = store.info.chunk_rows()[first_chunk]
         sample = np.arange(rows.start, rows.stop)
-        self.setup = setup_scoring(store, self.checkpoint, self.config, sample, complete=False)
+        self.setup = setup_scoring(store, self.checkpoint, self.config, sample, complete=False, known=self.known)
         self._done = store.prepare_scores(self.setup.n_classes, self.setup.grid, scoring_key=self.setup.key)
         # Chunks tiled by an earlier run are never announced: queue them too (the thread skips scored ones).
         self._earlier = [i for i, tiled in enumerate(store.tile_chunks_done()) if tiled and i != first_chunk]

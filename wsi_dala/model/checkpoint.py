@@ -166,6 +166,22 @@ def write_untrained_checkpoint(
     return save_checkpoint(path, model, card)
 
 
+@dataclass(frozen=True)
+class KnownCheckpoint:
+    """A checkpoint as one run knows it: read and hashed once, then handed to every stage that needs its card
+    or its identity (the run key, the scoring key, the engine cache)."""
+
+    path: Path
+    card: ModelCard
+    sha256: str
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, card: ModelCard | None = None) -> KnownCheckpoint:
+        from wsi_dala.core.identity import file_sha256
+
+        return cls(Path(path), card if card is not None else read_card(path), file_sha256(Path(path)))
+
+
 def read_card(path: str | os.PathLike) -> ModelCard:
     """The model card alone (cheap: reads the header only)."""
     path = _check_safetensors(Path(path))

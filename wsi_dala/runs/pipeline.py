@@ -27,18 +27,20 @@ from wsi_dala.core.fileio import (
     save_png_atomic,
     write_json_atomic,
 )
-from wsi_dala.core.identity import config_hash, file_sha256, slide_fingerprint
+from wsi_dala.core.identity import config_hash, slide_fingerprint
 from wsi_dala.core.layout import RunLayout, remove_partials
 from wsi_dala.core.locks import exclusive_lock
 from wsi_dala.core.memory import limit_malloc_arenas, release_freed_memory
-from wsi_dala.inference.cluster import check_address
+from wsi_dala.inference.cluster import check_address, scoring_client
 from wsi_dala.inference.scoring import ScoringResult, cached_model, check_devices, score_store
 from wsi_dala.inference.streaming import StreamingScorer, can_overlap
 from wsi_dala.model import ModelCard, read_card
+from wsi_dala.model.checkpoint import KnownCheckpoint
 from wsi_dala.outputs.geojson import ExportResult, export_qupath
 from wsi_dala.outputs.heatmap import Heatmap, stitch, write_heatmap
 from wsi_dala.outputs.ngff import write_heatmap_ngff
 from wsi_dala.outputs.overlay import render_overlay
+from wsi_dala.tiling.grid import LevelChoice
 from wsi_dala.tiling.store import TileStore
 from wsi_dala.tiling.tiler import TilingResult, check_slide, tile_slide
 
@@ -179,32 +181,34 @@ def run_slide(
     checkpoint = _require_model(config)
     card = read_card(checkpoint)
     tiling = tiling_for_model(config, card)
-    check_slide(slide_path, tiling)
+    level = check_slide(slide_path, tiling)
     cached_model(str(checkpoint), "cpu")  # weights checked against the architecture now, not after tiling
     layout = RunLayout.for_slide(out_dir, slide_path)
     ensure_writable_dir(layout.root)
     with exclusive_lock(layout.lock, RUN_LOCK_STALE_S) as holder:
         if holder is not None:
             raise OutputError(f"{layout.root}: in use by {holder.describe()}; wait for it or choose another --out")
-        return _run_locked(slide_path, layout, config, checkpoint, card, tiling, progress, client)
+        known = KnownCheckpoint.read(checkpoint, card)  # hashed once, for the run key and the scoring key
+        with scoring_client(config.scoring, client) as run_client:  # the run's one Dask client (or None)
+            return _run_locked(slide_path, layout, config, known, tiling, level, progress, run_client)
 
 
 def _run_locked(
     slide_path: Path,
     layout: RunLayout,
     config: PipelineConfig,
-    checkpoint: Path,
-    card: ModelCard,
+    known: KnownCheckpoint,
     tiling: TilingConfig,
+    level: LevelChoice,
     progress: bool,
     client: Client | None,
 ) -> RunSummary:
+    checkpoint, card, checkpoint_sha = known.path, known.card, known.sha256
     previous = read_json_object(layout.run_json)
     _refuse_another_slide(layout, previous)
     removed = remove_partials(layout.root)  # left by a run killed while writing (we hold the lock)
     if removed:
         log.info("%s: removed %d unfinished file(s) of an interrupted run", layout.root, removed)
-    checkpoint_sha = file_sha256(checkpoint)
     key = run_key(slide_path, config, checkpoint_sha)
     done = RunRecord.read_complete(layout.run_json)
     if done is not None and done.run_key == key:
@@ -215,15 +219,19 @@ def _run_locked(
     )
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    streaming = StreamingScorer(str(layout.tiles_store), str(checkpoint), config.scoring, progress)
+    streaming = StreamingScorer(str(layout.tiles_store), str(checkpoint), config.scoring, progress, known)
     overlap = can_overlap(config.scoring, client)
     with streaming:
         callback = streaming.chunk_written if overlap else None
-        tiled = tile_slide(slide_path, layout.root, tiling, progress=progress, on_chunk_written=callback)
+        tiled = tile_slide(
+            slide_path, layout.root, tiling, progress=progress, on_chunk_written=callback, layout=layout, level=level
+        )
         timings["tile"] = tiled.seconds
         check_quality(TileStore(tiled.store), slide_path, layout)
         setup = streaming.finish()
-    scored = score_store(tiled.store, checkpoint, config.scoring, progress=progress, client=client, setup=setup)
+    scored = score_store(
+        tiled.store, checkpoint, config.scoring, progress=progress, client=client, setup=setup, known=known
+    )
     timings["score"] = scored.seconds  # with overlap: only what was left once tiling ended
     timings["tile_and_score"] = time.perf_counter() - started  # less than tile + score when they overlapped
     t = time.perf_counter()

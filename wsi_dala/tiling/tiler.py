@@ -104,18 +104,20 @@ def choose_tile_level(slide: Slide, config: TilingConfig) -> LevelChoice:
     )
 
 
-def check_slide(slide_path: str | Path, config: TilingConfig) -> None:
+def check_slide(slide_path: str | Path, config: TilingConfig) -> LevelChoice:
     """Open the slide and check it can serve ``config`` (readable, µm/px known, level available): cheap,
-    so a run can refuse a bad slide before it touches its output folder."""
+    so a run can refuse a bad slide before it touches its output folder. The level chosen is handed on
+    to :func:`tile_slide`, which does not choose again."""
     with Slide(slide_path, reader=config.reader, slide_mpp=config.slide_mpp) as slide:
-        choose_tile_level(slide, config)
+        return choose_tile_level(slide, config)
 
 
-def plan_tiles(slide: Slide, config: TilingConfig) -> TilePlan:
-    """Choose the level, lay the grid, find tissue, ink and folds, and keep tiles with enough tissue."""
+def plan_tiles(slide: Slide, config: TilingConfig, level: LevelChoice | None = None) -> TilePlan:
+    """Choose the level (unless the caller has: ``level``), lay the grid, find tissue, ink and folds, and keep
+    tiles with enough tissue."""
     info = slide.info
     mpp0 = slide.require_mpp().mpp
-    choice = choose_tile_level(slide, config)
+    choice = level if level is not None else choose_tile_level(slide, config)
     stride_l0 = choice.tile_size_l0 * config.stride / config.tile_px
     # The mask must resolve a tile: at least ~16 mask pixels along a tile side, but no finer than
     # FINEST_TISSUE_MPP unless asked: at cell resolution pale pixels inside tissue pass for glass and raise
@@ -186,17 +188,20 @@ def tile_slide(
     config: TilingConfig,
     progress: bool = True,
     on_chunk_written: Callable[[int], None] | None = None,
+    layout: RunLayout | None = None,
+    level: LevelChoice | None = None,
 ) -> TilingResult:
     """Tile one slide into ``<out_dir>/tiles.zarr`` (resuming or skipping when it can).
 
     ``config`` must have its target set (``TilingConfig.resolved``). ``on_chunk_written(chunk_index)``
-    is called after each chunk is durably written.
+    is called after each chunk is durably written. ``layout`` and ``level``: the run's, when it has them
+    (``layout.root`` is then ``out_dir``), so neither is made twice.
     """
     started = time.perf_counter()
     slide = Slide(slide_path, reader=config.reader, slide_mpp=config.slide_mpp)
     try:
         resolution = slide.require_mpp()
-        layout = RunLayout.for_slide(out_dir, slide_path)
+        layout = layout or RunLayout.for_slide(out_dir, slide_path)
         fingerprint = slide_fingerprint(slide.path)
         key = _tiling_key(fingerprint, config)
         state = existing_store_state(layout.tiles_store, key)
@@ -205,7 +210,7 @@ def tile_slide(
             if not layout.qc_png.exists() and layout.thumbnail_png.exists():
                 write_qc_png(layout, store)
             return _result(store, started, resumed=0, skipped=True)
-        plan = plan_tiles(slide, config)  # validates the target before anything is written or removed
+        plan = plan_tiles(slide, config, level)  # validates the target before anything is written or removed
         release_freed_memory()  # the tissue analysis briefly needs ~100 bytes a thumbnail pixel
         ensure_writable_dir(layout.root)
         if state == "replace":
