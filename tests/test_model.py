@@ -193,3 +193,17 @@ def test_card_is_validated():
         _card(positive_class="tumour").validate()
     with pytest.raises(CheckpointError, match="implausible"):
         _card(mpp=1e6).validate()
+
+
+def test_the_worked_example_of_adding_an_architecture_builds(monkeypatch):
+    """docs/architecture.md: one module with a builder and one registry entry make an architecture."""
+    import wsi_dala.model.registry as registry
+    from docs.examples.efficientnet import ENTRY
+
+    monkeypatch.setitem(registry.REGISTRY, ENTRY.name, ENTRY)
+    model = build_model(ENTRY.name, num_classes=2, pretrained="none").eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(1, 3, 224, 224))
+    assert features.shape[1] == ENTRY.feature_dim and model.spatial_features == ENTRY.spatial_features
+    assert (model.linear_probe_encoder() is not None) == ENTRY.linear_probe
+    assert model.forward_head(features).shape == (1, 2)
