@@ -25,8 +25,8 @@ TIMEOUT_S = 120
 TINY_TRAIN = ["--arch", "resnet18", "--pretrained", "none", "--input-size", "32", "--batch-size", "8"]
 
 
-def wsi_dala(*args: object, timeout_s: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([WSI_DALA, *map(str, args)], capture_output=True, text=True, timeout=timeout_s)
+def wsi_dala(*args: object, timeout_s: float = TIMEOUT_S, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([WSI_DALA, *map(str, args)], capture_output=True, text=True, timeout=timeout_s, cwd=cwd)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -68,6 +68,31 @@ def test_help_and_version():
     assert "COMMAND" in ok(wsi_dala("--help")).stdout
     assert ok(wsi_dala("--version")).stdout.startswith("wsi-dala ")
     refused(wsi_dala("bogus"), "invalid choice: 'bogus'")
+
+
+def test_a_misspelt_command_or_option_gets_the_closest_spelling(kit):
+    refused(wsi_dala("rn", kit["slide"]), "invalid choice: 'rn'")
+    refused(wsi_dala("rn", kit["slide"]), "; did you mean 'run'? (see wsi-dala --help)")
+    refused(wsi_dala("run", kit["slide"], "--tile-treshold", 0.6), "run: unrecognized arguments: --tile-treshold 0.6")
+    refused(
+        wsi_dala("run", kit["slide"], "--tile-treshold", 0.6),
+        "did you mean --tile-threshold? (see wsi-dala run --help)",
+    )
+    refused(wsi_dala("run", kit["slide"], "--backend", "openvnio"), "did you mean 'openvino'?")
+    refused(wsi_dala("gan", "trian"), "did you mean 'train'? (see wsi-dala gan --help)")
+    bogus = wsi_dala("run", kit["slide"], "--bogus")
+    refused(bogus, "run: unrecognized arguments: --bogus (see wsi-dala run --help)")
+    assert "did you mean" not in bogus.stderr
+
+
+def test_run_without_a_model_after_the_demo_names_the_demos_model(kit, tmp_path):
+    refused(wsi_dala("run", kit["slide"], cwd=tmp_path), "or run `wsi-dala demo` once to train a small one")
+    demo_model = tmp_path / "wsi-dala-demo" / "model" / "best.safetensors"
+    demo_model.parent.mkdir(parents=True)
+    shutil.copy(kit["model"], demo_model)
+    refused(
+        wsi_dala("run", kit["slide"], cwd=tmp_path), "the demo's model is --model wsi-dala-demo/model/best.safetensors"
+    )
 
 
 def test_info(kit):

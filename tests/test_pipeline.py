@@ -171,7 +171,8 @@ def test_shipped_default_config_loads_and_matches_defaults():
     assert shipped.model_copy(update={"model": None}) == PipelineConfig()
 
 
-def test_run_without_model_says_how_to_get_one(tmp_path, capsys, planted_050):
+def test_run_without_model_says_how_to_get_one(tmp_path, capsys, planted_050, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a demo run in the working folder would be named instead
     code = main(["run", str(planted_050.path), "--out", str(tmp_path), "-q"])
     err = capsys.readouterr().err
     assert code == 2 and "wsi-dala demo" in err and err.count("\n") == 1

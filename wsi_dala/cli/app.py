@@ -77,7 +77,7 @@ class _Interrupts:
 def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
-        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.command_parser.unrecognized(unknown)
     _configure_logging(args.verbose)
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:

@@ -10,7 +10,9 @@ Old spellings still work for one release, with a warning.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,12 +48,25 @@ class Verb:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a bad argument reported like every other input error: one line, exit code 2."""
+    """argparse, with a bad argument reported like every other input error: one line, exit code 2, naming
+    the command it was given to, the closest spelling when there is one, and that command's --help."""
 
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix("wsi-dala").strip()
         where = f"{command}: " if command else ""
-        self.exit(EXIT_INPUT_ERROR, f"wsi-dala: error: {where}{message} (see {self.prog} --help)\n")
+        hint = _did_you_mean(message)
+        self.exit(EXIT_INPUT_ERROR, f"wsi-dala: error: {where}{message}{hint} (see {self.prog} --help)\n")
+
+    def unrecognized(self, arguments: list[str]) -> NoReturn:
+        """Options this command does not have, with the closest of its own options for each misspelt one."""
+        options = [o for o in self._option_string_actions if o.startswith("--")]
+        close = {a: difflib.get_close_matches(a.split("=")[0], options, n=1, cutoff=0.75) for a in arguments}
+        hints = {a: m[0] for a, m in close.items() if a.startswith("--") and m}
+        if len(hints) == 1:
+            hint = f"; did you mean {next(iter(hints.values()))}?"
+        else:
+            hint = f"; did you mean {', '.join(f'{a} -> {m}' for a, m in hints.items())}?" if hints else ""
+        self.error(f"unrecognized arguments: {' '.join(arguments)}{hint}")
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -62,6 +77,20 @@ class Parser(argparse.ArgumentParser):
         if not hasattr(parsed, "command_parser"):
             parsed.command_parser = self
         return parsed, extra
+
+
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)$")
+
+
+def _did_you_mean(message: str) -> str:
+    """ "; did you mean 'run'?" for an invalid choice (a command, a --backend...) close to a valid one."""
+    match = _INVALID_CHOICE.search(message)
+    if not match:
+        return ""
+    choices = re.findall(r"'([^']*)'|([^,\s]+)", match.group(2))
+    names = [quoted or bare for quoted, bare in choices]
+    close = difflib.get_close_matches(match.group(1), names, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):

@@ -28,7 +28,7 @@ from wsi_dala.core.fileio import (
     write_json_atomic,
 )
 from wsi_dala.core.identity import config_hash, slide_fingerprint
-from wsi_dala.core.layout import RunLayout, remove_partials
+from wsi_dala.core.layout import DEFAULT_DEMO_DIR, DemoLayout, RunLayout, remove_partials
 from wsi_dala.core.locks import exclusive_lock
 from wsi_dala.core.memory import limit_malloc_arenas, release_freed_memory
 from wsi_dala.inference.cluster import check_address, scoring_client
@@ -140,6 +140,12 @@ def run_key(slide_path: Path, config: PipelineConfig, checkpoint_sha: str) -> st
 
 def _require_model(config: PipelineConfig) -> Path:
     if not config.model:
+        demo = DemoLayout(Path(DEFAULT_DEMO_DIR)).model.best_checkpoint
+        if demo.is_file():  # the demo was run here: its model is one flag away (trained on generated slides)
+            raise CheckpointError(
+                f"no model: give --model CKPT or set `model:` in the pipeline config; the demo's model is "
+                f"--model {demo} (trained on generated slides, not for real tissue)"
+            )
         raise CheckpointError(
             "no model: give --model CKPT, set `model:` in the pipeline config, or run "
             "`wsi-dala demo` once to train a small one"
