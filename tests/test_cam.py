@@ -115,7 +115,7 @@ def test_bf16_scoring_stays_within_stated_tolerance_of_fp32(blob_model):
     tiles = np.stack([blob_image(96, i % 2 == 1, rng)[0] for i in range(32)])
     fp32 = score_tiles(tiles, str(result.checkpoint), "cpu", "fp32", 16)
     bf16 = score_tiles(tiles, str(result.checkpoint), "cpu", "bf16", 16)
-    assert np.abs(fp32[:, :2] - bf16[:, :2]).max() <= 0.05  # the README's stated tolerance
+    assert np.abs(fp32[:, :2] - bf16[:, :2]).max() <= 0.05  # the tolerance docs/how-it-works.md states
     assert ((fp32[:, 1] >= 0.5) == (bf16[:, 1] >= 0.5)).all()
     cams32, cams16 = fp32[:, 3:], bf16[:, 3:]  # rows: 2 probabilities, the SD (NaN: not asked for), the CAM
     assert np.abs(cams32 - cams16).max() <= 0.05 * cams32.max()

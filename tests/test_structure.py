@@ -241,3 +241,12 @@ def test_new_flag_defaults_survive_when_the_old_spelling_is_absent():
     assert parser.parse_args(["tile", "s.svs", "--out", "o"]).reader_threads == 2
     assert parser.parse_args(["train", "--out", "o"]).precision == "auto"
     assert parser.parse_args(["batch", "a", "--out", "o"]).dask_workers == 1
+
+
+def test_the_readmes_links_lead_somewhere():
+    """The README points into docs/ (built with mkdocs --strict in CI, which checks the links inside it)."""
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#]+)\)", readme)
+    local = [t for t in targets if "://" not in t]
+    assert local and all((ROOT / t).is_file() for t in local), [t for t in local if not (ROOT / t).is_file()]
+    assert len(readme.splitlines()) <= 200

@@ -5,7 +5,7 @@ config, spec 1.0: architecture, classes, patch size in pixels at a spacing in µ
 ``Resize -> ToTensor -> Normalize`` transform) and ``torchscript_model.pt``, whose output are logits
 (they apply the softmax). Our model card carries the same facts, so the card maps to the config and
 back; what the config cannot say (temperature, CAM profile, stain reference) is folded into the
-TorchScript (the temperature divides the logits) or lost (the README lists what).
+TorchScript (the temperature divides the logits) or lost (docs/models.md lists what).
 """
 
 from __future__ import annotations
