@@ -1,20 +1,28 @@
 /*
  * Import wsi-dala results into the open image and show tumour probability as a measurement map.
  *
- * Run from QuPath's script editor (Automate > Script editor) with the slide open. Set `folder` to the
- * run folder that `wsi-dala run` printed; the script reads the folder's run.json and imports exactly the
- * two files it lists — <slide>.tiles.geojson[.gz] (tiles, as detections with measurements) and
- * <slide>.tumour.geojson[.gz] (tumour regions, as annotations) — never other GeoJSON lying there. It
- * then colours the tiles by "Tumor probability" over the fixed range 0-1 (QuPath would otherwise
- * stretch the colour map to the data's min-max). Tested against the rules of QuPath 0.4-0.6.
+ * Run from QuPath's script editor (Automate > Script editor) with the slide open: it asks for the run
+ * folder that `wsi-dala run` printed. Or pass the folder as the script's argument:
+ *     QuPath script import_wsi_dala.groovy --image slide.svs --args /path/to/run
+ * The script reads the folder's run.json and imports exactly the two files it lists:
+ * <slide>.tiles.geojson[.gz] (tiles, as detections with measurements) and <slide>.tumour.geojson[.gz]
+ * (tumour regions, as annotations), never other GeoJSON lying there. It then colours the tiles by
+ * "Tumor probability" over the fixed range 0-1 with Inferno, the colour map of wsi-dala's overlay.png
+ * (QuPath would otherwise stretch the map to the data's min-max). Written for QuPath 0.4-0.6.
  */
 import groovy.json.JsonSlurper
+import qupath.lib.gui.dialogs.Dialogs
 import qupath.lib.gui.tools.MeasurementMapper
 
-def folder = new File('/path/to/wsi-dala/run')   // <- the run folder
 def measurement = 'Tumor probability'
-def colorMapName = 'Viridis'
+def colorMapName = 'Inferno'   // the same map as overlay.png (wsi_dala/outputs/overlay.py)
 
+def given = binding.hasVariable('args') && args ? args[0] as String : null
+def folder = given ? new File(given) : Dialogs.promptForDirectory('wsi-dala run folder', null)
+if (folder == null) {
+    println 'No folder chosen'
+    return
+}
 def record = new File(folder, 'run.json')
 if (!record.isFile()) {
     println "No run.json in ${folder}: not a wsi-dala run folder"

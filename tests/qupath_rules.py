@@ -92,3 +92,29 @@ def check_file(path: Path) -> list[dict]:
             corners = list(_positions(geometry["coordinates"]))
             assert all(isinstance(v, int) for p in corners for v in p), f"{where}: §8 integer tile corners"
     return data["features"]
+
+
+GROOVY_SCRIPT = Path(__file__).parent.parent / "qupath_export" / "import_wsi_dala.groovy"
+
+
+def check_groovy_script_fits(run_json: Path) -> None:
+    """The QuPath script reads what a run writes: the run.json keys it looks up, the files they name, the
+    measurement it maps (present on every tile), and the colour map of overlay.png."""
+    import inspect
+    import re
+
+    from wsi_dala.outputs.overlay import render_overlay
+
+    script = GROOVY_SCRIPT.read_text()
+    record = json.loads(run_json.read_text())
+    keys = re.search(r"\[('[a-z_]+'(?:, '[a-z_]+')*)\]\.collect", script)
+    assert keys, "the script's list of run.json outputs"
+    for key in re.findall(r"'([a-z_]+)'", keys.group(1)):
+        assert (run_json.parent / Path(record["outputs"][key]).name).is_file(), key
+    assert record["status"] == re.search(r"run\.status != '(\w+)'", script).group(1)
+    measurement = re.search(r"def measurement = '([^']+)'", script).group(1)
+    tiles = run_json.parent / Path(record["outputs"]["tiles_geojson"]).name
+    features = check_file(tiles)
+    assert all(measurement in feature["properties"]["measurements"] for feature in features)
+    colour_map = re.search(r"def colorMapName = '([^']+)'", script).group(1)
+    assert colour_map.lower() == inspect.signature(render_overlay).parameters["colour_map"].default

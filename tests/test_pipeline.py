@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.qupath_rules import check_file
+from tests.qupath_rules import check_file, check_groovy_script_fits
 from wsi_dala.cli import main
 from wsi_dala.core.config import PipelineConfig, ScoringConfig, TilingConfig, load_config
 from wsi_dala.core.errors import ConfigError
@@ -59,6 +59,7 @@ def test_exported_regions_match_planted_tumour(request, tmp_path, colour_checkpo
     assert set(record["timings_s"]) == {"tile", "score", "tile_and_score", "stitch", "export", "total"}
     for path in record["outputs"].values():
         assert (summary.layout.root / path).exists() or __import__("pathlib").Path(path).exists()
+    check_groovy_script_fits(summary.layout.run_json)
     heatmap = zarr.open_group(summary.layout.heatmap_store, mode="r")
     levels = heatmap.attrs["levels"]
     assert levels[0]["mpp"] == pytest.approx(heatmap.attrs["cell_mpp"]) and len(levels) >= 2

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +21,7 @@ from qupath_export.geojson import (
     write_feature_collection,
 )
 from qupath_export.polygons import mask_to_polygons
-from tests.qupath_rules import check_file
+from tests.qupath_rules import GROOVY_SCRIPT, check_file
 
 
 def test_tiles_follow_every_rule(tmp_path):
@@ -108,3 +112,36 @@ def test_reading_qupath_forms(tmp_path):
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     annotations = read_annotations(path)
     assert [a.class_name for a in annotations] == ["Tumor: Positive", "Stroma"]
+
+
+def _groovy() -> tuple[str, dict[str, str]] | None:
+    """The ``groovy`` command (Debian's package) and an environment with a JAVA_HOME it accepts; None
+    where it is not installed (CI installs Python packages only: the check then runs where it is)."""
+    groovy, java = shutil.which("groovy"), shutil.which("java")
+    if groovy is None or java is None:
+        return None
+    return groovy, {**os.environ, "JAVA_HOME": str(Path(java).resolve().parent.parent)}
+
+
+PARSE = """
+import org.codehaus.groovy.control.CompilationUnit
+import org.codehaus.groovy.control.Phases
+def unit = new CompilationUnit()
+unit.addSource(new File(args[0]))
+unit.compile(Phases.CONVERSION)
+"""
+
+
+@pytest.mark.skipif(_groovy() is None, reason="needs groovy (apt-get install groovy)")
+def test_the_qupath_script_parses_as_groovy(tmp_path):
+    """QuPath cannot run here: Groovy's own parser checks the script's syntax (its QuPath classes are
+    resolved only inside QuPath)."""
+    groovy, env = _groovy()  # type: ignore[misc]
+    parser = tmp_path / "parse.groovy"
+    parser.write_text(PARSE)
+    good = subprocess.run([groovy, str(parser), str(GROOVY_SCRIPT)], capture_output=True, text=True, env=env)
+    assert good.returncode == 0, good.stderr
+    broken = tmp_path / "broken.groovy"
+    broken.write_text(GROOVY_SCRIPT.read_text().replace("return\n}", "return\n", 1))
+    bad = subprocess.run([groovy, str(parser), str(broken)], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "error" in bad.stderr

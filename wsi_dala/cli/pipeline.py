@@ -204,8 +204,8 @@ def _demo(args: argparse.Namespace) -> int:
     print_summary(summary)
     print(f"tumour IoU vs planted truth: {iou:.3f}")
     print(
-        f"open {summary.record.slide['path']} in QuPath and run qupath_export/import_wsi_dala.groovy "
-        f"with folder = {summary.layout.root.resolve()}"
+        f"open {summary.record.slide['path']} in QuPath, run qupath_export/import_wsi_dala.groovy and choose "
+        f"the run folder {summary.layout.root.resolve()}"
     )
     return 0
 

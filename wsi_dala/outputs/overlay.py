@@ -1,9 +1,9 @@
 """``overlay.png`` and ``overview.png``: a heatmap layer drawn over the slide's thumbnail, in bands.
 
-The layer is resampled to the picture's size (nearest cell, no smoothing: what a person sees is what was
-stored), coloured with inferno over the tissue, left clear where there is none, and QC-flagged cells are
-hatched in cyan (a colour in neither inferno nor H&E). Rows are coloured a band at a time, so a
-slide-sized picture needs no full-size float copy.
+The layer's cells are interpolated bilinearly between their centres (the map, not its cell grid), its
+outline kept at the cells' own (no value bleeds onto glass); coloured with inferno over the tissue, clear
+where there is none; QC-flagged cells hatched in cyan (a colour in neither inferno nor H&E). Rows are
+coloured a band at a time, so a slide-sized picture needs no full-size float copy.
 """
 
 from __future__ import annotations
