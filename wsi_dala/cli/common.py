@@ -94,7 +94,18 @@ def _did_you_mean(message: str) -> str:
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default, except where the help text already says it."""
+    """Shows every option's default, except where the help text already says it, and names the kind of value
+    an option takes (``N``, ``X``, ``PATH``, ``NAME``) where its metavar is not given, never its own name."""
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        kind = getattr(action.type, "__name__", "")
+        if kind in ("int", "integer"):
+            return "N"
+        if kind in ("float", "number"):
+            return "X"
+        if kind in ("Path", "existing_path"):
+            return "PATH"
+        return "NAME"
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -156,7 +167,7 @@ def add_slide_options(parser: argparse.ArgumentParser, defaults: bool = True) ->
         choices=get_args(Reader),
         default="auto" if defaults else None,
         help="slide library; auto: tiffslide first for .svs/.tif/.tiff (fast parallel decoding), "
-        "openslide first otherwise" + ("" if defaults else " (config default: auto)"),
+        "openslide first otherwise" + ("" if defaults else " (default: auto)"),
     )
     parser.add_argument(
         "--slide-mpp",
@@ -173,7 +184,7 @@ def add_precision_option(parser: argparse.ArgumentParser | argparse._ArgumentGro
         choices=get_args(Precision),
         default=default,
         help="numeric precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32"
-        + ("" if default else " (config default: auto)"),
+        + ("" if default else " (default: auto)"),
     )
 
 
@@ -184,7 +195,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         choices=get_args(ScoringPrecision),
         default=None,
         help="numeric precision of the backbone; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; "
-        "int8: quantised on tiles of the slide (onnxruntime or openvino) (config default: auto)",
+        "int8: quantised on tiles of the slide (onnxruntime or openvino) (default: auto)",
     )
     parser.add_argument(
         "--backend",
@@ -192,14 +203,14 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="engine that runs the backbone: auto measures the installed engines that offer the precision on this "
         "CPU once (cached beside the checkpoint) and takes the fastest; the head and Grad-CAM stay in torch "
-        "(config default: auto)",
+        "(default: auto)",
     )
     parser.add_argument(
         "--devices",
         choices=("one", "all"),
         default=None,
         help="all: score on every visible GPU, one Dask worker each (needs dask-cuda: pip install 'wsi-dala[gpu]'); "
-        "one: the --device alone (config default: one)",
+        "one: the --device alone (default: one)",
     )
 
 
@@ -211,7 +222,7 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="UM",
-        help="target µm/px of the tiles (default 0.5 when neither this nor --magnification is given)",
+        help="target µm/px of the tiles when neither this nor --magnification is given (default: 0.5)",
     )
     target.add_argument(
         "--magnification",

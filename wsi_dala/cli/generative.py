@@ -28,7 +28,9 @@ def _configure_gan(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--resolution", type=int, default=64, help="tile side, a power of two 32..256 (default: 64)")
     train.add_argument("--steps", type=int, default=2000, help="generator updates (default: 2000)")
     train.add_argument("--batch-size", type=int, default=16, help="tiles per step (default: 16)")
-    train.add_argument("--lr", type=float, default=0.0025, help="Adam learning rate, both networks (default: 0.0025)")
+    train.add_argument(
+        "--lr", type=float, default=0.0025, metavar="RATE", help="Adam learning rate, both networks (default: 0.0025)"
+    )
     train.add_argument("--r1-gamma", type=float, default=1.0, help="R1 penalty weight (default: 1.0)")
     train.add_argument("--ada-target", type=float, default=0.6, help="ADA's target for r_t (default: 0.6)")
     train.add_argument(

@@ -47,7 +47,7 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SLIDE[=GEOJSON]",
-        help="a slide with QuPath annotations (default GEOJSON: beside the slide, same stem); "
+        help="a slide with QuPath annotations (GEOJSON, when left out: beside the slide, same stem); "
         "repeat for several slides",
     )
     source.add_argument(

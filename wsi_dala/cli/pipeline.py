@@ -46,17 +46,17 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="a dask.distributed scheduler, e.g. tcp://host:8786 (default: local threads)",
     )
-    parser.add_argument("--batch-size", type=int, metavar="N", help="tiles per model batch (config default: 32)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="tiles per model batch (default: 32)")
     add_engine_options(parser)
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (config default: auto)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     parser.add_argument("--mpp", type=float, metavar="UM", help="tile µm/px (default: the model card's)")
-    parser.add_argument("--min-tissue", type=float, metavar="F", help="tissue fraction to keep a tile (default 0.25)")
-    parser.add_argument("--reader-threads", type=int, metavar="N", help="slide reader threads (config default: 2)")
+    parser.add_argument("--min-tissue", type=float, metavar="F", help="tissue fraction to keep a tile (default: 0.25)")
+    parser.add_argument("--reader-threads", type=int, metavar="N", help="slide reader threads (default: 2)")
     parser.add_argument(
         "--tile-threshold",
         type=float,
         metavar="P",
-        help="tiles at or above this probability are classed Tumor (default 0.5)",
+        help="tiles at or above this probability are classed Tumor (default: 0.5)",
     )
     parser.add_argument("--gzip", action="store_true", default=None, help="write .geojson.gz (QuPath reads it)")
     add_qc_option(parser, default=None)

@@ -48,7 +48,9 @@ def _configure_pretrain(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="tiles drawn per epoch, every slide the same share (default: 0 = as many as there are tiles)",
     )
-    fit.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine decay (default: 1e-3)")
+    fit.add_argument(
+        "--lr", type=float, default=1e-3, metavar="RATE", help="AdamW learning rate, cosine decay (default: 1e-3)"
+    )
     fit.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay (default: 1e-6)")
     fit.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (default: 0.2)")
     fit.add_argument("--projection-dim", type=int, default=128, help="projection head output (default: 128)")

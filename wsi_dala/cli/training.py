@@ -57,10 +57,12 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         "--lr-backbone",
         type=float,
         default=None,
-        metavar="LR",
+        metavar="RATE",
         help="AdamW learning rate of the backbone (default: 1e-4; 1e-3 for a CNN trained from scratch)",
     )
-    fit.add_argument("--lr-head", type=float, default=1e-3, help="AdamW learning rate of attention and head")
+    fit.add_argument(
+        "--lr-head", type=float, default=1e-3, metavar="RATE", help="AdamW learning rate of attention and head"
+    )
     fit.add_argument(
         "--imbalance",
         default="cb-loss",
@@ -73,7 +75,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         "--freeze-until",
         choices=("layer1", "layer2", "layer3"),
         default=None,
-        help="freeze the backbone up to this layer (faster CPU runs; default: train everything)",
+        help="freeze the backbone up to this layer, for faster CPU runs (default: train everything)",
     )
     fit.add_argument(
         "--freeze-backbone",
@@ -159,7 +161,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         type=number_in(0.01, 100),
         default=None,
         metavar="UM",
-        help="µm/px of the training images, recorded in the model card (overrides the default)",
+        help="µm/px of the training images, recorded in the model card (default: read from the images or the slides)",
     )
 
 

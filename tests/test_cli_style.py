@@ -1,0 +1,76 @@
+"""One style for every help text, read from the parsers themselves: a default is said as `(default: X)` at
+the end of its line, a metavar names the kind of value in capitals and is never the option's own name."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from wsi_dala.cli.app import build_parser
+from wsi_dala.cli.common import Formatter
+
+FLAGS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction, argparse._VersionAction)
+ENDS_WITH_DEFAULT = re.compile(r"\(default: [^()]*(\([^()]*\)[^()]*)*\)$")
+# A kind in capitals (N, X, UM, PX, FILE, DIR, NAME, RATE...), maybe with literal alternatives: imagenet|none|PATH.
+KIND = re.compile(r"^([a-z0-9_.:]+\|)*([a-z0-9_]+:)?[A-Z][A-Z0-9_]*([=|][A-Za-z0-9_.:|]+)*(\.txt)?$")
+KIND_NAMES = {"N", "SLIDE"}  # an option may be named after its kind: --n N, --slide SLIDE
+
+
+def _commands(parser: argparse.ArgumentParser, name: str = "wsi-dala") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command, sub in action.choices.items():
+                yield from _commands(sub, f"{name} {command}")
+
+
+def _options() -> list[tuple[str, str, str, str]]:
+    """(command, option, help as printed on one line, metavar as printed) for every documented option."""
+    rows = []
+    for command, parser in _commands(build_parser()):
+        formatter = Formatter(prog=command)
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS or isinstance(action, FLAGS):
+                continue
+            text = " ".join(formatter._expand_help(action).split()) if action.help else ""
+            metavar = formatter._format_args(action, formatter._get_default_metavar_for_optional(action))
+            rows.append((command, action.option_strings[-1], text, metavar))
+    return rows
+
+
+OPTIONS = _options()
+
+
+def test_there_are_options_to_check():
+    assert len(OPTIONS) > 150 and {c for c, *_ in OPTIONS} >= {"wsi-dala run", "wsi-dala train", "wsi-dala gan train"}
+
+
+def test_every_default_is_said_one_way_at_the_end():
+    wrong = [
+        (c, o, t[-60:])
+        for c, o, t, _ in OPTIONS
+        if re.search(r"\bdefault\b(?!\.yaml)", t) and not ENDS_WITH_DEFAULT.search(t)
+    ]
+    assert not wrong, "\n".join(map(str, wrong))
+
+
+def test_every_metavar_names_a_kind_not_the_option():
+    wrong = []
+    for command, option, _text, metavar in OPTIONS:
+        own = option.lstrip("-").replace("-", "_").upper()
+        words = metavar.replace("[=", " ").replace("[:", " ").replace("[", " ").replace("]", " ").replace("...", " ")
+        for word in words.split():
+            if word.startswith("{"):
+                continue  # a list of choices
+            if (word == own and own not in KIND_NAMES) or not KIND.match(word):
+                wrong.append((command, option, metavar))
+    assert not wrong, "\n".join(map(str, wrong))
+
+
+@pytest.mark.parametrize("option", ["--reader-threads", "--precision", "--backend", "--tile-size"])
+def test_an_option_has_one_default_everywhere(option):
+    defaults = {t.rsplit("(default: ", 1)[-1] for _c, o, t, _m in OPTIONS if o == option and "(default: " in t}
+    assert len(defaults) <= 1, (option, defaults)
