@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,8 +53,18 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix("wsi-dala").strip()
         where = f"{command}: " if command else ""
-        hint = _did_you_mean(message)
-        self.exit(EXIT_INPUT_ERROR, f"wsi-dala: error: {where}{message}{hint} (see {self.prog} --help)\n")
+        self.exit(EXIT_INPUT_ERROR, f"wsi-dala: error: {where}{message} (see {self.prog} --help)\n")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        """argparse's check of a choice (a command, --backend...), naming the closest one when there is one."""
+        choices = action.choices
+        if choices is not None and value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+            if close:
+                listed = ", ".join(map(repr, choices))
+                message = f"invalid choice: {value!r} (choose from {listed}); did you mean {close[0]!r}?"
+                raise argparse.ArgumentError(action, message)
+        super()._check_value(action, value)
 
     def unrecognized(self, arguments: list[str]) -> NoReturn:
         """Options this command does not have, with the closest of its own options for each misspelt one."""
@@ -77,20 +86,6 @@ class Parser(argparse.ArgumentParser):
         if not hasattr(parsed, "command_parser"):
             parsed.command_parser = self
         return parsed, extra
-
-
-_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)$")
-
-
-def _did_you_mean(message: str) -> str:
-    """ "; did you mean 'run'?" for an invalid choice (a command, a --backend...) close to a valid one."""
-    match = _INVALID_CHOICE.search(message)
-    if not match:
-        return ""
-    choices = re.findall(r"'([^']*)'|([^,\s]+)", match.group(2))
-    names = [quoted or bare for quoted, bare in choices]
-    close = difflib.get_close_matches(match.group(1), names, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):

@@ -36,12 +36,3 @@ def require(module: str, purpose: str) -> ModuleType:
         raise ExtraMissing(
             f"{purpose} needs the {top} package, which is not installed: pip install 'wsi-dala[{extra}]' ({exc})"
         ) from None
-
-
-def available(module: str) -> bool:
-    """Whether an optional package imports (no error)."""
-    try:
-        import_module(module)
-    except ImportError:
-        return False
-    return True

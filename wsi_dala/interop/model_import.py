@@ -40,8 +40,6 @@ from wsi_dala.model.wsinfer_format import (
 
 log = logging.getLogger(__name__)
 
-IMPORTABLE = WSINFER_IMPORTS  # their name -> ours (the registry's wsinfer_names)
-
 
 def is_wsinfer_folder(path: str | os.PathLike[str]) -> bool:
     return Path(path).is_dir() and WSInferModelLayout(Path(path)).config_json.exists()
@@ -82,7 +80,7 @@ def imported_checkpoint(folder: str | os.PathLike[str], positive_class: str | No
         model = _our_model(scripted, card, script)
     else:
         architecture = str(config.get("architecture", ""))
-        ours = IMPORTABLE.get(architecture.lower())
+        ours = WSINFER_IMPORTS.get(architecture.lower())
         positive = positive_class_of(names, positive_class, str(config_path))  # our exports' cards know theirs
         if ours is None:  # no eager network: the TorchScript scores as it is, without DT Grad-CAM
             _check_scripted_output(scripted, config, len(names), script)
@@ -91,7 +89,7 @@ def imported_checkpoint(folder: str | os.PathLike[str], positive_class: str | No
                 "without CAM and the tumour layer is its probability",
                 config_path,
                 architecture,
-                ", ".join(IMPORTABLE),
+                ", ".join(WSINFER_IMPORTS),
             )
             return _save_scripted(target, script, _card(config, IMPORTED_TORCHSCRIPT, names, positive, config_path))
         model = _torchvision_model(scripted, script, ours, len(names))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from wsi_dala.core.errors import EngineError, EngineFileError
+from wsi_dala.core.extras import EXTRAS
 from wsi_dala.model.devices import autocast
 from wsi_dala.model.interface import as_split
 
@@ -45,7 +46,8 @@ def installed(engine: str) -> bool:
 
 def require_installed(engine: str) -> None:
     if not installed(engine):
-        install = f"pip install 'wsi-dala[{engine}]'" if engine == "onnxruntime" else f"pip install {engine}"
+        module = MODULES[engine]
+        install = f"pip install 'wsi-dala[{EXTRAS[module]}]'" if module in EXTRAS else f"pip install {module}"
         raise EngineError(f"--backend {engine}: the {MODULES[engine]} package is not installed ({install})")
 
 
