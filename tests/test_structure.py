@@ -206,7 +206,7 @@ def test_every_verb_is_registered_explicitly():
     from wsi_dala.cli.app import VERBS, build_parser
 
     names = [verb.name for verb in VERBS]
-    expected = ["run", "demo", "batch", "train", "evaluate", "calibrate", "cam", "export-model", "info", "tile"]
+    expected = ["run", "demo", "batch", "models", "train", "evaluate", "calibrate", "cam", "export-model", "info", "tile"]
     expected += ["synthesize", "pretrain", "gan"]
     assert sorted(names) == sorted(expected)
     assert len(set(names)) == len(names)

@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from types import FrameType
 
 from wsi_dala import __version__
-from wsi_dala.cli import batch, generative, pipeline, pretraining, slides, training
+from wsi_dala.cli import batch, generative, models, pipeline, pretraining, slides, training
 from wsi_dala.cli.common import EXIT_INTERRUPTED, Formatter, Parser, Verb, run_handler
 
 VERBS: tuple[Verb, ...] = (
     *pipeline.VERBS,
     *batch.VERBS,
+    *models.VERBS,
     *training.VERBS,
     *pretraining.VERBS,
     *generative.VERBS,

@@ -27,11 +27,12 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="one sub-folder per slide, batch.json, report.md")
     parser.add_argument("--config", metavar="FILE", help="pipeline YAML (see pipelines/default.yaml)")
     parser.add_argument(
-        "--model", metavar="CKPT", help="checkpoint or WSInfer model folder (default: `model:` in --config)"
+        "--model",
+        metavar="PATH|NAME",
+        help="checkpoint, WSInfer model folder, WSInfer-zoo name or hf:ORG/REPO[@REVISION], resolved once for "
+        "the whole batch (default: `model:` in --config)",
     )
-    parser.add_argument(
-        "--positive-class", metavar="NAME", help="for a WSInfer model folder: the class the heatmap shows"
-    )
+    parser.add_argument("--positive-class", metavar="NAME", help="for a WSInfer model: the class the heatmap shows")
     parser.add_argument("--pattern", default="*", metavar="GLOB", help="only file names matching this glob")
     parser.add_argument(
         "--scheduler",
@@ -99,7 +100,9 @@ def _batch(args: argparse.Namespace) -> int:
     from wsi_dala.runs.archive import run_batch
     from wsi_dala.runs.pipeline import resolve_model
 
-    read_card(resolve_model(config.model, config.positive_class))  # a bad model stops the batch before any slide
+    checkpoint = resolve_model(config.model, config.positive_class)  # fetched and imported once, not per slide
+    read_card(checkpoint)  # a bad model stops the batch before any slide
+    config = config.model_copy(update={"model": str(checkpoint), "positive_class": None})
     result = run_batch(archive, args.out, config, batch, progress=not args.quiet)
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts().items())) or "no slides found"
     print(f"{len(result.outcomes)} slides in {result.seconds:.1f} s: {counts}")

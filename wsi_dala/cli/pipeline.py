@@ -30,14 +30,15 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        metavar="CKPT",
-        help="a .safetensors checkpoint, or a WSInfer model folder (config.json + TorchScript) "
-        "(default: `model:` in --config)",
+        metavar="PATH|NAME",
+        help="a .safetensors checkpoint, a WSInfer model folder (config.json + TorchScript), a WSInfer-zoo name "
+        "(e.g. breast-tumor-resnet34.tcga-brca; `wsi-dala models` lists them) or hf:ORG/REPO[@REVISION], "
+        "fetched once into the Hugging Face cache (default: `model:` in --config)",
     )
     parser.add_argument(
         "--positive-class",
         metavar="NAME",
-        help="for a WSInfer model folder whose class names do not make it obvious: the class the heatmap shows",
+        help="for a WSInfer model whose class names do not make it obvious: the class the heatmap shows",
     )
     parser.add_argument("--out", metavar="DIR", help="output folder (default: ./wsi-dala-runs/<slide name>)")
     parser.add_argument("--config", metavar="FILE", help="pipeline YAML (see pipelines/default.yaml); flags win")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -452,8 +453,22 @@ def load_config(path: str | Path | None) -> PipelineConfig:
         raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
     config = build(PipelineConfig, _renamed_keys(data, str(path)), str(path))
     if config.model and not Path(config.model).is_absolute():
-        config = config.model_copy(update={"model": str((path.parent / config.model).resolve())})
+        beside = path.parent / config.model  # a model name (zoo, hf:) stays a name unless a file here has it
+        if beside.exists() or not is_model_name(config.model):
+            config = config.model_copy(update={"model": str(beside.resolve())})
     return config
+
+
+HUB_PREFIX = "hf:"  # --model hf:ORG/REPO[@REVISION]
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".onnx", ".ckpt")
+
+
+def is_model_name(text: str) -> bool:
+    """A model named rather than a path: ``hf:ORG/REPO``, or a bare word such as a WSInfer-zoo name
+    (no folder separator, no checkpoint suffix); a file of that name, where one exists, still wins."""
+    if text.startswith(HUB_PREFIX):
+        return True
+    return bool(text) and "/" not in text and os.sep not in text and not text.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
 def with_overrides(

@@ -350,8 +350,15 @@ class WSInferModelLayout(_Layout):
     torchscript = _Below("torchscript_model.pt", "the TorchScript model: tiles in, logits out")
     import_dir = _Below(".wsi-dala", "the wsi-dala checkpoint made from this folder")
 
-    def imported_checkpoint(self, cache_dir: Path, digest: str) -> Path:
-        return cache_dir / f"{self.root.name or 'model'}-{digest[:16]}.safetensors"
+    def imported_checkpoint(self, cache_dir: Path, digest: str, name: str | None = None) -> Path:
+        """``name`` for a hub snapshot, whose folder is named by its commit."""
+        return cache_dir / f"{name or self.root.name or 'model'}-{digest[:16]}.safetensors"
+
+
+# A model repository on the Hugging Face hub, as `run --model NAME` fetches it (wsi_dala.interop.model_hub).
+HUB_MODEL_FILES = ("config.json", "torchscript_model.pt")  # the WSInfer model folder (WSInferModelLayout)
+HUB_README = "README.md"  # the repository's model card: its YAML front matter names the licence
+ZOO_REGISTRY_FILE = "wsinfer-zoo-registry.json"  # in the dataset kaczmarj/wsinfer-model-zoo-json
 
 
 def imported_torchscript(checkpoint: Path) -> Path:

@@ -18,8 +18,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +29,7 @@ from wsi_dala.core.errors import CheckpointError
 from wsi_dala.core.fileio import ensure_writable_dir
 from wsi_dala.core.identity import file_sha256
 from wsi_dala.core.layout import IMPORT_CACHE_DIR, WSInferModelLayout, imported_torchscript, writing_path
+from wsi_dala.interop.wsinfer_geometry import input_size, network_mpp
 from wsi_dala.model import ModelCard, build_model, save_checkpoint
 from wsi_dala.model.registry import WSINFER_IMPORTS
 from wsi_dala.model.scripted import IMPORTED_TORCHSCRIPT, SHA256_OPTION, load_torchscript
@@ -56,8 +59,13 @@ def torchscript_file(folder: Path) -> Path:
     return candidates[0]
 
 
-def imported_checkpoint(folder: str | os.PathLike[str], positive_class: str | None = None) -> Path:
-    """The wsi-dala checkpoint of a WSInfer model folder: converted on first use, then reused."""
+def imported_checkpoint(
+    folder: str | os.PathLike[str], positive_class: str | None = None, origin: dict[str, Any] | None = None
+) -> Path:
+    """The wsi-dala checkpoint of a WSInfer model folder: converted on first use, then reused.
+
+    ``origin`` (a hub model's repository, commit, licence...) goes into the card; such a folder is a Hugging
+    Face snapshot, so the checkpoint is kept in the user's import cache, never written into it."""
     folder = Path(folder)
     layout = WSInferModelLayout(folder)
     config_path = layout.config_json
@@ -65,9 +73,12 @@ def imported_checkpoint(folder: str | os.PathLike[str], positive_class: str | No
     script = torchscript_file(folder)
     names = list(config["class_names"])
     digest = hashlib.sha256()
-    for part in (config_path.read_bytes(), script.read_bytes(), (positive_class or "").encode()):
+    hub_identity = f"{origin['hf_repo_id']}@{origin['hf_revision']}" if origin else ""
+    for part in (config_path.read_bytes(), script.read_bytes(), (positive_class or "").encode(), hub_identity.encode()):
         digest.update(hashlib.sha256(part).digest())
-    target = layout.imported_checkpoint(_cache_dir(layout), digest.hexdigest())
+    cache = ensure_writable_dir(IMPORT_CACHE_DIR.expanduser()) if origin else _cache_dir(layout)
+    name = re.sub(r"[^\w.-]+", "-", origin["name"].removeprefix("hf:")) if origin else None
+    target = layout.imported_checkpoint(cache, digest.hexdigest(), name)
     if target.exists():
         return target
     scripted, extra_files = load_torchscript(script)
@@ -91,9 +102,12 @@ def imported_checkpoint(folder: str | os.PathLike[str], positive_class: str | No
                 architecture,
                 ", ".join(WSINFER_IMPORTS),
             )
-            return _save_scripted(target, script, _card(config, IMPORTED_TORCHSCRIPT, names, positive, config_path))
+            card = _card(config, IMPORTED_TORCHSCRIPT, names, positive, config_path, origin)
+            return _save_scripted(target, script, card)
         model = _torchvision_model(scripted, script, ours, len(names))
-        card = _card(config, ours, names, positive, config_path)
+        card = _card(config, ours, names, positive, config_path, origin)
+    if origin:
+        card.training_data["origin"] = origin
     _save(target, model, card)
     return target
 
@@ -144,7 +158,7 @@ def _save_scripted(target: Path, script: Path, card: ModelCard) -> Path:
 
 def _check_scripted_output(scripted: torch.jit.ScriptModule, config: dict, n_classes: int, script: Path) -> None:
     """One forward pass on a blank patch: the model must take [1, 3, H, W] and give [1, n_classes] logits."""
-    size = _input_size(config, script)
+    size = input_size(config, script)
     try:
         with torch.no_grad():
             out = scripted(torch.zeros(1, 3, size, size))
@@ -197,33 +211,22 @@ def _torchvision_model(scripted: torch.jit.ScriptModule, script: Path, architect
     return model.eval()
 
 
-def _card(config: dict, architecture: str, names: list[str], positive: str, source: Path) -> ModelCard:
+def _card(
+    config: dict, architecture: str, names: list[str], positive: str, source: Path, origin: dict[str, Any] | None
+) -> ModelCard:
     """The model card: the Resize step sets the network's input size, so the tile's µm/px is the patch's
     spacing scaled by patch size / input size."""
+    size = input_size(config, source)
     patch_px, spacing = int(config["patch_size_pixels"]), float(config["spacing_um_px"])
-    size = _input_size(config, source)
     card = ModelCard(
         architecture=architecture,
         class_names=names,
         positive_class=positive,
         tile_size_px=size,
-        mpp=spacing * patch_px / size,
+        mpp=network_mpp(config, source),
         mpp_note=f"from WSInfer config.json: {patch_px} px at {spacing:g} µm/px, resized to {size} px",
         normalisation=normalisation_of(config, str(source)),
-        training_data={"imported_from": "wsinfer", "config": source.name},
+        training_data={"imported_from": "wsinfer", "config": source.name, **({"origin": origin} if origin else {})},
     )
     card.validate(str(source))
     return card
-
-
-def _input_size(config: dict, source: Path) -> int:
-    """The network's input side: the ``Resize`` step's size, else the patch size."""
-    size = int(config["patch_size_pixels"])
-    for step in config["transform"]:
-        if step.get("name") == "Resize":
-            value = (step.get("arguments") or {}).get("size")
-            value = value[0] if isinstance(value, list) and value else value
-            if not (isinstance(value, int) and value > 0):
-                raise CheckpointError(f"{source}: Resize needs a positive whole-number size, not {value!r}")
-            size = value
-    return size

@@ -252,3 +252,19 @@ def _check_safetensors(path: Path) -> Path:
     if len(head) < 8 or int.from_bytes(head[:8], "little") > 100_000_000:
         raise CheckpointError(f"{path}: not a safetensors file")
     return path
+
+
+def card_origin(card: ModelCard) -> dict[str, Any]:
+    """Where the model came from, and what it is for: a hub model's repository, commit and licence as its card
+    records them; for our own checkpoints, what they were trained on."""
+    origin = card.training_data.get("origin")
+    if isinstance(origin, dict):
+        return origin
+    imported = card.training_data.get("imported_from") == "wsinfer"
+    return {
+        "from": "WSInfer model folder" if imported else "trained with wsi-dala",
+        "training_data": card.training_data.get("source", "unknown"),
+        "licence": "unknown" if imported else "set by whoever trained it",
+        "tissue": "unknown",
+        "intended_use": "unknown" if imported else "see training_data",
+    }

@@ -35,7 +35,7 @@ from wsi_dala.inference.cluster import check_address, scoring_client
 from wsi_dala.inference.scoring import ScoringResult, cached_model, check_devices, score_store
 from wsi_dala.inference.streaming import StreamingScorer, can_overlap
 from wsi_dala.model import ModelCard, read_card
-from wsi_dala.model.checkpoint import KnownCheckpoint
+from wsi_dala.model.checkpoint import KnownCheckpoint, card_origin
 from wsi_dala.outputs.geojson import ExportResult, export_qupath
 from wsi_dala.outputs.heatmap import Heatmap, stitch, write_heatmap
 from wsi_dala.outputs.ngff import write_heatmap_ngff
@@ -154,9 +154,17 @@ def _require_model(config: PipelineConfig) -> Path:
 
 
 def resolve_model(model: str, positive_class: str | None = None) -> Path:
-    """A checkpoint file as is; a WSInfer model folder as its imported checkpoint (made on first use)."""
+    """A checkpoint file as is; a WSInfer model folder as its imported checkpoint (made on first use); a
+    WSInfer-zoo name or ``hf:ORG/REPO[@REV]`` fetched into the Hugging Face cache, then imported."""
+    from wsi_dala.interop.model_hub import fetch, named_model
     from wsi_dala.interop.model_import import imported_checkpoint, is_wsinfer_folder
 
+    hub = named_model(model)
+    if hub is not None:
+        fetched = fetch(hub)
+        checkpoint = imported_checkpoint(fetched.folder, positive_class, fetched.origin)
+        log.info("%s: %s@%s, imported as %s", model, hub.repo_id, fetched.origin["hf_revision"], checkpoint)
+        return checkpoint
     if is_wsinfer_folder(model):
         checkpoint = imported_checkpoint(model, positive_class)
         log.info("%s: WSInfer model folder, imported as %s", model, checkpoint)
@@ -421,6 +429,7 @@ def _record(
             "positive_class": card.positive_class,
             "tile_size_px": card.tile_size_px,
             "mpp": card.mpp,
+            "origin": card_origin(card),
             "cam": "DT Grad-CAM"
             if TileStore(tiled.store).info.require_scores(str(tiled.store)).has_cams
             else "none: the model has no feature map; the tumour layer and regions are its probability",
