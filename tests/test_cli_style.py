@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterator
 
 import pytest
 
 from wsi_dala.cli.app import build_parser
 from wsi_dala.cli.common import Formatter
+from wsi_dala.cli.reference import cli_reference_markdown, commands, config_reference_markdown
 
 FLAGS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction, argparse._VersionAction)
 ENDS_WITH_DEFAULT = re.compile(r"\(default: [^()]*(\([^()]*\)[^()]*)*\)$")
@@ -19,18 +19,10 @@ KIND = re.compile(r"^([a-z0-9_.:]+\|)*([a-z0-9_]+:)?[A-Z][A-Z0-9_]*([=|][A-Za-z0
 KIND_NAMES = {"N", "SLIDE"}  # an option may be named after its kind: --n N, --slide SLIDE
 
 
-def _commands(parser: argparse.ArgumentParser, name: str = "wsi-dala") -> Iterator[tuple[str, argparse.ArgumentParser]]:
-    yield name, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for command, sub in action.choices.items():
-                yield from _commands(sub, f"{name} {command}")
-
-
 def _options() -> list[tuple[str, str, str, str]]:
     """(command, option, help as printed on one line, metavar as printed) for every documented option."""
     rows = []
-    for command, parser in _commands(build_parser()):
+    for command, parser in commands(build_parser()):
         formatter = Formatter(prog=command)
         for action in parser._actions:
             if not action.option_strings or action.help == argparse.SUPPRESS or isinstance(action, FLAGS):
@@ -74,3 +66,12 @@ def test_every_metavar_names_a_kind_not_the_option():
 def test_an_option_has_one_default_everywhere(option):
     defaults = {t.rsplit("(default: ", 1)[-1] for _c, o, t, _m in OPTIONS if o == option and "(default: " in t}
     assert len(defaults) <= 1, (option, defaults)
+
+
+def test_the_references_in_the_docs_are_written_from_the_code():
+    cli, settings = cli_reference_markdown(), config_reference_markdown()
+    assert "## `wsi-dala models`" in cli and "| `--fetch` | `NAME` |" in cli and "## `wsi-dala gan train`" in cli
+    assert "| `tiling.qc.max_edge_blur_um` | float (> 0, ≤ 20) | `0.45` | out of focus:" in settings
+    rows = [line for line in settings.splitlines() if line.startswith("| `")]
+    undocumented = [line for line in rows if line.endswith("|  |")]
+    assert len(rows) > 100 and not undocumented, undocumented

@@ -97,10 +97,12 @@ class TilingConfig(Settings):
     tile_size_px: int | None = Field(None, ge=MIN_TILE_SIZE_PX, le=MAX_TILE_SIZE_PX)  # None: the model card's, else 224
     stride_px: int | None = Field(None, ge=1, le=MAX_TILE_SIZE_PX)  # None: the tile size (no overlap)
     min_tissue: Fraction = 0.25  # keep tiles with at least this fraction of tissue
-    allow_upsample: bool = False
-    reader: Reader = "auto"
+    allow_upsample: bool = False  # cut from a coarser level and enlarge when the slide lacks the model's µm/px
+    reader: Reader = (
+        "auto"  # auto: tiffslide first for TIFF-family files (parallel decode), OpenSlide first for the rest
+    )
     slide_mpp: float | None = Field(None, gt=0, le=1000)  # the slide's level-0 µm/px when its metadata lacks it
-    reader_threads: int = Field(2, ge=1, le=256)
+    reader_threads: int = Field(2, ge=1, le=256)  # threads reading and decoding regions of the slide
     tolerance: float = Field(0.05, ge=0, le=0.5)  # within ±this of the target no resize is done
     chunk_tiles: int = Field(64, ge=1, le=4096)  # tiles per Zarr chunk (the unit of writing and resuming)
     region_level_px: int = Field(2048, ge=64, le=16384)  # side of the large region reads, in pixels of the read level
@@ -133,14 +135,14 @@ StainNormalisation = Literal["none", "macenko", "reinhard"]
 
 
 class ScoringConfig(Settings):
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1, le=4096)  # tiles per model batch
     stain_normalise: StainNormalisation = "none"  # map tiles to the model card's reference stain first
     precision: ScoringPrecision = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
     backend: Backend = "auto"  # auto: the fastest installed engine for the precision, measured once per CPU
     int8_calibration: str | None = None  # int8: a tile store whose tiles calibrate it (None: the slide's own)
     int8_calibration_tiles: int = Field(64, ge=1, le=4096)  # int8: tiles spread over the store
     overlap_tiling: bool = True  # score chunks as the tiler writes them (local scheduler, no stain normalisation)
-    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    device: str = Field("auto", pattern=DEVICE_PATTERN)  # auto, cpu, cuda, cuda:1, mps
     devices: Literal["one", "all"] = "one"  # all: one Dask worker per visible GPU (dask-cuda's LocalCUDACluster)
     scheduler: str | None = None  # None: local threads; else the address of a dask.distributed scheduler
     connect_timeout_s: float = Field(30.0, gt=0, le=3600)  # connecting to the scheduler, handshake included
@@ -166,10 +168,12 @@ class HeatmapConfig(Settings):
 
 class ExportConfig(Settings):
     tile_threshold: Fraction = 0.5  # tiles at or above: class Tumor
-    region_thresholds: Annotated[tuple[Probability, ...], Field(strict=False, min_length=1)] = (0.5,)
+    region_thresholds: Annotated[tuple[Probability, ...], Field(strict=False, min_length=1)] = (
+        0.5,
+    )  # tumour-layer levels outlined as regions; several give nested annotations
     min_region_area_um2: float = Field(10_000.0, ge=0, le=1e12)  # 0.01 mm²
     simplify_cells: float = Field(0.1, ge=0, le=100)  # simplification tolerance, heatmap cells (outlines move ≤ ½ cell)
-    gzip: bool = False
+    gzip: bool = False  # write .geojson.gz
     cam_threshold_method: ThresholdMethod = "mean_std"  # for the per-tile "DT-CAM area fraction"
 
     @field_validator("region_thresholds", mode="before")
@@ -206,7 +210,7 @@ class TrainConfig(Settings):
     batch_size: int = Field(32, ge=1, le=4096)
     lr_backbone: float = Field(1e-4, gt=0, le=10)  # left out: 1e-4 to fine-tune pre-trained weights, 1e-3 from scratch
     lr_head: float = Field(1e-3, gt=0, le=10)
-    weight_decay: float = Field(1e-4, ge=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0, le=10)  # AdamW decoupled weight decay
     imbalance: Literal["cb-loss", "sampler", "none"] = "cb-loss"
     beta: float = Field(0.999, ge=0, lt=1)  # class-balanced loss β
     patience: int = Field(5, ge=1, le=100_000)  # early stopping: epochs without validation-loss improvement
@@ -265,7 +269,7 @@ class PretrainConfig(Settings):
     """`wsi-dala pretrain` settings: SimCLR on unlabelled tiles (wsi_dala.training.pretrain)."""
 
     arch: str = "dalaresnet50"  # any architecture of `train` with a pooled feature
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)  # architecture options, as in train
     pretrained: str = "imagenet"  # starting weights: imagenet | none | a weights file
     epochs: int = Field(20, ge=1, le=100_000)
     batch_size: int = Field(64, ge=2, le=4096)  # tiles per step; each gives two views, the other 2N - 2 are negatives
@@ -275,8 +279,8 @@ class PretrainConfig(Settings):
     temperature: float = Field(0.2, gt=0, le=10)
     projection_dim: int = Field(128, ge=8, le=8192)
     crop_fraction: float = Field(0.75, gt=0.1, le=1.0)  # view side / tile side, at the tile's µm/px
-    hed_scale: float = Field(0.05, ge=0, lt=1)
-    hed_shift: float = Field(0.05, ge=0, lt=1)
+    hed_scale: float = Field(0.05, ge=0, lt=1)  # stain augmentation: each H, E, D channel scaled by 1 ± this
+    hed_shift: float = Field(0.05, ge=0, lt=1)  # ... and shifted by ± this
     seed: Seed = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     precision: Precision = "auto"
@@ -300,12 +304,12 @@ class GanConfig(Settings):
     batch_size: int = Field(16, ge=2, le=4096)
     lr: float = Field(0.0025, gt=0, le=10)  # Adam, both networks (StyleGAN2's)
     r1_gamma: float = Field(1.0, ge=0, le=1e6)  # R1 penalty on real tiles (lazy, every r1_interval steps)
-    r1_interval: int = Field(16, ge=1, le=10**6)
+    r1_interval: int = Field(16, ge=1, le=10**6)  # steps between R1 penalties (lazy regularisation)
     ema_half_life_images: int = Field(10_000, ge=1, le=10**9)  # the sampled generator: an EMA of the trained one
     ema_rampup: float = Field(0.05, ge=0, le=100)  # half-life ≤ this x images seen so far (0: off), as StyleGAN2-ADA
     ada_target: float = Field(0.6, gt=0, lt=1)
-    ada_speed_images: int = Field(100_000, ge=1, le=10**10)
-    z_dim: int = Field(128, ge=8, le=4096)
+    ada_speed_images: int = Field(100_000, ge=1, le=10**10)  # images for the augment probability to go 0 -> 1
+    z_dim: int = Field(128, ge=8, le=4096)  # latent size (z and w)
     channel_max: int = Field(256, ge=16, le=4096)
     checkpoint_every: int = Field(250, ge=1, le=10**8)  # steps between checkpoints (and sample grids)
     kid_every: int = Field(0, ge=0, le=10**8)  # steps between KIDs (0: only at the end, when a KID encoder is given)
