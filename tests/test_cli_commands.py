@@ -60,7 +60,7 @@ def kit(tmp_path_factory):
 def trained(kit):
     """`train` on its smallest good input: one epoch of a 32-px ResNet-18 on 24 images."""
     out = kit["root"] / "train"
-    ok(wsi_dala("train", "--folder", kit["images"], "--out", out, *TINY_TRAIN, "--epochs", 1, "--train-mpp", 1, "-q"))
+    ok(wsi_dala("train", "--folder", kit["images"], "--out", out, *TINY_TRAIN, "--epochs", 1, "--mpp", 1, "-q"))
     return out / "best.safetensors"
 
 
@@ -168,7 +168,7 @@ def test_pretrain(kit, tmp_path):
 
 def test_gan_train_and_sample(kit, tmp_path):
     gan = tmp_path / "gan"
-    settings = ["--resolution", 32, "--steps", 2, "--batch-size", 4, "--channel-max", 32, "--train-mpp", 1]
+    settings = ["--resolution", 32, "--steps", 2, "--batch-size", 4, "--channel-max", 32, "--mpp", 1]
     ok(wsi_dala("gan", "train", "--folder", kit["images"], "--out", gan, *settings, "--checkpoint-every", 1, "-q"))
     ok(wsi_dala("gan", "sample", "--model", gan / "gan.safetensors", "--class", "tumour", "--n", 4,
                 "--out", tmp_path / "s", "-q"))  # fmt: skip
@@ -195,7 +195,7 @@ def test_a_missing_extra_is_named_in_one_line(kit, tmp_path, module, command, ex
     torch.save({}, inception)  # a weights-only file, so the check that reads it passes
     args = [{"MODEL": kit["model"], "INCEPTION": inception}.get(a, a) if isinstance(a, str) else a for a in command]
     if command[0] in ("train", "gan"):
-        args += ["--folder", kit["images"], *(["--train-mpp", 1] if command[0] == "gan" else TINY_TRAIN[4:])]
+        args += ["--folder", kit["images"], *(["--mpp", 1] if command[0] == "gan" else TINY_TRAIN[4:])]
     env = {**os.environ, "PYTHONPATH": str(hidden)}
     result = subprocess.run(
         [WSI_DALA, *map(str, args), "--out", str(tmp_path / "out")],

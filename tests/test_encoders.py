@@ -112,7 +112,7 @@ def frozen_run(tmp_path_factory):
     argv = ["train", "--folder", str(data), "--arch", TINY_VIT, *options, "--weights", str(weights)]
     argv += ["--freeze-backbone", "--input-size", "32", "--epochs", "20", "--patience", "20"]
     argv += ["--lr-head", "0.03", "--batch-size", "8"]
-    argv += ["--train-mpp", "0.5", "--precision", "fp32", "-q", "--feature-cache", str(root / "cache")]
+    argv += ["--mpp", "0.5", "--precision", "fp32", "-q", "--feature-cache", str(root / "cache")]
     assert main([*argv, "--out", str(root / "run")]) == 0
     return root, argv, weights
 

@@ -30,7 +30,7 @@ from wsi_dala.gan.sampling import load_generator
 from wsi_dala.model import build_model, read_card
 
 PX = 32
-QUICK = ["--resolution", str(PX), "--batch-size", "8", "--channel-max", "32", "--train-mpp", "0.5", "-q"]
+QUICK = ["--resolution", str(PX), "--batch-size", "8", "--channel-max", "32", "--mpp", "0.5", "-q"]
 
 
 def test_the_modulated_convolution_equals_a_per_sample_demodulated_weight():
@@ -187,7 +187,7 @@ def test_sampled_tiles_feed_train_synthetic(gan_run, blobs, tmp_path):
         path.unlink()  # 32 normal, 8 tumour
     out = tmp_path / "classifier"
     train = ["train", "--folder", str(data), "--out", str(out), "--arch", "resnet18", "--pretrained", "none"]
-    train += ["--input-size", str(PX), "--epochs", "1", "--batch-size", "8", "--train-mpp", "0.5", "-q"]
+    train += ["--input-size", str(PX), "--epochs", "1", "--batch-size", "8", "--mpp", "0.5", "-q"]
     assert main([*train, "--synthetic", str(samples)]) == 0
     mix = read_card(out / "best.safetensors").training_data["synthetic"][0]
     assert mix["class"] == "tumour" and mix["added"] > 0 and mix["generator"]["steps"] == 60

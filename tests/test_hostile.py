@@ -197,7 +197,7 @@ ARGUMENT_ERRORS = [
     (["train", "--out", "o", "--folder", ".", "--min-cover", "0"], "--min-cover: 0 is outside (0, 1]"),
     (["train", "--out", "o", "--folder", ".", "--val-fraction", "1"], "--val-fraction: 1 is outside (0, 1)"),
     (["train", "--out", "o", "--folder", ".", "--group-pattern", "("], "--group-pattern: '(' is not a regular"),
-    (["train", "--out", "o", "--folder", ".", "--train-mpp", "inf"], "--train-mpp: inf is outside"),
+    (["train", "--out", "o", "--folder", ".", "--mpp", "inf"], "--mpp: inf is outside"),
     (["evaluate", "--model", "m", "--out", "o", "--batch-size", "0"], "--batch-size: 0 is outside"),
     (["cam", "x.png", "--model", "m", "--out", "o", "--percentile", "nan"], "--percentile: nan is outside"),
     (["run", "x.svs", "--precision", "fp64"], "invalid choice: 'fp64'"),

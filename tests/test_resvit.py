@@ -73,7 +73,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("resvit")
     data = write_blob_folder(root / "data", size=64, n=32, groups=4)
     argv = ["train", "--folder", str(data), "--out", str(root / "run"), "--arch", "resvit-gannet", *TINY_FLAGS]
-    argv += ["--pretrained", "none", "--input-size", "64", "--epochs", "1", "--batch-size", "8", "--train-mpp", "1.0"]
+    argv += ["--pretrained", "none", "--input-size", "64", "--epochs", "1", "--batch-size", "8", "--mpp", "1.0"]
     assert main([*argv, "--precision", "fp32", "-q"]) == 0
     return root / "run" / "best.safetensors"
 

@@ -55,7 +55,7 @@ def test_train_mixes_generated_tiles_into_training_only_and_records_it(tmp_path)
     folder = _synthetic_folder(tmp_path / "gen", 30)
     out = tmp_path / "run"
     argv = ["train", "--folder", str(data), "--out", str(out), "--arch", "resnet18", "--pretrained", "none"]
-    argv += ["--input-size", str(PX), "--epochs", "1", "--batch-size", "8", "--train-mpp", "0.5", "-q"]
+    argv += ["--input-size", str(PX), "--epochs", "1", "--batch-size", "8", "--mpp", "0.5", "-q"]
     assert main([*argv, "--synthetic", f"{folder}:0.5"]) == 0
     card = read_card(out / "best.safetensors")
     mix = card.training_data["synthetic"][0]
@@ -88,5 +88,5 @@ def test_a_folder_without_its_card_or_a_training_set_of_unknown_scale_is_refused
     with pytest.raises(ConfigError, match=r"bare: no synthetic\.json"):
         mix_synthetic(train, ["normal", "tumour"], [SyntheticSource(bare)], 0.5, PX, seed=0)
     folder = _synthetic_folder(tmp_path / "gen", 4)
-    with pytest.raises(ConfigError, match="unknown µm/px: the scale is unchecked; give --train-mpp"):
+    with pytest.raises(ConfigError, match="unknown µm/px: the scale is unchecked; give --mpp"):
         mix_synthetic(train, ["normal", "tumour"], [SyntheticSource(folder)], None, PX, seed=0)

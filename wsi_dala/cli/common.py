@@ -244,21 +244,27 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--reader-threads", type=int, default=2, metavar="N", help="slide reader threads")
     deprecated_flag(parser, "--workers", "--reader-threads", dest="reader_threads", type=int)
-    add_qc_option(parser, default="flag")
+    add_qc_option(parser, default="flag", tiling_only=True)
     add_slide_options(parser)
 
 
-def add_qc_option(parser: argparse.ArgumentParser, default: str | None) -> None:
-    """``--qc``: what quality control does with out-of-focus, folded and inked tiles."""
+def add_qc_option(parser: argparse.ArgumentParser, default: str | None, tiling_only: bool = False) -> None:
+    """``--qc``: what quality control does with out-of-focus, folded and inked tiles (said for the command: `tile`
+    stores tiles only, `run` and `batch` go on to score and export)."""
     shown = default or "flag, or `tiling.qc.mode` in --config"
-    parser.add_argument(
-        "--qc",
-        choices=("flag", "exclude", "off"),
-        default=default,
-        help="flag: mark out-of-focus, folded and inked tiles (hatched on the overlay, QC measurements on tiles and "
-        "regions) and change no call; exclude: leave flagged tiles out of heatmap, regions and GeoJSON (the summary "
-        f"says how much tumour that removed); off: measure nothing (default: {shown})",
-    )
+    if tiling_only:
+        text = (
+            "flag: measure blur, folds and ink on every tile and store the measures and flags with the tiles "
+            "(qc.png shows them), keeping every tile usable; exclude: the same, and the store marks flagged tiles "
+            "as left out of later stages; off: measure nothing"
+        )
+    else:
+        text = (
+            "flag: mark out-of-focus, folded and inked tiles (hatched on the overlay, QC measurements on tiles and "
+            "regions) and change no call; exclude: leave flagged tiles out of heatmap, regions and GeoJSON (the "
+            "summary says how much tumour that removed); off: measure nothing"
+        )
+    parser.add_argument("--qc", choices=("flag", "exclude", "off"), default=default, help=f"{text} (default: {shown})")
 
 
 def add_stain_option(parser: argparse.ArgumentParser) -> None:

@@ -18,12 +18,6 @@ def _configure_gan(parser: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", help="train on labelled tiles (all classes, or one)", formatter_class=Formatter)
     train.add_argument("--out", required=True, metavar="DIR", help="run folder (gan.safetensors, curves, samples)")
     add_data_options(train)
-    train.add_argument(
-        "--train-mpp",
-        type=number_in(0, 1000, low_open=True),
-        metavar="UM",
-        help="µm/px of --folder/--breakhis images, for the card (default: measured for --slide, else unknown)",
-    )
     train.add_argument("--class", dest="only_class", metavar="NAME", help="train on this class only (default: all)")
     train.add_argument("--resolution", type=int, default=64, help="tile side, a power of two 32..256 (default: 64)")
     train.add_argument("--steps", type=int, default=2000, help="generator updates (default: 2000)")
@@ -104,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
     config = build(GanConfig, values, "gan train options")
     kid_features = _kid_features(args)  # a bad weights file fails before any slide is tiled
     samples, names, mpp, _note, source = load_samples(args, GanLayout(Path(args.out)).root / "tiles", args.resolution)
-    mpp = args.train_mpp or mpp
+    mpp = args.mpp if args.mpp is not None and not args.slide else mpp
     trained = names
     if args.only_class is not None:
         if args.only_class not in names:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wsi_dala.cli.common import deprecated_flag, number_in, tiling_from_flags
+from wsi_dala.core.config import DEFAULT_TILE_MPP, TilingConfig
 from wsi_dala.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -62,9 +63,24 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="--slide: fraction of a tile an annotation must cover to label it",
     )
-    source.add_argument("--mpp", type=float, default=0.5, metavar="UM", help="--slide: tile µm/px")
-    deprecated_flag(source, "--tile-mpp", "--mpp", dest="mpp", type=float)
-    source.add_argument("--min-tissue", type=float, default=0.5, metavar="F", help="--slide: tissue fraction")
+    source.add_argument(
+        "--mpp",
+        type=number_in(0.01, 100),
+        default=None,
+        metavar="UM",
+        help=f"µm/px of the training tiles: --slide cuts them at it ({DEFAULT_TILE_MPP} if not given) and the model "
+        "card records what the tiler measured; for --folder and --breakhis it is the images' own, recorded in the "
+        "model card (default: read from the images or the slides)",
+    )
+    deprecated_flag(source, "--tile-mpp", "--mpp", dest="mpp", type=number_in(0.01, 100))
+    deprecated_flag(source, "--train-mpp", "--mpp", dest="mpp", type=number_in(0.01, 100))
+    source.add_argument(
+        "--min-tissue",
+        type=float,
+        default=TilingConfig().min_tissue,
+        metavar="F",
+        help="--slide: tissue fraction to keep a tile, as in run",
+    )
 
 
 def regex_with_a_group(text: str) -> str:
@@ -94,7 +110,7 @@ def load_samples(
         return samples, list(datasets.BREAKHIS_CLASSES), mpp, note, f"BreakHis {args.breakhis}"
     if args.folder:
         samples, names = datasets.image_folder_samples(args.folder, args.group_pattern)
-        return samples, names, None, "image folder: µm/px unknown (give --train-mpp)", f"image folder {args.folder}"
+        return samples, names, None, "image folder: µm/px unknown (give --mpp)", f"image folder {args.folder}"
     from wsi_dala.training.slide_tiles import annotated_slide_samples, parse_slide_argument
 
     tiling = tiling_from_flags(args, default_tile_px=input_size)

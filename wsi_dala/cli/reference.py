@@ -143,7 +143,7 @@ def settings_rows(
 
 
 def config_reference_markdown() -> str:
-    sections = [
+    sections: list[tuple[str, type[BaseModel], str]] = [
         ("Pipeline (`run`, `batch`, `tile`: `--config FILE`)", PipelineConfig, "wsi-dala run"),
         ("Archive runs (`batch`)", BatchConfig, "wsi-dala batch"),
         ("Training (`train --config FILE`)", TrainConfig, "wsi-dala train"),

@@ -156,13 +156,6 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         help="map training batches from the training images' stain to the published H&E reference, which the "
         "model card records; `run --stain-normalise` then maps slides to it (default: none)",
     )
-    fit.add_argument(
-        "--train-mpp",
-        type=number_in(0.01, 100),
-        default=None,
-        metavar="UM",
-        help="µm/px of the training images, recorded in the model card (default: read from the images or the slides)",
-    )
 
 
 def _positive_class(names: list[str], requested: str | None) -> str:
@@ -243,7 +236,8 @@ def _card_fields(
     """What the model card records about the data (µm/px and where it comes from, counts, split)."""
     from wsi_dala.training.datasets import class_counts
 
-    mpp, note = (args.train_mpp, "given with --train-mpp") if args.train_mpp else mpp_note
+    given = args.mpp is not None and not args.slide  # --slide: the tiler's measured µm/px, not the target
+    mpp, note = (args.mpp, "given with --mpp") if given else mpp_note
     return {
         "mpp": mpp,
         "mpp_note": note,

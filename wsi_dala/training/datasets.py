@@ -32,7 +32,7 @@ BREAKHIS_CLASSES = ["benign", "malignant"]
 BREAKHIS_MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
 # µm/px of BreakHis images: an ASSUMPTION recalled from the dataset paper's acquisition setup (camera
 # pixel ≈ 6.5 µm behind a 3.3x relay lens, 4x/10x/20x/40x objectives), not verified here. Override
-# with --train-mpp when you know better.
+# with --mpp when you know better.
 BREAKHIS_MPP = {"40X": 0.49, "100X": 0.20, "200X": 0.098, "400X": 0.049}
 BREAKHIS_MPP_NOTE = (
     "assumed from the BreakHis paper's acquisition setup (6.5 µm camera pixel, 3.3x relay, 4x/10x/20x/40x "

@@ -139,6 +139,6 @@ def _check_scale(card: dict[str, Any], mpp: float | None, input_size: int, folde
     if not isinstance(size, int) or size < input_size:
         raise ConfigError(f"{folder}: tiles are {size} px, smaller than the {input_size} px input")
     if mpp is None:
-        raise ConfigError(f"{folder}: training tiles of unknown µm/px: the scale is unchecked; give --train-mpp")
+        raise ConfigError(f"{folder}: training tiles of unknown µm/px: the scale is unchecked; give --mpp")
     if not isinstance(tile_mpp, int | float) or abs(tile_mpp - mpp) > MPP_TOLERANCE * mpp:
         raise ConfigError(f"{folder}: tiles are at {tile_mpp} µm/px, the training tiles at {mpp:.3g} µm/px")
