@@ -31,3 +31,7 @@ def test_demo_trains_runs_and_finds_the_tumour(tmp_path):
     assert record["model"]["architecture"] == "dalaresnet50"
     check_file(layout.tiles_geojson())
     check_file(layout.tumour_geojson())
+    written = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    assert written <= 150e6, f"the demo wrote {written / 1e6:.0f} MB"
+    assert not (tmp_path / "model" / "last-state.pt").exists() and not (tmp_path / "training-tiles").exists()
+    assert card.training_data["weights_stored_as"].startswith("float16")

@@ -512,6 +512,7 @@ def _outputs(layout: RunLayout, config: PipelineConfig) -> dict[str, Path]:
         "tiles_store": layout.tiles_store,
         "heatmap": layout.heatmap_store,
         "heatmap_ngff": layout.heatmap_ngff,
+        "thumbnail": layout.thumbnail_png,
         "overview": layout.overview_png,
         "overlay": layout.overlay_png,
         "tiles_geojson": layout.tiles_geojson(config.export.gzip),

@@ -65,11 +65,16 @@ def render_qc(picture: QCPicture, path: Path, title: str) -> None:
     image[outline] = TISSUE_OUTLINE_RGB
     del outline
     image = enlarged(image)
-    areas = picture.areas_mm2
+    areas = {name: _area_text(value) for name, value in picture.areas_mm2.items()}
     handles = [
-        Patch(facecolor="none", edgecolor=_unit(TISSUE_OUTLINE_RGB), label=f"tissue {areas['tissue']:.2f} mm²"),
-        Patch(color=_unit(INK_RGB), label=f"ink {areas['ink']:.2f} mm²"),
-        Patch(color=_unit(FOLD_RGB), label=f"fold {areas['fold']:.2f} mm²"),
-        Patch(color=_unit(BLUR_RGB), label=f"out of focus {areas['blur']:.2f} mm²"),
+        Patch(facecolor="none", edgecolor=_unit(TISSUE_OUTLINE_RGB), label=f"tissue {areas['tissue']}"),
+        Patch(color=_unit(INK_RGB), label=f"ink {areas['ink']}"),
+        Patch(color=_unit(FOLD_RGB), label=f"fold {areas['fold']}"),
+        Patch(color=_unit(BLUR_RGB), label=f"out of focus {areas['blur']}"),
     ]
     save_framed_png(image, path, title, right=legend(handles, size_px=LEGEND_PX))
+
+
+def _area_text(mm2: float) -> str:
+    """Two decimals, but never "0.00 mm²" for something that is there (one flagged tile is about 0.01 mm²)."""
+    return f"{mm2:.2f} mm²" if mm2 == 0 or mm2 >= 0.01 else "< 0.01 mm²"
