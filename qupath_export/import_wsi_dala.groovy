@@ -2,8 +2,9 @@
  * Import wsi-dala results into the open image and show tumour probability as a measurement map.
  *
  * Run from QuPath's script editor (Automate > Script editor) with the slide open: it asks for the run
- * folder that `wsi-dala run` printed. Or pass the folder as the script's argument:
- *     QuPath script import_wsi_dala.groovy --image slide.svs --args /path/to/run
+ * folder that `wsi-dala run` printed. Or pass the folder as the script's argument, e.g. headless in a
+ * project, saving the objects with the image:
+ *     QuPath script -p project.qpproj -s -a /path/to/run import_wsi_dala.groovy
  * The script reads the folder's run.json and imports exactly the two files it lists:
  * <slide>.tiles.geojson[.gz] (tiles, as detections with measurements) and <slide>.tumour.geojson[.gz]
  * (tumour regions, as annotations), never other GeoJSON lying there. It then colours the tiles by
@@ -32,6 +33,19 @@ def run = new JsonSlurper().parse(record)
 if (run.status != 'complete') {
     println "The run in ${folder} is not complete (status: ${run.status}); run wsi-dala again first"
     return
+}
+// The run must be of the image open here: its coordinates are that slide's pixels. Given a folder as the
+// argument (headless, perhaps over every image of a project), other images are skipped; chosen by hand,
+// a different name is only reported (a slide may have been renamed or converted).
+def slideName = new File(run.slide.path as String).name
+def slideStem = slideName.contains('.') ? slideName.substring(0, slideName.lastIndexOf('.')) : slideName
+def imageName = getProjectEntry()?.getImageName() ?: getCurrentServer()?.getMetadata()?.getName()
+if (imageName != null && !imageName.startsWith(slideStem)) {
+    if (given) {
+        println "Skipping ${imageName}: the run in ${folder} is of ${slideName}"
+        return
+    }
+    println "Warning: the open image is ${imageName}, the run in ${folder} is of ${slideName}"
 }
 // Only file names inside this folder (never a path read from a file).
 def files = ['tiles_geojson', 'tumour_geojson'].collect { new File(folder, new File(run.outputs[it] as String).name) }

@@ -392,7 +392,7 @@ def test_kill_9_of_run_at_random_points_then_rerun_equals_one_run(inputs, refere
     rng = random.Random(9)
     reference_heatmap = np.asarray(zarr.open_group(reference / "heatmap.zarr", mode="r")["tumour/0"][:])
     landed = 0
-    for trial in range(10):
+    for trial in range(5):  # each trial is two runs: five kills at random points keep this test at about a minute
         out = tmp_path / f"killed{trial}"
         command = [sys.executable, "-m", "wsi_dala", "run", str(inputs["slide"]), "--model", str(inputs["model"])]
         command += ["--config", str(inputs["config"]), "--out", str(out), "-q"]
@@ -410,7 +410,7 @@ def test_kill_9_of_run_at_random_points_then_rerun_equals_one_run(inputs, refere
         for name in ("case.tiles.geojson", "case.tumour.geojson"):
             assert (out / name).read_bytes() == (reference / name).read_bytes()
         assert not list(out.glob(".*.partial")) and not (out / "run.lock").exists()
-    assert landed >= 5, f"only {landed} of 10 kills landed while the run was working"
+    assert landed >= 3, f"only {landed} of 5 kills landed while the run was working"
 
 
 def test_two_interrupts_exit_cleanly(inputs, tmp_path):
