@@ -170,6 +170,10 @@ def _download(repo_id: str, filename: str, revision: str, repo_type: str, label:
         RevisionNotFoundError,
     )
 
+    if not log.isEnabledFor(logging.DEBUG):  # it logs every retry when the hub is unreachable: our error says why
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     folder = hub_cache_folder(repo_id, repo_type)
     for force in (False, True):
         try:
@@ -189,7 +193,7 @@ def _download(repo_id: str, filename: str, revision: str, repo_type: str, label:
         ) as exc:  # (before its base class) offline (HF_HUB_OFFLINE or no connection) and not cached
             raise CheckpointError(
                 f"{label}: {filename} is not in the Hugging Face cache and the hub cannot be reached; fill "
-                f"{folder} ({hint} on a connected machine, then copy that folder here)"
+                f"{folder} ({hint} on a connected machine, then copy that folder here; HF_HUB_OFFLINE=1 skips the hub)"
             ) from exc
         except EntryNotFoundError as exc:
             raise CheckpointError(f"{label}: {repo_id}@{revision} has no {filename}") from exc
