@@ -75,3 +75,25 @@ def test_the_references_in_the_docs_are_written_from_the_code():
     rows = [line for line in settings.splitlines() if line.startswith("| `")]
     undocumented = [line for line in rows if line.endswith("|  |")]
     assert len(rows) > 100 and not undocumented, undocumented
+
+
+# Options whose one name covers a different thing per command, so their defaults differ on purpose.
+DEFAULTS_DIFFER_ON_PURPOSE = {
+    "--batch-size": "pretrain: tiles per contrastive step (2 views each); gan train: per GAN step",
+    "--epochs": "demo: its short training on generated slides",
+    "--lr": "pretrain (AdamW, cosine, contrastive loss) and gan train (Adam, two networks) train different things",
+    "--mpp": "where the tile µm/px comes from: the model card (run), the data (train...), none (tile: 0.5)",
+    "--seed": "demo: the seed of its generated slides",
+}
+
+
+def test_an_option_has_one_default_wherever_it_appears():
+    by_option: dict[str, dict[str, str]] = {}
+    for command, option, text, _metavar in OPTIONS:
+        found = re.search(r"\(default: (.*)\)$", text)
+        if found:
+            default = found.group(1).split(", or `")[0]  # "none, or `scoring.x` in --config": the config may set it
+            by_option.setdefault(option, {})[command] = default
+    differing = {o: d for o, d in by_option.items() if len(set(d.values())) > 1 and o not in DEFAULTS_DIFFER_ON_PURPOSE}
+    assert not differing, differing
+    assert by_option["--min-tissue"]["wsi-dala train"] == by_option["--min-tissue"]["wsi-dala run"] == "0.25"

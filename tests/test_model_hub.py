@@ -149,7 +149,7 @@ def test_a_corrupt_cache_entry_is_refused_offline_and_fetched_again_online(repos
     refused(cli(_env(tmp_path, HF_HUB_OFFLINE="1"), "models", "--fetch", ZOO_NAME), "corrupt in the Hugging Face cache")
     with FakeHub(repos) as hub:
         done = ok(cli(_env(tmp_path, HF_ENDPOINT=hub.endpoint), "models", "--fetch", ZOO_NAME))
-        assert f"GET /{REPO_ID}/resolve/main/torchscript_model.pt" in hub.requests
+        assert f"GET /{REPO_ID}/resolve/{COMMIT}/torchscript_model.pt" in hub.requests  # at config.json's commit
     assert f"fetched {ZOO_NAME}: {REPO_ID}@{COMMIT}" in done.stdout
     assert blob.read_bytes() == repos[REPO_ID].files["torchscript_model.pt"]
 

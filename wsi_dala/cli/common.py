@@ -235,7 +235,11 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
         help="step between tiles in tile pixels (default: the tile size, no overlap)",
     )
     parser.add_argument(
-        "--min-tissue", type=float, default=0.25, metavar="F", help="keep tiles with at least this fraction of tissue"
+        "--min-tissue",
+        type=float,
+        default=TilingConfig().min_tissue,
+        metavar="F",
+        help="keep tiles with at least this fraction of tissue",
     )
     parser.add_argument(
         "--allow-upsample",

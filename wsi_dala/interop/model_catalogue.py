@@ -13,12 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from wsi_dala.core.config import HUB_PREFIX
 from wsi_dala.core.errors import CheckpointError, WsiDalaError
-from wsi_dala.core.layout import DEFAULT_DEMO_DIR, IMPORT_CACHE_DIR, DemoLayout
+from wsi_dala.core.layout import DEFAULT_DEMO_DIR, HUB_MODEL_FILES, HUB_README, IMPORT_CACHE_DIR, DemoLayout
 from wsi_dala.interop.model_hub import (
-    HUB_PREFIX,
-    MODEL_FILES,
-    README_FILE,
     HubModel,
     cached_hub_models,
     tissue_from_name,
@@ -81,7 +79,7 @@ def catalogue(demo_dir: Path = Path(DEFAULT_DEMO_DIR)) -> Catalogue:
 def _hub_entry(group: str, name: str, model: HubModel) -> CatalogueEntry:
     from huggingface_hub import try_to_load_from_cache
 
-    cached = [try_to_load_from_cache(model.repo_id, file, revision=model.revision) for file in MODEL_FILES]
+    cached = [try_to_load_from_cache(model.repo_id, file, revision=model.revision) for file in HUB_MODEL_FILES]
     config_path = cached[0] if isinstance(cached[0], str) else None
     mpp = None
     if config_path is not None:
@@ -105,7 +103,7 @@ def _cached_licence(model: HubModel) -> str:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.repocard import metadata_load
 
-    readme = try_to_load_from_cache(model.repo_id, README_FILE, revision=model.revision)
+    readme = try_to_load_from_cache(model.repo_id, HUB_README, revision=model.revision)
     if not isinstance(readme, str):
         return "?"
     try:

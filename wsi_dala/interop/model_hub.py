@@ -30,8 +30,6 @@ from wsi_dala.core.layout import HUB_MODEL_FILES, HUB_README, ZOO_REGISTRY_FILE
 log = logging.getLogger(__name__)
 
 ZOO_REGISTRY_REPO = "kaczmarj/wsinfer-model-zoo-json"
-MODEL_FILES = HUB_MODEL_FILES
-README_FILE = HUB_README
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
@@ -114,12 +112,13 @@ def zoo_model(name: str) -> HubModel:
 
 def fetch(model: HubModel) -> FetchedModel:
     """The model's WSInfer folder in the Hugging Face cache (downloaded once), with its origin."""
-    paths = [
-        _download(model.repo_id, name, model.revision, "model", model.label, _fetch_hint(model)) for name in MODEL_FILES
-    ]
-    folder = paths[0].parent
+    first, *rest = HUB_MODEL_FILES
+    hint = _fetch_hint(model)
+    folder = _download(model.repo_id, first, model.revision, "model", model.label, hint).parent
     commit = folder.name  # .../models--ORG--REPO/snapshots/<commit>/config.json
-    return FetchedModel(folder, hub_origin(model, commit, _licence(model)))
+    for name in rest:  # at that commit: a push between two downloads cannot mix two versions of the model
+        _download(model.repo_id, name, commit, "model", model.label, hint)
+    return FetchedModel(folder, hub_origin(model, commit, _licence(model, commit)))
 
 
 def hub_origin(model: HubModel, commit: str, licence: str) -> dict[str, Any]:
@@ -141,9 +140,9 @@ def tissue_from_name(name: str) -> str:
     return {"pancancer": "pan-cancer", "lymphnodes": "lymph node"}.get(word, word) or "unknown"
 
 
-def _licence(model: HubModel) -> str:
+def _licence(model: HubModel, commit: str) -> str:
     try:
-        readme = _download(model.repo_id, README_FILE, model.revision, "model", model.label, _fetch_hint(model))
+        readme = _download(model.repo_id, HUB_README, commit, "model", model.label, _fetch_hint(model))
     except CheckpointError:
         return "unknown (no README.md model card)"
     from huggingface_hub.repocard import metadata_load
@@ -234,6 +233,6 @@ def cached_hub_models() -> list[tuple[str, str, Path]]:
     for repo in sorted(root.glob("models--*")):
         repo_id = repo.name.removeprefix("models--").replace("--", "/", 1)
         for snapshot in sorted((repo / "snapshots").glob("*")):
-            if all((snapshot / name).exists() for name in MODEL_FILES):
+            if all((snapshot / name).exists() for name in HUB_MODEL_FILES):
                 found.append((repo_id, snapshot.name, snapshot))
     return found
