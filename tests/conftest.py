@@ -5,6 +5,7 @@ Each slide is written once per test session; all are small so the suite stays qu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,14 @@ def blob_model(tmp_path_factory):
         progress=False,
     )
     return result, out
+
+
+@pytest.fixture(autouse=True)
+def _environ_restored():
+    """A test that starts a Dask cluster itself gets distributed's pre-spawn-environ (OMP_NUM_THREADS=1...)
+    written into this process's environment, which every later CLI test would inherit: restore it."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -223,3 +223,22 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path: Path):
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"wsi-dala: error: {address}: no Dask scheduler answered within 3 s"), lines[0]
     assert elapsed < 60
+
+
+def test_a_local_process_cluster_leaves_our_thread_settings_alone(monkeypatch):
+    """distributed writes OMP/MKL/OPENBLAS_NUM_THREADS=1 into the creating process unless told not to: every
+    process started afterwards (a batch's slides, CLI runs) would then run torch on one thread."""
+    import os
+
+    from distributed import Client, LocalCluster
+
+    from wsi_dala.inference.cluster import THREAD_VARIABLES, our_environ_kept, worker_threads_environ
+
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with our_environ_kept():
+        cluster = LocalCluster(n_workers=1, processes=True, dashboard_address=None, env=worker_threads_environ(2))
+    with cluster, Client(cluster) as client:
+        in_worker = client.submit(lambda: {n: os.environ.get(n) for n in THREAD_VARIABLES}).result(timeout=60)
+    assert in_worker == dict.fromkeys(THREAD_VARIABLES, "2")
+    assert not any(name in os.environ for name in THREAD_VARIABLES)

@@ -195,6 +195,27 @@ def _cause(exc: BaseException) -> str:
     return text[:200]
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def worker_threads_environ(threads: int) -> dict[str, str]:
+    """A worker process's thread counts, for ``LocalCluster(env=...)`` (set in the worker, not here)."""
+    return {name: str(max(1, threads)) for name in THREAD_VARIABLES}
+
+
+@contextmanager
+def our_environ_kept() -> Iterator[None]:
+    """Around a local cluster's creation: distributed's Nanny writes its ``pre-spawn-environ`` (OMP, MKL and
+    OPENBLAS_NUM_THREADS = 1) into *this* process's ``os.environ`` and never restores it, so every process
+    started afterwards (a slide's subprocess, a test's CLI run) ran torch on one thread: the demo test took
+    300 s in the suite instead of 120. Only ``MALLOC_TRIM_THRESHOLD_`` is left pre-spawned (it must be set
+    before a process starts); thread counts go to the workers through ``env=``."""
+    import dask
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": 65536}}):
+        yield
+
+
 @contextmanager
 def gpu_cluster(n_gpus: int) -> Iterator[Client]:
     """A client of a local cluster with one Dask worker per GPU (dask-cuda pins each worker to its own
@@ -207,7 +228,9 @@ def gpu_cluster(n_gpus: int) -> Iterator[Client]:
         raise ConfigError("--devices all needs dask-cuda: pip install 'wsi-dala[gpu]'") from exc
     from distributed import Client
 
-    with LocalCUDACluster(n_workers=n_gpus, threads_per_worker=1) as cluster, Client(cluster) as client:
+    with our_environ_kept():
+        cluster = LocalCUDACluster(n_workers=n_gpus, threads_per_worker=1)
+    with cluster, Client(cluster) as client:
         yield client
 
 

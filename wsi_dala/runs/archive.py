@@ -320,20 +320,21 @@ def _execute(
     if batch.scheduler or batch.dask_workers > 1:
         from distributed import Client, LocalCluster, as_completed
 
-        from wsi_dala.inference.cluster import connect
+        from wsi_dala.inference.cluster import connect, our_environ_kept, worker_threads_environ
 
         if batch.scheduler:
             # Bounded connect + handshake; a peer that is not a Dask scheduler is one ConfigError line.
             client, cluster = connect(batch.scheduler, config.scoring.connect_timeout_s), None
         else:
-            cluster = LocalCluster(
-                n_workers=batch.dask_workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                # Share the cores: each worker's torch gets cores / workers threads.
-                env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // batch.dask_workers))},
-            )
+            with our_environ_kept():
+                cluster = LocalCluster(
+                    n_workers=batch.dask_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    # Share the cores: each worker's torch gets cores / workers threads.
+                    env=worker_threads_environ((os.cpu_count() or 1) // batch.dask_workers),
+                )
             client = Client(cluster)
         try:
             # A worker that dies mid-slide: Dask gives its task to another worker (its allowed-failures); the
