@@ -28,7 +28,7 @@ def _configure_models(parser: argparse.ArgumentParser) -> None:
 
 def _models(args: argparse.Namespace) -> int:
     from wsi_dala.interop.model_catalogue import catalogue
-    from wsi_dala.interop.model_hub import fetch, hub_cache_folder, named_model
+    from wsi_dala.interop.model_hub import fetch, hub_cache_root, named_model
 
     for name in args.fetch:
         model = named_model(name)
@@ -56,7 +56,7 @@ def _models(args: argparse.Namespace) -> int:
             print(f"  {mark} {e.name:<{width}}  {e.tissue:<12} {mpp:>6}  {e.licence:<14} {e.intended_use}")
     if not listed.entries:
         print("no models listed")
-    print(f"\nHugging Face cache: {hub_cache_folder('x/y').parent} (set HF_HOME or HF_HUB_CACHE to move it)")
+    print(f"\nHugging Face cache: {hub_cache_root()} (set HF_HOME or HF_HUB_CACHE to move it)")
     print("use one: wsi-dala run SLIDE --model NAME   (UM/PX ? : not fetched yet; `--fetch NAME` fetches it)")
     return 0
 

@@ -51,17 +51,17 @@ class Catalogue:
 def catalogue(demo_dir: Path = Path(DEFAULT_DEMO_DIR)) -> Catalogue:
     entries: list[CatalogueEntry] = []
     problems: list[str] = []
-    zoo_repos: set[tuple[str, str]] = set()
+    zoo_repos: set[str] = set()
     try:
         registry = zoo_registry()
     except WsiDalaError as exc:
         problems.append(f"WSInfer zoo not listed: {exc}")
         registry = {}
     for name, model in sorted(registry.items()):
-        zoo_repos.add((model.repo_id, model.revision))
+        zoo_repos.add(model.repo_id)
         entries.append(_hub_entry("WSInfer zoo", name, model))
     for repo_id, commit, _ in cached_hub_models():
-        if not any(repo == repo_id for repo, _ in zoo_repos):
+        if repo_id not in zoo_repos:
             entries.append(
                 _hub_entry("Hugging Face cache", f"{HUB_PREFIX}{repo_id}@{commit}", HubModel(repo_id, commit))
             )

@@ -74,12 +74,18 @@ def named_model(text: str) -> HubModel | None:
     return zoo_model(text)
 
 
-def hub_cache_folder(repo_id: str, repo_type: str = "model") -> Path:
-    """Where huggingface_hub keeps a repository (``HF_HUB_CACHE``, ``HF_HOME/hub`` or ``~/.cache/huggingface/hub``)."""
+def hub_cache_root() -> Path:
+    """huggingface_hub's cache: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
     from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_cache_folder(repo_id: str, repo_type: str = "model") -> Path:
+    """Where huggingface_hub keeps one repository."""
     from huggingface_hub.file_download import repo_folder_name
 
-    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    return hub_cache_root() / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
 
 
 def zoo_registry() -> dict[str, HubModel]:
@@ -226,9 +232,7 @@ def _matches_blob(path: Path) -> bool:
 
 def cached_hub_models() -> list[tuple[str, str, Path]]:
     """(repo id, commit, snapshot folder) of every WSInfer-style model in the local Hugging Face cache."""
-    from huggingface_hub import constants
-
-    root = Path(constants.HF_HUB_CACHE)
+    root = hub_cache_root()
     found = []
     for repo in sorted(root.glob("models--*")):
         repo_id = repo.name.removeprefix("models--").replace("--", "/", 1)
