@@ -234,13 +234,7 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
         metavar="PX",
         help="step between tiles in tile pixels (default: the tile size, no overlap)",
     )
-    parser.add_argument(
-        "--min-tissue",
-        type=float,
-        default=TilingConfig().min_tissue,
-        metavar="F",
-        help="keep tiles with at least this fraction of tissue",
-    )
+    add_min_tissue_option(parser, "keep tiles with at least this fraction of tissue")
     parser.add_argument(
         "--allow-upsample",
         action="store_true",
@@ -250,6 +244,11 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
     deprecated_flag(parser, "--workers", "--reader-threads", dest="reader_threads", type=int)
     add_qc_option(parser, default="flag", tiling_only=True)
     add_slide_options(parser)
+
+
+def add_min_tissue_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help_text: str) -> None:
+    """``--min-tissue``, with the one default every command shares (the tiling settings')."""
+    parser.add_argument("--min-tissue", type=float, default=TilingConfig().min_tissue, metavar="F", help=help_text)
 
 
 def add_qc_option(parser: argparse.ArgumentParser, default: str | None, tiling_only: bool = False) -> None:

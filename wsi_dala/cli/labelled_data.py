@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wsi_dala.cli.common import deprecated_flag, number_in, tiling_from_flags
-from wsi_dala.core.config import DEFAULT_TILE_MPP, TilingConfig
+from wsi_dala.cli.common import add_min_tissue_option, deprecated_flag, number_in, tiling_from_flags
+from wsi_dala.core.config import DEFAULT_TILE_MPP
 from wsi_dala.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -74,13 +74,7 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     deprecated_flag(source, "--tile-mpp", "--mpp", dest="mpp", type=number_in(0.01, 100))
     deprecated_flag(source, "--train-mpp", "--mpp", dest="mpp", type=number_in(0.01, 100))
-    source.add_argument(
-        "--min-tissue",
-        type=float,
-        default=TilingConfig().min_tissue,
-        metavar="F",
-        help="--slide: tissue fraction to keep a tile, as in run",
-    )
+    add_min_tissue_option(source, "--slide: tissue fraction to keep a tile, as in run")
 
 
 def regex_with_a_group(text: str) -> str:
