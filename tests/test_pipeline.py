@@ -238,3 +238,40 @@ def test_run_on_a_dicom_wsi_made_from_real_he_gives_the_svs_scores(colour_checkp
     a = svs_scores[[svs_index[c] for c in common]]
     b = dicom_scores[[dicom_index[c] for c in common]]
     assert spearmanr(a, b).statistic >= 0.99 and np.abs(a - b).max() <= 0.02
+
+
+class _Interrupt(BaseException):
+    """Stands for SIGTERM's BatchInterrupted or Ctrl-C: a BaseException raised in the waiting thread."""
+
+
+def test_an_interrupt_mid_write_leaves_no_half_built_store(tmp_path, colour_checkpoint, planted_050, monkeypatch):
+    """An interrupt lands in the thread waiting on zarr while zarr's own I/O thread is still writing the
+    store being built: the half-built store is removed after that write, so it does not come back."""
+    import asyncio
+
+    from zarr.core import sync as zarr_sync
+
+    from wsi_dala.core.layout import building_path
+
+    late_writes = []
+
+    def interrupted_create(cls, path, *args, **kwargs):
+        building = building_path(Path(path))
+        (building / "tiles").mkdir(parents=True)
+
+        async def still_writing():
+            await asyncio.sleep(0.5)
+            chunk = building / "tiles" / "c" / "0"
+            chunk.parent.mkdir(parents=True, exist_ok=True)  # as zarr's LocalStore makes a chunk's folders
+            chunk.write_bytes(b"\0" * 64)
+            late_writes.append(chunk)
+
+        asyncio.run_coroutine_threadsafe(still_writing(), zarr_sync._get_loop())
+        raise _Interrupt
+
+    monkeypatch.setattr(TileStore, "create", classmethod(interrupted_create))
+    with pytest.raises(_Interrupt):
+        run_slide(planted_050.path, tmp_path, _config(colour_checkpoint), progress=False)
+    assert late_writes, "the write in flight was cut short instead of waited for"
+    assert not list(tmp_path.rglob("*.partial")), sorted(tmp_path.rglob("*"))
+    assert not list(tmp_path.rglob("*.lock"))

@@ -116,3 +116,30 @@ def require_free_space(folder: str | os.PathLike[str], needed_bytes: int, what: 
             f"{folder}: not enough free space for {what} (about {needed_bytes / 1e6:.0f} MB needed, "
             f"{free / 1e6:.0f} MB free)"
         )
+
+
+STORE_WRITES_SETTLE_S = 10.0  # at most this long for zarr's writes in flight to finish after an interrupt
+
+
+def settle_store_writes(timeout_s: float = STORE_WRITES_SETTLE_S) -> None:
+    """Wait for the Zarr writes still in flight. zarr runs its I/O on an event loop in a thread of its own;
+    when an interrupt (SIGTERM's handler in a batch, Ctrl-C) lands in the thread waiting on a write, the write
+    goes on there, and would recreate a half-built store just after it was removed."""
+    import asyncio
+
+    from zarr.core import sync as zarr_sync
+
+    loop = zarr_sync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def the_others_finished() -> None:
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+    try:
+        asyncio.run_coroutine_threadsafe(the_others_finished(), loop).result(timeout_s + 1.0)
+    except Exception as exc:  # cleaning up after an interrupt: never raise over it
+        log.debug("zarr writes did not settle: %s", exc)

@@ -25,6 +25,7 @@ from wsi_dala.core.fileio import (
     naming_failures,
     read_json_object,
     save_png_atomic,
+    settle_store_writes,
     write_json_atomic,
 )
 from wsi_dala.core.identity import config_hash, slide_fingerprint
@@ -203,8 +204,15 @@ def run_slide(
         if holder is not None:
             raise OutputError(f"{layout.root}: in use by {holder.describe()}; wait for it or choose another --out")
         known = KnownCheckpoint.read(checkpoint, card)  # hashed once, for the run key and the scoring key
-        with scoring_client(config.scoring, client) as run_client:  # the run's one Dask client (or None)
-            return _run_locked(slide_path, layout, config, known, tiling, level, progress, run_client)
+        try:
+            with scoring_client(config.scoring, client) as run_client:  # the run's one Dask client (or None)
+                return _run_locked(slide_path, layout, config, known, tiling, level, progress, run_client)
+        except BaseException:
+            # An error, or an interrupt (SIGTERM in a batch, Ctrl-C) landing mid-write: what was half written
+            # goes now, while we hold the lock, once zarr's writes still in flight have finished.
+            settle_store_writes()
+            remove_partials(layout.root)
+            raise
 
 
 def _run_locked(
