@@ -17,6 +17,24 @@ from wsi_dala.training.datasets import image_folder_samples
 from wsi_dala.training.splits import group_split
 from wsi_dala.training.train import train_model
 
+
+def _share_the_cores_between_test_workers() -> None:
+    """Under pytest-xdist each worker (and every process it starts) gets its share of the cores: two
+    workers each running torch on every core fight over them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, share)  # for the processes tests start
+    import torch  # already imported (training fixtures), so its thread count is set, not read from the environment
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_share_the_cores_between_test_workers()
+
+
 # Training settings that learn the generated data in seconds on a CPU.
 QUICK = dict(pretrained="none", lr_backbone=1e-3, batch_size=16, precise_bn_batches=8)
 
