@@ -34,6 +34,24 @@ def _share_the_cores_between_test_workers() -> None:
 
 _share_the_cores_between_test_workers()
 
+# The files that take longest (seconds under two workers, from --durations), first: under `--dist loadfile` a
+# long file handed out last keeps one worker busy while the other idles.
+LONGEST_FILES_FIRST = (
+    "test_hostile.py",  # ~300 s: kills, full disks, hostile inputs, each through the console script
+    "test_demo.py",  # ~170 s: the README's demo
+    "test_archive.py",  # ~180 s: batches, kills, a real Dask cluster
+    "test_cli_commands.py",  # ~110 s
+    "test_engines.py",
+    "test_model_hub.py",
+    "test_calibration.py",
+    "test_cam.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
 
 # Training settings that learn the generated data in seconds on a CPU.
 QUICK = dict(pretrained="none", lr_backbone=1e-3, batch_size=16, precise_bn_batches=8)
