@@ -3,6 +3,7 @@ checkpoint hash, int8 where the engine has it, and clear refusals or recorded fa
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -198,7 +199,8 @@ def test_a_cut_engine_file_is_rebuilt_with_one_warning(tmp_path, caplog):
 def test_a_damaged_speed_cache_is_measured_again_with_one_warning(tmp_path, caplog, monkeypatch):
     checkpoint = _own_checkpoint(tmp_path)
     measure = engine_plan.measure_rate
-    monkeypatch.setattr(engine_plan, "measure_rate", lambda backbone, images: measure(backbone, images, 0.01))
+    quick = functools.partial(measure, min_seconds=0.01)
+    monkeypatch.setattr(engine_plan, "measure_rate", lambda backbone, images, **kw: quick(backbone, images, **kw))
     plan_backbone(_request(checkpoint, "auto", "fp32"))
     speed_json = engine_layout(checkpoint).speed_json
     (key,) = json.loads(speed_json.read_text())

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from wsi_dala.core.config import ScoringConfig
 from wsi_dala.core.errors import ConfigError, QualityError
+from wsi_dala.core.step_times import step
 from wsi_dala.explain.cam import features_and_logits_without_cams, features_logits_and_raw_cams
 from wsi_dala.inference.cluster import scoring_client
 from wsi_dala.inference.engines import Backbone, BackbonePlan, load_backbone, plan_backbone
@@ -137,19 +138,25 @@ def score_tiles(
     model, card = cached_model(checkpoint, device)
     if isinstance(plan, str):
         plan = BackbonePlan("torch", plan, None, torch.get_num_threads())
-    backbone = load_backbone(plan, model, device)
+    engine = load_backbone(plan, model, device)
+
+    def backbone(images: torch.Tensor) -> torch.Tensor:
+        with step("scoring: engine (backbone forward)", len(images)):
+            return engine(images)
+
     temperature = card.temperature or 1.0
     normaliser = stain.normaliser() if stain is not None else None
     uncertainty = uncertainty or Uncertainty()
     rows = []
     for batch in device_batches(tiles, batch_size, device):
-        images = prepared_images(batch, card, device, normaliser)
+        with step("scoring: batch preparation (stain, normalisation)", len(batch)):
+            images = prepared_images(batch, card, device, normaliser)
         # MC dropout switches the shared model's dropout on: no other thread may run it then. With another
         # engine, torch runs only the head: a small one on one thread, so its idle OpenMP workers do not
         # spin on the cores the engine's own threads need; a heavy one (ResViT-GANNet's TAMA: 14 % of the
         # tile's time on one thread) on all of them, which scores 12 % faster.
         one_thread = plan.engine != "torch" and not getattr(model, "heavy_head", False)
-        with MODEL_LOCK, torch_threads(1 if one_thread else None):
+        with MODEL_LOCK, torch_threads(1 if one_thread else None), step("scoring: model (engine, head, Grad-CAM)"):
             probabilities, spread, raw = _score_views(model, card, images, backbone, temperature, uncertainty)
         rows.append(torch.cat([probabilities, spread[:, None], raw.flatten(1)], dim=1).cpu().numpy())
     if not rows:
@@ -244,11 +251,16 @@ def _score_views(
 
 def _write_chunk(packed: np.ndarray, store_path: str, index: int, n_classes: int, measured: bool) -> int:
     """Write one chunk's rows (runs where the task ran, e.g. on a Dask worker); returns the index."""
+    with step("scoring: store writes", len(packed)):
+        _write_rows(packed, store_path, index, n_classes, measured)
+    return index
+
+
+def _write_rows(packed: np.ndarray, store_path: str, index: int, n_classes: int, measured: bool) -> None:
     store = TileStore(store_path, mode="r+")
     grid = round((packed.shape[1] - n_classes - 1) ** 0.5)  # rows pack C probabilities, the SD, a g x g map
     cams = packed[:, n_classes + 1 :].reshape(len(packed), grid, grid)
     store.write_scores(index, packed[:, :n_classes], cams, packed[:, n_classes] if measured else None)
-    return index
 
 
 def feature_grid(checkpoint: str, tile_size_px: int) -> int:
@@ -358,7 +370,8 @@ def score_store(
     started = time.perf_counter()
     store = TileStore(store_path, mode="r+")
     if setup is None:
-        setup = setup_scoring(store, str(checkpoint), config, known=known)
+        with step("scoring: setup (engine export, check and choice)"):
+            setup = setup_scoring(store, str(checkpoint), config, known=known)
     else:
         _check_store(store, setup.card, complete=True)
     done = store.prepare_scores(setup.n_classes, setup.grid, scoring_key=setup.key)
@@ -510,4 +523,6 @@ def _run(tasks: dict[int, Delayed], config: ScoringConfig, client: Client | None
     for start in range(0, len(items), config.wave):
         # One model task at a time locally: torch already spreads each batch over the cores.
         wave = [task for _, task in items[start : start + config.wave]]
-        yield from dask.compute(*wave, scheduler="threads", num_workers=1)
+        with step("scoring: chunk tasks after tiling (reads, Dask, model, writes)"):
+            finished = dask.compute(*wave, scheduler="threads", num_workers=1)
+        yield from finished

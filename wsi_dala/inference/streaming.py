@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wsi_dala.core.config import ScoringConfig
+from wsi_dala.core.step_times import step
 from wsi_dala.inference.scoring import ScoringSetup, chunk_tasks, setup_scoring
 from wsi_dala.model.checkpoint import KnownCheckpoint
 from wsi_dala.tiling.store import TileStore
@@ -86,7 +87,8 @@ class StreamingScorer:
         store = TileStore(self.store_path, mode="r+")
         rows = store.info.chunk_rows()[first_chunk]
         sample = np.arange(rows.start, rows.stop)
-        self.setup = setup_scoring(store, self.checkpoint, self.config, sample, complete=False, known=self.known)
+        with step("scoring: setup (engine export, check and choice)"):
+            self.setup = setup_scoring(store, self.checkpoint, self.config, sample, complete=False, known=self.known)
         self._done = store.prepare_scores(self.setup.n_classes, self.setup.grid, scoring_key=self.setup.key)
         # Chunks tiled by an earlier run are never announced: queue them too (the thread skips scored ones).
         self._earlier = [i for i, tiled in enumerate(store.tile_chunks_done()) if tiled and i != first_chunk]
@@ -108,7 +110,8 @@ class StreamingScorer:
                     continue
                 if tasks is None:  # one graph over every chunk, built once; each task computed as it comes
                     tasks = chunk_tasks(store, list(range(len(self._done))), self.setup, self.config.batch_size)
-                (finished,) = dask.compute(tasks[index], scheduler="threads", num_workers=1)
+                with step("scoring: chunk tasks overlapped with tiling (reads, Dask, model, writes)"):
+                    (finished,) = dask.compute(tasks[index], scheduler="threads", num_workers=1)
                 store.mark_score_chunk_done(finished, self._done)
                 self.scored_chunks += 1
                 bar.update(1)

@@ -27,6 +27,7 @@ from wsi_dala.core.fileio import ensure_writable_dir, save_png_atomic
 from wsi_dala.core.identity import config_hash, slide_fingerprint
 from wsi_dala.core.layout import RunLayout
 from wsi_dala.core.memory import release_freed_memory
+from wsi_dala.core.step_times import step
 from wsi_dala.slides.reader import Resolution, Slide
 from wsi_dala.tiling.grid import LevelChoice, block_order, choose_level, grid_origins, tissue_fractions
 from wsi_dala.tiling.store import TileStore, existing_store_state
@@ -125,8 +126,10 @@ def plan_tiles(slide: Slide, config: TilingConfig, level: LevelChoice | None = N
     # find 42 %), so tiles under ~64 µm get fewer mask pixels, not an empty slide.
     tile_um = choice.tile_size_l0 * mpp0
     mask_mpp = max(mpp0, min(config.tissue.mask_mpp, max(tile_um / 16, FINEST_TISSUE_MPP)))
-    thumbnail, mask_downsample = slide.read_downsampled(mask_mpp)
-    analysis = analyse_tissue(thumbnail, mpp0 * mask_downsample, config.tissue)
+    with step("tiling: thumbnail read"):
+        thumbnail, mask_downsample = slide.read_downsampled(mask_mpp)
+    with step("tiling: tissue, ink and fold masks"):
+        analysis = analyse_tissue(thumbnail, mpp0 * mask_downsample, config.tissue)
     origins = grid_origins(info.width, info.height, choice.tile_size_l0, stride_l0)
 
     def covered(mask: np.ndarray) -> np.ndarray:
@@ -169,9 +172,11 @@ def read_tiles(
         # Offsets of each tile inside the region, in pixels of the read level.
         offsets = np.round((origins[members] - (x0, y0)) / downsample).astype(np.int64)
         width, height = offsets.max(axis=0) + read_px
-        region = slide.read_region(int(x0), int(y0), choice.level, int(width), int(height))
-        for index, (ox, oy) in zip(members, offsets, strict=False):
-            out[index] = resize_tile(region[oy : oy + read_px, ox : ox + read_px], tile_size_px)
+        with step("tiling: region reads and JPEG decode", len(members)):
+            region = slide.read_region(int(x0), int(y0), choice.level, int(width), int(height))
+        with step("tiling: cut and resize", len(members)):
+            for index, (ox, oy) in zip(members, offsets, strict=False):
+                out[index] = resize_tile(region[oy : oy + read_px, ox : ox + read_px], tile_size_px)
     return out
 
 
@@ -281,7 +286,8 @@ def _write_chunks(
         tiles = read_tiles(slide, origins[rows[index]], plan.choice, config.tile_px, block_l0)
         if not measure_blur:
             return tiles, None
-        return tiles, tile_edge_blur_um(tiles, plan.choice.effective_mpp, plan.analysis.glass_rgb[1])
+        with step("tiling: QC edge blur", len(tiles)):
+            return tiles, tile_edge_blur_um(tiles, plan.choice.effective_mpp, plan.analysis.glass_rgb[1])
 
     in_flight: dict[Future[tuple[np.ndarray, np.ndarray | None]], int] = {}
     threads = config.reader_threads
@@ -297,11 +303,13 @@ def _write_chunks(
                 for future in finished:
                     index = in_flight.pop(future)
                     data, edge_blur = future.result()
-                    store.write_tiles(rows[index].start, data, edge_blur)
-                    store.mark_tile_chunk_done(index, done)
+                    with step("tiling: store writes", len(data)):
+                        store.write_tiles(rows[index].start, data, edge_blur)
+                        store.mark_tile_chunk_done(index, done)
                     bar.update(len(data))
                     if on_chunk_written is not None:
-                        on_chunk_written(index)
+                        with step("tiling: hand-off to scoring (waits while the scorer is behind)", len(data)):
+                            on_chunk_written(index)
                     next_index = next(queue, None)
                     if next_index is not None:
                         in_flight[pool.submit(job, next_index)] = next_index
@@ -398,7 +406,8 @@ def _complete(store: TileStore, plan: TilePlan, config: TilingConfig) -> None:
     # The stain is measured without inked or folded tiles, in every mode (off stops flagging, not ink being
     # ink); blur is not left out, as it barely moves the stain vectors and `off` does not measure it, so a
     # stain-normalised run scores alike in every mode.
-    stain = measure_slide_stain(store, verdict.flags & (FOLD | INK), plan.analysis.glass_rgb)
+    with step("tiling: slide stain"):
+        stain = measure_slide_stain(store, verdict.flags & (FOLD | INK), plan.analysis.glass_rgb)
     store.mark_complete(verdict.blur, flags, record, stain=stain)
 
 

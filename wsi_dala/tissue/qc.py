@@ -93,7 +93,7 @@ def tile_edge_blur_um(tiles: np.ndarray, tile_mpp: float, glass_green: float = 2
     median = np.full(count.shape, np.inf, dtype=np.float32)  # tissue without edges: as wide as can be
     judged = (count >= MIN_EDGE_PIXELS) & (strong >= MIN_STRONG_PIXELS)
     if judged.any():
-        median[judged] = np.nanmedian(per_part[judged], axis=-1)
+        median[judged] = finite_median(per_part[judged], count[judged])
     glass = _parts((green >= np.float32(GLASS_SHARE * glass_green)).astype(np.float32), blocks).mean(axis=-1)
     median[(glass >= MIN_GLASS_SHARE) & ~judged] = np.nan  # mostly glass (a lumen, fat, the slide's edge)
     return (np.sqrt(median) * np.float32(tile_mpp)).astype(np.float32)
@@ -104,9 +104,21 @@ def noise_sigma(images: np.ndarray) -> np.ndarray:
     estimation", 1996): the mean absolute response to a mask that cancels flat and linear image content.
     Texture raises it a little (edges, not much): the edge threshold then rises with it, which only ever
     leaves fewer edges to judge."""
-    kernel = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
-    response = ndimage.convolve(images, kernel[None], mode="nearest")[:, 1:-1, 1:-1]
+    # The mask [[1, -2, 1], [-2, 4, -2], [1, -2, 1]] is the outer product of [1, -2, 1] with itself: second
+    # differences across, then down, on the interior (no border pixel is used). On whole grey levels every
+    # sum is exact in float32, so this equals the 2-D convolution bit for bit, at a third of its time.
+    across = images[:, :, :-2] - 2 * images[:, :, 1:-1] + images[:, :, 2:]
+    response = across[:, :-2] - 2 * across[:, 1:-1] + across[:, 2:]
     return (np.sqrt(np.pi / 2) / 6 * np.abs(response).mean(axis=(1, 2))).astype(np.float32)
+
+
+def finite_median(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Median of each row's ``counts`` finite values (the rest NaN): ``np.nanmedian(values, axis=-1)``, to
+    the bit (the mean of the two middle values in float32), without its Python loop over rows."""
+    ordered = np.sort(values, axis=-1)  # NaN sorts last
+    rows = np.arange(len(values))
+    low, high = ordered[rows, (counts - 1) // 2], ordered[rows, counts // 2]
+    return ((low + high) / np.float32(2)).astype(values.dtype)
 
 
 def _gradient(images: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

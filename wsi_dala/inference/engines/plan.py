@@ -25,6 +25,7 @@ from torch import nn
 
 from wsi_dala.core.errors import EngineError, EngineExportError, EngineFileError
 from wsi_dala.core.fileio import read_json_object, write_json_atomic
+from wsi_dala.core.step_times import step
 from wsi_dala.inference.engines.exports import engine_layout, ensure_onnx
 from wsi_dala.inference.engines.runtimes import (
     Backbone,
@@ -48,7 +49,7 @@ OFFERS: dict[str, tuple[str, ...]] = {
 }
 FP32_FEATURE_TOLERANCE = 1e-3  # max |Δ feature| / max |feature| for an engine to count as fp32-equal
 CHECK_TILES = 4
-MIN_TIMED_S = 1.0
+MIN_TIMED_S = 0.5  # each timed round lasts at least this long (and a batch)
 MEASURE_ROUNDS = 2
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
@@ -221,14 +222,16 @@ def _best_plan(
             break
         precision = engine_precision(request.precision, engine, "cpu")
         try:
-            plan, backbone = _built(request, engine, precision)
+            with step(f"scoring setup: {engine} export and build"):
+                plan, backbone = _built(request, engine, precision)
         except EngineExportError as exc:
             fallbacks.append(f"{engine}: {exc}")
             continue
         if engine != "torch" or precision != "fp32":
-            if reference is None:
-                reference = _torch_fp32_features(request)
-            check[plan.label] = _compare(request, backbone, reference)
+            with step("scoring setup: check against torch fp32"):
+                if reference is None:
+                    reference = _torch_fp32_features(request)
+                check[plan.label] = _compare(request, backbone, reference)
             if precision == "fp32" and check[plan.label]["max_feature_rel_diff"] > FP32_FEATURE_TOLERANCE:
                 difference = check[plan.label]["max_feature_rel_diff"]
                 fallbacks.append(f"{plan.label}: features differ from torch fp32 by {difference:.2g} of their range")
@@ -236,7 +239,8 @@ def _best_plan(
         if all_cached:
             rates = {label: float(cached[label]) for label in labels.values()}
         elif len(candidates) > 1:
-            rates[plan.label] = float(cached[plan.label]) if plan.label in cached else _best_rate(backbone, request)
+            with step(f"scoring setup: {engine} speed measured"):
+                rates[plan.label] = float(cached[plan.label]) if plan.label in cached else _best_rate(backbone, request)
         if best is None or rates.get(plan.label, 0.0) > rates.get(best[0].label, 0.0):
             best = (plan, backbone)  # the former best, if any, is released here
         del backbone
@@ -294,8 +298,10 @@ def _valid_rates(cache_file: Path, key: str, warn: bool = True) -> dict[str, flo
 
 
 def _best_rate(backbone: Backbone, request: BackboneRequest) -> float:
-    """The best of ``MEASURE_ROUNDS`` timings: an engine's first batches after a warm-up can still be slow."""
-    return max(measure_rate(backbone, request.sample) for _ in range(MEASURE_ROUNDS))
+    """The best of ``MEASURE_ROUNDS`` timings after one warm-up batch: an engine's first batches after a
+    warm-up can still be slow. A first run of a checkpoint pays this for every engine (about 1.5 s each)."""
+    backbone(request.sample)
+    return max(measure_rate(backbone, request.sample, warm_up=False) for _ in range(MEASURE_ROUNDS))
 
 
 def _engine_plan(request: BackboneRequest, engine: str, precision: str) -> BackbonePlan:
@@ -346,11 +352,15 @@ def _speed_cache(request: BackboneRequest) -> tuple[Path, str]:
     return engine_layout(request.checkpoint).speed_json, key
 
 
-def measure_rate(backbone: Backbone, images: torch.Tensor, min_seconds: float = MIN_TIMED_S) -> float:
-    """Tiles/s of ``backbone`` on ``images`` after one warm-up batch (at least two timed batches)."""
-    backbone(images)
+def measure_rate(
+    backbone: Backbone, images: torch.Tensor, min_seconds: float = MIN_TIMED_S, warm_up: bool = True
+) -> float:
+    """Tiles/s of ``backbone`` on ``images`` (after one warm-up batch unless ``warm_up`` is False): at least
+    one timed batch and ``min_seconds``."""
+    if warm_up:
+        backbone(images)
     done, started = 0, time.perf_counter()
-    while done < 2 * len(images) or time.perf_counter() - started < min_seconds:
+    while done < len(images) or time.perf_counter() - started < min_seconds:
         backbone(images)
         done += len(images)
     return done / (time.perf_counter() - started)
