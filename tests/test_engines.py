@@ -101,6 +101,14 @@ def test_auto_measures_each_engine_once_and_takes_the_fastest(dala, monkeypatch)
     fresh = plan_backbone(_request(dala, "auto", "fp32"))
     assert fresh.plan == choice.plan and fresh.rates_tiles_per_s == rates and fresh.reason == "measured fastest"
     assert set(fresh.check) == ({fresh.plan.label} - {"torch fp32"})  # only the winner was built and checked
+    assert fresh.check == {k: v for k, v in choice.check.items() if k in fresh.check}  # ... by the cached check
+
+    def checked_again(*_args, **_kwargs):
+        raise AssertionError("checked against torch fp32 again: the cached check was not used")
+
+    monkeypatch.setattr(engine_plan, "_compare", checked_again)
+    engine_plan._CHOSEN.clear()
+    assert plan_backbone(_request(dala, "auto", "fp32")).plan == choice.plan
 
 
 def test_a_changed_checkpoint_is_exported_again_and_the_stale_file_removed(tmp_path):
@@ -203,7 +211,7 @@ def test_a_damaged_speed_cache_is_measured_again_with_one_warning(tmp_path, capl
     monkeypatch.setattr(engine_plan, "measure_rate", lambda backbone, images, **kw: quick(backbone, images, **kw))
     plan_backbone(_request(checkpoint, "auto", "fp32"))
     speed_json = engine_layout(checkpoint).speed_json
-    (key,) = json.loads(speed_json.read_text())
+    (key,) = [k for k in json.loads(speed_json.read_text()) if not k.endswith("checks against torch fp32")]
     for damage in ("not json {", '{"KEY": {"torch fp32": "fast", "onnxruntime fp32": -1}}', "[]"):
         speed_json.write_text(damage.replace("KEY", key))
         engine_plan._CHOSEN.clear()  # the next process

@@ -3,8 +3,9 @@
 ``--backend auto`` measures every installed engine that offers the precision on a batch of the slide's
 own tiles, once per CPU, checkpoint, tile size, batch size and thread count (cached in ``speed.json``
 beside the exports), and takes the fastest. Every engine other than torch is first checked against
-torch fp32 on real tiles: an fp32 engine whose features differ by more than 1e-3 of their range is
-not used (a logged fallback, recorded in ``run.json``), so ``auto`` never trades correctness for speed.
+torch fp32 on real tiles (the first slide's, once per engine file and the same key as the speeds: a later run
+reuses the result): an fp32 engine whose features differ by more than 1e-3 of their range is not used (a
+logged fallback, recorded in ``run.json``), so ``auto`` never trades correctness for speed.
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ def _best_plan(
     reference: torch.Tensor | None = None
     cache_file, key = _speed_cache(request)
     cached = _valid_rates(cache_file, key)
+    known_checks, new_checks = _cached_checks(cache_file, key), {}
     labels = {engine: f"{engine} {engine_precision(request.precision, engine, 'cpu')}" for engine in candidates}
     all_cached = len(candidates) > 1 and all(label in cached for label in labels.values())
     if all_cached:  # every rate known: build and check the fastest alone, the next only if it fails its check
@@ -228,10 +230,15 @@ def _best_plan(
             fallbacks.append(f"{engine}: {exc}")
             continue
         if engine != "torch" or precision != "fp32":
-            with step("scoring setup: check against torch fp32"):
-                if reference is None:
-                    reference = _torch_fp32_features(request)
-                check[plan.label] = _compare(request, backbone, reference)
+            earlier = known_checks.get(plan.label) if precision != "int8" else None  # int8: calibrated per slide
+            if earlier is not None and earlier.get("model_file") == _file_name(plan):
+                check[plan.label] = {k: v for k, v in earlier.items() if k != "model_file"}
+            else:
+                with step("scoring setup: check against torch fp32"):
+                    if reference is None:
+                        reference = _torch_fp32_features(request)
+                    check[plan.label] = _compare(request, backbone, reference)
+                new_checks[plan.label] = {**check[plan.label], "model_file": _file_name(plan)}
             if precision == "fp32" and check[plan.label]["max_feature_rel_diff"] > FP32_FEATURE_TOLERANCE:
                 difference = check[plan.label]["max_feature_rel_diff"]
                 fallbacks.append(f"{plan.label}: features differ from torch fp32 by {difference:.2g} of their range")
@@ -244,11 +251,41 @@ def _best_plan(
         if best is None or rates.get(plan.label, 0.0) > rates.get(best[0].label, 0.0):
             best = (plan, backbone)  # the former best, if any, is released here
         del backbone
-    if rates:
+    if rates or new_checks:
         stored = read_json_object(cache_file)
-        stored[key] = {**_valid_rates(cache_file, key, warn=False), **rates}
+        if rates:
+            stored[key] = {**_valid_rates(cache_file, key, warn=False), **rates}
+        if new_checks:
+            stored[_checks_key(key)] = {**_cached_checks(cache_file, key), **new_checks}
         write_json_atomic(cache_file, stored)
     return best, rates, fallbacks, check
+
+
+def _file_name(plan: BackbonePlan) -> str:
+    """The engine file a check was made on (named by the checkpoint's hash): a new export is checked again."""
+    return Path(plan.model_file).name if plan.model_file else ""
+
+
+def _checks_key(key: str) -> str:
+    return f"{key}|checks against torch fp32"
+
+
+def _cached_checks(cache_file: Path, key: str) -> dict[str, dict[str, Any]]:
+    """The engines' checks against torch fp32 made by an earlier run on this CPU, checkpoint, tile size, batch
+    and threads: each engine is checked once, not on every slide. Anything malformed is ignored (checked again)."""
+    entry = read_json_object(cache_file).get(_checks_key(key))
+    if not isinstance(entry, dict):
+        return {}
+    checks = {}
+    for label, values in entry.items():
+        numbers = isinstance(values, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for k, v in values.items()
+            if k != "model_file"
+        )
+        if numbers and isinstance(values.get("model_file"), str) and "max_feature_rel_diff" in values:
+            checks[str(label)] = values
+    return checks
 
 
 def _built(request: BackboneRequest, engine: str, precision: str) -> tuple[BackbonePlan, Backbone]:
