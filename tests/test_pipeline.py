@@ -275,3 +275,38 @@ def test_an_interrupt_mid_write_leaves_no_half_built_store(tmp_path, colour_chec
     assert late_writes, "the write in flight was cut short instead of waited for"
     assert not list(tmp_path.rglob("*.partial")), sorted(tmp_path.rglob("*"))
     assert not list(tmp_path.rglob("*.lock"))
+
+
+def test_a_checkpoint_loaded_before_lets_the_run_read_tiles_while_torch_loads(
+    tmp_path, colour_checkpoint, planted_050, monkeypatch
+):
+    from wsi_dala.model.card import KnownCheckpoint
+    from wsi_dala.model.checked_weights import checked_before, record_checked
+    from wsi_dala.runs import model_preparation
+    from wsi_dala.runs.model_preparation import ModelPreparation
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    known = KnownCheckpoint.read(colour_checkpoint)
+    assert not checked_before(known)
+    tiles_at_first_wait: list[bool] = []
+    original_wait = ModelPreparation.wait
+
+    def wait(self):
+        if not self.__dict__.setdefault("_waited", False):
+            self._waited = True
+            tiles_at_first_wait.append(any(tmp_path.glob("run*/*tiles.zarr*")))
+        original_wait(self)
+
+    monkeypatch.setattr(model_preparation.ModelPreparation, "wait", wait)
+    run_slide(planted_050.path, tmp_path / "run1", _config(colour_checkpoint), progress=False)
+    assert checked_before(known)  # the strict load is remembered by the checkpoint's hash
+    run_slide(planted_050.path, tmp_path / "run2", _config(colour_checkpoint), progress=False)
+    # New weights are checked before any output; known ones only when the scorer needs them, after tiling.
+    assert tiles_at_first_wait == [False, True]
+    record = next((tmp_path / "cache" / "wsi-dala" / "checked-weights").iterdir())
+    record.write_text(json.dumps({"wsi_dala": "0.0.0", "architecture": known.card.architecture}))
+    assert not checked_before(known)  # another version of wsi-dala checks again
+    record.write_text("{not json")
+    assert not checked_before(known)
+    record_checked(known)
+    assert checked_before(known)

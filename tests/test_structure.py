@@ -28,6 +28,10 @@ TORCH_FREE = (
     "wsi_dala.core.layout",
     "wsi_dala.core.config",
     "wsi_dala.model.calibration",
+    "wsi_dala.model.card",
+    "wsi_dala.model.checked_weights",
+    "wsi_dala.inference.streaming",
+    "wsi_dala.runs.pipeline",  # torch loads in the background while the first tiles are read
     "wsi_dala.runs.archive",
     "wsi_dala.cli",
     "wsi_dala.cli.app",

@@ -145,7 +145,8 @@ def print_summary(summary: RunSummary) -> None:
         if overlapped:  # tiling and scoring ran together: their sum would count the same seconds twice
             both = times.pop("tile_and_score")
             times.pop("tile"), times.pop("score")
-            times = {f"tile + score ({overlapped} chunks scored while tiling)": both, **times}
+            chunks = "1 chunk" if overlapped == 1 else f"{overlapped} chunks"
+            times = {f"tile + score ({chunks} scored while tiling)": both, **times}
         else:
             times.pop("tile_and_score", None)
         timings = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())

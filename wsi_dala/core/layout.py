@@ -7,6 +7,7 @@ package spells an output file name (``tests/test_layout.py`` greps for them).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -375,3 +376,13 @@ def is_import_cache(folder: Path) -> bool:
 ONNX_MODEL_NAME = "model.onnx"  # export-model --format onnx
 TORCHSCRIPT_CARD_NAME = "wsi_dala_model_card.json"  # our model card inside an exported TorchScript archive
 IMPORT_CACHE_DIR = Path("~/.cache/wsi-dala/imported")  # imported WSInfer models of read-only folders
+
+
+def user_cache_dir() -> Path:
+    """The user's wsi-dala cache (``$XDG_CACHE_HOME/wsi-dala``, else ``~/.cache/wsi-dala``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsi-dala"
+
+
+def checked_weights_record(sha256: str) -> Path:
+    """The record that a checkpoint with this content hash loaded strictly (``wsi_dala.model.checked_weights``)."""
+    return user_cache_dir() / "checked-weights" / f"{sha256}.json"

@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
@@ -28,9 +29,11 @@ from tqdm import tqdm
 
 from wsi_dala.core.config import ScoringConfig
 from wsi_dala.core.step_times import step
-from wsi_dala.inference.scoring import ScoringSetup, chunk_tasks, setup_scoring
-from wsi_dala.model.checkpoint import KnownCheckpoint
+from wsi_dala.model.card import KnownCheckpoint
 from wsi_dala.tiling.store import TileStore
+
+if TYPE_CHECKING:
+    from wsi_dala.inference.scoring import ScoringSetup
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,8 @@ class StreamingScorer:
                     raise self._error from None
 
     def _start(self, first_chunk: int) -> None:
+        from wsi_dala.inference.scoring import setup_scoring  # torch: imported late, a run reads tiles first
+
         store = TileStore(self.store_path, mode="r+")
         rows = store.info.chunk_rows()[first_chunk]
         sample = np.arange(rows.start, rows.stop)
@@ -96,6 +101,8 @@ class StreamingScorer:
         self._thread.start()
 
     def _work(self) -> None:
+        from wsi_dala.inference.scoring import chunk_tasks
+
         assert self.setup is not None
         store = TileStore(self.store_path, mode="r+")
         tasks = None

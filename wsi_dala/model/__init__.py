@@ -14,21 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from wsi_dala.model.build import build_model
-    from wsi_dala.model.checkpoint import (
-        ModelCard,
-        load_checkpoint,
-        read_card,
-        save_checkpoint,
-        write_untrained_checkpoint,
-    )
+    from wsi_dala.model.card import ModelCard, read_card
+    from wsi_dala.model.checkpoint import load_checkpoint, save_checkpoint, write_untrained_checkpoint
     from wsi_dala.model.dala import DalaOptions, DALAResNet50
     from wsi_dala.model.registry import ARCHITECTURES
 
 _HOMES = {
     "build_model": "build",
-    "ModelCard": "checkpoint",
+    "ModelCard": "card",
     "load_checkpoint": "checkpoint",
-    "read_card": "checkpoint",
+    "read_card": "card",
     "save_checkpoint": "checkpoint",
     "write_untrained_checkpoint": "checkpoint",
     "DalaOptions": "dala",

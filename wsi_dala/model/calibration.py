@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 from wsi_dala.core.errors import ConfigError
@@ -189,6 +188,8 @@ def fit_temperature(
         raise ConfigError(f"{where}: {int((~finite).sum())} of {len(logits)} tiles have non-finite logits")
     if all_right(logits, labels):
         return _matching_error_rate(logits, labels, 1.0 / (len(labels) + 2))
+    from scipy.optimize import minimize_scalar  # half a second to import: only where a fit runs
+
     result = minimize_scalar(
         lambda log_t: nll_logits(logits, labels, math.exp(log_t)),
         bounds=(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)),

@@ -19,6 +19,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from wsi_dala.core.errors import CheckpointError
+from wsi_dala.model.card import GAN_CARD_KEY, PRETRAIN_CARD_KEY
 from wsi_dala.model.encoder import read_weights_file
 
 # torchvision's constructor and ImageNet weights for each architecture it provides (DALAResNet50 and
@@ -63,10 +64,6 @@ def torchvision_imagenet_state(arch: str) -> dict[str, torch.Tensor]:
             f"could not load ImageNet weights for {arch}: {type(exc).__name__}: {exc}; download {weights.url} "
             f"and put it at {target}, or use --pretrained PATH or --pretrained none"
         ) from exc
-
-
-PRETRAIN_CARD_KEY = "wsi_dala.pretrain_card"  # safetensors metadata of a `wsi-dala pretrain` backbone
-GAN_CARD_KEY = "wsi_dala.gan_card"  # ... and of a `wsi-dala gan train` checkpoint (never a backbone)
 
 
 def load_pretrained_file(model: nn.Module, path: Path, arch: str) -> None:

@@ -33,20 +33,22 @@ from wsi_dala.core.layout import DEFAULT_DEMO_DIR, DemoLayout, RunLayout, remove
 from wsi_dala.core.locks import exclusive_lock
 from wsi_dala.core.memory import limit_malloc_arenas, release_freed_memory
 from wsi_dala.inference.cluster import check_address, scoring_client
-from wsi_dala.inference.scoring import ScoringResult, cached_model, check_devices, score_store
 from wsi_dala.inference.streaming import StreamingScorer, can_overlap
 from wsi_dala.model import ModelCard, read_card
-from wsi_dala.model.checkpoint import KnownCheckpoint, card_origin
+from wsi_dala.model.card import KnownCheckpoint, card_origin
 from wsi_dala.outputs.geojson import ExportResult, export_qupath
 from wsi_dala.outputs.heatmap import Heatmap, stitch, write_heatmap
 from wsi_dala.outputs.ngff import write_heatmap_ngff
 from wsi_dala.outputs.overlay import render_overlay
+from wsi_dala.runs.model_preparation import ModelPreparation
 from wsi_dala.tiling.grid import LevelChoice
 from wsi_dala.tiling.store import TileStore
 from wsi_dala.tiling.tiler import TilingResult, check_slide, tile_slide
 
 if TYPE_CHECKING:
     from distributed import Client
+
+    from wsi_dala.inference.scoring import ScoringResult
 
 log = logging.getLogger(__name__)
 RUN_FORMAT = "wsi-dala.run/1"
@@ -158,9 +160,14 @@ def resolve_model(model: str, positive_class: str | None = None) -> Path:
     """A checkpoint file as is; a WSInfer model folder as its imported checkpoint (made on first use); a
     WSInfer-zoo name or ``hf:ORG/REPO[@REV]`` fetched into the Hugging Face cache, then imported."""
     from wsi_dala.interop.model_hub import fetch, named_model
-    from wsi_dala.interop.model_import import imported_checkpoint, is_wsinfer_folder
 
     hub = named_model(model)
+    if hub is None and not Path(model).is_dir():  # a checkpoint file: no import, so no torch yet
+        if positive_class is not None:
+            log.warning("--positive-class applies to WSInfer model folders; %s has its own in its card", model)
+        return Path(model)
+    from wsi_dala.interop.model_import import imported_checkpoint, is_wsinfer_folder  # imports torch
+
     if hub is not None:
         fetched = fetch(hub)
         checkpoint = imported_checkpoint(fetched.folder, positive_class, fetched.origin)
@@ -192,21 +199,20 @@ def run_slide(
     slide_path = Path(slide_path)
     if config.scoring.scheduler:
         check_address(config.scoring.scheduler)  # a bad scheme fails now, not after tiling
-    check_devices(config.scoring)
     checkpoint = _require_model(config)
     card = read_card(checkpoint)
     tiling = tiling_for_model(config, card)
     level = check_slide(slide_path, tiling)
-    cached_model(str(checkpoint), "cpu")  # weights checked against the architecture now, not after tiling
+    known = KnownCheckpoint.read(checkpoint, card)  # hashed once, for the run key and the scoring key
+    model = ModelPreparation(known, config.scoring)  # torch loads while tiles are read (new weights: checked now)
     layout = RunLayout.for_slide(out_dir, slide_path)
     ensure_writable_dir(layout.root)
     with exclusive_lock(layout.lock, RUN_LOCK_STALE_S) as holder:
         if holder is not None:
             raise OutputError(f"{layout.root}: in use by {holder.describe()}; wait for it or choose another --out")
-        known = KnownCheckpoint.read(checkpoint, card)  # hashed once, for the run key and the scoring key
         try:
             with scoring_client(config.scoring, client) as run_client:  # the run's one Dask client (or None)
-                return _run_locked(slide_path, layout, config, known, tiling, level, progress, run_client)
+                return _run_locked(slide_path, layout, config, model, tiling, level, progress, run_client)
         except BaseException:
             # An error, or an interrupt (SIGTERM in a batch, Ctrl-C) landing mid-write: what was half written
             # goes now, while we hold the lock, once zarr's writes still in flight have finished.
@@ -219,12 +225,13 @@ def _run_locked(
     slide_path: Path,
     layout: RunLayout,
     config: PipelineConfig,
-    known: KnownCheckpoint,
+    model: ModelPreparation,
     tiling: TilingConfig,
     level: LevelChoice,
     progress: bool,
     client: Client | None,
 ) -> RunSummary:
+    known = model.known
     checkpoint, card, checkpoint_sha = known.path, known.card, known.sha256
     previous = read_json_object(layout.run_json)
     _refuse_another_slide(layout, previous)
@@ -251,6 +258,9 @@ def _run_locked(
         timings["tile"] = tiled.seconds
         check_quality(TileStore(tiled.store), slide_path, layout)
         setup = streaming.finish()
+    model.wait()
+    from wsi_dala.inference.scoring import score_store  # imported by now (ModelPreparation)
+
     scored = score_store(
         tiled.store, checkpoint, config.scoring, progress=progress, client=client, setup=setup, known=known
     )

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from wsi_dala.core.errors import EngineError, EngineExportError
-from wsi_dala.core.layout import EngineLayout, engine_dir_beside, remove_stale_partials, writing_path
+from wsi_dala.core.layout import EngineLayout, engine_dir_beside, remove_stale_partials, user_cache_dir, writing_path
 from wsi_dala.model.interface import as_split
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def engine_layout(checkpoint: str | os.PathLike[str]) -> EngineLayout:
     checkpoint = Path(checkpoint)
     override = os.environ.get(CACHE_ENV)
     candidates = [Path(override)] if override else []
-    candidates += [engine_dir_beside(checkpoint), _user_cache() / "engines"]
+    candidates += [engine_dir_beside(checkpoint), user_cache_dir() / "engines"]
     for folder in candidates:
         with contextlib.suppress(OSError):
             folder.mkdir(parents=True, exist_ok=True)
@@ -59,10 +59,6 @@ def engine_layout(checkpoint: str | os.PathLike[str]) -> EngineLayout:
                 return EngineLayout(folder, checkpoint.stem)
     tried = ", ".join(map(str, candidates))
     raise EngineError(f"{checkpoint}: no writable folder for its engine files (tried {tried})")
-
-
-def _user_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsi-dala"
 
 
 def ensure_onnx(model: nn.Module, checkpoint: str, sha256: str, tile_px: int) -> Path:
