@@ -8,6 +8,7 @@ from typing import Any
 MARKERS = {
     "<!-- generated: cli reference -->": "cli_reference_markdown",
     "<!-- generated: configuration reference -->": "config_reference_markdown",
+    "<!-- generated: foundation presets -->": "foundation_presets_markdown",
 }
 
 

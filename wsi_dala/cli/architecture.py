@@ -15,9 +15,11 @@ from wsi_dala.model.registry import (
     ARCHITECTURES,
     ATTENTION_KINDS,
     ATTENTION_POSITIONS,
+    FOUNDATION_PRESETS,
     GATE_MODES,
     TIMM_PREFIX,
     architecture_problem,
+    takes_encoder_weights,
 )
 
 
@@ -48,9 +50,11 @@ def add_architecture_options(model: argparse._ArgumentGroup) -> None:
     model.add_argument(
         "--weights",
         default=None,
-        metavar="FILE|none",
-        help="timm:NAME: the encoder's weights, a local .safetensors or .bin/.pth file read without running code "
-        "(nothing is downloaded), or none for random weights; replaces --pretrained (required with timm:NAME)",
+        metavar="FILE|hub|none",
+        help="timm:NAME and the foundation models (uni, virchow2, ...): the encoder's weights, a local .safetensors "
+        "or .bin/.pth file read without running code, hub (a foundation model's own Hugging Face repository, "
+        "fetched into its cache) or none for random weights; replaces --pretrained (default: hub for a "
+        "foundation model; required with timm:NAME)",
     )
     model.add_argument(
         "--timm-option",
@@ -124,10 +128,21 @@ def architecture_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]
     is an error, not silently ignored."""
     options: dict[str, Any] = {}
     timm_arch = args.arch.startswith(TIMM_PREFIX)
+    foundation = args.arch in FOUNDATION_PRESETS
     if args.timm_option and not timm_arch:
         raise ConfigError("--timm-option applies to --arch timm:NAME only")
-    if args.weights is not None and not timm_arch:
-        raise ConfigError("--weights is the encoder's file for --arch timm:NAME; other architectures take --pretrained")
+    if args.weights is not None and not takes_encoder_weights(args.arch):
+        raise ConfigError(
+            "--weights is the encoder's file for --arch timm:NAME and the foundation models; other architectures "
+            "take --pretrained"
+        )
+    if foundation:
+        weights = "hub" if args.weights is None else args.weights
+        if weights not in ("hub", "none") and not Path(weights).is_file():
+            raise ConfigError(f"{weights}: encoder weights file not found (--weights)")
+        return options, weights
+    if args.weights == "hub":
+        raise ConfigError("--weights hub: only the foundation models have a repository of their own")
     if timm_arch:
         if args.weights is None:
             raise ConfigError(

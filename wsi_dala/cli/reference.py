@@ -158,3 +158,26 @@ def config_reference_markdown() -> str:
         lines += [f"| `{k}` | {t} | {_cell(d)} | {_cell(w)} |" for k, t, d, w in rows]
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+def foundation_presets_markdown() -> str:
+    """The foundation-model presets as a table (docs/models.md), from ``wsi_dala.model.foundation_presets``."""
+    from wsi_dala.model.foundation_presets import PRESETS
+
+    rows = [
+        "| `--arch` | network | tokens | embedding | input, µm/px | mean / std | parameters (stated) | weights "
+        "| licence |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in PRESETS.values():
+        registers = f", {p.register_tokens} registers" if p.register_tokens else ""
+        network = f"{p.library} `{p.constructor}`: depth {p.depth}, {p.heads} heads, {p.patch_px} px patches"
+        network += f"{registers}, {p.mlp}"
+        norm = "ImageNet" if p.mean == (0.485, 0.456, 0.406) else f"{p.mean} / {p.std}"
+        gated = ", gated" if p.gated else ""
+        rows.append(
+            f"| `{p.name}` | {network} | {p.embed_dim} | {p.embedding} ({p.embedding_dim}) | {p.input_px} px "
+            f"(resize {p.resize_px}), {p.mpp} | {norm} | {p.parameters:,} ({p.stated}) | "
+            f"[{p.hf_repo}](https://huggingface.co/{p.hf_repo}) `{p.weights_file}`{gated} | {p.licence} |"
+        )
+    return "\n".join(rows)

@@ -12,6 +12,7 @@ from wsi_dala.cli.labelled_data import add_data_options, load_samples
 from wsi_dala.core.config import ThresholdMethod, TrainConfig, build
 from wsi_dala.core.errors import ConfigError
 from wsi_dala.core.layout import CalibrateLayout, EvalLayout, TrainLayout
+from wsi_dala.model.foundation_presets import PRESETS
 from wsi_dala.model.registry import (
     TIMM_PREFIX,
 )
@@ -187,6 +188,26 @@ def _split(args: argparse.Namespace, samples: list[Sample], source: str) -> tupl
     return train, val
 
 
+def _encoder_weights(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """An encoder's weights fetched (``--weights hub``) and checked against the network before any data is
+    read; with where they came from, for the card."""
+    origin = None
+    if config.pretrained == "hub":
+        from wsi_dala.interop.foundation_weights import fetch_foundation_weights
+
+        path, origin = fetch_foundation_weights(PRESETS[config.arch])
+        config = config.model_copy(update={"pretrained": str(path)})
+    if config.arch in PRESETS and config.pretrained != "none":
+        from wsi_dala.model.foundation import check_weights
+
+        check_weights(PRESETS[config.arch], config.options, Path(config.pretrained))
+    elif config.arch.startswith(TIMM_PREFIX) and config.pretrained != "none":
+        from wsi_dala.model.encoder import check_encoder_weights
+
+        check_encoder_weights(config.arch, config.options, Path(config.pretrained), config.input_size)
+    return config, origin
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     options, pretrained = architecture_options(args)
     if args.feature_cache and not args.freeze_backbone:
@@ -270,10 +291,7 @@ def _train(args: argparse.Namespace) -> int:
     from wsi_dala.training.train import train_model
 
     config = _train_config(args)  # every setting checked before any data is read
-    if config.arch.startswith(TIMM_PREFIX) and config.pretrained != "none":
-        from wsi_dala.model.encoder import check_encoder_weights
-
-        check_encoder_weights(config.arch, config.options, Path(config.pretrained), config.input_size)
+    config, encoder_origin = _encoder_weights(config)
     from wsi_dala.training.synthetic_tiles import mix_synthetic, parse_synthetic_argument
 
     synthetic = [parse_synthetic_argument(text) for text in args.synthetic]  # a bad RATIO before any data is read
@@ -281,6 +299,8 @@ def _train(args: argparse.Namespace) -> int:
     samples, names, mpp, note, source = load_samples(args, layout.tiles_dir, args.input_size)
     train, val = _split(args, samples, source)
     card_fields = _card_fields(args, names, train, val, (mpp, note), source)
+    if encoder_origin is not None:
+        card_fields["training_data"]["encoder_origin"] = encoder_origin
     print(
         f"training on {len(train)} images ({card_fields['training_data']['groups_train']} groups), validating on "
         f"{len(val)} ({card_fields['training_data']['groups_val']} groups); classes {names}"

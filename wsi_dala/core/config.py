@@ -23,7 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from pydantic_core import ErrorDetails
 
 from wsi_dala.core.errors import ConfigError
-from wsi_dala.model.registry import LINEAR_HEAD_ARCHITECTURES, REGISTRY, TIMM_PREFIX, architecture, architecture_problem
+from wsi_dala.model.registry import (
+    FOUNDATION_PRESETS,
+    LINEAR_HEAD_ARCHITECTURES,
+    REGISTRY,
+    TIMM_PREFIX,
+    architecture,
+    architecture_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +265,14 @@ class TrainConfig(Settings):
             raise ValueError("--freeze-backbone trains a head on cached features: no --mask-guided or contrastive term")
         if self.freeze_backbone and self.freeze_until:
             raise ValueError("--freeze-backbone and --freeze-until exclude each other: the first freezes everything")
-        if self.arch.startswith(TIMM_PREFIX) and self.pretrained == "imagenet":
+        if self.arch.startswith(TIMM_PREFIX) and self.pretrained in ("imagenet", "hub"):
             raise ValueError(
                 f"{self.arch} takes its weights from a local file (--weights FILE) or none; nothing is downloaded"
             )
+        if self.arch in FOUNDATION_PRESETS and self.pretrained == "imagenet":
+            raise ValueError(f"{self.arch} takes --weights hub, FILE or none, not --pretrained imagenet")
+        if self.pretrained == "hub" and self.arch not in FOUNDATION_PRESETS:
+            raise ValueError("--weights hub: only the foundation models have a repository of their own")
         return self
 
 

@@ -376,6 +376,9 @@ def is_import_cache(folder: Path) -> bool:
 ONNX_MODEL_NAME = "model.onnx"  # export-model --format onnx
 TORCHSCRIPT_CARD_NAME = "wsi_dala_model_card.json"  # our model card inside an exported TorchScript archive
 IMPORT_CACHE_DIR = Path("~/.cache/wsi-dala/imported")  # imported WSInfer models of read-only folders
+# A Hugging Face model repository's weights, as transformers and timm name them (the foundation presets).
+HF_SAFETENSORS_WEIGHTS = "model.safetensors"
+HF_TORCH_WEIGHTS = "pytorch_model.bin"
 
 
 def user_cache_dir() -> Path:

@@ -90,7 +90,9 @@ def hub_cache_folder(repo_id: str, repo_type: str = "model") -> Path:
 
 def zoo_registry() -> dict[str, HubModel]:
     """The WSInfer zoo's models by name: fetched when the hub answers, else the cached copy."""
-    path = _download(ZOO_REGISTRY_REPO, ZOO_REGISTRY_FILE, "main", "dataset", "the zoo's registry", "`wsi-dala models`")
+    path = download_file(
+        ZOO_REGISTRY_REPO, ZOO_REGISTRY_FILE, "main", "dataset", "the zoo's registry", "`wsi-dala models`"
+    )
     try:
         models = json.loads(path.read_text())["models"]
         return {
@@ -120,10 +122,10 @@ def fetch(model: HubModel) -> FetchedModel:
     """The model's WSInfer folder in the Hugging Face cache (downloaded once), with its origin."""
     first, *rest = HUB_MODEL_FILES
     hint = _fetch_hint(model)
-    folder = _download(model.repo_id, first, model.revision, "model", model.label, hint).parent
+    folder = download_file(model.repo_id, first, model.revision, "model", model.label, hint).parent
     commit = folder.name  # .../models--ORG--REPO/snapshots/<commit>/config.json
     for name in rest:  # at that commit: a push between two downloads cannot mix two versions of the model
-        _download(model.repo_id, name, commit, "model", model.label, hint)
+        download_file(model.repo_id, name, commit, "model", model.label, hint)
     return FetchedModel(folder, hub_origin(model, commit, _licence(model, commit)))
 
 
@@ -148,7 +150,7 @@ def tissue_from_name(name: str) -> str:
 
 def _licence(model: HubModel, commit: str) -> str:
     try:
-        readme = _download(model.repo_id, HUB_README, commit, "model", model.label, _fetch_hint(model))
+        readme = download_file(model.repo_id, HUB_README, commit, "model", model.label, _fetch_hint(model))
     except CheckpointError:
         return "unknown (no README.md model card)"
     from huggingface_hub.repocard import metadata_load
@@ -164,7 +166,7 @@ def _fetch_hint(model: HubModel) -> str:
     return f"`wsi-dala models --fetch {model.zoo_name or HUB_PREFIX + model.repo_id + '@' + model.revision}`"
 
 
-def _download(repo_id: str, filename: str, revision: str, repo_type: str, label: str, hint: str) -> Path:
+def download_file(repo_id: str, filename: str, revision: str, repo_type: str, label: str, hint: str) -> Path:
     """One file into the Hugging Face cache, checked against its blob's hash; fetched again once if corrupt."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (

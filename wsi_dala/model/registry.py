@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from wsi_dala.model.foundation_presets import PRESETS
+
 TIMM_PREFIX = "timm:"
 # The backbone learning rate for training from random weights: the plain CNNs need 1e-3 (at 1e-4 a
 # from-scratch DALAResNet50 stayed at chance on the second generator); the others keep the fine-tuning rate.
@@ -115,7 +117,27 @@ REGISTRY: dict[str, Architecture] = {
         ),
     )
 }
+REGISTRY.update(
+    {
+        preset.name: Architecture(
+            preset.name,
+            f"{preset.title}; a linear head on the mean of its patch tokens",
+            "wsi_dala.model.foundation:build_foundation_classifier",
+            preset.embed_dim,
+            "patch-token grid (forward_features)",
+            True,
+            from_scratch_lr=FINE_TUNE_LR,
+            input_size_px=preset.input_px,
+            normalisation=f"{preset.name} (mean {preset.mean}, std {preset.std})",
+            imagenet_weights=f"{preset.hf_repo} on the Hugging Face hub (--weights hub), or --weights FILE",
+            licence=preset.licence,
+            loads_own_weights=True,
+        )
+        for preset in PRESETS.values()
+    }
+)
 ARCHITECTURES = tuple(REGISTRY)
+FOUNDATION_PRESETS = tuple(PRESETS)
 # Kept for the settings and tests that name them; derived from the table.
 LINEAR_HEAD_ARCHITECTURES = tuple(name for name, entry in REGISTRY.items() if entry.linear_probe)
 WSINFER_IMPORTS = {wsinfer: name for name, entry in REGISTRY.items() for wsinfer in entry.wsinfer_names}
@@ -123,6 +145,11 @@ WSINFER_IMPORTS = {wsinfer: name for name, entry in REGISTRY.items() for wsinfer
 ATTENTION_KINDS = ("gate", "se", "eca", "cbam-spatial")
 GATE_MODES = ("x*a", "x*(1+a)")
 ATTENTION_POSITIONS = ("end", "blocks")  # after the whole of layer4 | after each of its 3 blocks
+
+
+def takes_encoder_weights(arch: str) -> bool:
+    """Whether ``arch`` is an encoder whose weights come from ``--weights`` (``timm:NAME``, a foundation preset)."""
+    return arch.startswith(TIMM_PREFIX) or arch in PRESETS
 
 
 def architecture_problem(arch: str) -> str | None:

@@ -18,7 +18,8 @@ from wsi_dala.core.errors import ConfigError
 from wsi_dala.core.identity import config_hash
 from wsi_dala.model import ModelCard, build_model
 from wsi_dala.model.devices import pick_device, resolve_precision
-from wsi_dala.model.registry import TIMM_PREFIX
+from wsi_dala.model.foundation_presets import PRESETS
+from wsi_dala.model.registry import takes_encoder_weights
 from wsi_dala.model.stain_normalise import StainNormaliser
 from wsi_dala.model.weights import pretrain_card
 from wsi_dala.tissue.stain import REFERENCE_PROFILE
@@ -195,7 +196,17 @@ def start_session(
                 pretraining["mpp"],
                 card.mpp,
             )
-    if config.arch.startswith(TIMM_PREFIX) or config.freeze_backbone:
+    preset = PRESETS.get(config.arch)
+    if preset is not None:  # its own input normalisation (H-optimus: not ImageNet's), used in training and runs
+        card.normalisation = {"mean": list(preset.mean), "std": list(preset.std)}
+        card.training_data["foundation_model"] = {
+            "preset": preset.name,
+            "hf_repo": preset.hf_repo,
+            "licence": preset.licence,
+            "trained_at_mpp": preset.mpp,
+            "embedding": f"{preset.embedding} ({preset.embedding_dim})",
+        }
+    if takes_encoder_weights(config.arch) or config.freeze_backbone:
         card.training_data["encoder"] = {
             **weights_identity(config.pretrained),
             "frozen": config.freeze_backbone,
