@@ -204,3 +204,35 @@ def test_weights_hub_fetches_from_the_models_repository_and_offline_names_the_fi
     line = result.stderr.strip()
     assert "models--paige-ai--Virchow2" in line and "hf download paige-ai/Virchow2 pytorch_model.bin" in line, line
     assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_of_a_preset_family_runs_on_a_real_slide_with_its_token_grid_cams(tmp_path):
+    from wsi_dala.core.config import PipelineConfig, ScoringConfig
+    from wsi_dala.model import ModelCard, save_checkpoint
+    from wsi_dala.runs.pipeline import run_slide
+
+    torch.manual_seed(0)
+    model = build_model("h-optimus-0", 2, "none", SMALL, input_size=56).eval()
+    preset = PRESETS["h-optimus-0"]
+    card = ModelCard(
+        architecture="h-optimus-0",
+        class_names=["Non-tumor", "Tumor"],
+        positive_class="Tumor",
+        tile_size_px=56,
+        mpp=2.0,
+        options=SMALL,
+        normalisation={"mean": list(preset.mean), "std": list(preset.std)},  # not ImageNet's
+    )
+    checkpoint = save_checkpoint(tmp_path / "h-optimus-small.safetensors", model, card)
+    config = PipelineConfig(model=str(checkpoint), scoring=ScoringConfig(backend="torch", precision="fp32"))
+    summary = run_slide(
+        Path(__file__).parent / "data" / "cmu_small_region.svs", tmp_path / "run", config, progress=False
+    )
+    record = summary.record
+    assert record.counts.tiles > 20 and summary.layout.tumour_geojson().exists()
+    import zarr
+
+    store = zarr.open_group(summary.layout.tiles_store, mode="r")
+    cams, scores = store["cams"][:], store["scores"][:]
+    assert cams.shape[1:] == (4, 4) and scores.shape == (record.counts.tiles, 2)  # 56 px / 14 px patches
+    assert (cams >= 0).all() and cams.max() > 0 and abs(scores.sum(axis=1) - 1).max() < 1e-4

@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from types import FrameType
 
 from wsi_dala import __version__
-from wsi_dala.cli import batch, generative, models, pipeline, pretraining, slides, training
+from wsi_dala.cli import batch, features, generative, models, pipeline, pretraining, slides, training
 from wsi_dala.cli.common import EXIT_INTERRUPTED, Formatter, Parser, Verb, run_handler
 
 VERBS: tuple[Verb, ...] = (
     *pipeline.VERBS,
     *batch.VERBS,
     *models.VERBS,
+    *features.VERBS,
     *training.VERBS,
     *pretraining.VERBS,
     *generative.VERBS,

@@ -49,12 +49,12 @@ def add_architecture_options(model: argparse._ArgumentGroup) -> None:
     )
     model.add_argument(
         "--weights",
-        default=None,
+        default="hub",
         metavar="FILE|hub|none",
         help="timm:NAME and the foundation models (uni, virchow2, ...): the encoder's weights, a local .safetensors "
         "or .bin/.pth file read without running code, hub (a foundation model's own Hugging Face repository, "
-        "fetched into its cache) or none for random weights; replaces --pretrained (default: hub for a "
-        "foundation model; required with timm:NAME)",
+        "fetched into its cache; timm:NAME has none, so give it a FILE) or none for random weights; replaces "
+        "--pretrained (default: hub)",
     )
     model.add_argument(
         "--timm-option",
@@ -131,20 +131,18 @@ def architecture_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]
     foundation = args.arch in FOUNDATION_PRESETS
     if args.timm_option and not timm_arch:
         raise ConfigError("--timm-option applies to --arch timm:NAME only")
-    if args.weights is not None and not takes_encoder_weights(args.arch):
+    if args.weights != "hub" and not takes_encoder_weights(args.arch):
         raise ConfigError(
             "--weights is the encoder's file for --arch timm:NAME and the foundation models; other architectures "
             "take --pretrained"
         )
     if foundation:
-        weights = "hub" if args.weights is None else args.weights
+        weights = args.weights
         if weights not in ("hub", "none") and not Path(weights).is_file():
             raise ConfigError(f"{weights}: encoder weights file not found (--weights)")
         return options, weights
-    if args.weights == "hub":
-        raise ConfigError("--weights hub: only the foundation models have a repository of their own")
     if timm_arch:
-        if args.weights is None:
+        if args.weights == "hub":  # the default: a timm network has no repository of its own here
             raise ConfigError(
                 f"--arch {args.arch}: give the encoder's weights with --weights FILE (a local .safetensors/.bin; "
                 "nothing is downloaded), or --weights none"

@@ -143,6 +143,7 @@ class RunLayout(_Layout):
         return cls(Path(root), safe_stem(str(slide_path)))
 
     tiles_store = _Below(TILES_STORE_NAME)
+    features_store = _Below("features.zarr", "a foundation model's tile features (wsi-dala features)")
     tissue_mask_png = _Below("tissue_mask.png")
     thumbnail_png = _Below("thumbnail.png")
     qc_png = _Below("qc.png", "The thumbnail with tissue outline, ink, folds and blurred tiles, and a legend.")

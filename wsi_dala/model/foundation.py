@@ -159,5 +159,11 @@ def embed(preset: FoundationPreset, tokens: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"{preset.name}: unknown embedding rule {preset.embedding!r}")
 
 
+def embedding_width(preset: FoundationPreset, encoder: nn.Module) -> int:
+    """The width ``embed`` gives for this encoder (the preset's, unless options changed the token width)."""
+    width = int(getattr(encoder, "num_features", preset.embed_dim))
+    return 2 * width if preset.embedding == "cls+mean" else width
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

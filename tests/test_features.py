@@ -1,0 +1,130 @@
+"""`wsi-dala features`: a foundation model's tile features stored once per slide (features.zarr), on the real
+CMU-1 crop, with small networks of the presets' families (--encoder-option) so the suite stays fast: the
+stored embeddings are the encoder's by its own rule, the store resumes after a kill, refuses another
+encoder's store, and an archive isolates a bad slide. About 40 s."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import save_file
+
+from tests.test_cli_commands import WSI_DALA, ok, refused
+from wsi_dala.core.config import TilingConfig
+from wsi_dala.core.errors import OutputError
+from wsi_dala.inference import features as features_module
+from wsi_dala.inference.features import read_embeddings, write_features
+from wsi_dala.model.foundation import create_encoder
+from wsi_dala.model.foundation_presets import PRESETS
+from wsi_dala.runs.features import FeatureSettings, prepare_encoder
+from wsi_dala.tiling.store import TileStore
+from wsi_dala.tiling.tiler import tile_slide
+
+pytest.importorskip("timm")
+
+CMU = Path(__file__).parent / "data" / "cmu_small_region.svs"
+SMALL = {"depth": 2, "embed_dim": 48, "num_heads": 2}
+SMALL_FLAGS = [f"--encoder-option={k}={v}" for k, v in SMALL.items()]
+
+
+def _features(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([WSI_DALA, "features", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_features_of_a_real_slide_are_the_encoders_by_its_own_rule(tmp_path):
+    out = tmp_path / "out"
+    args = [CMU, "--arch", "virchow2", "--weights", "none", "--out", out, "--precision", "fp32", "--patch-tokens", "-q"]
+    first = ok(_features(*args, *SMALL_FLAGS))
+    assert "features: cmu_small_region.svs:" in first.stdout and "x 96 (" in first.stdout  # CLS ‖ mean, 2 x 48
+    store = TileStore(out / "tiles.zarr")
+    embeddings, coords, attrs = read_embeddings(out / "features.zarr")
+    n = store.info.n_tiles
+    assert n > 20 and embeddings.shape == (n, 96) and embeddings.dtype == np.float16
+    np.testing.assert_array_equal(coords, store.coords())
+    assert attrs["complete"] and attrs["tiling"]["tile_size_px"] == 224
+    assert attrs["tiling"]["effective_mpp"] == pytest.approx(0.5, rel=0.05)
+    assert attrs["encoder"]["preset"] == "virchow2" and attrs["encoder"]["options"] == SMALL
+    # The same network (random weights from seed 0) on the stored tiles, by Virchow2's rule: CLS ‖ mean of the
+    # patch tokens after the 4 registers.
+    torch.manual_seed(0)
+    encoder = create_encoder(PRESETS["virchow2"], SMALL).eval()
+    tiles = torch.from_numpy(store.tiles(slice(0, 8))).permute(0, 3, 1, 2)
+    mean, std = torch.tensor(PRESETS["virchow2"].mean), torch.tensor(PRESETS["virchow2"].std)
+    x = (tiles.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    with torch.inference_mode():
+        tokens = encoder.forward_features(x)
+    expected = torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=1).numpy()
+    np.testing.assert_allclose(embeddings[:8].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    stored_tokens = zarr.open_group(out / "features.zarr")["patch_tokens"]
+    assert stored_tokens.shape == (n, 256, 48)
+    np.testing.assert_allclose(stored_tokens[:8].astype(np.float32), tokens[:, 5:].numpy(), rtol=2e-3, atol=2e-3)
+    again = ok(_features(*args, *SMALL_FLAGS))
+    assert "(already complete)" in again.stdout
+
+
+def test_a_killed_features_run_resumes_the_chunks_not_done_and_refuses_another_encoders_store(tmp_path, monkeypatch):
+    tiled = tile_slide(CMU, tmp_path / "slide", TilingConfig(mpp=0.5, tile_size_px=224, chunk_tiles=16), progress=False)
+    settings = FeatureSettings("uni", "none", SMALL, precision="fp32")
+    encoder = prepare_encoder(settings)
+    reference = write_features(tiled.store, tmp_path / "ref.zarr", encoder.network, encoder.preset, encoder.card)
+    assert reference.chunks_computed == 4
+    calls = {"n": 0}
+    real_embed = features_module.embed
+
+    def embed_then_die(preset, tokens):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed in the third chunk
+        return real_embed(preset, tokens)
+
+    monkeypatch.setattr(features_module, "embed", embed_then_die)
+    target = tmp_path / "features.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        write_features(tiled.store, target, encoder.network, encoder.preset, encoder.card, batch_size=16)
+    group = zarr.open_group(target)
+    assert list(group["chunks_done"][:]) == [True, True, False, False] and group.attrs["complete"] is False
+    with pytest.raises(OutputError, match="unfinished features store"):
+        read_embeddings(target)
+    monkeypatch.setattr(features_module, "embed", real_embed)
+    resumed = write_features(tiled.store, target, encoder.network, encoder.preset, encoder.card, batch_size=16)
+    assert resumed.chunks_computed == 2
+    np.testing.assert_array_equal(read_embeddings(target)[0], read_embeddings(tmp_path / "ref.zarr")[0])
+    other = prepare_encoder(FeatureSettings("phikon-v2", "none", _small_dinov2(), precision="fp32"))
+    with pytest.raises(OutputError, match="features of another encoder or other tiles \\(uni"):
+        write_features(tiled.store, target, other.network, other.preset, other.card)
+
+
+def _small_dinov2() -> dict[str, int]:
+    pytest.importorskip("transformers")
+    return {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def test_bad_input_is_one_line_and_a_misfit_is_refused_before_any_slide_is_read(tmp_path):
+    missing = _features(tmp_path / "missing.svs", "--arch", "uni", "--out", tmp_path / "o", "--weights", "none")
+    refused(missing, "missing.svs")
+    refused(_features(CMU, "--arch", "uni3", "--out", tmp_path / "o"), "invalid choice: 'uni3'")
+    wrong = tmp_path / "wrong.safetensors"
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in create_encoder(PRESETS["uni"], SMALL).state_dict().items()}, wrong)
+    result = _features(CMU, "--arch", "uni", "--out", tmp_path / "o", "--weights", wrong)  # the full-size network
+    refused(result, "wrong.safetensors: not the weights of uni (MahmoodLab/UNI")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_archive_goes_on_past_a_bad_slide_and_says_which(tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copy(CMU, archive / "good.svs")
+    (archive / "broken.svs").write_text("not a slide")
+    result = _features(archive, "--arch", "uni", "--weights", "none", "--out", tmp_path / "out", "-q", *SMALL_FLAGS)
+    assert result.returncode == 1, result.stderr
+    assert "failed:   " in result.stdout and "broken.svs: not a readable" in result.stdout
+    assert "1 of 2 slides failed" in result.stdout
+    (folder,) = (tmp_path / "out").glob("good-*")  # a folder per slide: its name and a hash of its path
+    assert read_embeddings(folder / "features.zarr")[0].shape[1] == 48

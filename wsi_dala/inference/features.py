@@ -1,0 +1,214 @@
+"""A foundation model's tile features, computed once per slide and kept beside its tiles (``features.zarr``).
+
+Labs run several heads (classifiers, slide-level models) on one encoder; the encoder is the cost (a ViT-g
+runs at about one tile a second on two CPU cores), so its output is stored once. The store holds, per
+tile of the slide's ``tiles.zarr`` and in its order: the pooled embedding by the model's own rule (N x D,
+float16), the tile's level-0 coordinates, and with ``patch_tokens`` the last block's patch tokens (N x P x C,
+float16: UNI at 224 px keeps 196 x 1024 x 2 bytes = 392 KiB a tile). Its attributes hold the tiling record
+of the tile store, the encoder's card (preset, weights and their hash, where they came from, transform,
+embedding rule, precision) and the hash of both, ``features_key``.
+
+Resumable like the tile store: written chunk by chunk (the tile store's chunks), a chunk counted in
+``chunks_done`` only after its rows are written, ``complete`` set last; a rerun computes only the chunks
+not done. A store made by another encoder, or from other tiles, is refused by name, never mixed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from tqdm import tqdm
+
+from wsi_dala.core.errors import OutputError
+from wsi_dala.core.identity import config_hash
+from wsi_dala.core.layout import building_path
+from wsi_dala.model.devices import autocast, normalise
+from wsi_dala.model.foundation import embed
+from wsi_dala.model.foundation_presets import FoundationPreset
+from wsi_dala.model.interface import as_split
+from wsi_dala.tiling.store import TileStore
+
+log = logging.getLogger(__name__)
+
+FEATURES_FORMAT = 1
+EMBEDDING = "embedding"
+COORDS = "coords"
+PATCH_TOKENS = "patch_tokens"
+CHUNKS_DONE = "chunks_done"
+
+
+@dataclass(frozen=True)
+class FeaturesResult:
+    path: Path
+    n_tiles: int
+    chunks_computed: int  # in this call (0: the store was complete)
+    embedding_dim: int
+    seconds: float
+
+
+def encoder_card(
+    preset: FoundationPreset, weights: dict[str, Any], options: dict[str, Any], precision: str, embedding_dim: int
+) -> dict[str, Any]:
+    """What the features depend on, besides the tiles: recorded in the store and hashed into its key."""
+    return {
+        "preset": preset.name,
+        "title": preset.title,
+        "hf_repo": preset.hf_repo,
+        "licence": preset.licence,
+        "weights": weights,  # {"file", "sha256"} and, from the hub, {"hf_revision"}; or {"weights": "none"}
+        "options": options,
+        "input_px": preset.input_px,
+        "resize_px": preset.resize_px,
+        "mean": list(preset.mean),
+        "std": list(preset.std),
+        "embedding": preset.embedding,
+        "embedding_dim": embedding_dim,
+        "precision": precision,
+    }
+
+
+def features_key(card: dict[str, Any], tiling_key: str) -> str:
+    return config_hash({"encoder": card, "tiles": tiling_key, "format": FEATURES_FORMAT})
+
+
+def model_input(tiles: np.ndarray, preset: FoundationPreset, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 tiles [N, H, W, 3] as the model's transform makes them: resized (where its transform resizes
+    first, e.g. Prov-GigaPath's 256), centre-cropped to its input, normalised."""
+    images = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
+    x = normalise(images, mean, std)
+    if x.shape[-1] != preset.resize_px or x.shape[-2] != preset.resize_px:
+        x = F.interpolate(x, size=(preset.resize_px, preset.resize_px), mode="bicubic", antialias=True)
+    top = (x.shape[-2] - preset.input_px) // 2
+    left = (x.shape[-1] - preset.input_px) // 2
+    return x[..., top : top + preset.input_px, left : left + preset.input_px]
+
+
+def write_features(
+    tiles_store: Path,
+    features_store: Path,
+    encoder: torch.nn.Module,
+    preset: FoundationPreset,
+    card: dict[str, Any],
+    batch_size: int = 8,
+    patch_tokens: bool = False,
+    progress: bool = True,
+) -> FeaturesResult:
+    """Compute (or finish) the features of every tile of ``tiles_store`` into ``features_store``."""
+    import time
+
+    started = time.perf_counter()
+    store = TileStore(tiles_store)
+    info = store.info
+    if not info.complete:
+        raise OutputError(f"{tiles_store}: the tiles are not complete; tile the slide first")
+    key = features_key(card, info.tiling.tiling_key)
+    group = _open_or_create(features_store, key, store, card, preset, encoder, patch_tokens)
+    done = np.asarray(_array(group, CHUNKS_DONE)[:], dtype=bool)
+    todo = [i for i in range(info.n_chunks) if not done[i]]
+    bar = tqdm(total=len(todo), unit="chunk", desc="features", disable=not progress, leave=False)
+    encoder.eval()
+    registers = int(getattr(encoder, "num_prefix_tokens", 1)) - 1
+    for index in todo:
+        rows = slice(index * info.chunk_tiles, min(info.n_tiles, (index + 1) * info.chunk_tiles))
+        tiles = store.tiles(rows)
+        pooled, tokens = [], []
+        for start in range(0, len(tiles), batch_size):
+            x = model_input(tiles[start : start + batch_size], preset, card["mean"], card["std"])
+            with torch.inference_mode(), autocast(card["precision"], "cpu"):
+                out = as_split(encoder).forward_features(x).float()
+            pooled.append(embed(preset, out).numpy().astype(np.float16))
+            if patch_tokens:
+                tokens.append(out[:, 1 + registers :].numpy().astype(np.float16))
+        _array(group, EMBEDDING)[rows] = np.concatenate(pooled)
+        if patch_tokens:
+            _array(group, PATCH_TOKENS)[rows] = np.concatenate(tokens)
+        done[index] = True
+        _array(group, CHUNKS_DONE)[:] = done  # after the rows: a killed run redoes this chunk, never skips it
+        bar.update(1)
+    bar.close()
+    group.attrs["complete"] = True
+    seconds = time.perf_counter() - started
+    return FeaturesResult(features_store, info.n_tiles, len(todo), int(card["embedding_dim"]), seconds)
+
+
+def _open_or_create(
+    path: Path,
+    key: str,
+    store: TileStore,
+    card: dict[str, Any],
+    preset: FoundationPreset,
+    encoder: torch.nn.Module,
+    patch_tokens: bool,
+) -> zarr.Group:
+    info = store.info
+    if path.exists():
+        try:
+            group = zarr.open_group(path, mode="r+")
+            previous = dict(group.attrs)
+        except Exception as exc:  # damaged: never guessed at
+            raise OutputError(f"{path}: not a readable features store ({exc}); delete it to compute it again") from exc
+        if previous.get("features_key") != key:
+            made_by = previous.get("encoder")
+            was = made_by.get("preset", "unknown") if isinstance(made_by, dict) else "unknown"
+            raise OutputError(
+                f"{path}: features of another encoder or other tiles ({was}, key {previous.get('features_key')}); "
+                "choose another --out or delete it"
+            )
+        if patch_tokens and PATCH_TOKENS not in group:
+            raise OutputError(f"{path}: computed without --patch-tokens; delete it to compute them")
+        return group
+    n, chunk = info.n_tiles, max(1, info.chunk_tiles)
+    building = building_path(path)  # made under a hidden name, renamed when its layout and attributes are written
+    if building.exists():
+        shutil.rmtree(building)
+    group = zarr.open_group(building, mode="w", zarr_format=3)
+    width = int(card["embedding_dim"])
+    group.create_array(EMBEDDING, shape=(n, width), chunks=(chunk, width), dtype="float16")
+    group.create_array(COORDS, data=store.coords(), chunks=(max(1, n), 2))
+    group.create_array(CHUNKS_DONE, data=np.zeros(info.n_chunks, dtype=bool), chunks=(max(1, info.n_chunks),))
+    if patch_tokens:
+        grid = (preset.input_px // _patch_px(encoder, preset)) ** 2
+        tokens = int(getattr(encoder, "num_features", preset.embed_dim))
+        group.create_array(PATCH_TOKENS, shape=(n, grid, tokens), chunks=(chunk, grid, tokens), dtype="float16")
+    group.attrs.update(
+        {
+            "format": FEATURES_FORMAT,
+            "features_key": key,
+            "encoder": card,
+            "tiling": info.tiling.to_attrs(),
+            "tiles_store": str(store.path),
+            "patch_tokens": patch_tokens,
+            "complete": False,
+        }
+    )
+    building.rename(path)
+    return zarr.open_group(path, mode="r+")
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    array = group[name]
+    if not isinstance(array, zarr.Array):
+        raise OutputError(f"{group.store}: {name} is not an array")
+    return array
+
+
+def _patch_px(encoder: torch.nn.Module, preset: FoundationPreset) -> int:
+    size = getattr(getattr(encoder, "patch_embed", None), "patch_size", preset.patch_px)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(embeddings [N, D] float16, level-0 coordinates [N, 2], attributes) of a complete store."""
+    group = zarr.open_group(path, mode="r")
+    attrs = dict(group.attrs)
+    if not attrs.get("complete"):
+        raise OutputError(f"{path}: unfinished features store; rerun `wsi-dala features` to complete it")
+    return np.asarray(_array(group, EMBEDDING)[:]), np.asarray(_array(group, COORDS)[:]), attrs

@@ -1,0 +1,106 @@
+"""``wsi-dala features``: a foundation model's tile features for a slide or an archive, stored once.
+
+Each slide is tiled at the model's µm/px and input size (``tiles.zarr``, resumable), then its tiles go
+through the encoder into ``features.zarr`` beside them (``wsi_dala.inference.features``). The weights
+are resolved and checked against the network once, before any slide is read; the encoder is built once
+for all slides. In an archive a slide that fails is reported and the others go on; the folder of each
+slide is locked while it is written, as a run's is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wsi_dala.core.config import TilingConfig, build
+from wsi_dala.core.errors import OutputError, WsiDalaError
+from wsi_dala.core.fileio import ensure_writable_dir
+from wsi_dala.core.identity import file_sha256
+from wsi_dala.core.layout import RunLayout
+from wsi_dala.core.locks import exclusive_lock
+from wsi_dala.inference.features import FeaturesResult, encoder_card, write_features
+from wsi_dala.model.devices import resolve_precision
+from wsi_dala.model.foundation import check_weights, create_encoder, embedding_width, load_strict
+from wsi_dala.model.foundation_presets import PRESETS, FoundationPreset
+from wsi_dala.tiling.tiler import tile_slide
+
+log = logging.getLogger(__name__)
+LOCK_STALE_S = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    preset: str
+    weights: str = "hub"  # hub | none | a file
+    options: dict[str, Any] = field(default_factory=dict)  # the preset's arguments overridden
+    patch_tokens: bool = False
+    batch_size: int = 8
+    precision: str = "auto"
+    min_tissue: float = TilingConfig().min_tissue
+
+
+@dataclass(frozen=True)
+class Encoder:
+    preset: FoundationPreset
+    network: torch.nn.Module
+    card: dict[str, Any]
+
+
+def prepare_encoder(settings: FeatureSettings) -> Encoder:
+    """The encoder with its weights (fetched from its repository for ``hub``), checked before any slide."""
+    preset = PRESETS.get(settings.preset)
+    if preset is None:
+        raise WsiDalaError(f"--arch {settings.preset}: not a foundation model (one of {', '.join(PRESETS)})")
+    weights: dict[str, Any] = {"weights": "none (random)"}
+    path = None
+    if settings.weights == "hub":
+        from wsi_dala.interop.foundation_weights import fetch_foundation_weights
+
+        path, origin = fetch_foundation_weights(preset)
+        weights = {"hf_revision": origin["hf_revision"]}
+    elif settings.weights != "none":
+        path = Path(settings.weights)
+    options = dict(settings.options)
+    if path is not None:
+        check_weights(preset, options, path)  # on the meta device: a misfit is refused before any slide is read
+        weights = {**weights, "file": path.name, "sha256": file_sha256(path)}
+    else:
+        torch.manual_seed(0)  # random weights: the same features on every run (benchmarks, tests)
+    network = create_encoder(preset, options)
+    if path is not None:
+        load_strict(network, path, preset)
+    precision = resolve_precision(settings.precision, "cpu")
+    card = encoder_card(preset, weights, options, precision, embedding_width(preset, network))
+    return Encoder(preset, network.eval(), card)
+
+
+def features_for_slide(
+    slide: Path, out_dir: Path, settings: FeatureSettings, encoder: Encoder, progress: bool = True
+) -> FeaturesResult:
+    """Tile ``slide`` at the model's µm/px (or reuse its tiles) and store its features."""
+    preset = encoder.preset
+    tiling = build(
+        TilingConfig,
+        {"mpp": preset.mpp, "tile_size_px": preset.resize_px, "min_tissue": settings.min_tissue},
+        "tiling",
+    )
+    layout = RunLayout.for_slide(out_dir, slide)
+    ensure_writable_dir(layout.root)
+    with exclusive_lock(layout.lock, LOCK_STALE_S) as holder:
+        if holder is not None:
+            raise OutputError(f"{layout.root}: in use by {holder.describe()}; wait for it or choose another --out")
+        tiled = tile_slide(slide, layout.root, tiling, progress=progress, layout=layout)
+        return write_features(
+            tiled.store,
+            layout.features_store,
+            encoder.network,
+            preset,
+            encoder.card,
+            batch_size=settings.batch_size,
+            patch_tokens=settings.patch_tokens,
+            progress=progress,
+        )
