@@ -22,7 +22,7 @@ from wsi_dala.inference import features as features_module
 from wsi_dala.inference.features import read_embeddings, write_features
 from wsi_dala.model.foundation import create_encoder
 from wsi_dala.model.foundation_presets import PRESETS
-from wsi_dala.runs.features import FeatureSettings, prepare_encoder
+from wsi_dala.runs.features import FeatureSettings, features_for_slide, prepare_encoder
 from wsi_dala.tiling.store import TileStore
 from wsi_dala.tiling.tiler import tile_slide
 
@@ -128,3 +128,59 @@ def test_an_archive_goes_on_past_a_bad_slide_and_says_which(tmp_path):
     assert "1 of 2 slides failed" in result.stdout
     (folder,) = (tmp_path / "out").glob("good-*")  # a folder per slide: its name and a hash of its path
     assert read_embeddings(folder / "features.zarr")[0].shape[1] == 48
+
+
+def _head(encoder: torch.nn.Module, seed: int, path: Path, options: dict) -> Path:
+    """A checkpoint of a UNI-family head on ``encoder`` (its weights unchanged), a head drawn from ``seed``."""
+    from wsi_dala.model import ModelCard, save_checkpoint
+    from wsi_dala.model.encoder import EncoderClassifier
+
+    model = EncoderClassifier(encoder, 2)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=generator))
+    card = ModelCard("uni", ["Non-tumor", "Tumor"], "Tumor", tile_size_px=224, mpp=0.5, options=options)
+    return save_checkpoint(path, model, card)
+
+
+def test_a_head_on_stored_patch_tokens_scores_the_slide_with_no_encoder_pass(tmp_path, monkeypatch):
+    import timm.models.vision_transformer as vit
+
+    from wsi_dala.core.config import PipelineConfig, ScoringConfig
+    from wsi_dala.runs.pipeline import run_slide
+
+    out = tmp_path / "slide"
+    settings = FeatureSettings("uni", "none", SMALL, patch_tokens=True, precision="fp32")
+    encoder = prepare_encoder(settings)
+    assert features_for_slide(CMU, out, settings, encoder, progress=False).n_tiles > 20
+    heads = [_head(encoder.network, seed, tmp_path / f"head{seed}.safetensors", SMALL) for seed in (1, 2)]
+    # The reference: the first head with the encoder pass (torch fp32), in a folder without stored features.
+    torch_fp32 = ScoringConfig(backend="torch", precision="fp32")
+    reference = run_slide(
+        CMU, tmp_path / "ref", PipelineConfig(model=str(heads[0]), scoring=torch_fp32), progress=False
+    )
+    passes = {"n": 0}
+    real_forward = vit.VisionTransformer.forward_features
+
+    def counted(self, x):
+        passes["n"] += 1
+        return real_forward(self, x)
+
+    monkeypatch.setattr(vit.VisionTransformer, "forward_features", counted)
+    scores = []
+    for head in heads:  # each head in the folder `features` wrote: scored from its patch tokens
+        summary = run_slide(CMU, out, PipelineConfig(model=str(head)), progress=False)
+        backend = summary.record.scoring["backend"]
+        assert backend["engine"] == "stored features" and "no encoder pass" in backend["reason"], backend
+        scores.append(zarr.open_group(out / "tiles.zarr", mode="r")["scores"][:, 1])
+    assert passes["n"] == 0  # no encoder pass for either head
+    expected = zarr.open_group(reference.layout.tiles_store, mode="r")["scores"][:, 1]
+    np.testing.assert_allclose(scores[0], expected, atol=5e-3)  # tokens stored as float16
+    assert np.abs(scores[1] - scores[0]).max() > 0.05  # the second head is another head
+    cams = zarr.open_group(out / "tiles.zarr", mode="r")["cams"][:]
+    assert cams.shape[1:] == (14, 14) and np.isfinite(cams).all()
+    # Another encoder's weights: the tokens are not used, the encoder runs.
+    other = create_encoder(PRESETS["uni"], {**SMALL, "img_size": 224})
+    stranger = _head(other, 3, tmp_path / "stranger.safetensors", SMALL)
+    summary = run_slide(CMU, out, PipelineConfig(model=str(stranger), scoring=torch_fp32), progress=False)
+    assert summary.record.scoring["backend"]["engine"] == "torch" and passes["n"] > 0

@@ -165,5 +165,18 @@ def embedding_width(preset: FoundationPreset, encoder: nn.Module) -> int:
     return 2 * width if preset.embedding == "cls+mean" else width
 
 
+def encoder_state_sha256(encoder: nn.Module) -> str:
+    """The identity of an encoder's weights: SHA-256 over each tensor's name, dtype, shape and bytes, in name
+    order. The same for the network ``features`` ran and the encoder inside a head's checkpoint built on it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

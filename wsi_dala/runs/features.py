@@ -24,7 +24,13 @@ from wsi_dala.core.layout import RunLayout
 from wsi_dala.core.locks import exclusive_lock
 from wsi_dala.inference.features import FeaturesResult, encoder_card, write_features
 from wsi_dala.model.devices import resolve_precision
-from wsi_dala.model.foundation import check_weights, create_encoder, embedding_width, load_strict
+from wsi_dala.model.foundation import (
+    check_weights,
+    create_encoder,
+    embedding_width,
+    encoder_state_sha256,
+    load_strict,
+)
 from wsi_dala.model.foundation_presets import PRESETS, FoundationPreset
 from wsi_dala.tiling.tiler import tile_slide
 
@@ -73,6 +79,7 @@ def prepare_encoder(settings: FeatureSettings) -> Encoder:
     network = create_encoder(preset, options)
     if path is not None:
         load_strict(network, path, preset)
+    weights["encoder_sha256"] = encoder_state_sha256(network)  # what `run` matches a head's encoder against
     precision = resolve_precision(settings.precision, "cpu")
     card = encoder_card(preset, weights, options, precision, embedding_width(preset, network))
     return Encoder(preset, network.eval(), card)

@@ -259,11 +259,13 @@ def _run_locked(
         check_quality(TileStore(tiled.store), slide_path, layout)
         setup = streaming.finish()
     model.wait()
-    from wsi_dala.inference.scoring import score_store  # imported by now (ModelPreparation)
+    scored = _stored_features_scores(layout, tiled.store, known, config, progress) if setup is None else None
+    if scored is None:
+        from wsi_dala.inference.scoring import score_store  # imported by now (ModelPreparation)
 
-    scored = score_store(
-        tiled.store, checkpoint, config.scoring, progress=progress, client=client, setup=setup, known=known
-    )
+        scored = score_store(
+            tiled.store, checkpoint, config.scoring, progress=progress, client=client, setup=setup, known=known
+        )
     timings["score"] = scored.seconds  # with overlap: only what was left once tiling ended
     timings["tile_and_score"] = time.perf_counter() - started  # less than tile + score when they overlapped
     t = time.perf_counter()
@@ -287,6 +289,22 @@ def _run_locked(
     write_json_atomic(layout.run_json, record.to_dict())
     _remove_outputs_no_longer_written(layout, previous, record)
     return RunSummary(layout, record, skipped=False)
+
+
+def _stored_features_scores(
+    layout: RunLayout, tiles_store: Path, known: KnownCheckpoint, config: PipelineConfig, progress: bool
+) -> ScoringResult | None:
+    """A foundation-model head scored from the patch tokens ``wsi-dala features`` stored in this folder (no
+    encoder pass), when they fit it; None otherwise (the encoder runs; the log says why)."""
+    if not layout.features_store.exists():
+        return None
+    from wsi_dala.inference.stored_features import score_from_features, why_not_stored
+
+    reason = why_not_stored(layout.features_store, TileStore(tiles_store), known, config.scoring)
+    if reason is not None:
+        log.info("%s not used: %s; the encoder runs", layout.features_store, reason)
+        return None
+    return score_from_features(tiles_store, layout.features_store, known, progress)
 
 
 def check_quality(store: TileStore, slide_path: Path, layout: RunLayout) -> None:
