@@ -114,7 +114,18 @@ def test_bad_input_is_one_line_and_a_misfit_is_refused_before_any_slide_is_read(
     save_file({k: v.contiguous() for k, v in create_encoder(PRESETS["uni"], SMALL).state_dict().items()}, wrong)
     result = _features(CMU, "--arch", "uni", "--out", tmp_path / "o", "--weights", wrong)  # the full-size network
     refused(result, "wrong.safetensors: not the weights of uni (MahmoodLab/UNI")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(wrong.read_bytes()[: wrong.stat().st_size // 2])
+    refused(_features(CMU, "--arch", "uni", "--out", tmp_path / "o", "--weights", truncated), "truncated.safetensors")
+    pickle = tmp_path / "pytorch_model.bin"
+    torch.save({"weight": torch.zeros(1), "payload": _RunsCode()}, pickle)  # a pickle that would run code
+    refused(_features(CMU, "--arch", "uni", "--out", tmp_path / "o", "--weights", pickle), "not a weights-only")
     assert not (tmp_path / "o").exists()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
 
 
 def test_an_archive_goes_on_past_a_bad_slide_and_says_which(tmp_path):
@@ -184,3 +195,29 @@ def test_a_head_on_stored_patch_tokens_scores_the_slide_with_no_encoder_pass(tmp
     stranger = _head(other, 3, tmp_path / "stranger.safetensors", SMALL)
     summary = run_slide(CMU, out, PipelineConfig(model=str(stranger), scoring=torch_fp32), progress=False)
     assert summary.record.scoring["backend"]["engine"] == "torch" and passes["n"] > 0
+
+
+def test_features_given_to_a_head_are_used_or_refused_in_one_line_before_any_output(tmp_path):
+    import json
+
+    settings = FeatureSettings("uni", "none", SMALL, patch_tokens=True, precision="fp32")
+    encoder = prepare_encoder(settings)
+    features_for_slide(CMU, tmp_path / "f", settings, encoder, progress=False)
+    head = _head(encoder.network, 1, tmp_path / "head.safetensors", SMALL)
+    run = [WSI_DALA, "run", CMU, "--model", head, "--features", tmp_path / "f", "-q", "--backend", "torch"]
+
+    def cli(*args: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*map(str, run), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+    ok(cli("--out", tmp_path / "used"))  # another output folder: the slide is tiled there, the tokens read here
+    backend = json.loads((tmp_path / "used" / "run.json").read_text())["scoring"]["backend"]
+    assert backend["engine"] == "stored features" and backend["features_store"].endswith("f/features.zarr")
+    stranger = _head(create_encoder(PRESETS["uni"], {**SMALL, "img_size": 224}), 2, tmp_path / "s.safetensors", SMALL)
+    cases = {
+        "weights": (["--model", stranger], "computed with other encoder weights than this head's (--features)"),
+        "tiling": (["--min-tissue", "0.6"], "computed on other tiles (another slide or tiling) (--features)"),
+        "missing": (["--features", tmp_path / "nowhere"], "nowhere/features.zarr: features store not found"),
+    }
+    for label, (extra, phrase) in cases.items():
+        refused(cli("--out", tmp_path / label, *extra), phrase)
+        assert not (tmp_path / label).exists(), label

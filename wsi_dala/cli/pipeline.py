@@ -41,6 +41,13 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
         help="for a WSInfer model whose class names do not make it obvious: the class the heatmap shows",
     )
     parser.add_argument("--out", metavar="DIR", help="output folder (default: ./wsi-dala-runs/<slide name>)")
+    parser.add_argument(
+        "--features",
+        metavar="DIR",
+        help="a foundation-model head: read the patch tokens `wsi-dala features --patch-tokens` stored in DIR for "
+        "this slide instead of running the encoder; refused unless they are of this slide's tiles and this head's "
+        "encoder (default: the output folder's own, used when they fit)",
+    )
     parser.add_argument("--config", metavar="FILE", help="pipeline YAML (see pipelines/default.yaml); flags win")
     parser.add_argument(
         "--scheduler",
@@ -80,6 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         load_config(args.config),
         model=args.model,
         positive_class=args.positive_class,
+        features=args.features,
         tiling={
             "mpp": args.mpp,
             "min_tissue": args.min_tissue,

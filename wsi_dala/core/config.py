@@ -192,6 +192,10 @@ class ExportConfig(Settings):
 class PipelineConfig(Settings):
     model: str | None = None  # checkpoint path or WSInfer model folder; relative paths: to the config file
     positive_class: str | None = None  # WSInfer model folders only: the class the heatmap shows
+    # A features.zarr (or the folder holding it) whose patch tokens a foundation-model head reads instead of
+    # running its encoder; refused when it does not fit. None: the run folder's own, used when it fits.
+    # Relative paths: to the config file.
+    features: str | None = None
     tiling: TilingConfig = TilingConfig()
     scoring: ScoringConfig = ScoringConfig()
     heatmap: HeatmapConfig = HeatmapConfig()
@@ -471,6 +475,8 @@ def load_config(path: str | Path | None) -> PipelineConfig:
         beside = path.parent / config.model  # a model name (zoo, hf:) stays a name unless a file here has it
         if beside.exists() or not is_model_name(config.model):
             config = config.model_copy(update={"model": str(beside.resolve())})
+    if config.features and not Path(config.features).is_absolute():  # relative to the file, as the model is
+        config = config.model_copy(update={"features": str((path.parent / config.features).resolve())})
     return config
 
 
@@ -487,14 +493,17 @@ def is_model_name(text: str) -> bool:
 
 
 def with_overrides(
-    config: PipelineConfig, model: str | None = None, positive_class: str | None = None, **sections: dict[str, Any]
+    config: PipelineConfig,
+    model: str | None = None,
+    positive_class: str | None = None,
+    features: str | None = None,
+    **sections: dict[str, Any],
 ) -> PipelineConfig:
     """Apply non-None command-line values, section by section (``tiling={"mpp": 0.5}``), validated."""
     data = config.model_dump()
-    if model is not None:
-        data["model"] = model
-    if positive_class is not None:
-        data["positive_class"] = positive_class
+    for key, value in (("model", model), ("positive_class", positive_class), ("features", features)):
+        if value is not None:
+            data[key] = value
     for name, values in sections.items():
         if name not in _SECTIONS:
             raise ConfigError(f"unknown settings section {name!r}")

@@ -39,26 +39,26 @@ log = logging.getLogger(__name__)
 ENGINE = "stored features"
 
 
-def why_not_stored(features_path: Path, store: TileStore, known: KnownCheckpoint, config: ScoringConfig) -> str | None:
+def why_not_stored(features_path: Path, tiling_key: str, known: KnownCheckpoint, config: ScoringConfig) -> str | None:
     """None when the head can be scored from ``features_path``; else why not (said in the log)."""
     card = known.card
     if card.architecture not in PRESETS:
-        return "the model is not a foundation-model preset's head"
+        return "the model is not the head of a foundation-model preset"
     if config.tta != "none" or config.mc_dropout or config.stain_normalise != "none":
-        return "test-time augmentation, MC dropout and stain mapping need the tiles themselves"
+        return "--tta, --mc-dropout and --stain-normalise need the tiles themselves"
     try:
         group = zarr.open_group(features_path, mode="r")
         attrs = dict(group.attrs)
     except Exception:  # not a store, or damaged: the encoder runs
-        return f"{features_path} is not a readable features store"
+        return "not a readable features store"
     encoder = attrs.get("encoder") if isinstance(attrs.get("encoder"), dict) else {}
     assert isinstance(encoder, dict)
     tiling = attrs.get("tiling") if isinstance(attrs.get("tiling"), dict) else {}
     assert isinstance(tiling, dict)
     if not attrs.get("complete") or PATCH_TOKENS not in group:
-        return "the features store is unfinished or holds no patch tokens (features --patch-tokens)"
-    if tiling.get("tiling_key") != store.info.tiling.tiling_key:
-        return "the features were computed on other tiles (another tiling)"
+        return "unfinished, or holds no patch tokens (wsi-dala features --patch-tokens)"
+    if tiling.get("tiling_key") != tiling_key:
+        return "computed on other tiles (another slide or tiling)"
     same = (
         encoder.get("preset") == card.architecture
         and encoder.get("options") == card.options
@@ -66,12 +66,12 @@ def why_not_stored(features_path: Path, store: TileStore, known: KnownCheckpoint
         and encoder.get("std") == list(card.normalisation["std"])
     )
     if not same:
-        return f"the features are of another encoder ({encoder.get('preset')}, options {encoder.get('options')})"
+        return f"features of another encoder ({encoder.get('preset')}, options {encoder.get('options')})"
     model, _ = cached_model(str(known.path), "cpu")
     stored = (encoder.get("weights") or {}).get("encoder_sha256")
     head_encoder = getattr(model, "encoder", None)
     if not isinstance(head_encoder, torch.nn.Module) or stored != encoder_state_sha256(head_encoder):
-        return "the features were computed with other encoder weights than this head's"
+        return "computed with other encoder weights than this head's"
     return None
 
 

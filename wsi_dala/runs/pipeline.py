@@ -19,7 +19,7 @@ import numpy as np
 
 from wsi_dala import __version__
 from wsi_dala.core.config import PipelineConfig, TilingConfig
-from wsi_dala.core.errors import CheckpointError, OutputError, QualityError
+from wsi_dala.core.errors import CheckpointError, ConfigError, OutputError, QualityError
 from wsi_dala.core.fileio import (
     ensure_writable_dir,
     naming_failures,
@@ -205,6 +205,7 @@ def run_slide(
     level = check_slide(slide_path, tiling)
     known = KnownCheckpoint.read(checkpoint, card)  # hashed once, for the run key and the scoring key
     model = ModelPreparation(known, config.scoring)  # torch loads while tiles are read (new weights: checked now)
+    given = _given_features(config, slide_path, tiling, model) if config.features else None
     layout = RunLayout.for_slide(out_dir, slide_path)
     ensure_writable_dir(layout.root)
     with exclusive_lock(layout.lock, RUN_LOCK_STALE_S) as holder:
@@ -212,7 +213,7 @@ def run_slide(
             raise OutputError(f"{layout.root}: in use by {holder.describe()}; wait for it or choose another --out")
         try:
             with scoring_client(config.scoring, client) as run_client:  # the run's one Dask client (or None)
-                return _run_locked(slide_path, layout, config, model, tiling, level, progress, run_client)
+                return _run_locked(slide_path, layout, config, model, tiling, level, progress, run_client, given)
         except BaseException:
             # An error, or an interrupt (SIGTERM in a batch, Ctrl-C) landing mid-write: what was half written
             # goes now, while we hold the lock, once zarr's writes still in flight have finished.
@@ -230,6 +231,7 @@ def _run_locked(
     level: LevelChoice,
     progress: bool,
     client: Client | None,
+    given_features: Path | None = None,
 ) -> RunSummary:
     known = model.known
     checkpoint, card, checkpoint_sha = known.path, known.card, known.sha256
@@ -259,7 +261,13 @@ def _run_locked(
         check_quality(TileStore(tiled.store), slide_path, layout)
         setup = streaming.finish()
     model.wait()
-    scored = _stored_features_scores(layout, tiled.store, known, config, progress) if setup is None else None
+    scored = None
+    if given_features is not None:  # checked before the folder was touched
+        from wsi_dala.inference.stored_features import score_from_features
+
+        scored = score_from_features(tiled.store, given_features, known, progress)
+    elif setup is None:
+        scored = _stored_features_scores(layout, tiled.store, known, config, progress)
     if scored is None:
         from wsi_dala.inference.scoring import score_store  # imported by now (ModelPreparation)
 
@@ -291,6 +299,23 @@ def _run_locked(
     return RunSummary(layout, record, skipped=False)
 
 
+def _given_features(config: PipelineConfig, slide_path: Path, tiling: TilingConfig, model: ModelPreparation) -> Path:
+    """``--features``: the store, checked against this slide's tiles and this head's encoder before any output."""
+    from wsi_dala.inference.stored_features import why_not_stored
+    from wsi_dala.tiling.tiler import tiling_key_for
+
+    assert config.features is not None
+    path = Path(config.features)
+    path = path if path.name.endswith(".zarr") else RunLayout(path).features_store
+    if not path.exists():
+        raise ConfigError(f"{path}: features store not found (--features)")
+    model.wait()  # its encoder's hash is compared with the store's
+    reason = why_not_stored(path, tiling_key_for(slide_path, tiling), model.known, config.scoring)
+    if reason is not None:
+        raise ConfigError(f"{path}: {reason} (--features)")
+    return path
+
+
 def _stored_features_scores(
     layout: RunLayout, tiles_store: Path, known: KnownCheckpoint, config: PipelineConfig, progress: bool
 ) -> ScoringResult | None:
@@ -300,7 +325,8 @@ def _stored_features_scores(
         return None
     from wsi_dala.inference.stored_features import score_from_features, why_not_stored
 
-    reason = why_not_stored(layout.features_store, TileStore(tiles_store), known, config.scoring)
+    tiling_key = TileStore(tiles_store).info.tiling.tiling_key
+    reason = why_not_stored(layout.features_store, tiling_key, known, config.scoring)
     if reason is not None:
         log.info("%s not used: %s; the encoder runs", layout.features_store, reason)
         return None

@@ -187,6 +187,11 @@ def _tiling_key(fingerprint: dict[str, Any], config: TilingConfig) -> str:
     return config_hash({"slide": fingerprint, "config": settings})
 
 
+def tiling_key_for(slide_path: str | Path, config: TilingConfig) -> str:
+    """The key a store of ``slide_path`` cut with ``config`` gets (reads only the slide's fingerprint)."""
+    return _tiling_key(slide_fingerprint(Path(slide_path)), config)
+
+
 def tile_slide(
     slide_path: str | Path,
     out_dir: str | Path,
