@@ -210,8 +210,10 @@ def test_features_given_to_a_head_are_used_or_refused_in_one_line_before_any_out
         return subprocess.run([*map(str, run), *map(str, args)], capture_output=True, text=True, timeout=600)
 
     ok(cli("--out", tmp_path / "used"))  # another output folder: the slide is tiled there, the tokens read here
-    backend = json.loads((tmp_path / "used" / "run.json").read_text())["scoring"]["backend"]
+    scoring = json.loads((tmp_path / "used" / "run.json").read_text())["scoring"]
+    backend = scoring["backend"]
     assert backend["engine"] == "stored features" and backend["features_store"].endswith("f/features.zarr")
+    assert scoring["chunks_scored_while_tiling"] == 0  # the encoder never ran, not even overlapped with tiling
     stranger = _head(create_encoder(PRESETS["uni"], {**SMALL, "img_size": 224}), 2, tmp_path / "s.safetensors", SMALL)
     cases = {
         "weights": (["--model", stranger], "computed with other encoder weights than this head's (--features)"),

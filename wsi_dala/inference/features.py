@@ -185,6 +185,7 @@ def _open_or_create(
             "encoder": card,
             "tiling": info.tiling.to_attrs(),
             "tiles_store": str(store.path),
+            "tiles_key": info.tiling.tiling_key,  # which tiles the rows are: run compares its own store's
             "patch_tokens": patch_tokens,
             "complete": False,
         }

@@ -53,11 +53,9 @@ def why_not_stored(features_path: Path, tiling_key: str, known: KnownCheckpoint,
         return "not a readable features store"
     encoder = attrs.get("encoder") if isinstance(attrs.get("encoder"), dict) else {}
     assert isinstance(encoder, dict)
-    tiling = attrs.get("tiling") if isinstance(attrs.get("tiling"), dict) else {}
-    assert isinstance(tiling, dict)
     if not attrs.get("complete") or PATCH_TOKENS not in group:
         return "unfinished, or holds no patch tokens (wsi-dala features --patch-tokens)"
-    if tiling.get("tiling_key") != tiling_key:
+    if attrs.get("tiles_key") != tiling_key:
         return "computed on other tiles (another slide or tiling)"
     same = (
         encoder.get("preset") == card.architecture

@@ -133,8 +133,10 @@ def tiling_for_model(config: PipelineConfig, card: ModelCard) -> TilingConfig:
 
 def run_key(slide_path: Path, config: PipelineConfig, checkpoint_sha: str) -> str:
     # Where and how fast it runs does not change the result: scheduler and reader threads are not part of it.
+    # Nor do stored features (the scores are the encoder pass's), which also keeps the keys of earlier releases.
     settings = config.model_dump(
-        mode="json", exclude={"model": True, "scoring": {"scheduler"}, "tiling": {"reader_threads"}}
+        mode="json",
+        exclude={"model": True, "features": True, "scoring": {"scheduler"}, "tiling": {"reader_threads"}},
     )
     return config_hash(
         {"slide": slide_fingerprint(slide_path), "config": settings, "model": checkpoint_sha, "version": __version__}
@@ -251,7 +253,7 @@ def _run_locked(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     streaming = StreamingScorer(str(layout.tiles_store), str(checkpoint), config.scoring, progress, known)
-    overlap = can_overlap(config.scoring, client)
+    overlap = can_overlap(config.scoring, client) and given_features is None  # given tokens: no encoder pass
     with streaming:
         callback = streaming.chunk_written if overlap else None
         tiled = tile_slide(
