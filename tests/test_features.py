@@ -223,3 +223,53 @@ def test_features_given_to_a_head_are_used_or_refused_in_one_line_before_any_out
     for label, (extra, phrase) in cases.items():
         refused(cli("--out", tmp_path / label, *extra), phrase)
         assert not (tmp_path / label).exists(), label
+
+
+def test_train_reads_the_training_tiles_features_from_the_stores_and_runs_no_encoder(tmp_path, monkeypatch, capsys):
+    import timm.models.vision_transformer as vit
+
+    from tests.test_slide_training import _write_qupath_annotations
+    from wsi_dala.cli import main
+    from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+    archive = tmp_path / "slides"
+    archive.mkdir()
+    for seed in (11, 12):
+        slide = write_synthetic_slide(
+            archive / f"case{seed}.svs", SyntheticSlideSpec(width=4096, height=3072, mpp=0.25, seed=seed)
+        )
+        _write_qupath_annotations(slide, tmp_path / f"case{seed}.geojson")
+    weights = tmp_path / "uni-small.safetensors"
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in create_encoder(PRESETS["uni"], SMALL).state_dict().items()}, weights)
+    ok(_features(archive, "--arch", "uni", "--weights", weights, "--out", tmp_path / "features", "-q", *SMALL_FLAGS))
+    passes = {"n": 0}
+    real_forward = vit.VisionTransformer.forward_features
+
+    def counted(self, x):
+        passes["n"] += 1
+        return real_forward(self, x)
+
+    monkeypatch.setattr(vit.VisionTransformer, "forward_features", counted)
+    argv = ["train", "--arch", "uni", "--weights", str(weights), *SMALL_FLAGS, "--freeze-backbone"]
+    argv += ["--mpp", "0.5", "--input-size", "224", "--epochs", "2", "--batch-size", "16", "-q"]
+    argv += ["--unannotated-class", "Non-tumor"]
+    for seed in (11, 12):
+        argv += ["--slide", f"{archive / f'case{seed}.svs'}={tmp_path / f'case{seed}.geojson'}"]
+    assert main([*argv, "--out", str(tmp_path / "stored"), "--features", str(tmp_path / "features")]) == 0
+    assert passes["n"] == 0  # every training and validation tile's features came from the stores
+    assert main([*argv, "--out", str(tmp_path / "computed")]) == 0  # the same training, the encoder computing
+    assert passes["n"] > 0
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "stored" / "best.safetensors")["head.weight"]
+    computed = load_file(tmp_path / "computed" / "best.safetensors")["head.weight"]
+    torch.testing.assert_close(stored, computed, atol=2e-2, rtol=0)  # float16 features against float32
+    capsys.readouterr()
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(5)
+    save_file({k: v.contiguous() for k, v in create_encoder(PRESETS["uni"], SMALL).state_dict().items()}, other)
+    other_argv = [a if a != str(weights) else str(other) for a in argv]
+    code = main([*other_argv, "--out", str(tmp_path / "o3"), "--features", str(tmp_path / "features")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no features store of this encoder (uni" in err[0], err

@@ -64,6 +64,7 @@ def add_architecture_options(model: argparse._ArgumentGroup) -> None:
         help="timm:NAME: a keyword argument for timm.create_model, VALUE read as JSON where it parses "
         "(e.g. init_values=1e-5 and dynamic_img_size=true for UNI); repeatable (default: none)",
     )
+    add_encoder_option(model)
     model.add_argument(
         "--attention-position",
         default="end",
@@ -109,6 +110,19 @@ def add_architecture_options(model: argparse._ArgumentGroup) -> None:
     )
 
 
+def add_encoder_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--encoder-option``: a foundation preset's architecture argument overridden (train, pretrain, features)."""
+    parser.add_argument(
+        "--encoder-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a foundation model (uni, virchow2, ...): overrides one of its architecture arguments, VALUE read as "
+        "JSON where it parses (e.g. depth=2 for a small network of the same family); recorded; repeatable "
+        "(default: none)",
+    )
+
+
 def timm_options(pairs: list[str], flag: str = "--timm-option") -> dict[str, Any]:
     """``--timm-option KEY=VALUE``: VALUE as JSON where it parses (numbers, true, lists), else a string."""
     options: dict[str, Any] = {}
@@ -136,7 +150,10 @@ def architecture_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]
             "--weights is the encoder's file for --arch timm:NAME and the foundation models; other architectures "
             "take --pretrained"
         )
+    if args.encoder_option and not foundation:
+        raise ConfigError("--encoder-option applies to the foundation models (uni, virchow2, ...) only")
     if foundation:
+        options = timm_options(args.encoder_option, "--encoder-option")
         weights = args.weights
         if weights not in ("hub", "none") and not Path(weights).is_file():
             raise ConfigError(f"{weights}: encoder weights file not found (--weights)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wsi_dala.cli.architecture import timm_options
+from wsi_dala.cli.architecture import add_encoder_option, timm_options
 from wsi_dala.cli.common import Verb, add_min_tissue_option, add_precision_option, number_in
 from wsi_dala.core.errors import ConfigError, WsiDalaError
 from wsi_dala.core.formats import slide_argument
@@ -30,14 +30,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         help="the encoder's weights: a local .safetensors or .bin/.pth file read without running code, hub (its "
         "own Hugging Face repository, fetched into the hub's cache) or none for random weights (default: hub)",
     )
-    parser.add_argument(
-        "--encoder-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="overrides one of the preset's architecture arguments, VALUE read as JSON where it parses (e.g. "
-        "depth=2 for a small network of the same family); recorded in the store; repeatable (default: none)",
-    )
+    add_encoder_option(parser)
     parser.add_argument(
         "--patch-tokens",
         action="store_true",

@@ -46,7 +46,7 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="a foundation-model head: read the patch tokens `wsi-dala features --patch-tokens` stored in DIR for "
         "this slide instead of running the encoder; refused unless they are of this slide's tiles and this head's "
-        "encoder (default: the output folder's own, used when they fit)",
+        "encoder. Without it the output folder's own store is used when it fits (default: none)",
     )
     parser.add_argument("--config", metavar="FILE", help="pipeline YAML (see pipelines/default.yaml); flags win")
     parser.add_argument(

@@ -86,6 +86,15 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         "labels it keeps a `pretrain` backbone's features intact (default: train the encoder too)",
     )
     fit.add_argument(
+        "--features",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="--freeze-backbone with a foundation model: read the training tiles' encoder features from the "
+        "features stores in DIR (`wsi-dala features`, same encoder and weights) instead of running the "
+        "encoder, which otherwise computes them once and caches them; repeatable (default: none)",
+    )
+    fit.add_argument(
         "--feature-cache",
         metavar="DIR",
         default=None,
@@ -227,6 +236,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         "seed": args.seed,
         "freeze_until": args.freeze_until,
         "freeze_backbone": args.freeze_backbone,
+        "features": args.features,
         "device": args.device,
         "precision": args.precision,
         "precise_bn_batches": args.precise_bn_batches,

@@ -21,6 +21,7 @@ DEFAULT_RUNS_DIR = Path("wsi-dala-runs")  # `wsi-dala run` without --out writes 
 DEFAULT_DEMO_DIR = "wsi-dala-demo"
 SYNTHETIC_CARD_NAME = "synthetic.json"  # beside generated tiles: class, tile size, µm/px, generator
 TILES_STORE_NAME = "tiles.zarr"  # in every run folder, and what `pretrain --archive` looks for
+FEATURES_STORE_NAME = "features.zarr"  # wsi-dala features, beside tiles.zarr
 PARTIAL_SUFFIX = ".partial"  # what is being written; renamed into place when complete
 
 
@@ -143,7 +144,7 @@ class RunLayout(_Layout):
         return cls(Path(root), safe_stem(str(slide_path)))
 
     tiles_store = _Below(TILES_STORE_NAME)
-    features_store = _Below("features.zarr", "a foundation model's tile features (wsi-dala features)")
+    features_store = _Below(FEATURES_STORE_NAME, "a foundation model's tile features (wsi-dala features)")
     tissue_mask_png = _Below("tissue_mask.png")
     thumbnail_png = _Below("thumbnail.png")
     qc_png = _Below("qc.png", "The thumbnail with tissue outline, ink, folds and blurred tiles, and a legend.")

@@ -34,15 +34,17 @@ from wsi_dala.model.devices import autocast, normalise
 from wsi_dala.model.foundation import embed
 from wsi_dala.model.foundation_presets import FoundationPreset
 from wsi_dala.model.interface import as_split
+from wsi_dala.tiling.features_store import (
+    CHUNKS_DONE,
+    COORDS,
+    EMBEDDING,
+    FEATURES_FORMAT,
+    PATCH_TOKENS,
+    TOKEN_MEAN,
+)
 from wsi_dala.tiling.store import TileStore
 
 log = logging.getLogger(__name__)
-
-FEATURES_FORMAT = 1
-EMBEDDING = "embedding"
-COORDS = "coords"
-PATCH_TOKENS = "patch_tokens"
-CHUNKS_DONE = "chunks_done"
 
 
 @dataclass(frozen=True)
@@ -119,15 +121,18 @@ def write_features(
     for index in todo:
         rows = slice(index * info.chunk_tiles, min(info.n_tiles, (index + 1) * info.chunk_tiles))
         tiles = store.tiles(rows)
-        pooled, tokens = [], []
+        pooled, means, tokens = [], [], []
         for start in range(0, len(tiles), batch_size):
             x = model_input(tiles[start : start + batch_size], preset, card["mean"], card["std"])
             with torch.inference_mode(), autocast(card["precision"], "cpu"):
                 out = as_split(encoder).forward_features(x).float()
             pooled.append(embed(preset, out).numpy().astype(np.float16))
+            patches = out[:, 1 + registers :]
+            means.append(patches.mean(dim=1).numpy().astype(np.float16))  # what a preset's linear head pools
             if patch_tokens:
-                tokens.append(out[:, 1 + registers :].numpy().astype(np.float16))
+                tokens.append(patches.numpy().astype(np.float16))
         _array(group, EMBEDDING)[rows] = np.concatenate(pooled)
+        _array(group, TOKEN_MEAN)[rows] = np.concatenate(means)
         if patch_tokens:
             _array(group, PATCH_TOKENS)[rows] = np.concatenate(tokens)
         done[index] = True
@@ -172,12 +177,15 @@ def _open_or_create(
     group = zarr.open_group(building, mode="w", zarr_format=3)
     width = int(card["embedding_dim"])
     group.create_array(EMBEDDING, shape=(n, width), chunks=(chunk, width), dtype="float16")
+    width_tokens = int(getattr(encoder, "num_features", preset.embed_dim))
+    group.create_array(TOKEN_MEAN, shape=(n, width_tokens), chunks=(chunk, width_tokens), dtype="float16")
     group.create_array(COORDS, data=store.coords(), chunks=(max(1, n), 2))
     group.create_array(CHUNKS_DONE, data=np.zeros(info.n_chunks, dtype=bool), chunks=(max(1, info.n_chunks),))
     if patch_tokens:
         grid = (preset.input_px // _patch_px(encoder, preset)) ** 2
-        tokens = int(getattr(encoder, "num_features", preset.embed_dim))
-        group.create_array(PATCH_TOKENS, shape=(n, grid, tokens), chunks=(chunk, grid, tokens), dtype="float16")
+        group.create_array(
+            PATCH_TOKENS, shape=(n, grid, width_tokens), chunks=(chunk, grid, width_tokens), dtype="float16"
+        )
     group.attrs.update(
         {
             "format": FEATURES_FORMAT,

@@ -27,11 +27,11 @@ import zarr
 
 from wsi_dala.core.config import ScoringConfig
 from wsi_dala.explain.cam import head_logits_and_raw_cams
-from wsi_dala.inference.features import PATCH_TOKENS
 from wsi_dala.inference.scoring import ScoringResult, cached_model
 from wsi_dala.model.card import KnownCheckpoint
 from wsi_dala.model.foundation import encoder_state_sha256
 from wsi_dala.model.foundation_presets import PRESETS
+from wsi_dala.tiling.features_store import PATCH_TOKENS
 from wsi_dala.tiling.store import TileStore
 from wsi_dala.tiling.store_records import ScoringRecord
 

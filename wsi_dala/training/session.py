@@ -150,6 +150,19 @@ def head_data(session: Session, train: list[Sample], val: list[Sample], cache_di
     def features_of(samples: list[Sample]) -> np.ndarray:
         return cached_features(session.model, samples, cache_dir, description, how, progress)
 
+    if config.features:  # stored by `wsi-dala features`: the encoder runs on no training tile
+        from wsi_dala.training.stored_features import StoredFeatures
+
+        encoder = getattr(session.model, "encoder", None)
+        if not isinstance(encoder, torch.nn.Module):
+            raise ConfigError(f"--features: {config.arch} has no encoder to match the stores against")
+        stored = StoredFeatures(config.features, encoder, session.card)
+        session.card.training_data["encoder"] = {
+            **session.card.training_data.get("encoder", {}),
+            "features_from": [str(s.path) for s in stored.stores],
+        }
+        features_of = stored.token_means
+
     labels = [np.array([s.label for s in part], dtype=np.int64) for part in (train, val)]
     return HeadData(features_of(train), labels[0], features_of(val), labels[1])
 
