@@ -155,6 +155,14 @@ def test_weights_load_strictly_and_a_misfit_is_refused_by_name(tmp_path):
             build_model("uni", 2, str(path), SMALL, input_size=64)
 
 
+def test_a_misspelt_preset_is_one_line_with_the_name_meant(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exited:  # argparse's own exit
+        main(["train", "--folder", str(tmp_path), "--out", str(tmp_path / "o"), "--arch", "virchow-2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(err) == 1 and "'virchow-2' must be one of" in err[0], err
+    assert "timm network; did you mean 'virchow2'?" in err[0], err
+
+
 def test_a_misfit_file_is_refused_by_train_before_any_data_is_read(capsys, tmp_path):
     wrong = tmp_path / "uni.safetensors"
     save_file({k: v.contiguous() for k, v in _small_uni().state_dict().items()}, wrong)  # small, not UNI's size

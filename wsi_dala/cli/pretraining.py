@@ -81,6 +81,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     from wsi_dala.training.unlabelled import unlabelled_set
 
     options, pretrained = architecture_options(args)
+    if pretrained == "hub":  # a foundation model's own weights, fetched (and checked) before any tile is read
+        from wsi_dala.interop.foundation_weights import fetch_foundation_weights
+        from wsi_dala.model.foundation import check_weights
+        from wsi_dala.model.foundation_presets import PRESETS
+
+        path, _origin = fetch_foundation_weights(PRESETS[args.arch])
+        check_weights(PRESETS[args.arch], options, path)
+        pretrained = str(path)
     values = {
         "arch": args.arch,
         "options": options,

@@ -11,6 +11,7 @@ entry: :func:`architecture` makes its entry on demand.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from wsi_dala.model.foundation_presets import PRESETS
@@ -158,7 +159,9 @@ def architecture_problem(arch: str) -> str | None:
         return None
     if arch.startswith(TIMM_PREFIX):
         return None if arch[len(TIMM_PREFIX) :].strip() else "timm: needs a model name, e.g. timm:vit_small_patch16_224"
-    return f"must be one of {', '.join(ARCHITECTURES)}, or timm:NAME for a timm network"
+    near = difflib.get_close_matches(arch, ARCHITECTURES, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"must be one of {', '.join(ARCHITECTURES)}, or timm:NAME for a timm network{hint}"
 
 
 def architecture(arch: str) -> Architecture:
