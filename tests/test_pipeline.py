@@ -310,3 +310,25 @@ def test_a_checkpoint_loaded_before_lets_the_run_read_tiles_while_torch_loads(
     assert not checked_before(known)
     record_checked(known)
     assert checked_before(known)
+
+
+def test_the_run_answers_at_slide_level_with_the_planted_burden(tmp_path, colour_checkpoint, planted_050, capsys):
+    from wsi_dala.outputs.slide_answer import CALL_INDETERMINATE, feret_diameter
+    from wsi_dala.runs.truth import planted_tumour
+
+    code = main(["run", str(planted_050.path), "--model", str(colour_checkpoint), "--out", str(tmp_path), "-q"])
+    out = capsys.readouterr().out
+    assert code == 0
+    answer = json.loads((tmp_path / "run.json").read_text())["slide_answer"]
+    truth = planted_tumour(planted_050)
+    truth_mm2 = truth.area * planted_050.spec.mpp**2 / 1e6
+    assert answer["tumour_area_mm2"] == pytest.approx(truth_mm2, rel=0.15)  # regions IoU >= 0.88 with the truth
+    assert 0 < answer["tumour_share_of_tissue"] < 1 and answer["regions"] >= 1
+    largest = max(getattr(truth, "geoms", [truth]), key=lambda g: g.area)
+    assert answer["largest_region_diameter_mm"] == pytest.approx(
+        feret_diameter(largest) * planted_050.spec.mpp / 1000, rel=0.15
+    )
+    assert answer["top_k"] == 10 and answer["top_k_mean_probability"] > 0.9  # the colour scorer is sure of tumour
+    # No slide-level thresholds in any card yet: never "no tumour", and the reason is said.
+    assert answer["call"] == CALL_INDETERMINATE and "no slide-level thresholds" in answer["call_reason"]
+    assert "slide:       tumour " in out and "call: indeterminate" in out

@@ -123,6 +123,10 @@ def print_summary(summary: RunSummary) -> None:
         print(f"unchanged slide, settings and model: nothing to do (see {summary.layout.run_json})")
     counts, res = record.counts, record.resolution
     print(f"tiles:       {counts.tiles} scored, {counts.tumour_tiles} classed Tumor; {counts.regions} tumour region(s)")
+    if record.slide_answer:
+        from wsi_dala.outputs.slide_answer import SlideAnswer
+
+        print(f"slide:       {SlideAnswer(**record.slide_answer).words()}")
     print(
         f"resolution:  slide {res.slide_mpp:.4g} µm/px ({res.slide_mpp_source}), tiles "
         f"{res.tile_mpp:.4g} µm/px, heatmap cell {res.heatmap_cell_mpp:.3g} µm"

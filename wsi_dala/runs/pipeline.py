@@ -40,6 +40,7 @@ from wsi_dala.outputs.geojson import ExportResult, export_qupath
 from wsi_dala.outputs.heatmap import Heatmap, stitch, write_heatmap
 from wsi_dala.outputs.ngff import write_heatmap_ngff
 from wsi_dala.outputs.overlay import render_overlay
+from wsi_dala.outputs.slide_answer import SlideAnswer, slide_answer
 from wsi_dala.runs.model_preparation import ModelPreparation
 from wsi_dala.tiling.grid import LevelChoice
 from wsi_dala.tiling.store import TileStore
@@ -94,6 +95,8 @@ class RunRecord:
     stain: dict[str, Any] = field(default_factory=dict)  # the slide's, the model's reference, their distance
     calibration: dict[str, Any] = field(default_factory=dict)  # the temperature applied, or "uncalibrated"
     heatmap: dict[str, Any] = field(default_factory=dict)  # cell size, CAM scale, border profile, seam index
+    # tumour burden, largest region, top-k probability and the slide call (wsi_dala.outputs.slide_answer)
+    slide_answer: dict[str, Any] = field(default_factory=dict)
     status: str = "complete"
     format: str = RUN_FORMAT
 
@@ -529,7 +532,17 @@ def _record(
         stain=stain_summary(TileStore(tiled.store), card, config.scoring.stain_normalise),
         calibration=calibration_summary(card),
         heatmap=stages.heatmap.summary(),
+        slide_answer=_slide_answer(layout, config, tiled, cut.slide_mpp).to_dict(),
     )
+
+
+def _slide_answer(layout: RunLayout, config: PipelineConfig, tiled: TilingResult, slide_mpp: float) -> SlideAnswer:
+    store = TileStore(tiled.store)
+    qc = store.info.qc
+    tissue_um2 = qc.areas_um2.get("tissue") if qc is not None else None
+    probabilities = store.positive_scores()[store.usable_tiles()] if store.info.n_tiles else np.zeros(0)
+    regions = layout.tumour_geojson(config.export.gzip)
+    return slide_answer(regions, min(config.export.region_thresholds), slide_mpp, tissue_um2, probabilities)
 
 
 def _count_positive(store_path: Path, threshold: float) -> int:
