@@ -18,7 +18,7 @@ from wsi_dala.core.layout import checked_weights_record
 from wsi_dala.model.card import KnownCheckpoint
 
 
-def _record_path(known: KnownCheckpoint) -> Path:
+def record_path(known: KnownCheckpoint) -> Path:
     return checked_weights_record(known.sha256)
 
 
@@ -29,14 +29,15 @@ def _expected(known: KnownCheckpoint) -> dict[str, str]:
 def checked_before(known: KnownCheckpoint) -> bool:
     """Whether these exact bytes loaded strictly into their architecture under this wsi-dala version."""
     try:
-        return json.loads(_record_path(known).read_text()) == _expected(known)
+        return json.loads(record_path(known).read_text()) == _expected(known)
     except (OSError, ValueError):
         return False
 
 
-def record_checked(known: KnownCheckpoint) -> None:
-    """Remember a strict load (best effort: an unwritable cache only means the next run checks again)."""
-    path = _record_path(known)
+def record_checked(known: KnownCheckpoint, path: Path | None = None) -> None:
+    """Remember a strict load (best effort: an unwritable cache only means the next run checks again).
+    ``path``: the record's place as the run saw it when it started (a load finishing later writes there)."""
+    path = path or record_path(known)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, _expected(known))

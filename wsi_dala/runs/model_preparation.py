@@ -14,7 +14,7 @@ from pathlib import Path
 
 from wsi_dala.core.config import ScoringConfig
 from wsi_dala.model.card import KnownCheckpoint
-from wsi_dala.model.checked_weights import checked_before, record_checked
+from wsi_dala.model.checked_weights import checked_before, record_checked, record_path
 
 
 class ModelPreparation:
@@ -22,6 +22,7 @@ class ModelPreparation:
 
     def __init__(self, known: KnownCheckpoint, config: ScoringConfig) -> None:
         self.known = known
+        self._record = record_path(known)  # fixed now: a load still running after its run ended writes here
         self._error: BaseException | None = None
         if config.devices == "all":  # needs torch.cuda and dask-cuda: said before any work, in one line
             from wsi_dala.inference.scoring import check_devices
@@ -37,7 +38,7 @@ class ModelPreparation:
             from wsi_dala.inference.scoring import cached_model
 
             cached_model(str(self.known.path), "cpu")
-            record_checked(self.known)
+            record_checked(self.known, self._record)
         except BaseException as exc:  # re-raised in the run's thread by wait()
             self._error = exc
 
