@@ -25,7 +25,7 @@ from shapely.geometry import shape
 
 TOP_K_TILES = 10  # the mean probability of the k most suspicious tiles
 CALL_TUMOUR, CALL_NONE, CALL_INDETERMINATE = "tumour", "no tumour", "indeterminate"
-NO_THRESHOLDS = "the model card holds no slide-level thresholds (they are chosen from slide labels; not yet available)"
+NO_THRESHOLDS = "no slide-level thresholds in the model card: they are chosen from slide labels, not yet available"
 
 
 @dataclass(frozen=True)
