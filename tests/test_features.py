@@ -141,6 +141,21 @@ def test_an_archive_goes_on_past_a_bad_slide_and_says_which(tmp_path):
     assert read_embeddings(folder / "features.zarr")[0].shape[1] == 48
 
 
+def _count_encoder_passes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """From now on, every forward pass of a timm ViT encoder is counted in the returned ``["n"]``."""
+    import timm.models.vision_transformer as vit
+
+    passes = {"n": 0}
+    real_forward = vit.VisionTransformer.forward_features
+
+    def counted(self, x):
+        passes["n"] += 1
+        return real_forward(self, x)
+
+    monkeypatch.setattr(vit.VisionTransformer, "forward_features", counted)
+    return passes
+
+
 def _head(encoder: torch.nn.Module, seed: int, path: Path, options: dict) -> Path:
     """A checkpoint of a UNI-family head on ``encoder`` (its weights unchanged), a head drawn from ``seed``."""
     from wsi_dala.model import ModelCard, save_checkpoint
@@ -155,8 +170,6 @@ def _head(encoder: torch.nn.Module, seed: int, path: Path, options: dict) -> Pat
 
 
 def test_a_head_on_stored_patch_tokens_scores_the_slide_with_no_encoder_pass(tmp_path, monkeypatch):
-    import timm.models.vision_transformer as vit
-
     from wsi_dala.core.config import PipelineConfig, ScoringConfig
     from wsi_dala.runs.pipeline import run_slide
 
@@ -170,14 +183,7 @@ def test_a_head_on_stored_patch_tokens_scores_the_slide_with_no_encoder_pass(tmp
     reference = run_slide(
         CMU, tmp_path / "ref", PipelineConfig(model=str(heads[0]), scoring=torch_fp32), progress=False
     )
-    passes = {"n": 0}
-    real_forward = vit.VisionTransformer.forward_features
-
-    def counted(self, x):
-        passes["n"] += 1
-        return real_forward(self, x)
-
-    monkeypatch.setattr(vit.VisionTransformer, "forward_features", counted)
+    passes = _count_encoder_passes(monkeypatch)
     scores = []
     for head in heads:  # each head in the folder `features` wrote: scored from its patch tokens
         summary = run_slide(CMU, out, PipelineConfig(model=str(head)), progress=False)
@@ -226,8 +232,6 @@ def test_features_given_to_a_head_are_used_or_refused_in_one_line_before_any_out
 
 
 def test_train_reads_the_training_tiles_features_from_the_stores_and_runs_no_encoder(tmp_path, monkeypatch, capsys):
-    import timm.models.vision_transformer as vit
-
     from tests.test_slide_training import _write_qupath_annotations
     from wsi_dala.cli import main
     from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
@@ -243,14 +247,7 @@ def test_train_reads_the_training_tiles_features_from_the_stores_and_runs_no_enc
     torch.manual_seed(0)
     save_file({k: v.contiguous() for k, v in create_encoder(PRESETS["uni"], SMALL).state_dict().items()}, weights)
     ok(_features(archive, "--arch", "uni", "--weights", weights, "--out", tmp_path / "features", "-q", *SMALL_FLAGS))
-    passes = {"n": 0}
-    real_forward = vit.VisionTransformer.forward_features
-
-    def counted(self, x):
-        passes["n"] += 1
-        return real_forward(self, x)
-
-    monkeypatch.setattr(vit.VisionTransformer, "forward_features", counted)
+    passes = _count_encoder_passes(monkeypatch)
     argv = ["train", "--arch", "uni", "--weights", str(weights), *SMALL_FLAGS, "--freeze-backbone"]
     argv += ["--mpp", "0.5", "--input-size", "224", "--epochs", "2", "--batch-size", "16", "-q"]
     argv += ["--unannotated-class", "Non-tumor"]

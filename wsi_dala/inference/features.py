@@ -41,6 +41,7 @@ from wsi_dala.tiling.features_store import (
     FEATURES_FORMAT,
     PATCH_TOKENS,
     TOKEN_MEAN,
+    FeaturesStore,
 )
 from wsi_dala.tiling.store import TileStore
 
@@ -216,8 +217,5 @@ def _patch_px(encoder: torch.nn.Module, preset: FoundationPreset) -> int:
 
 def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(embeddings [N, D] float16, level-0 coordinates [N, 2], attributes) of a complete store."""
-    group = zarr.open_group(path, mode="r")
-    attrs = dict(group.attrs)
-    if not attrs.get("complete"):
-        raise OutputError(f"{path}: unfinished features store; rerun `wsi-dala features` to complete it")
-    return np.asarray(_array(group, EMBEDDING)[:]), np.asarray(_array(group, COORDS)[:]), attrs
+    store = FeaturesStore.open(path)
+    return store.array(EMBEDDING), store.array(COORDS), store.attrs

@@ -166,13 +166,13 @@ def check_encoder_weights(arch: str, options: dict[str, Any], path: Path, input_
 
     with torch.device("meta"):
         encoder = _create(timm, timm_name(arch), options, input_size)
-    state = _strip_wrappers(read_weights_file(path, lazy=True))
+    state = strip_wrappers(read_weights_file(path, lazy=True))
     _raise_for_misfit(encoder.state_dict(), state, path, arch)
 
 
 def load_encoder_weights(encoder: nn.Module, path: Path, arch: str) -> None:
     """Load ``path`` into ``encoder``; every encoder tensor must come from the file."""
-    state = _strip_wrappers(read_weights_file(path))
+    state = strip_wrappers(read_weights_file(path))
     own = encoder.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "fc.", "classifier."))}
     _resample_position_embedding(state, own)
@@ -197,7 +197,7 @@ def _raise_for_misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tenso
         )
 
 
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in _WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}

@@ -23,10 +23,8 @@ from torch import nn
 
 from wsi_dala.core.errors import CheckpointError
 from wsi_dala.core.extras import require
-from wsi_dala.model.encoder import EncoderClassifier, read_weights_file
+from wsi_dala.model.encoder import EncoderClassifier, read_weights_file, strip_wrappers
 from wsi_dala.model.foundation_presets import PRESETS, FoundationPreset
-
-_WRAPPER_PREFIXES = ("module.", "model.", "encoder.", "backbone.")
 
 
 def foundation_preset(arch: str) -> FoundationPreset:
@@ -87,7 +85,7 @@ def create_encoder(preset: FoundationPreset, options: dict[str, Any] | None = No
 
 def load_strict(encoder: nn.Module, path: Path, preset: FoundationPreset) -> None:
     """``path``'s tensors into ``encoder``: the same names and shapes, nothing missing, nothing extra."""
-    state = _strip_wrappers(read_weights_file(path, what=f"{preset.name} weights", instead="--weights hub"))
+    state = strip_wrappers(read_weights_file(path, what=f"{preset.name} weights", instead="--weights hub"))
     raise_for_misfit(encoder, state, path, preset)
     if isinstance(encoder, Dinov2Tokens):
         encoder.model.load_state_dict(state, strict=True)
@@ -99,7 +97,7 @@ def check_weights(preset: FoundationPreset, options: dict[str, Any], path: Path)
     """Refuse a misfit before any slide or tile is read: the encoder on the meta device, the file read lazily."""
     with torch.device("meta"):
         encoder = create_encoder(preset, options)
-    raise_for_misfit(encoder, _strip_wrappers(read_weights_file(path, lazy=True)), path, preset)
+    raise_for_misfit(encoder, strip_wrappers(read_weights_file(path, lazy=True)), path, preset)
 
 
 def raise_for_misfit(encoder: nn.Module, state: dict[str, torch.Tensor], path: Path, preset: FoundationPreset) -> None:
@@ -119,13 +117,6 @@ def raise_for_misfit(encoder: nn.Module, state: dict[str, torch.Tensor], path: P
             f"{path}: not the weights of {preset.name} ({preset.hf_repo}, {len(own)} tensors): "
             + "; ".join(p for p in parts if p)
         )
-
-
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
 
 
 def build_foundation_classifier(

@@ -32,7 +32,7 @@ is the figure its source gives, rounded as the source rounds it, and ``tests/tes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from wsi_dala.core.layout import HF_SAFETENSORS_WEIGHTS, HF_TORCH_WEIGHTS
@@ -142,21 +142,6 @@ PRESETS: dict[str, FoundationPreset] = {
             parameters=1_134_774_272, stated="1.1B (the card; rounded)", sources=("HOPT0", "TRIDENT"),
         ),
         FoundationPreset(
-            name="h-optimus-1",
-            title="H-optimus-1 (Bioptimus), ViT-g/14 with SwiGLU and 4 register tokens",
-            library="timm",
-            constructor="vit_giant_patch14_reg4_dinov2",
-            arguments={"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": False},
-            embed_dim=1536, depth=40, heads=24, patch_px=14, register_tokens=4, mlp="swiglu",
-            embedding="cls", embedding_dim=1536,
-            input_px=224, resize_px=224, mpp=0.5,
-            mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
-            hf_repo="bioptimus/H-optimus-1", weights_file=HF_TORCH_WEIGHTS, gated=True,
-            licence="CC-BY-NC-ND-4.0 (per LAZYSLIDE; check the card)",
-            parameters=1_134_774_272, stated="1.1 billion (Bioptimus' launch note; rounded)",
-            sources=("HOPT1", "TRIDENT"),
-        ),
-        FoundationPreset(
             name="prov-gigapath",
             title="Prov-GigaPath tile encoder, ViT-g with 16 px patches",
             library="timm",
@@ -196,6 +181,17 @@ PRESETS: dict[str, FoundationPreset] = {
         ),
     )
 }  # fmt: skip
+# H-optimus-1: H-optimus-0's network and transform (HOPT1: the same code), its own repository, gate and licence.
+PRESETS["h-optimus-1"] = replace(
+    PRESETS["h-optimus-0"],
+    name="h-optimus-1",
+    title="H-optimus-1 (Bioptimus), ViT-g/14 with SwiGLU and 4 register tokens",
+    hf_repo="bioptimus/H-optimus-1",
+    gated=True,
+    licence="CC-BY-NC-ND-4.0 (per LAZYSLIDE; check the card)",
+    stated="1.1 billion (Bioptimus' launch note; rounded)",
+    sources=("HOPT1", "TRIDENT"),
+)
 
 
 def preset(name: str) -> FoundationPreset | None:
