@@ -5,9 +5,10 @@
  * folder that `wsi-dala run` printed. Or pass the folder as the script's argument, e.g. headless in a
  * project, saving the objects with the image:
  *     QuPath script -p project.qpproj -s -a /path/to/run import_wsi_dala.groovy
- * The script reads the folder's run.json and imports exactly the two files it lists:
- * <slide>.tiles.geojson[.gz] (tiles, as detections with measurements) and <slide>.tumour.geojson[.gz]
- * (tumour regions, as annotations), never other GeoJSON lying there. It then colours the tiles by
+ * The script reads the folder's run.json and imports exactly the files it lists:
+ * <slide>.tiles.geojson[.gz] (tiles, as detections with measurements), <slide>.tumour.geojson[.gz]
+ * (tumour regions, as annotations) and <slide>.slide.geojson[.gz] (the tissue, as one annotation carrying
+ * the slide-level answer), never other GeoJSON lying there. It then colours the tiles by
  * "Tumor probability" over the fixed range 0-1 with Inferno, the colour map of wsi-dala's overlay.png
  * (QuPath would otherwise stretch the map to the data's min-max). Written for QuPath 0.4-0.6.
  */
@@ -48,7 +49,9 @@ if (imageName != null && !imageName.startsWith(slideStem)) {
     println "Warning: the open image is ${imageName}, the run in ${folder} is of ${slideName}"
 }
 // Only file names inside this folder (never a path read from a file).
-def files = ['tiles_geojson', 'tumour_geojson'].collect { new File(folder, new File(run.outputs[it] as String).name) }
+// slide_geojson (the whole-tissue annotation with the slide answer) is absent from runs of older releases.
+def listed = ['tiles_geojson', 'tumour_geojson', 'slide_geojson'].findAll { run.outputs[it] != null }
+def files = listed.collect { new File(folder, new File(run.outputs[it] as String).name) }
 def missing = files.findAll { !it.isFile() }
 if (!missing.isEmpty()) {
     println "Missing from ${folder}: ${missing*.name}"

@@ -107,7 +107,7 @@ def check_groovy_script_fits(run_json: Path) -> None:
 
     script = GROOVY_SCRIPT.read_text()
     record = json.loads(run_json.read_text())
-    keys = re.search(r"\[('[a-z_]+'(?:, '[a-z_]+')*)\]\.collect", script)
+    keys = re.search(r"\[('[a-z_]+'(?:, '[a-z_]+')*)\]\.findAll", script)
     assert keys, "the script's list of run.json outputs"
     for key in re.findall(r"'([a-z_]+)'", keys.group(1)):
         assert (run_json.parent / Path(record["outputs"][key]).name).is_file(), key

@@ -18,6 +18,7 @@ DEFAULT_YAML = Path(__file__).parent.parent / "pipelines" / "default.yaml"
 VALUES = {
     "model": ("model.safetensors", 3),
     "features": ("features.zarr", 3),
+    "mil": ("mil.safetensors", 3),
     "tiling.mpp": (1.0, -0.5),
     "tiling.tile_size_px": (128, 4),
     "tiling.stride_px": (64, 0),
@@ -108,7 +109,7 @@ def test_each_key_takes_a_good_value_and_refuses_a_bad_one(tmp_path, dotted):
     good, bad = VALUES[dotted]
     config = load_config(_write(tmp_path, dotted, good))
     loaded = _get(config, dotted)
-    if dotted in ("model", "features"):  # paths relative to the config file
+    if dotted in ("model", "features", "mil"):  # paths relative to the config file
         assert loaded == str((tmp_path / good).resolve())
     else:
         assert loaded == (tuple(good) if isinstance(good, list) else good)

@@ -273,7 +273,7 @@ def test_files_an_earlier_run_wrote_but_this_one_does_not_are_removed(inputs, tm
     assert _run(inputs, out, "--gzip").returncode == 0
     record = json.loads((out / "run.json").read_text())
     assert sorted(p.name for p in out.glob("*.geojson*")) == sorted(
-        [record["outputs"]["tiles_geojson"], record["outputs"]["tumour_geojson"]]
+        [record["outputs"][name] for name in ("tiles_geojson", "tumour_geojson", "slide_geojson")]
     )
     assert record["outputs"]["tiles_geojson"] == "case.tiles.geojson.gz"
 

@@ -313,7 +313,8 @@ def test_a_checkpoint_loaded_before_lets_the_run_read_tiles_while_torch_loads(
 
 
 def test_the_run_answers_at_slide_level_with_the_planted_burden(tmp_path, colour_checkpoint, planted_050, capsys):
-    from wsi_dala.outputs.slide_answer import CALL_INDETERMINATE, feret_diameter
+    from wsi_dala.model.slide_thresholds import CALL_INDETERMINATE
+    from wsi_dala.outputs.slide_answer import feret_diameter
     from wsi_dala.runs.truth import planted_tumour
 
     code = main(["run", str(planted_050.path), "--model", str(colour_checkpoint), "--out", str(tmp_path), "-q"])

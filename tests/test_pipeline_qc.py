@@ -15,7 +15,7 @@ from wsi_dala.cli import main
 from wsi_dala.core.config import PipelineConfig, ScoringConfig, TilingConfig
 from wsi_dala.core.errors import QualityError
 from wsi_dala.outputs.overlay import HATCH_RGB
-from wsi_dala.runs.archive import quality_notes
+from wsi_dala.outputs.slide_answer import quality_notes
 from wsi_dala.runs.pipeline import run_slide
 from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from wsi_dala.tiling.store import TileStore

@@ -8,6 +8,7 @@ from pathlib import Path
 from wsi_dala.cli.common import (
     Verb,
     add_engine_options,
+    add_mil_option,
     add_qc_option,
     add_stain_option,
     add_uncertainty_options,
@@ -33,6 +34,7 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
         "the whole batch (default: `model:` in --config)",
     )
     parser.add_argument("--positive-class", metavar="NAME", help="for a WSInfer model: the class the heatmap shows")
+    add_mil_option(parser)
     parser.add_argument("--pattern", default="*", metavar="GLOB", help="only file names matching this glob")
     parser.add_argument(
         "--scheduler",
@@ -68,6 +70,7 @@ def _batch(args: argparse.Namespace) -> int:
         load_config(args.config),
         model=args.model,
         positive_class=args.positive_class,
+        mil=args.mil,
         tiling={"qc": {"mode": args.qc}},
         scoring={
             "stain_normalise": args.stain_normalise,

@@ -173,6 +173,16 @@ def add_slide_options(parser: argparse.ArgumentParser, defaults: bool = True) ->
     )
 
 
+def add_mil_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mil",
+        metavar="MODEL",
+        help="an attention-MIL model (wsi-dala mil train): adds its slide probability, a slide call at its "
+        "thresholds and an attention layer, from its encoder's features of each slide in --features or the "
+        "output folder, computed by the run when its encoder is the --model (default: none)",
+    )
+
+
 def add_precision_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str | None) -> None:
     parser.add_argument(
         "--precision",

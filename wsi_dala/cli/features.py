@@ -16,7 +16,14 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "slides", type=slide_argument, metavar="SLIDE|ARCHIVE", help="a slide file, or a folder of slides"
     )
-    parser.add_argument("--arch", required=True, choices=list(PRESETS), metavar="NAME", help=_arch_help())
+    encoder = parser.add_mutually_exclusive_group(required=True)
+    encoder.add_argument("--arch", choices=list(PRESETS), metavar="NAME", help=_arch_help())
+    encoder.add_argument(
+        "--model",
+        metavar="CKPT",
+        help="or a wsi-dala classifier (.safetensors) whose backbone is the encoder: its pooled last feature map, "
+        "at its own µm/px and tile size (e.g. DALAResNet50 features for `mil train`)",
+    )
     parser.add_argument(
         "--out",
         required=True,
@@ -64,7 +71,13 @@ def _features(args: argparse.Namespace) -> int:
         raise ConfigError(f"{source}: no slides in this folder")
     if not is_archive and not source.exists():
         raise ConfigError(f"{source}: file not found")
+    if args.model is not None:
+        if args.patch_tokens or args.encoder_option or args.weights != "hub":
+            raise ConfigError("--model: a classifier brings its own weights and has no patch tokens or options")
+        if not Path(args.model).is_file():
+            raise ConfigError(f"{args.model}: checkpoint not found (--model)")
     settings = FeatureSettings(
+        checkpoint=args.model,
         preset=args.arch,
         weights=args.weights,
         options=timm_options(args.encoder_option, "--encoder-option"),
@@ -88,7 +101,7 @@ def _features(args: argparse.Namespace) -> int:
             continue
         what = "already complete" if result.chunks_computed == 0 else f"{result.seconds:.1f} s"
         print(f"features: {slide.name}: {result.n_tiles} tiles x {result.embedding_dim} ({what}) -> {result.path}")
-    print(f"encoder:  {args.arch}, {encoder.card['precision']}, weights {encoder.card['weights']}")
+    print(f"encoder:  {args.arch or args.model}, {encoder.card['precision']}, weights {encoder.card['weights']}")
     if failed:
         print(f"{len(failed)} of {len(slides)} slides failed; rerun the same command to retry them")
         return 1

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from wsi_dala.cli.common import (
     Verb,
     add_engine_options,
+    add_mil_option,
     add_qc_option,
     add_slide_options,
     add_stain_option,
@@ -48,6 +49,7 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
         "this slide instead of running the encoder; refused unless they are of this slide's tiles and this head's "
         "encoder. Without it the output folder's own store is used when it fits (default: none)",
     )
+    add_mil_option(parser)
     parser.add_argument("--config", metavar="FILE", help="pipeline YAML (see pipelines/default.yaml); flags win")
     parser.add_argument(
         "--scheduler",
@@ -88,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         model=args.model,
         positive_class=args.positive_class,
         features=args.features,
+        mil=args.mil,
         tiling={
             "mpp": args.mpp,
             "min_tissue": args.min_tissue,

@@ -16,6 +16,7 @@ from wsi_dala.model.foundation_presets import PRESETS
 from wsi_dala.model.registry import (
     TIMM_PREFIX,
 )
+from wsi_dala.model.slide_thresholds import MEASURE_WORDS, RUN_MEASURES
 
 if TYPE_CHECKING:
     from wsi_dala.model import ModelCard
@@ -410,7 +411,25 @@ def _configure_calibrate(parser: argparse.ArgumentParser) -> None:
         required=True,
         metavar="DIR",
         help="where calibrated.safetensors (same weights, card with temperature and CAM profile), "
-        "calibration.json and reliability.png go",
+        "calibration.json and reliability.png go (with --slide-labels: slide_thresholds.json and .png)",
+    )
+    parser.add_argument(
+        "--slide-labels",
+        metavar="CSV",
+        help="fit slide-level thresholds instead of the temperature: a CSV of slide,label (the model's class "
+        "names), one row per slide, each slide run with this model in --runs (default: none)",
+    )
+    parser.add_argument(
+        "--runs",
+        action="append",
+        metavar="DIR",
+        help="with --slide-labels: a batch output or run folders holding those slides' runs; repeatable",
+    )
+    parser.add_argument(
+        "--slide-measure",
+        default="auto",
+        choices=("auto", *RUN_MEASURES),
+        help="with --slide-labels: what the thresholds apply to; auto picks the one with the best slide AUC",
     )
     _add_held_out_options(parser)
 
@@ -420,6 +439,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     from wsi_dala.training.calibrate import summary_lines
     from wsi_dala.training.evaluate import calibrate_checkpoint
 
+    if args.slide_labels:
+        return _calibrate_slides(args)
+    if args.runs:
+        raise ConfigError("--runs: goes with --slide-labels (slide thresholds), not with tile calibration")
     card = read_card(args.model)
     layout = CalibrateLayout(Path(args.out))
     samples, names, source = _held_out_samples(args, layout.tiles_dir, card.tile_size_px)
@@ -435,6 +458,28 @@ def _calibrate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print("\n".join(summary_lines(calibration, profile)))
+    print(f"checkpoint: {layout.checkpoint}")
+    return 0
+
+
+def _calibrate_slides(args: argparse.Namespace) -> int:
+    from wsi_dala.runs.slide_calibration import calibrate_slides
+
+    if any(getattr(args, name, None) for name in ("breakhis", "folder", "slide", "split_from")):
+        raise ConfigError("--slide-labels fits slide thresholds from runs: give no tile data with it")
+    if not args.runs:
+        raise ConfigError("--slide-labels: give --runs DIR, the runs of those slides made with this model")
+    layout = CalibrateLayout(Path(args.out))
+    record = calibrate_slides(args.model, args.slide_labels, args.runs, layout.root, args.slide_measure)
+    print(
+        f"slide thresholds on {MEASURE_WORDS[record['measure']]} (slide AUC {record['auc']:.3f}, "
+        f"{record['slides']} slides, {record['tumour_slides']} with tumour): tumour at >= {record['tumour_at']:.4g}, "
+        f"no tumour below {record['no_tumour_below']:.4g}"
+    )
+    print(
+        f"on those slides: specificity {record['specificity']:.3f}, sensitivity {record['sensitivity']:.3f}, "
+        f"{100 * record['indeterminate_share']:.0f} % indeterminate"
+    )
     print(f"checkpoint: {layout.checkpoint}")
     return 0
 

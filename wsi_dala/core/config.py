@@ -196,6 +196,9 @@ class PipelineConfig(Settings):
     # running its encoder; refused when it does not fit. None: the run folder's own, used when it fits.
     # Relative paths: to the config file.
     features: str | None = None
+    # An attention-MIL model (`wsi-dala mil train`): adds its slide probability, a slide call at its thresholds
+    # and an attention layer; reads its encoder's stored features of the slide. Relative: to the config file.
+    mil: str | None = None
     tiling: TilingConfig = TilingConfig()
     scoring: ScoringConfig = ScoringConfig()
     heatmap: HeatmapConfig = HeatmapConfig()
@@ -485,8 +488,10 @@ def load_config(path: str | Path | None) -> PipelineConfig:
         beside = path.parent / config.model  # a model name (zoo, hf:) stays a name unless a file here has it
         if beside.exists() or not is_model_name(config.model):
             config = config.model_copy(update={"model": str(beside.resolve())})
-    if config.features and not Path(config.features).is_absolute():  # relative to the file, as the model is
-        config = config.model_copy(update={"features": str((path.parent / config.features).resolve())})
+    for key in ("features", "mil"):  # relative to the file, as the model is
+        value = getattr(config, key)
+        if value and not Path(value).is_absolute():
+            config = config.model_copy(update={key: str((path.parent / value).resolve())})
     return config
 
 
@@ -507,11 +512,12 @@ def with_overrides(
     model: str | None = None,
     positive_class: str | None = None,
     features: str | None = None,
+    mil: str | None = None,
     **sections: dict[str, Any],
 ) -> PipelineConfig:
     """Apply non-None command-line values, section by section (``tiling={"mpp": 0.5}``), validated."""
     data = config.model_dump()
-    for key, value in (("model", model), ("positive_class", positive_class), ("features", features)):
+    for key, value in (("model", model), ("positive_class", positive_class), ("features", features), ("mil", mil)):
         if value is not None:
             data[key] = value
     for name, values in sections.items():

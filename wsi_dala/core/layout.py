@@ -153,6 +153,7 @@ class RunLayout(_Layout):
     overview_png = _Below("overview.png")
     overlay_png = _Below("overlay.png")
     uncertainty_png = _Below("uncertainty.png", "The per-tile probability SD over the thumbnail (--tta, --mc-dropout).")
+    attention_png = _Below("attention.png", "An attention-MIL model's attention over the thumbnail (--mil).")
     run_json = _Below("run.json")
     lock = _Below("run.lock", "Held while a run writes this folder: a second run on it is refused.")
 
@@ -161,6 +162,10 @@ class RunLayout(_Layout):
 
     def tumour_geojson(self, gzip: bool = False) -> Path:
         return self.root / f"{self.slide_stem}.tumour.geojson{'.gz' if gzip else ''}"
+
+    def slide_geojson(self, gzip: bool = False) -> Path:
+        """One annotation over the whole tissue, carrying the slide answer as measurements."""
+        return self.root / f"{self.slide_stem}.slide.geojson{'.gz' if gzip else ''}"
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,23 @@ class CalibrateLayout(_Layout):
     calibration_json = _Below("calibration.json", "Written last: the temperature, ECE/Brier/NLL before and after.")
     reliability_png = _Below("reliability.png")
     tiles_dir = _Below("tiles", "`calibrate --slide`: one tile-store folder per annotated slide below this.")
+    slide_thresholds_json = _Below(
+        "slide_thresholds.json", "`calibrate --slide-labels`: the thresholds and each slide."
+    )
+    slide_thresholds_png = _Below("slide_thresholds.png", "Each labelled slide's measure, and the thresholds.")
+
+
+@dataclass(frozen=True)
+class MilLayout(_Layout):
+    """The folder of `wsi-dala mil train` (and `mil evaluate`'s: its metrics and curve)."""
+
+    root: Path
+
+    model = _Below("mil.safetensors", "The attention-MIL model; its card names the encoder and the thresholds.")
+    predictions_csv = _Below("oof_predictions.csv", "Each slide's out-of-fold probability and its fold.")
+    metrics_json = _Below("slide_metrics.json", "AUC, balanced accuracy, sensitivity at 95 % specificity, ECE.")
+    roc_png = _Below("slide_roc.png")
+    record_json = _Below("mil.json", "Written last: settings, folds, seconds.")
 
 
 @dataclass(frozen=True)
@@ -281,6 +303,7 @@ class BatchLayout(_Layout):
 
     batch_json = _Below("batch.json")
     report_md = _Below("report.md")
+    review_csv = _Below("review.csv", "The review list for a spreadsheet: tumour calls first, largest burden first.")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from wsi_dala.core.layout import building_path
 from wsi_dala.model.devices import autocast, normalise
 from wsi_dala.model.foundation import embed
 from wsi_dala.model.foundation_presets import FoundationPreset
-from wsi_dala.model.interface import as_split
+from wsi_dala.model.interface import as_split, pooled_features
 from wsi_dala.tiling.features_store import (
     CHUNKS_DONE,
     COORDS,
@@ -82,6 +82,49 @@ def features_key(card: dict[str, Any], tiling_key: str) -> str:
     return config_hash({"encoder": card, "tiles": tiling_key, "format": FEATURES_FORMAT})
 
 
+def checkpoint_encoder_card(
+    architecture: str,
+    weights: dict[str, Any],
+    tile_size_px: int,
+    mean: list[float],
+    std: list[float],
+    width: int,
+    precision: str,
+) -> dict[str, Any]:
+    """The encoder card of a wsi-dala classifier used as an encoder (``features --model``): its backbone's
+    feature map averaged over space."""
+    return {
+        "preset": None,
+        "architecture": architecture,
+        "weights": weights,
+        "options": {},
+        "input_px": tile_size_px,
+        "resize_px": tile_size_px,
+        "mean": list(mean),
+        "std": list(std),
+        "embedding": "the backbone's last feature map, averaged over space",
+        "embedding_dim": width,
+        "precision": precision,
+    }
+
+
+def _encode_tiles(
+    encoder: torch.nn.Module, preset: FoundationPreset | None, card: dict[str, Any], tiles: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(embedding, patch-token mean, patch tokens or None) of one batch of uint8 tiles."""
+    if preset is None:  # a classifier's backbone: its pooled map is both the embedding and the token mean
+        images = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
+        with torch.inference_mode(), autocast(card["precision"], "cpu"):
+            pooled = pooled_features(encoder, normalise(images, card["mean"], card["std"])).float()
+        return pooled, pooled, None
+    x = model_input(tiles, preset, card["mean"], card["std"])
+    with torch.inference_mode(), autocast(card["precision"], "cpu"):
+        out = as_split(encoder).forward_features(x).float()
+    registers = int(getattr(encoder, "num_prefix_tokens", 1)) - 1
+    patches = out[:, 1 + registers :]
+    return embed(preset, out), patches.mean(dim=1), patches
+
+
 def model_input(tiles: np.ndarray, preset: FoundationPreset, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 tiles [N, H, W, 3] as the model's transform makes them: resized (where its transform resizes
     first, e.g. Prov-GigaPath's 256), centre-cropped to its input, normalised."""
@@ -98,7 +141,7 @@ def write_features(
     tiles_store: Path,
     features_store: Path,
     encoder: torch.nn.Module,
-    preset: FoundationPreset,
+    preset: FoundationPreset | None,
     card: dict[str, Any],
     batch_size: int = 8,
     patch_tokens: bool = False,
@@ -113,24 +156,21 @@ def write_features(
     if not info.complete:
         raise OutputError(f"{tiles_store}: the tiles are not complete; tile the slide first")
     key = features_key(card, info.tiling.tiling_key)
+    patch_tokens = patch_tokens and preset is not None  # a CNN's map is not tokens
     group = _open_or_create(features_store, key, store, card, preset, encoder, patch_tokens)
     done = np.asarray(_array(group, CHUNKS_DONE)[:], dtype=bool)
     todo = [i for i in range(info.n_chunks) if not done[i]]
     bar = tqdm(total=len(todo), unit="chunk", desc="features", disable=not progress, leave=False)
     encoder.eval()
-    registers = int(getattr(encoder, "num_prefix_tokens", 1)) - 1
     for index in todo:
         rows = slice(index * info.chunk_tiles, min(info.n_tiles, (index + 1) * info.chunk_tiles))
         tiles = store.tiles(rows)
         pooled, means, tokens = [], [], []
         for start in range(0, len(tiles), batch_size):
-            x = model_input(tiles[start : start + batch_size], preset, card["mean"], card["std"])
-            with torch.inference_mode(), autocast(card["precision"], "cpu"):
-                out = as_split(encoder).forward_features(x).float()
-            pooled.append(embed(preset, out).numpy().astype(np.float16))
-            patches = out[:, 1 + registers :]
-            means.append(patches.mean(dim=1).numpy().astype(np.float16))  # what a preset's linear head pools
-            if patch_tokens:
+            embedding, token_mean, patches = _encode_tiles(encoder, preset, card, tiles[start : start + batch_size])
+            pooled.append(embedding.numpy().astype(np.float16))
+            means.append(token_mean.numpy().astype(np.float16))  # what a preset's linear head pools
+            if patch_tokens and patches is not None:
                 tokens.append(patches.numpy().astype(np.float16))
         _array(group, EMBEDDING)[rows] = np.concatenate(pooled)
         _array(group, TOKEN_MEAN)[rows] = np.concatenate(means)
@@ -150,7 +190,7 @@ def _open_or_create(
     key: str,
     store: TileStore,
     card: dict[str, Any],
-    preset: FoundationPreset,
+    preset: FoundationPreset | None,
     encoder: torch.nn.Module,
     patch_tokens: bool,
 ) -> zarr.Group:
@@ -163,7 +203,9 @@ def _open_or_create(
             raise OutputError(f"{path}: not a readable features store ({exc}); delete it to compute it again") from exc
         if previous.get("features_key") != key:
             made_by = previous.get("encoder")
-            was = made_by.get("preset", "unknown") if isinstance(made_by, dict) else "unknown"
+            was = (
+                (made_by.get("preset") or made_by.get("architecture", "unknown")) if isinstance(made_by, dict) else "?"
+            )
             raise OutputError(
                 f"{path}: features of another encoder or other tiles ({was}, key {previous.get('features_key')}); "
                 "choose another --out or delete it"
@@ -178,11 +220,11 @@ def _open_or_create(
     group = zarr.open_group(building, mode="w", zarr_format=3)
     width = int(card["embedding_dim"])
     group.create_array(EMBEDDING, shape=(n, width), chunks=(chunk, width), dtype="float16")
-    width_tokens = int(getattr(encoder, "num_features", preset.embed_dim))
+    width_tokens = width if preset is None else int(getattr(encoder, "num_features", preset.embed_dim))
     group.create_array(TOKEN_MEAN, shape=(n, width_tokens), chunks=(chunk, width_tokens), dtype="float16")
     group.create_array(COORDS, data=store.coords(), chunks=(max(1, n), 2))
     group.create_array(CHUNKS_DONE, data=np.zeros(info.n_chunks, dtype=bool), chunks=(max(1, info.n_chunks),))
-    if patch_tokens:
+    if patch_tokens and preset is not None:
         grid = (preset.input_px // _patch_px(encoder, preset)) ** 2
         group.create_array(
             PATCH_TOKENS, shape=(n, grid, width_tokens), chunks=(chunk, grid, width_tokens), dtype="float16"

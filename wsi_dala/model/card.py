@@ -24,6 +24,7 @@ from wsi_dala.core.config import MIN_TILE_SIZE_PX
 from wsi_dala.core.errors import CheckpointError, ConfigError
 from wsi_dala.model.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 from wsi_dala.model.normalisation import IMAGENET_MEAN, IMAGENET_STD
+from wsi_dala.model.slide_thresholds import SlideThresholds
 from wsi_dala.tissue.stain import StainProfile
 
 PRETRAIN_CARD_KEY = "wsi_dala.pretrain_card"  # safetensors metadata of a `wsi-dala pretrain` backbone
@@ -67,6 +68,9 @@ class ModelCard:
     # weaker the CAM is at a tile's borders; the heatmap divides it out (wsi_dala.explain.border_profile).
     # None: not measured.
     cam_profile: list[list[float]] | None = None
+    # Slide-level thresholds on one slide measure, chosen from slide labels (wsi_dala.model.slide_thresholds);
+    # empty: every slide call is "indeterminate".
+    slide_thresholds: dict[str, Any] = field(default_factory=dict)
     software: dict[str, str] = field(default_factory=lambda: {"wsi_dala": __version__, "torch": _torch_version()})
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -102,6 +106,12 @@ class ModelCard:
                 or not (np.isfinite(values).all() and (values > 0).all())
             ):
                 raise CheckpointError(f"{source}: cam_profile must be a square grid of positive numbers")
+        if not _plain_json(self.slide_thresholds):
+            raise CheckpointError(f"{source}: slide_thresholds must be a small record of names, numbers and text")
+        try:
+            SlideThresholds.from_card(self.slide_thresholds, source)
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from exc
         if self.stain_reference is not None:
             try:
                 StainProfile.from_dict(self.stain_reference, f"{source}: stain_reference")
@@ -177,6 +187,26 @@ def read_card(path: str | os.PathLike) -> ModelCard:
             )
         raise CheckpointError(f"{path}: safetensors file without a wsi-dala model card")
     return ModelCard.from_json(metadata[CARD_KEY], source=str(path))
+
+
+def write_with_card(source: str | os.PathLike, target: str | os.PathLike, card: ModelCard) -> Path:
+    """Copy checkpoint ``source`` to ``target`` with ``card`` in place of its own: the header is rewritten, the
+    weights' bytes are copied as they are (no torch, nothing loaded), atomically."""
+    from wsi_dala.core.fileio import atomic_open
+
+    card.validate(str(target))
+    source = _check_safetensors(Path(source))
+    with open(source, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        header["__metadata__"] = {**header.get("__metadata__", {}), CARD_KEY: card.to_json()}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+        with atomic_open(target, "wb") as out:
+            out.write(len(encoded).to_bytes(8, "little") + encoded)
+            while chunk := handle.read(1 << 24):
+                out.write(chunk)
+    return Path(target)
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:

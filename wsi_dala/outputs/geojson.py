@@ -70,8 +70,11 @@ def _dt_cam_area_fraction(raw: np.ndarray, settings: CamSettings) -> np.ndarray:
 CAM_BLOCK_TILES = 16384  # tiles whose CAMs are read at once (~3 MB of a 7 x 7 grid in float32)
 
 
-def _tile_feature_texts(store: TileStore, config: ExportConfig, heatmap: Heatmap) -> Iterator[str]:
-    """Every usable tile as a GeoJSON feature (compact JSON text), in store order.
+def _tile_feature_texts(
+    store: TileStore, config: ExportConfig, heatmap: Heatmap, extra: dict[str, np.ndarray] | None = None
+) -> Iterator[str]:
+    """Every usable tile as a GeoJSON feature (compact JSON text), in store order; ``extra``: more measurements,
+    one value per store row (NaN: none for that tile).
 
     The per-tile columns are read once (a few bytes per tile); the CAMs a block of chunks at a time.
     """
@@ -103,6 +106,7 @@ def _tile_feature_texts(store: TileStore, config: ExportConfig, heatmap: Heatmap
             "QC fold": fold[rows],
             "QC ink": ink[rows],
             "QC flagged": flagged[rows],
+            **{name: values[rows] for name, values in (extra or {}).items()},
         }
         classes = np.where(probability[rows] >= config.tile_threshold, POSITIVE_CLASS, NEGATIVE_CLASS)
         keep = keep_all[rows]
@@ -183,17 +187,28 @@ def _mean_inside(layer: np.ndarray, polygon: BaseGeometry, cell_l0: float) -> fl
 
 
 def export_qupath(
-    store_path: str | Path, heatmap: Heatmap, tiles_path: Path, regions_path: Path, config: ExportConfig
+    store_path: str | Path,
+    heatmap: Heatmap,
+    tiles_path: Path,
+    regions_path: Path,
+    config: ExportConfig,
+    tile_extra: dict[str, np.ndarray] | None = None,
 ) -> ExportResult:
     """Write both GeoJSON files (each atomically); returns counts and the regions' summary."""
-    n_tiles = export_tiles(store_path, heatmap, tiles_path, config)
+    n_tiles = export_tiles(store_path, heatmap, tiles_path, config, tile_extra)
     n_regions, summary = export_regions(heatmap, regions_path, config)
     return ExportResult(tiles_path, regions_path, n_tiles, n_regions, summary)
 
 
-def export_tiles(store_path: str | Path, heatmap: Heatmap, tiles_path: Path, config: ExportConfig) -> int:
+def export_tiles(
+    store_path: str | Path,
+    heatmap: Heatmap,
+    tiles_path: Path,
+    config: ExportConfig,
+    extra: dict[str, np.ndarray] | None = None,
+) -> int:
     """The tile detections' GeoJSON, streamed tile by tile (atomically); returns how many were written."""
-    return write_feature_texts(tiles_path, _tile_feature_texts(TileStore(store_path), config, heatmap))
+    return write_feature_texts(tiles_path, _tile_feature_texts(TileStore(store_path), config, heatmap, extra))
 
 
 def export_regions(heatmap: Heatmap, regions_path: Path, config: ExportConfig) -> tuple[int, list[dict[str, Any]]]:

@@ -61,13 +61,14 @@ from wsi_dala.outputs.tumour_layer import TileLattice, cam_evidence, cell_values
 from wsi_dala.tiling.grid import grid_origins
 from wsi_dala.tiling.store import TileStore
 
-LAYERS = ("probability", "tumour", "uncertainty", "qc_flagged")
+LAYERS = ("probability", "tumour", "uncertainty", "qc_flagged", "attention")
 LAYER_MEANINGS = {
     "probability": "the tile's calibrated tumour probability, overlap-averaged over the tiles covering the cell",
     "tumour": "the probability p interpolated between tile centres, weighed against the cell's Grad-CAM evidence "
     "e = 1 - exp(-3 CAM / slide scale): sigmoid(logit(p) + 2 logit(e))",
     "uncertainty": "SD of the tile's tumour probability over test-time views / MC-dropout passes",
     "qc_flagged": "share of the tiles over the cell that quality control flagged",
+    "attention": "an attention-MIL model's attention to the tile, times the slide's tile count (1: an even share)",
 }
 
 
@@ -82,6 +83,7 @@ class Heatmap:
     cam_scale: float
     slide_mpp: float
     uncertainty: np.ndarray | None = None  # None: scoring measured no spread
+    attention: np.ndarray | None = None  # an attention-MIL model's (run --mil), painted by paint_tiles
     cam_profile: np.ndarray = field(default_factory=lambda: np.ones((1, 1)))  # what each CAM was divided by
     evidence_profile: np.ndarray = field(default_factory=lambda: np.ones((1, 1)))  # ... and each cell's evidence
     profile_tiles: int = 0  # positive tiles of this slide the profile was measured on
@@ -210,6 +212,25 @@ def stitch(
     heatmap.seam_index = seam_index(heatmap.tumour, corners, grid)
     heatmap.tile_period_power = tile_period_power(heatmap.tumour, _inside_tumour(heatmap, config, grid), grid)
     return heatmap
+
+
+def paint_tiles(heatmap: Heatmap, coords_l0: np.ndarray, tile_size_l0: float, values: np.ndarray) -> np.ndarray:
+    """A layer on the heatmap's cells from per-tile values of another tiling (an attention-MIL model's tiles):
+    each cell the mean of the tiles whose square holds its centre; NaN where none does, or no tissue is."""
+    rows, cols = heatmap.probability.shape
+    cell = heatmap.cell_l0
+    sums = np.zeros((rows, cols), dtype=np.float64)
+    counts = np.zeros((rows, cols), dtype=np.int32)
+    for (x, y), value in zip(
+        np.asarray(coords_l0, dtype=np.float64), np.asarray(values, dtype=np.float64), strict=True
+    ):
+        c0, c1 = max(0, math.ceil(x / cell - 0.5)), min(cols, math.ceil((x + tile_size_l0) / cell - 0.5))
+        r0, r1 = max(0, math.ceil(y / cell - 0.5)), min(rows, math.ceil((y + tile_size_l0) / cell - 0.5))
+        sums[r0:r1, c0:c1] += value
+        counts[r0:r1, c0:c1] += 1
+    layer = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
+    layer[~np.isfinite(heatmap.probability)] = np.nan  # glass and ink stay empty, as in every layer
+    return layer.astype(np.float32)
 
 
 def _inside_tumour(heatmap: Heatmap, config: HeatmapConfig, grid: int) -> np.ndarray:

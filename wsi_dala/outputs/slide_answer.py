@@ -4,10 +4,10 @@ sure the most suspicious tiles are, and a slide call.
 From what the run already wrote: the tumour regions of the QuPath GeoJSON at the lowest region threshold
 (the outermost, as the annotations nest), the tissue area of the tile store's QC record and the tiles'
 probabilities. The greatest diameter of a region is its Feret diameter: the largest distance between two
-vertices of its convex hull. The call is ``tumour``, ``no tumour`` or ``indeterminate``; it needs
-slide-level thresholds chosen from slide labels in the model card, which no card holds yet, so today
-every call is ``indeterminate`` and says why (a slide with QC or stain warnings would be at most
-``indeterminate`` whatever the thresholds). Nothing here removes or changes a region or a probability.
+vertices of its convex hull. The call is ``tumour``, ``no tumour`` or ``indeterminate``, at the
+slide-level thresholds of the model card (``wsi_dala.model.slide_thresholds``); without them it is
+``indeterminate`` and says why, and a slide with QC or stain warnings is at most ``indeterminate``. Nothing
+here removes or changes a region or a probability.
 """
 
 from __future__ import annotations
@@ -15,17 +15,43 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import shapely
+from scipy import ndimage
 from shapely.geometry import shape
 
+from qupath_export.geojson import annotation_feature, classification
+from qupath_export.polygons import contour_polygons
+from wsi_dala.model.slide_thresholds import SlideThresholds, slide_call
+
+TISSUE_CLASS, TISSUE_COLOUR = "Tissue", (90, 110, 190)  # the whole-tissue annotation of the slide answer
+TISSUE_SMOOTHING_PX = 1.0  # Gaussian sigma, in tissue-mask pixels, before the tissue outline is traced
 TOP_K_TILES = 10  # the mean probability of the k most suspicious tiles
-CALL_TUMOUR, CALL_NONE, CALL_INDETERMINATE = "tumour", "no tumour", "indeterminate"
-NO_THRESHOLDS = "no slide-level thresholds in the model card: they are chosen from slide labels, not yet available"
+NOTE_PERCENT = 1.0  # QC findings below this share of the tissue are not worth a warning
+
+
+def quality_notes(qc: dict[str, Any], stain: dict[str, Any]) -> list[str]:
+    """One short line per QC or stain finding a person should look at ("12 % of tissue out of focus"): the
+    batch report lists them, and any of them keeps a slide from being called "no tumour"."""
+    notes = []
+    percent = qc.get("percent_of_tissue", {}) if isinstance(qc, dict) else {}
+    for name, words in (("blur", "out of focus"), ("fold", "folded")):
+        value = percent.get(name, 0.0)
+        if isinstance(value, (int, float)) and value >= NOTE_PERCENT:
+            notes.append(f"{value:.0f} % of tissue {words}")
+    ink_mm2 = qc.get("ink_mm2", 0.0) if isinstance(qc, dict) else 0.0
+    if isinstance(ink_mm2, (int, float)) and ink_mm2 > 0:
+        notes.append(f"marker ink on {ink_mm2:.2f} mm² (removed from the tissue)")
+    if isinstance(stain, dict) and stain.get("out_of_distribution"):
+        notes.append(f"out of distribution: stain ({stain.get('summary', 'far from the model reference')})")
+    warning = qc.get("warning") if isinstance(qc, dict) else None
+    if isinstance(warning, str) and warning:
+        notes.append(warning.split(";")[0])  # "QC flagged 97 of 100 tiles (97 %: 97 out of focus)"
+    return notes
 
 
 @dataclass(frozen=True)
@@ -40,6 +66,8 @@ class SlideAnswer:
     top_k_mean_probability: float | None
     call: str
     call_reason: str
+    warnings: list[str] = field(default_factory=list)  # QC and stain findings (quality_notes)
+    slide_probability: float | None = None  # an attention-MIL model's, when the run had one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,26 +83,72 @@ class SlideAnswer:
             if self.regions
             else ""
         )
+        mil = f"; MIL slide probability {self.slide_probability:.2f}" if self.slide_probability is not None else ""
         return (
             f"tumour {self.tumour_area_mm2:.2f} mm²{share} in {self.regions} region(s){largest}; "
-            f"top-{self.top_k} mean probability {top}; call: {self.call} ({self.call_reason})"
+            f"top-{self.top_k} mean probability {top}{mil}; call: {self.call} ({self.call_reason})"
         )
 
 
+def _read_collection(path: Path) -> dict[str, Any]:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            return dict(json.load(handle))
+    return dict(json.loads(path.read_text(encoding="utf-8")))
+
+
 def region_polygons(regions_geojson: Path, threshold: float) -> list[Any]:
-    """The tumour annotations outlined at ``threshold`` (level-0 pixels), as shapely geometries."""
-    if regions_geojson.suffix == ".gz":
-        with gzip.open(regions_geojson, "rt", encoding="utf-8") as handle:
-            collection = json.load(handle)
-    else:
-        collection = json.loads(regions_geojson.read_text(encoding="utf-8"))
+    """The tumour annotations outlined at ``threshold`` (level-0 pixels), as shapely geometries: measured
+    on the file as written, so the answer is what QuPath shows."""
     found = []
-    for feature in collection.get("features", []):
+    for feature in _read_collection(regions_geojson).get("features", []):
         measurements = feature.get("properties", {}).get("measurements", {})
         level = measurements.get("Threshold") if isinstance(measurements, dict) else None
         if level is None or abs(float(level) - threshold) < 1e-9:
             found.append(shape(feature["geometry"]))
     return found
+
+
+def tissue_feature(
+    tissue_mask: np.ndarray, mask_downsample: float, answer: SlideAnswer, min_area_l0: float
+) -> dict[str, Any] | None:
+    """A QuPath annotation over the whole tissue carrying the slide answer as measurements (the call and its
+    reason, which are words, as metadata): one object per slide a pathologist can sort and filter on. The
+    outline is traced between mask pixel centres (marching squares), so it has no pixel staircase."""
+    # Smoothed by one mask pixel first: a binary mask's contour still steps at 45° edges.
+    smooth = ndimage.gaussian_filter(np.asarray(tissue_mask, dtype=np.float32), TISSUE_SMOOTHING_PX, mode="constant")
+    outline = contour_polygons(
+        smooth,
+        0.5,
+        mask_downsample,
+        simplify_tolerance=0.5 * mask_downsample,
+        min_area=min_area_l0,
+    )
+    measurements = {
+        "Tumour area mm^2": answer.tumour_area_mm2,
+        "Tissue area mm^2": answer.tissue_area_mm2 if answer.tissue_area_mm2 is not None else float("nan"),
+        "Tumour share of tissue": answer.tumour_share_of_tissue
+        if answer.tumour_share_of_tissue is not None
+        else float("nan"),
+        "Tumour regions": float(answer.regions),
+        "Largest region mm^2": answer.largest_region_mm2,
+        "Largest region diameter mm": answer.largest_region_diameter_mm,
+        f"Top-{answer.top_k} mean tumour probability": answer.top_k_mean_probability
+        if answer.top_k_mean_probability is not None
+        else float("nan"),
+    }
+    if answer.slide_probability is not None:
+        measurements["Slide tumour probability"] = answer.slide_probability
+    feature = annotation_feature(outline, TISSUE_CLASS, f"Tissue: slide call {answer.call}", measurements)
+    if feature is None:
+        return None
+    feature["properties"]["classification"] = classification(TISSUE_CLASS, TISSUE_COLOUR)
+    feature["properties"]["metadata"] = {
+        "Slide call": answer.call,
+        "Call reason": answer.call_reason[:300],
+        "Warnings": "; ".join(answer.warnings)[:300],
+    }
+    return feature
 
 
 def feret_diameter(geometry: Any) -> float:
@@ -94,6 +168,9 @@ def slide_answer(
     slide_mpp: float,
     tissue_area_um2: float | None,
     probabilities: np.ndarray,
+    thresholds: SlideThresholds | None = None,
+    warnings: list[str] | None = None,
+    slide_probability: float | None = None,
 ) -> SlideAnswer:
     polygons = region_polygons(regions_geojson, region_threshold)
     areas_mm2 = [p.area * slide_mpp**2 / 1e6 for p in polygons]
@@ -102,6 +179,12 @@ def slide_answer(
     tissue_mm2 = tissue_area_um2 / 1e6 if tissue_area_um2 else None
     finite = np.sort(probabilities[np.isfinite(probabilities)])[::-1]
     k = min(TOP_K_TILES, len(finite))
+    measures: dict[str, float | None] = {
+        "tumour_area_mm2": round(tumour_mm2, 4),
+        "top_k_mean_probability": round(float(finite[:k].mean()), 4) if k else None,
+        "slide_probability": slide_probability,
+    }
+    call, reason = slide_call(measures[thresholds.measure] if thresholds else None, thresholds, warnings or [])
     return SlideAnswer(
         tumour_area_mm2=round(tumour_mm2, 4),
         tissue_area_mm2=round(tissue_mm2, 4) if tissue_mm2 else None,
@@ -112,7 +195,9 @@ def slide_answer(
         if largest >= 0
         else 0.0,
         top_k=k,
-        top_k_mean_probability=round(float(finite[:k].mean()), 4) if k else None,
-        call=CALL_INDETERMINATE,
-        call_reason=NO_THRESHOLDS,
+        top_k_mean_probability=measures["top_k_mean_probability"],
+        call=call,
+        call_reason=reason,
+        warnings=list(warnings or []),
+        slide_probability=slide_probability,
     )

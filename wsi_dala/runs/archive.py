@@ -32,11 +32,13 @@ from typing import Any
 
 from wsi_dala.core.config import BatchConfig, PipelineConfig
 from wsi_dala.core.errors import QualityError, ResolutionError, SlideOpenError, SlideReadError, WsiDalaError
-from wsi_dala.core.fileio import atomic_open, ensure_writable_dir, read_json_object, write_json_atomic
+from wsi_dala.core.fileio import ensure_writable_dir, read_json_object, write_json_atomic
 from wsi_dala.core.formats import SLIDE_SUFFIXES
 from wsi_dala.core.identity import slide_fingerprint
 from wsi_dala.core.layout import BatchLayout, BatchSlideLayout, safe_stem
 from wsi_dala.core.locks import exclusive_lock
+from wsi_dala.outputs.slide_answer import quality_notes
+from wsi_dala.runs.batch_report import write_reports
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class SlideOutcome:
     runs: int = 0  # how many times this slide was actually processed, over all batches
     quality: list[str] = field(default_factory=list)  # QC and stain findings worth a look ("12 % ... out of focus")
     aliases: list[str] = field(default_factory=list)  # other names (links) of the same file, not run again
+    answer: dict[str, Any] = field(default_factory=dict)  # the run's slide answer (tumour burden, call, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,6 +188,7 @@ def process_slide(
             outcome.status = "skipped" if summary.skipped else "done"
             outcome.tiles = summary.record.counts.tiles
             outcome.quality = quality_notes(summary.record.qc, summary.record.stain)
+            outcome.answer = summary.record.slide_answer
             outcome.error = None
             if not summary.skipped:
                 outcome.runs += 1
@@ -193,28 +197,6 @@ def process_slide(
         permanent = permanent and outcome.status == "failed"
         write_json_atomic(state_path, {**outcome.to_dict(), "fingerprint": fingerprint, "permanent": permanent})
     return outcome.to_dict()
-
-
-NOTE_PERCENT = 1.0  # QC findings below this share of the tissue are not worth a line in the report
-
-
-def quality_notes(qc: dict[str, Any], stain: dict[str, Any]) -> list[str]:
-    """One short line per finding a person should look at: "12 % of tissue out of focus"."""
-    notes = []
-    percent = qc.get("percent_of_tissue", {}) if isinstance(qc, dict) else {}
-    for name, words in (("blur", "out of focus"), ("fold", "folded")):
-        value = percent.get(name, 0.0)
-        if isinstance(value, (int, float)) and value >= NOTE_PERCENT:
-            notes.append(f"{value:.0f} % of tissue {words}")
-    ink_mm2 = qc.get("ink_mm2", 0.0) if isinstance(qc, dict) else 0.0
-    if isinstance(ink_mm2, (int, float)) and ink_mm2 > 0:
-        notes.append(f"marker ink on {ink_mm2:.2f} mm² (removed from the tissue)")
-    if isinstance(stain, dict) and stain.get("out_of_distribution"):
-        notes.append(f"out of distribution: stain ({stain.get('summary', 'far from the model reference')})")
-    warning = qc.get("warning") if isinstance(qc, dict) else None
-    if isinstance(warning, str) and warning:
-        notes.append(warning.split(";")[0])  # "QC flagged 97 of 100 tiles (97 %: 97 out of focus)"
-    return notes
 
 
 # ---------------------------------------------------------------- the batch
@@ -279,7 +261,7 @@ def run_batch(
             result.outcomes.append(SlideOutcome(sid, path, "not run", error="the batch was stopped before it"))
     result.outcomes.sort(key=lambda o: o.path)
     result.seconds = time.perf_counter() - started
-    write_reports(BatchLayout(out_dir), archive, result)
+    write_reports(BatchLayout(out_dir), archive, result)  # wsi_dala.runs.batch_report
     return result
 
 
@@ -359,54 +341,3 @@ def _execute(
         return
     for path, sid in jobs:
         yield process_slide(path, sid, out_dir, config, batch)
-
-
-def _cell(text: str) -> str:
-    """Text for one cell of a Markdown table: a newline, a pipe or a backtick in a slide's name (names come
-    from the archive, not from us) must not break the row."""
-    flat = " ".join(str(text).split())
-    return flat.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'")
-
-
-def write_reports(layout: BatchLayout, archive: Path, result: BatchResult) -> None:
-    counts = result.counts()
-    summary = {
-        "archive": str(archive.resolve()),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(result.seconds, 3),
-        "counts": counts,
-        "slides": [o.to_dict() for o in result.outcomes],
-    }
-    write_json_atomic(layout.batch_json, summary)
-    lines = [
-        "# wsi-dala batch report",
-        "",
-        f"Archive `{archive}` — finished {summary['finished']} in {result.seconds:.1f} s.",
-        "",
-        "| status | slides |",
-        "|---|---|",
-        *[f"| {status} | {n} |" for status, n in sorted(counts.items())],
-        "",
-    ]
-    if result.failed:
-        lines += ["## Failures", "", "| slide | attempts | error |", "|---|---|---|"]
-        lines += [f"| {_cell(o.path)} | {o.attempts} | {_cell(o.error or '')} |" for o in result.failed]
-        lines.append("")
-    flagged = [o for o in result.outcomes if o.quality]
-    if flagged:
-        lines += ["## Quality", ""]
-        lines += [f"- {_cell(o.slide_id)}: {_cell('; '.join(o.quality))}" for o in flagged]
-        lines.append("")
-    lines += [
-        "## Slides",
-        "",
-        "| slide | id | status | tiles | seconds | output | also reached as |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {_cell(Path(o.path).name)} | {o.slide_id} | {o.status} | {o.tiles} | {o.seconds:.1f} | "
-        f"{_cell(o.output)} | {_cell(', '.join(Path(a).name for a in o.aliases))} |"
-        for o in result.outcomes
-    ]
-    with atomic_open(layout.report_md, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")

@@ -1,4 +1,5 @@
-"""``wsi-dala features``: a foundation model's tile features for a slide or an archive, stored once.
+"""``wsi-dala features``: a foundation model's (or a wsi-dala classifier's backbone's) tile features for a slide or
+an archive, stored once.
 
 Each slide is tiled at the model's µm/px and input size (``tiles.zarr``, resumable), then its tiles go
 through the encoder into ``features.zarr`` beside them (``wsi_dala.inference.features``). The weights
@@ -22,7 +23,7 @@ from wsi_dala.core.fileio import ensure_writable_dir
 from wsi_dala.core.identity import file_sha256
 from wsi_dala.core.layout import RunLayout
 from wsi_dala.core.locks import exclusive_lock
-from wsi_dala.inference.features import FeaturesResult, encoder_card, write_features
+from wsi_dala.inference.features import FeaturesResult, checkpoint_encoder_card, encoder_card, write_features
 from wsi_dala.model.devices import resolve_precision
 from wsi_dala.model.foundation import (
     check_weights,
@@ -40,25 +41,51 @@ LOCK_STALE_S = 6 * 3600.0
 
 @dataclass(frozen=True)
 class FeatureSettings:
-    preset: str
+    preset: str | None  # a foundation model's preset, or None with ``checkpoint``
     weights: str = "hub"  # hub | none | a file
     options: dict[str, Any] = field(default_factory=dict)  # the preset's arguments overridden
     patch_tokens: bool = False
     batch_size: int = 8
     precision: str = "auto"
     min_tissue: float = TilingConfig().min_tissue
+    checkpoint: str | None = None  # a wsi-dala classifier whose backbone is the encoder (features --model)
 
 
 @dataclass(frozen=True)
 class Encoder:
-    preset: FoundationPreset
+    preset: FoundationPreset | None  # None: a classifier's backbone
     network: torch.nn.Module
     card: dict[str, Any]
+    tile_mpp: float
+    tile_size_px: int
+
+
+def classifier_encoder(settings: FeatureSettings) -> Encoder:
+    """A wsi-dala classifier's backbone as the encoder: its pooled last feature map, at its own µm/px and tile
+    size (what an attention-MIL model on DALAResNet50 features reads)."""
+    from wsi_dala.model.checkpoint import load_checkpoint
+    from wsi_dala.model.interface import pooled_features
+
+    path = Path(str(settings.checkpoint))
+    network, card = load_checkpoint(path)
+    if card.mpp is None:
+        raise WsiDalaError(f"{path}: its card has no µm/px; features need the tiles it was trained on")
+    precision = resolve_precision(settings.precision, "cpu")
+    with torch.inference_mode():
+        width = int(pooled_features(network.eval(), torch.zeros(1, 3, card.tile_size_px, card.tile_size_px)).shape[1])
+    weights = {"file": path.name, "sha256": file_sha256(path)}
+    normalisation = card.normalisation
+    encoder_card = checkpoint_encoder_card(
+        card.architecture, weights, card.tile_size_px, normalisation["mean"], normalisation["std"], width, precision
+    )
+    return Encoder(None, network.eval(), encoder_card, float(card.mpp), card.tile_size_px)
 
 
 def prepare_encoder(settings: FeatureSettings) -> Encoder:
     """The encoder with its weights (fetched from its repository for ``hub``), checked before any slide."""
-    preset = PRESETS.get(settings.preset)
+    if settings.checkpoint is not None:
+        return classifier_encoder(settings)
+    preset = PRESETS.get(str(settings.preset))
     if preset is None:
         raise WsiDalaError(f"--arch {settings.preset}: not a foundation model (one of {', '.join(PRESETS)})")
     weights: dict[str, Any] = {"weights": "none (random)"}
@@ -82,17 +109,16 @@ def prepare_encoder(settings: FeatureSettings) -> Encoder:
     weights["encoder_sha256"] = encoder_state_sha256(network)  # what `run` matches a head's encoder against
     precision = resolve_precision(settings.precision, "cpu")
     card = encoder_card(preset, weights, options, precision, embedding_width(preset, network))
-    return Encoder(preset, network.eval(), card)
+    return Encoder(preset, network.eval(), card, preset.mpp, preset.resize_px)
 
 
 def features_for_slide(
     slide: Path, out_dir: Path, settings: FeatureSettings, encoder: Encoder, progress: bool = True
 ) -> FeaturesResult:
     """Tile ``slide`` at the model's µm/px (or reuse its tiles) and store its features."""
-    preset = encoder.preset
     tiling = build(
         TilingConfig,
-        {"mpp": preset.mpp, "tile_size_px": preset.resize_px, "min_tissue": settings.min_tissue},
+        {"mpp": encoder.tile_mpp, "tile_size_px": encoder.tile_size_px, "min_tissue": settings.min_tissue},
         "tiling",
     )
     layout = RunLayout.for_slide(out_dir, slide)
@@ -105,7 +131,7 @@ def features_for_slide(
             tiled.store,
             layout.features_store,
             encoder.network,
-            preset,
+            encoder.preset,
             encoder.card,
             batch_size=settings.batch_size,
             patch_tokens=settings.patch_tokens,

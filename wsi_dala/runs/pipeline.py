@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qupath_export.geojson import write_feature_collection
 from wsi_dala import __version__
 from wsi_dala.core.config import PipelineConfig, TilingConfig
 from wsi_dala.core.errors import CheckpointError, ConfigError, OutputError, QualityError
@@ -36,12 +37,20 @@ from wsi_dala.inference.cluster import check_address, scoring_client
 from wsi_dala.inference.streaming import StreamingScorer, can_overlap
 from wsi_dala.model import ModelCard, read_card
 from wsi_dala.model.card import KnownCheckpoint, card_origin
+from wsi_dala.model.registry import FOUNDATION_PRESETS
+from wsi_dala.model.slide_thresholds import SlideThresholds
 from wsi_dala.outputs.geojson import ExportResult, export_qupath
-from wsi_dala.outputs.heatmap import Heatmap, stitch, write_heatmap
+from wsi_dala.outputs.heatmap import Heatmap, paint_tiles, stitch, write_heatmap
 from wsi_dala.outputs.ngff import write_heatmap_ngff
 from wsi_dala.outputs.overlay import render_overlay
-from wsi_dala.outputs.slide_answer import SlideAnswer, slide_answer
+from wsi_dala.outputs.slide_answer import (
+    SlideAnswer,
+    quality_notes,
+    slide_answer,
+    tissue_feature,
+)
 from wsi_dala.runs.model_preparation import ModelPreparation
+from wsi_dala.runs.slide_mil import ATTENTION_MEASUREMENT, MilAnswer, MilPlan, apply_mil, attention_per_tile, plan_mil
 from wsi_dala.tiling.grid import LevelChoice
 from wsi_dala.tiling.store import TileStore
 from wsi_dala.tiling.tiler import TilingResult, check_slide, tile_slide
@@ -97,6 +106,7 @@ class RunRecord:
     heatmap: dict[str, Any] = field(default_factory=dict)  # cell size, CAM scale, border profile, seam index
     # tumour burden, largest region, top-k probability and the slide call (wsi_dala.outputs.slide_answer)
     slide_answer: dict[str, Any] = field(default_factory=dict)
+    mil: dict[str, Any] = field(default_factory=dict)  # run --mil: the model, its features, the slide probability
     status: str = "complete"
     format: str = RUN_FORMAT
 
@@ -134,16 +144,16 @@ def tiling_for_model(config: PipelineConfig, card: ModelCard) -> TilingConfig:
     return config.tiling.resolved(card.mpp, card.tile_size_px)
 
 
-def run_key(slide_path: Path, config: PipelineConfig, checkpoint_sha: str) -> str:
+def run_key(slide_path: Path, config: PipelineConfig, checkpoint_sha: str, mil_sha: str | None = None) -> str:
     # Where and how fast it runs does not change the result: scheduler and reader threads are not part of it.
     # Nor do stored features (the scores are the encoder pass's), which also keeps the keys of earlier releases.
+    # A MIL model counts by its content, not its path; without one the key is an earlier release's.
     settings = config.model_dump(
         mode="json",
-        exclude={"model": True, "features": True, "scoring": {"scheduler"}, "tiling": {"reader_threads"}},
+        exclude={"model": True, "features": True, "mil": True, "scoring": {"scheduler"}, "tiling": {"reader_threads"}},
     )
-    return config_hash(
-        {"slide": slide_fingerprint(slide_path), "config": settings, "model": checkpoint_sha, "version": __version__}
-    )
+    identity = {"slide": slide_fingerprint(slide_path), "config": settings, "model": checkpoint_sha}
+    return config_hash({**identity, **({"mil": mil_sha} if mil_sha else {}), "version": __version__})
 
 
 def _require_model(config: PipelineConfig) -> Path:
@@ -210,15 +220,18 @@ def run_slide(
     level = check_slide(slide_path, tiling)
     known = KnownCheckpoint.read(checkpoint, card)  # hashed once, for the run key and the scoring key
     model = ModelPreparation(known, config.scoring)  # torch loads while tiles are read (new weights: checked now)
-    given = _given_features(config, slide_path, tiling, model) if config.features else None
+    # --features serves the head (a foundation model's) or, for another head, the MIL model alone.
+    head_reads_features = config.features and not (config.mil and card.architecture not in FOUNDATION_PRESETS)
+    given = _given_features(config, slide_path, tiling, model) if head_reads_features else None
     layout = RunLayout.for_slide(out_dir, slide_path)
+    mil = plan_mil(config, slide_path, layout, known, tiling) if config.mil else None
     ensure_writable_dir(layout.root)
     with exclusive_lock(layout.lock, RUN_LOCK_STALE_S) as holder:
         if holder is not None:
             raise OutputError(f"{layout.root}: in use by {holder.describe()}; wait for it or choose another --out")
         try:
             with scoring_client(config.scoring, client) as run_client:  # the run's one Dask client (or None)
-                return _run_locked(slide_path, layout, config, model, tiling, level, progress, run_client, given)
+                return _run_locked(slide_path, layout, config, model, tiling, level, progress, run_client, given, mil)
         except BaseException:
             # An error, or an interrupt (SIGTERM in a batch, Ctrl-C) landing mid-write: what was half written
             # goes now, while we hold the lock, once zarr's writes still in flight have finished.
@@ -237,6 +250,7 @@ def _run_locked(
     progress: bool,
     client: Client | None,
     given_features: Path | None = None,
+    mil: MilPlan | None = None,
 ) -> RunSummary:
     known = model.known
     checkpoint, card, checkpoint_sha = known.path, known.card, known.sha256
@@ -245,7 +259,7 @@ def _run_locked(
     removed = remove_partials(layout.root)  # left by a run killed while writing (we hold the lock)
     if removed:
         log.info("%s: removed %d unfinished file(s) of an interrupted run", layout.root, removed)
-    key = run_key(slide_path, config, checkpoint_sha)
+    key = run_key(slide_path, config, checkpoint_sha, mil.sha256 if mil else None)
     done = RunRecord.read_complete(layout.run_json)
     if done is not None and done.run_key == key:
         return RunSummary(layout, done, skipped=True)
@@ -281,8 +295,13 @@ def _run_locked(
         )
     timings["score"] = scored.seconds  # with overlap: only what was left once tiling ended
     timings["tile_and_score"] = time.perf_counter() - started  # less than tile + score when they overlapped
+    mil_answer = apply_mil(mil, layout, known, progress) if mil else None
     t = time.perf_counter()
     heatmap = stitch(tiled.store, config.heatmap, card_profile(card))
+    if mil_answer is not None:
+        heatmap.attention = paint_tiles(
+            heatmap, mil_answer.coords_l0, mil_answer.tile_size_l0, mil_answer.relative_attention
+        )
     with naming_failures(layout.heatmap_store):  # a full disk names the store, not just "No space left"
         write_heatmap(heatmap, layout.heatmap_store, config.heatmap, {"slide": str(slide_path), "run_key": key})
     with naming_failures(layout.heatmap_ngff):
@@ -292,12 +311,15 @@ def _run_locked(
     timings["stitch"] = time.perf_counter() - t
     t = time.perf_counter()
     gzip = config.export.gzip
+    tile_extra = (
+        {ATTENTION_MEASUREMENT: attention_per_tile(mil_answer, TileStore(tiled.store).coords())} if mil_answer else None
+    )
     exported = export_qupath(
-        tiled.store, heatmap, layout.tiles_geojson(gzip), layout.tumour_geojson(gzip), config.export
+        tiled.store, heatmap, layout.tiles_geojson(gzip), layout.tumour_geojson(gzip), config.export, tile_extra
     )
     timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
-    stages = _Stages(tiled, scored, heatmap, exported, streaming.scored_chunks)
+    stages = _Stages(tiled, scored, heatmap, exported, streaming.scored_chunks, mil, mil_answer)
     record = _record(slide_path, checkpoint, checkpoint_sha, card, key, config, layout, stages, timings)
     write_json_atomic(layout.run_json, record.to_dict())
     _remove_outputs_no_longer_written(layout, previous, record)
@@ -470,6 +492,8 @@ class _Stages:
     heatmap: Heatmap
     exported: ExportResult
     overlapped_chunks: int  # chunks scored while the tiler was still writing
+    mil: MilPlan | None = None
+    mil_answer: MilAnswer | None = None
 
 
 def _record(
@@ -532,17 +556,46 @@ def _record(
         stain=stain_summary(TileStore(tiled.store), card, config.scoring.stain_normalise),
         calibration=calibration_summary(card),
         heatmap=stages.heatmap.summary(),
-        slide_answer=_slide_answer(layout, config, tiled, cut.slide_mpp).to_dict(),
+        slide_answer=_slide_answer(layout, config, stages, cut.slide_mpp, card).to_dict(),
+        mil=stages.mil_answer.summary(stages.mil) if stages.mil and stages.mil_answer else {},
     )
 
 
-def _slide_answer(layout: RunLayout, config: PipelineConfig, tiled: TilingResult, slide_mpp: float) -> SlideAnswer:
-    store = TileStore(tiled.store)
+def _slide_answer(
+    layout: RunLayout, config: PipelineConfig, stages: _Stages, slide_mpp: float, card: ModelCard
+) -> SlideAnswer:
+    """The slide answer, at the MIL model's thresholds on its slide probability when the run has one, else at
+    the classifier card's; written as the whole-tissue annotation too."""
+    store = TileStore(stages.tiled.store)
     qc = store.info.qc
     tissue_um2 = qc.areas_um2.get("tissue") if qc is not None else None
     probabilities = store.positive_scores()[store.usable_tiles()] if store.info.n_tiles else np.zeros(0)
     regions = layout.tumour_geojson(config.export.gzip)
-    return slide_answer(regions, min(config.export.region_thresholds), slide_mpp, tissue_um2, probabilities)
+    warnings = quality_notes(
+        qc_summary(store, config.export.tile_threshold), stain_summary(store, card, config.scoring.stain_normalise)
+    )
+    mil_probability = stages.mil_answer.probability if stages.mil_answer else None
+    if stages.mil is not None:
+        thresholds = SlideThresholds.from_card(stages.mil.card.slide_thresholds, str(stages.mil.model))
+    else:
+        thresholds = SlideThresholds.from_card(card.slide_thresholds, "model card")
+    answer = slide_answer(
+        regions,
+        min(config.export.region_thresholds),
+        slide_mpp,
+        tissue_um2,
+        probabilities,
+        thresholds,
+        warnings,
+        mil_probability,
+    )
+    mask = store.tissue_mask()
+    if mask is not None:
+        min_area_l0 = config.export.min_region_area_um2 / slide_mpp**2
+        feature = tissue_feature(mask, store.info.tiling.mask_downsample, answer, min_area_l0)
+        if feature is not None:
+            write_feature_collection(layout.slide_geojson(config.export.gzip), [feature])
+    return answer
 
 
 def _count_positive(store_path: Path, threshold: float) -> int:
@@ -564,6 +617,18 @@ def _render(layout: RunLayout, heatmap: Heatmap) -> None:
         f"{layout.slide_stem}: tumour probability (cell {heatmap.cell_mpp:.1f} µm)",
         flagged=heatmap.qc_flagged,
     )
+    if heatmap.attention is not None:
+        finite = heatmap.attention[np.isfinite(heatmap.attention)]
+        render_overlay(
+            thumbnail,
+            heatmap.attention,
+            layout.attention_png,
+            f"{layout.slide_stem}: attention-MIL attention per tile (x an even share)",
+            flagged=heatmap.qc_flagged,
+            label="attention x even share",
+            top=max(2.0, float(np.percentile(finite, 99))) if finite.size else 2.0,
+            colour_map="viridis",
+        )
     if heatmap.uncertainty is not None:
         top = (
             max(0.05, float(np.nanpercentile(heatmap.uncertainty, 99)))
@@ -586,6 +651,7 @@ def _outputs(layout: RunLayout, config: PipelineConfig) -> dict[str, Path]:
     measured_sd = config.scoring.tta != "none" or config.scoring.mc_dropout > 0
     return {
         **({"uncertainty": layout.uncertainty_png} if measured_sd else {}),
+        **({"attention": layout.attention_png} if config.mil else {}),
         "tiles_store": layout.tiles_store,
         "heatmap": layout.heatmap_store,
         "heatmap_ngff": layout.heatmap_ngff,
@@ -594,6 +660,7 @@ def _outputs(layout: RunLayout, config: PipelineConfig) -> dict[str, Path]:
         "overlay": layout.overlay_png,
         "tiles_geojson": layout.tiles_geojson(config.export.gzip),
         "tumour_geojson": layout.tumour_geojson(config.export.gzip),
+        "slide_geojson": layout.slide_geojson(config.export.gzip),
         "tissue_mask": layout.tissue_mask_png,
         "qc": layout.qc_png,
         "run_json": layout.run_json,

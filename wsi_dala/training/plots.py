@@ -17,7 +17,8 @@ from wsi_dala.core.fileio import atomic_open
 from wsi_dala.model.calibration import ReliabilityBins, ece_of
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
+    """Write a figure as PNG, atomically."""
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
 
@@ -35,7 +36,7 @@ def plot_curves(path: Path, history: list[dict[str, float]]) -> None:
     right.plot(epochs, [r["val_balanced_accuracy"] for r in history], "o-", label="validation balanced accuracy")
     right.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02), title="Accuracy")
     right.legend(loc="lower right")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_pretrain_loss(path: Path, losses: Sequence[float], steps_per_epoch: int) -> None:
@@ -50,7 +51,7 @@ def plot_pretrain_loss(path: Path, losses: Sequence[float], steps_per_epoch: int
         axes.plot(np.arange(1, epochs + 1), means, "o-", color="tab:blue", label="epoch mean")
     axes.set(xlabel="epoch", ylabel="NT-Xent loss", title="Contrastive pre-training")
     axes.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(path: Path, matrix: list[list[int]], class_names: list[str], title: str = "") -> None:
@@ -74,7 +75,7 @@ def plot_confusion(path: Path, matrix: list[list[int]], class_names: list[str], 
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set(xlabel="predicted", ylabel="true", title=title or "Confusion matrix")
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_reliability(path: Path, curves: Sequence[tuple[str, ReliabilityBins]], title: str) -> None:
@@ -104,4 +105,4 @@ def plot_reliability(path: Path, curves: Sequence[tuple[str, ReliabilityBins]], 
         bottom.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     bottom.set(xlabel="confidence (top-label probability)", ylabel="tiles per bin")
     bottom.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
