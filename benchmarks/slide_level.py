@@ -106,13 +106,18 @@ def tile_scores(batch_out: Path, slides: list[dict[str, object]]) -> tuple[np.nd
         record = json.loads(run_json.read_text())
         store = TileStore(run_json.parent / "tiles.zarr")
         scores = store.positive_scores()[store.usable_tiles()]
-        found[Path(record["slide"]["path"]).name] = (float(np.nanmax(scores)), record["slide_answer"]["top_k_mean_probability"])
+        found[Path(record["slide"]["path"]).name] = (
+            float(np.nanmax(scores)),
+            record["slide_answer"]["top_k_mean_probability"],
+        )
     maximum = np.array([found[str(s["slide"])][0] for s in slides])
     top_k = np.array([found[str(s["slide"])][1] for s in slides])
     return maximum, top_k
 
 
-def mil(features: Path, labels: Path, out: Path, feature: str, slides: list[dict[str, object]]) -> tuple[np.ndarray, float]:
+def mil(
+    features: Path, labels: Path, out: Path, feature: str, slides: list[dict[str, object]]
+) -> tuple[np.ndarray, float]:
     import csv
 
     seconds = call("mil", "train", "--labels", labels, "--features", features, "--out", out, "--feature", feature)
@@ -121,6 +126,7 @@ def mil(features: Path, labels: Path, out: Path, feature: str, slides: list[dict
 
 
 def row(name: str, features: str, score: np.ndarray, slides: list[dict[str, object]], seconds: float | None) -> str:
+    from wsi_dala.model.slide_thresholds import rank_auc
     from wsi_dala.training.slide_metrics import sensitivity_at_specificity, slide_metrics
 
     tumour = np.array([bool(s["tumour"]) for s in slides])
@@ -131,10 +137,8 @@ def row(name: str, features: str, score: np.ndarray, slides: list[dict[str, obje
     keep = ~tumour | small  # small-focus slides against every tumour-free one
     small_sens = sensitivity_at_specificity(score[keep], tumour[keep])
     by_source = []
-    for label, mask in (("ellipses", ~texture), ("texture", texture)):
+    for mask in (~texture, texture):  # ellipses, texture
         if tumour[mask].any() and (~tumour[mask]).any():
-            from wsi_dala.model.slide_thresholds import rank_auc
-
             by_source.append(f"{rank_auc(score[mask], tumour[mask]):.3f}")
         else:
             by_source.append("–")
@@ -165,9 +169,12 @@ def main() -> None:
         rows = ["slide,label"] + [f"{s['slide']},{'Tumor' if s['tumour'] else 'Non-tumor'}" for s in slides]
         labels.write_text("\n".join(rows) + "\n")
     slides = json.loads((work / "slides.json").read_text())
-    print(f"archive: {len(slides)} slides ({sum(s['tumour'] for s in slides)} with tumour, "
-          f"{sum(s['small_focus'] for s in slides)} of them one small focus; "
-          f"{sum(s['generator'] == 'texture' for s in slides)} from real texture) in {time.perf_counter() - started:.0f} s")
+    print(
+        f"archive: {len(slides)} slides ({sum(s['tumour'] for s in slides)} with tumour, "
+        f"{sum(s['small_focus'] for s in slides)} of them one small focus; "
+        f"{sum(s['generator'] == 'texture' for s in slides)} from real texture) "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
 
     from wsi_dala.core.layout import DemoLayout
     from wsi_dala.model import write_untrained_checkpoint
@@ -206,8 +213,10 @@ def main() -> None:
         score, seconds = mil(work / f"features-{folder}", labels, work / f"mil-{folder}", feature, slides)
         results.append((label, name, score, seconds))
     print()
-    print("| method | features | slide AUC [95 % CI] | sensitivity at 95 % specificity [CI] | small foci | "
-          "AUC ellipses / texture | ABMIL training s |")
+    print(
+        "| method | features | slide AUC [95 % CI] | sensitivity at 95 % specificity [CI] | small foci | "
+        "AUC ellipses / texture | ABMIL training s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label, name, score, seconds in results:
         print(row(label, name, score, slides, seconds))
