@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from wsi_dala import __version__
-from wsi_dala.cli import batch, features, generative, mil, models, pipeline, pretraining, slides, training
+from wsi_dala.cli import batch, features, generative, mil, models, pipeline, pretraining, slides, training, view
 from wsi_dala.cli.common import EXIT_INTERRUPTED, Formatter, Parser, Verb, run_handler
 
 VERBS: tuple[Verb, ...] = (
@@ -27,6 +27,7 @@ VERBS: tuple[Verb, ...] = (
     *pretraining.VERBS,
     *generative.VERBS,
     *mil.VERBS,
+    *view.VERBS,
     *slides.VERBS,
 )
 

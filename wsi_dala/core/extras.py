@@ -19,6 +19,7 @@ EXTRAS = {
     "torch_fidelity": "gan",
     "onnxruntime": "onnxruntime",
     "psutil": "benchmarks",
+    "flask": "viewer",
 }
 
 

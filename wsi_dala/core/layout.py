@@ -304,6 +304,11 @@ class BatchLayout(_Layout):
     batch_json = _Below("batch.json")
     report_md = _Below("report.md")
     review_csv = _Below("review.csv", "The review list for a spreadsheet: tumour calls first, largest burden first.")
+    report_html = _Below("report.html", "The review list as a page: sortable, thumbnails, links to `wsi-dala view`.")
+    thumbnails_dir = _Below("thumbnails", "report.html's pictures: each slide's overlay, small.")
+
+    def thumbnail(self, slide_id: str) -> Path:
+        return self.thumbnails_dir / f"{slide_id}.png"
 
 
 @dataclass(frozen=True)

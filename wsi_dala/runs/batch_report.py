@@ -1,5 +1,6 @@
-"""The reports of a batch: ``batch.json`` (everything), ``report.md`` whose first table is the review list, and
-``review.csv``, the same list for a spreadsheet.
+"""The reports of a batch: ``batch.json`` (everything), ``report.md`` whose first table is the review list,
+``review.csv``, the same list for a spreadsheet, and ``report.html``, the list as a page (sortable, a small
+overlay per slide in ``thumbnails/``, links that open each slide in ``wsi-dala view``).
 
 The review list puts first the slides a pathologist should read first: called tumour, then indeterminate
 (the thresholds could not decide, or QC or stain warnings kept a low slide from "no tumour"), then no
@@ -122,6 +123,122 @@ def review_table(rows: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+THUMBNAIL_PX = 240  # longest side of report.html's pictures
+VIEWER_ADDRESS = "http://127.0.0.1:8765"  # where `wsi-dala view BATCH_OUT` serves by default
+
+
+def write_thumbnails(layout: BatchLayout, outcomes: list[SlideOutcome]) -> dict[str, str]:
+    """A small copy of each run's overlay.png beside the report (thousands of slides stay a light page); by
+    slide id, the path relative to the report."""
+    from PIL import Image
+
+    from wsi_dala.core.fileio import save_png_atomic
+    from wsi_dala.core.layout import RunLayout
+
+    written = {}
+    for outcome in outcomes:
+        overlay = RunLayout(Path(outcome.output)).overlay_png if outcome.output else None
+        if overlay is None or not overlay.is_file():
+            continue
+        target = layout.thumbnail(outcome.slide_id)
+        if not target.exists() or target.stat().st_mtime < overlay.stat().st_mtime:
+            with Image.open(overlay) as image:
+                small = image.convert("RGB")
+                small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+                save_png_atomic(target, small)
+        written[outcome.slide_id] = f"{layout.thumbnails_dir.name}/{target.name}"
+    return written
+
+
+def write_report_html(layout: BatchLayout, archive: Path, result: BatchResult, rows: list[dict[str, Any]]) -> None:
+    """The review list as one HTML page that opens from disk: a row per slide (failed ones too, at the end),
+    sortable by a click on a column, with its thumbnail and a link into the viewer."""
+    from html import escape
+
+    by_output = {o.output: o for o in result.outcomes}
+    pictures = write_thumbnails(layout, result.outcomes)
+    body = []
+    for row in rows:
+        outcome = by_output.get(row["output"])
+        sid = outcome.slide_id if outcome else ""
+        picture = f'<img src="{escape(pictures[sid])}" alt="">' if sid in pictures else ""
+        cells = [
+            str(row["rank"]),
+            picture,
+            f'<a href="{VIEWER_ADDRESS}/run/{escape(sid)}/">{escape(str(row["slide"]))}</a>',
+            escape(str(row["call"])),
+            _shown(row["tumour_mm2"], 3),
+            _shown(row["tumour_percent_of_tissue"], 1),
+            _shown(row["largest_region_mm2"], 3),
+            _shown(row["top_k_mean_probability"], 2),
+            _shown(row["slide_probability"], 2),
+            escape(str(row["warnings"])),
+        ]
+        body.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    for outcome in result.outcomes:
+        if not outcome.answer:
+            body.append(
+                f'<tr class="failed"><td></td><td></td><td>{escape(Path(outcome.path).name)}</td>'
+                f'<td>{escape(outcome.status)}</td><td colspan="6">{escape(outcome.error or "")}</td></tr>'
+            )
+    page = HTML_PAGE.format(
+        archive=escape(str(archive)),
+        finished=escape(datetime.now(timezone.utc).isoformat(timespec="seconds")),
+        viewer=escape(VIEWER_ADDRESS),
+        out=escape(str(layout.root)),
+        rows="\n".join(body),
+    )
+    with atomic_open(layout.report_html, "w", encoding="utf-8") as handle:
+        handle.write(page)
+
+
+HTML_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>wsi-dala batch report</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 1.5em; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: middle; }}
+th {{ cursor: pointer; background: #f3f3f3; user-select: none; }}
+td img {{ max-width: 240px; max-height: 180px; display: block; }}
+tr.failed td {{ color: #a00; }}
+</style></head>
+<body>
+<h1>wsi-dala batch report</h1>
+<p>Archive <code>{archive}</code>, finished {finished}. Slides called tumour first, then indeterminate, then no
+tumour; within each, the largest tumour burden first. Click a column to sort by it.</p>
+<p>The slide links open the zoomable viewer while <code>wsi-dala view {out}</code> is running on this machine
+({viewer}).</p>
+<table id="review">
+<thead><tr><th>#</th><th>overlay</th><th>slide</th><th>call</th><th>tumour mm²</th><th>% of tissue</th>
+<th>largest mm²</th><th>top-10 p</th><th>MIL p</th><th>warnings</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table>
+<script>
+document.querySelectorAll("#review th").forEach((header, column) => {{
+  header.addEventListener("click", () => {{
+    const body = document.querySelector("#review tbody");
+    const rows = Array.from(body.rows);
+    const down = header.dataset.order !== "down";
+    const key = (row) => {{
+      const text = row.cells[column] ? row.cells[column].textContent.trim() : "";
+      const number = parseFloat(text);
+      return Number.isNaN(number) ? text : number;
+    }};
+    rows.sort((a, b) => {{
+      const x = key(a), y = key(b);
+      const order = typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y));
+      return down ? -order : order;
+    }});
+    header.dataset.order = down ? "down" : "up";
+    rows.forEach((row) => body.appendChild(row));
+  }});
+}});
+</script>
+</body></html>
+"""
+
+
 def write_reports(layout: BatchLayout, archive: Path, result: BatchResult) -> None:
     counts = result.counts()
     summary = {
@@ -133,6 +250,7 @@ def write_reports(layout: BatchLayout, archive: Path, result: BatchResult) -> No
     }
     rows = review_rows(result.outcomes)
     write_review_csv(layout.review_csv, rows)
+    write_report_html(layout, archive, result, rows)
     write_json_atomic(layout.batch_json, summary)
     calls = {call: sum(row["call"] == call for row in rows) for call in CALL_ORDER}
     lines = [
