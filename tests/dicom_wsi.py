@@ -58,16 +58,55 @@ def write_dicom_wsi(
     return written
 
 
-def _jpeg_frames(image: np.ndarray, tile_px: int, quality: int) -> list[bytes]:
-    """TILED_FULL order: row by row, left to right; edge tiles padded with white."""
+def _jpeg_frames(image: np.ndarray, tile_px: int, quality: int, column_major: bool = False) -> list[bytes]:
+    """TILED_FULL order: row by row, left to right (or column by column); edge tiles padded with black, as
+    the real single-file writer the tests imitate pads them."""
     height, width = image.shape[:2]
+    cells = [(top, left) for top in range(0, height, tile_px) for left in range(0, width, tile_px)]
+    if column_major:
+        cells.sort(key=lambda cell: (cell[1], cell[0]))
     frames = []
-    for top in range(0, height, tile_px):
-        for left in range(0, width, tile_px):
-            tile = np.full((tile_px, tile_px, 3), 255, np.uint8)
-            part = image[top : top + tile_px, left : left + tile_px]
-            tile[: part.shape[0], : part.shape[1]] = part
-            buffer = io.BytesIO()
-            Image.fromarray(tile).save(buffer, "JPEG", quality=quality, subsampling=1)
-            frames.append(buffer.getvalue())
+    for top, left in cells:
+        tile = (
+            np.zeros((tile_px, tile_px, 3), np.uint8) if column_major else np.full((tile_px, tile_px, 3), 255, np.uint8)
+        )
+        part = image[top : top + tile_px, left : left + tile_px]
+        tile[: part.shape[0], : part.shape[1]] = part
+        buffer = io.BytesIO()
+        Image.fromarray(tile).save(buffer, "JPEG", quality=quality, subsampling=1)
+        frames.append(buffer.getvalue())
     return frames
+
+
+def write_undescribed_dicom_wsi(image: np.ndarray, path: Path, tile_px: int = 256, quality: int = 95) -> Path:
+    """One file, one level, as another tool wrote the real TCGA crop in ../shared/real/wsi: a VL Whole Slide
+    Microscopy Image without ImageType (which the IOD requires), without pixel spacing or any functional
+    group, without DimensionOrganizationType, its frames stored column by column and padded with black."""
+    template = pydicom.dcmread(TEMPLATE)
+    ds = copy.deepcopy(template)
+    for name in ("StudyInstanceUID", "SeriesInstanceUID"):
+        setattr(ds, name, generate_uid())
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword in (
+        "ImageType",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "DimensionOrganizationType",
+        "DimensionOrganizationSequence",
+        "DimensionIndexSequence",
+        "FrameOfReferenceUID",
+        "ImageComments",
+    ):
+        if keyword in ds:
+            delattr(ds, keyword)
+    height, width = image.shape[:2]
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = width, height
+    ds.Rows = ds.Columns = tile_px
+    frames = _jpeg_frames(image, tile_px, quality, column_major=True)
+    ds.NumberOfFrames = len(frames)
+    ds.PixelData = encapsulate(frames)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -166,6 +166,7 @@ def write_report_html(layout: BatchLayout, archive: Path, result: BatchResult, r
             str(row["rank"]),
             picture,
             f'<a href="{VIEWER_ADDRESS}/run/{escape(sid)}/">{escape(str(row["slide"]))}</a>',
+            escape(str(row["status"])),
             escape(str(row["call"])),
             _shown(row["tumour_mm2"], 3),
             _shown(row["tumour_percent_of_tissue"], 1),
@@ -179,7 +180,7 @@ def write_report_html(layout: BatchLayout, archive: Path, result: BatchResult, r
         if not outcome.answer:
             body.append(
                 f'<tr class="failed"><td></td><td></td><td>{escape(Path(outcome.path).name)}</td>'
-                f'<td>{escape(outcome.status)}</td><td colspan="6">{escape(outcome.error or "")}</td></tr>'
+                f'<td>{escape(outcome.status)}</td><td colspan="7">{escape(outcome.error or "")}</td></tr>'
             )
     page = HTML_PAGE.format(
         archive=escape(str(archive)),
@@ -209,7 +210,7 @@ tumour; within each, the largest tumour burden first. Click a column to sort by 
 <p>The slide links open the zoomable viewer while <code>wsi-dala view {out}</code> is running on this machine
 ({viewer}).</p>
 <table id="review">
-<thead><tr><th>#</th><th>overlay</th><th>slide</th><th>call</th><th>tumour mm²</th><th>% of tissue</th>
+<thead><tr><th>#</th><th>overlay</th><th>slide</th><th>status</th><th>call</th><th>tumour mm²</th><th>% of tissue</th>
 <th>largest mm²</th><th>top-10 p</th><th>MIL p</th><th>warnings</th></tr></thead>
 <tbody>
 {rows}

@@ -199,6 +199,24 @@ def dicom_entry(path: Path) -> Path:
     return instances[0] if instances else path
 
 
+def largest_dicom_instance(source: Path) -> Path:
+    """A DICOM file as it is; in a DICOM folder, the instance with the largest pixel matrix (the finest level)."""
+    if not source.is_dir():
+        return source
+    import pydicom
+
+    sizes = {}
+    for path in sorted(p for p in source.glob("*.dcm") if p.is_file())[:MAX_DICOM_FILES_CHECKED]:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            sizes[path] = int(header.TotalPixelMatrixColumns) * int(header.TotalPixelMatrixRows)
+        except Exception:  # not an image instance (or not DICOM): not a level
+            continue
+    if not sizes:
+        raise SlideOpenError(f"{source}: no DICOM whole-slide image instance in this folder")
+    return max(sizes, key=lambda path: sizes[path])
+
+
 _WARNED_UNREAD: set[Path] = set()
 
 
@@ -225,15 +243,23 @@ def warn_unread_dicom_files(folder: Path, entry: Path) -> list[Path]:
     return unread
 
 
-def _open_backend(path: Path, reader: str) -> tuple[Any, str]:
+def _open_backend(source: Path, reader: str) -> tuple[Any, str]:
+    """The first reader that opens ``source`` (a file, or a DICOM folder through one of its files)."""
     errors = []
+    path = dicom_entry(source)
     order = _reader_order(path, reader)
+    if reader == "auto" and path.suffix.lower() == ".dcm":
+        order = ("openslide", "pydicom")  # pydicom's frames: DICOM that OpenSlide refuses (dicom_frames.py)
     for name in order:
         try:
             if name == "openslide":
                 import openslide
 
                 return openslide.OpenSlide(str(path)), name
+            if name == "pydicom":
+                from wsi_dala.slides.dicom_frames import DicomFramesSlide
+
+                return DicomFramesSlide(largest_dicom_instance(source)), name
             import tiffslide
 
             return tiffslide.TiffSlide(str(path)), name
@@ -256,7 +282,7 @@ class Slide:
         if path.is_file():
             check_tiff_integrity(path)
         self.path = path  # a DICOM folder stays the slide's name (its identity covers every file in it)
-        handle, self.reader = _open_backend(dicom_entry(path), reader)
+        handle, self.reader = _open_backend(path, reader)
         if path.is_dir() and self.reader == "openslide":
             warn_unread_dicom_files(path, dicom_entry(path))
         self._local = threading.local()
@@ -308,7 +334,7 @@ class Slide:
     def _handle(self) -> Any:
         handle = getattr(self._local, "handle", None)
         if handle is None:
-            handle, _ = _open_backend(dicom_entry(self.path), self.reader)
+            handle, _ = _open_backend(self.path, self.reader)
             self._local.handle = handle
             with self._lock:
                 self._handles.append(handle)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_dala.core.errors import SlideOpenError
+from wsi_dala.slides.reader import dicom_entry, largest_dicom_instance
 
 TILE_PX, OVERLAP_PX, JPEG_QUALITY = 254, 1, 80
 
@@ -48,7 +49,11 @@ class DeepZoomSlide:
                 if self.reader == "openslide":
                     import openslide
 
-                    handle = openslide.OpenSlide(str(self.path))
+                    handle = openslide.OpenSlide(str(dicom_entry(self.path)))
+                elif self.reader == "pydicom":
+                    from wsi_dala.slides.dicom_frames import DicomFramesSlide
+
+                    handle = DicomFramesSlide(largest_dicom_instance(self.path))
                 else:
                     import tiffslide
 
