@@ -43,6 +43,8 @@ def write_dicom_wsi(
         height, width = image.shape[:2]
         spacing_mm = mpp * downsample / 1000
         ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = [spacing_mm, spacing_mm]
+        ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness = 0.004  # a 4 µm section
+        ds.ImagedVolumeDepth = 4.0  # µm
         ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = width, height
         ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = width * spacing_mm, height * spacing_mm
         ds.Rows = ds.Columns = tile_px

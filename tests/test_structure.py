@@ -211,7 +211,7 @@ def test_every_verb_is_registered_explicitly():
 
     names = [verb.name for verb in VERBS]
     expected = ["run", "demo", "batch", "models", "train", "evaluate", "calibrate", "cam", "export-model", "info"]
-    expected += ["tile", "synthesize", "pretrain", "gan", "features", "mil", "view"]
+    expected += ["tile", "synthesize", "pretrain", "gan", "features", "mil", "view", "export-dicom"]
     assert sorted(names) == sorted(expected)
     assert len(set(names)) == len(names)
     help_text = build_parser().format_help()

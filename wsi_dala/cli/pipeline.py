@@ -50,6 +50,12 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
         "encoder. Without it the output folder's own store is used when it fits (default: none)",
     )
     add_mil_option(parser)
+    parser.add_argument(
+        "--dicom",
+        action="store_true",
+        help="also write the results as DICOM: the tumour map as a Segmentation and the regions as Bulk Simple "
+        "Annotations, referencing the slide (written as DICOM first when it is not) (default: off)",
+    )
     parser.add_argument("--config", metavar="FILE", help="pipeline YAML (see pipelines/default.yaml); flags win")
     parser.add_argument(
         "--scheduler",
@@ -116,8 +122,22 @@ def _run(args: argparse.Namespace) -> int:
     from wsi_dala.runs.pipeline import run_slide
 
     out = Path(args.out) if args.out else default_run_dir(args.slide)
-    print_summary(run_slide(args.slide, out, config, progress=not args.quiet))
+    summary = run_slide(args.slide, out, config, progress=not args.quiet)
+    print_summary(summary)
+    if args.dicom:
+        print_dicom(summary.layout.root)
     return 0
+
+
+def print_dicom(run_dir: Path) -> None:
+    from wsi_dala.runs.dicom_results import export_dicom
+
+    results = export_dicom(run_dir)
+    written = "written as DICOM first, in " + str(results.source.parent) if results.converted else "referenced as is"
+    print(f"dicom:       the slide {written}; study {results.study_uid}")
+    print(f"  segmentation    {results.segmentation}")
+    if results.annotations is not None:
+        print(f"  annotations     {results.annotations}")
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -227,8 +247,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_export_dicom(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder")
+
+
+def _export_dicom(args: argparse.Namespace) -> int:
+    print_dicom(Path(args.run_dir))
+    return 0
+
+
 VERBS = (
     Verb("run", "tile -> score (+DT Grad-CAM) -> heatmap -> QuPath GeoJSON, for one slide", _configure_run, _run),
+    Verb(
+        "export-dicom",
+        "a finished run's results as DICOM: Segmentation (tumour probability) and Bulk Simple Annotations (regions)",
+        _configure_export_dicom,
+        _export_dicom,
+    ),
     Verb(
         "demo",
         "generate slides, train a small DALAResNet50, run the pipeline, report IoU vs the truth",

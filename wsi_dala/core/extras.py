@@ -20,6 +20,8 @@ EXTRAS = {
     "onnxruntime": "onnxruntime",
     "psutil": "benchmarks",
     "flask": "viewer",
+    "highdicom": "dicom",
+    "wsidicomizer": "dicom",
 }
 
 

@@ -154,6 +154,16 @@ class RunLayout(_Layout):
     overlay_png = _Below("overlay.png")
     uncertainty_png = _Below("uncertainty.png", "The per-tile probability SD over the thumbnail (--tta, --mc-dropout).")
     attention_png = _Below("attention.png", "An attention-MIL model's attention over the thumbnail (--mil).")
+    dicom_dir = _Below("dicom", "`run --dicom`, `export-dicom`: the results as DICOM (and the slide, when it was not).")
+
+    @property
+    def dicom_segmentation(self) -> Path:
+        return self.dicom_dir / "tumour-probability.seg.dcm"
+
+    @property
+    def dicom_annotations(self) -> Path:
+        return self.dicom_dir / "tumour-regions.ann.dcm"
+
     run_json = _Below("run.json")
     lock = _Below("run.lock", "Held while a run writes this folder: a second run on it is refused.")
 
