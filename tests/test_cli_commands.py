@@ -146,6 +146,15 @@ def test_calibrate(kit, trained, tmp_path):
     refused(wsi_dala("calibrate", "--model", trained, "--out", tmp_path / "d"), "--folder")
 
 
+def test_mil_and_slide_thresholds_refuse_bad_input_through_the_console_script(kit, tmp_path):
+    """Their good paths through this script are in tests/test_mil.py and tests/test_slide_level.py."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\ncase.svs,Tumor\ncase.svs,Non-tumor\n")
+    refused(wsi_dala("mil", "train", "--labels", labels, "--features", tmp_path, "--out", tmp_path / "m"), "twice")
+    refused(wsi_dala("mil", "evaluate", "--predictions", labels, "--out", tmp_path / "e"), "labels.csv")
+    refused(wsi_dala("calibrate", "--model", kit["model"], "--slide-labels", labels, "--out", tmp_path / "c"), "--runs")
+
+
 def test_cam(kit, trained, tmp_path):
     image = next((kit["images"] / "tumour").glob("*.png"))
     ok(wsi_dala("cam", image, "--model", trained, "--out", tmp_path / "cam", "-q"))
