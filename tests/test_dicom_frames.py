@@ -48,6 +48,7 @@ def test_openslide_refuses_it_and_the_frame_reader_reads_it_in_place(undescribed
         assert (edge[200:, :] == 255).all() and (edge[:, 300:] == 255).all()
 
 
+@pytest.mark.slow
 def test_a_run_on_it_gives_the_svs_run_s_tiles_and_scores(undescribed, colour_checkpoint, tmp_path):
     _, path = undescribed
     runs = {}

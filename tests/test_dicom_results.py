@@ -76,6 +76,7 @@ def colour(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_run_dicom_on_an_svs_writes_the_slide_as_dicom_and_results_that_reference_it(colour, tmp_path):
     slide = write_synthetic_slide(
         tmp_path / "case.svs", SyntheticSlideSpec(width=2048, height=1536, mpp=0.5, seed=61, app_mag=20)
@@ -92,6 +93,7 @@ def test_run_dicom_on_an_svs_writes_the_slide_as_dicom_and_results_that_referenc
     assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
 
 
+@pytest.mark.slow
 def test_export_dicom_of_a_dicom_slide_shares_its_study_and_frame_of_reference(colour, tmp_path):
     svs = Path(__file__).parent / "data" / "cmu_small_region.svs"
     with Slide(svs) as slide:

@@ -71,6 +71,7 @@ def stored(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_mil_train_cross_validates_by_slide_and_writes_a_card_with_thresholds(stored, tmp_path):
     out = tmp_path / "mil"
     flags = ("--labels", stored / "labels.csv", "--features", stored / "features", "--out", out)

@@ -130,6 +130,7 @@ def labelled_archive(tmp_path_factory):
     return {"root": root, "archive": archive, "labels": labels, "model": model, "runs": root / "runs"}
 
 
+@pytest.mark.slow
 def test_calibrate_on_slide_labels_then_every_slide_gets_its_call(labelled_archive, tmp_path):
     kit = labelled_archive
     out = tmp_path / "calibrated"

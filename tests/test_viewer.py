@@ -172,6 +172,7 @@ def test_the_batch_report_page_lists_sorts_and_links_to_the_viewer(batch):
     assert "wsi-dala view" in page and "<script>" in page  # sorting works from disk, no server needed
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
 def test_the_page_in_headless_chromium_paints_tumour_hot_and_glass_clear(batch, tmp_path):
     import threading
