@@ -92,6 +92,20 @@ def test_run_dicom_on_an_svs_writes_the_slide_as_dicom_and_results_that_referenc
     assert not any("LABEL" in list(d.ImageType) or "OVERVIEW" in list(d.ImageType) for d in copy)
     assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
 
+    # An unwritable output and a full disk: one line each, and nothing that looks like a result.
+    from tests.test_hostile import _cli, _one_error
+
+    blocked = tmp_path / "blocked"
+    shutil.copytree(run, blocked, ignore=shutil.ignore_patterns("dicom"))
+    (blocked / "dicom").write_text("a file where the folder would go")
+    _one_error(_cli("export-dicom", blocked), "dicom")
+    full = tmp_path / "full"
+    shutil.copytree(run, full, ignore=shutil.ignore_patterns("dicom"))
+    result = _cli("export-dicom", full, max_file_bytes=100_000)  # the slide's DICOM copy is larger
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len([line for line in result.stderr.splitlines() if line.startswith("wsi-dala: error")]) == 1
+    assert not list((full / "dicom").rglob("*.dcm"))
+
 
 @pytest.mark.slow
 def test_export_dicom_of_a_dicom_slide_shares_its_study_and_frame_of_reference(colour, tmp_path):
