@@ -168,7 +168,7 @@ def test_the_batch_report_page_lists_sorts_and_links_to_the_viewer(batch):
     for stem in ("v0", "v1"):
         run = _run_id(out, stem)
         assert f"http://127.0.0.1:8765/run/{run}/" in page
-        assert (out / "thumbnails" / f"{run}.png").is_file() and f"thumbnails/{run}.png" in page
+        assert (out / run / "report-thumbnail.png").is_file() and f"{run}/report-thumbnail.png" in page
     assert "wsi-dala view" in page and "<script>" in page  # sorting works from disk, no server needed
 
 

@@ -300,6 +300,7 @@ class BatchSlideLayout(_Layout):
 
     state_json = _Below("state.json")
     lock = _Below("slide.lock")
+    report_thumbnail = _Below("report-thumbnail.png", "report.html's picture of this slide: its overlay, small.")
 
 
 @dataclass(frozen=True)
@@ -315,10 +316,6 @@ class BatchLayout(_Layout):
     report_md = _Below("report.md")
     review_csv = _Below("review.csv", "The review list for a spreadsheet: tumour calls first, largest burden first.")
     report_html = _Below("report.html", "The review list as a page: sortable, thumbnails, links to `wsi-dala view`.")
-    thumbnails_dir = _Below("thumbnails", "report.html's pictures: each slide's overlay, small.")
-
-    def thumbnail(self, slide_id: str) -> Path:
-        return self.thumbnails_dir / f"{slide_id}.png"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The reports of a batch: ``batch.json`` (everything), ``report.md`` whose first table is the review list,
 ``review.csv``, the same list for a spreadsheet, and ``report.html``, the list as a page (sortable, a small
-overlay per slide in ``thumbnails/``, links that open each slide in ``wsi-dala view``).
+overlay per slide in its folder, links that open each slide in ``wsi-dala view``).
 
 The review list puts first the slides a pathologist should read first: called tumour, then indeterminate
 (the thresholds could not decide, or QC or stain warnings kept a low slide from "no tumour"), then no
@@ -128,8 +128,8 @@ VIEWER_ADDRESS = "http://127.0.0.1:8765"  # where `wsi-dala view BATCH_OUT` serv
 
 
 def write_thumbnails(layout: BatchLayout, outcomes: list[SlideOutcome]) -> dict[str, str]:
-    """A small copy of each run's overlay.png beside the report (thousands of slides stay a light page); by
-    slide id, the path relative to the report."""
+    """A small copy of each run's overlay.png in its slide's folder, beside the report (thousands of slides stay
+    a light page); by slide id, the path relative to the report."""
     from PIL import Image
 
     from wsi_dala.core.fileio import save_png_atomic
@@ -140,13 +140,13 @@ def write_thumbnails(layout: BatchLayout, outcomes: list[SlideOutcome]) -> dict[
         overlay = RunLayout(Path(outcome.output)).overlay_png if outcome.output else None
         if overlay is None or not overlay.is_file():
             continue
-        target = layout.thumbnail(outcome.slide_id)
+        target = layout.slide(outcome.slide_id).report_thumbnail
         if not target.exists() or target.stat().st_mtime < overlay.stat().st_mtime:
             with Image.open(overlay) as image:
                 small = image.convert("RGB")
                 small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
                 save_png_atomic(target, small)
-        written[outcome.slide_id] = f"{layout.thumbnails_dir.name}/{target.name}"
+        written[outcome.slide_id] = f"{outcome.slide_id}/{target.name}"
     return written
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from wsi_dala import __version__
 from wsi_dala.core.errors import ConfigError, OutputError, SlideOpenError
 from wsi_dala.core.fileio import atomic_open, ensure_writable_dir
-from wsi_dala.core.layout import RunLayout
+from wsi_dala.core.layout import RunLayout, building_path
 
 log = logging.getLogger(__name__)
 VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -101,7 +101,7 @@ def source_image(record: dict[str, Any], out: Path) -> tuple[Path, bool]:
         from wsidicomizer import WsiDicomizer
         from wsidicomizer.sources import TiffSlideSource
 
-        partial = out / ".slide.partial"
+        partial = building_path(converted)
         shutil.rmtree(partial, ignore_errors=True)
         try:
             WsiDicomizer.convert(
