@@ -27,7 +27,7 @@ import numpy as np
 from wsi_dala.core.errors import ConfigError
 
 CALL_TUMOUR, CALL_NONE, CALL_INDETERMINATE = "tumour", "no tumour", "indeterminate"
-NO_THRESHOLDS = "no slide-level thresholds in the model card (`wsi-dala calibrate --slide-labels` chooses them)"
+NO_THRESHOLDS = "no slide-level thresholds in the model card; `wsi-dala calibrate --slide-labels` chooses them"
 # The slide measures a call can rest on (keys of SlideAnswer); MIL models give the third.
 RUN_MEASURES = ("top_k_mean_probability", "tumour_area_mm2")  # what a tile classifier's run offers
 SLIDE_MEASURES = (*RUN_MEASURES, "slide_probability")
