@@ -23,6 +23,7 @@ SYNTHETIC_CARD_NAME = "synthetic.json"  # beside generated tiles: class, tile si
 TILES_STORE_NAME = "tiles.zarr"  # in every run folder, and what `pretrain --archive` looks for
 FEATURES_STORE_NAME = "features.zarr"  # wsi-dala features, beside tiles.zarr
 PARTIAL_SUFFIX = ".partial"  # what is being written; renamed into place when complete
+RUN_FORMAT = "wsi-dala.run/1"  # run.json's format: a run of another format is redone, never trusted
 
 
 class _Below:

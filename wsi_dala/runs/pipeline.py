@@ -27,7 +27,7 @@ from wsi_dala.core.fileio import (
     write_json_atomic,
 )
 from wsi_dala.core.identity import config_hash, slide_fingerprint
-from wsi_dala.core.layout import DEFAULT_DEMO_DIR, DemoLayout, RunLayout, remove_partials
+from wsi_dala.core.layout import DEFAULT_DEMO_DIR, RUN_FORMAT, DemoLayout, RunLayout, remove_partials
 from wsi_dala.core.locks import exclusive_lock
 from wsi_dala.core.memory import limit_malloc_arenas, release_freed_memory
 from wsi_dala.inference.cluster import check_address, scoring_client
@@ -40,7 +40,7 @@ from wsi_dala.outputs.heatmap import Heatmap, paint_tiles, stitch, write_heatmap
 from wsi_dala.outputs.ngff import write_heatmap_ngff
 from wsi_dala.outputs.overlay import render_overlay
 from wsi_dala.runs.model_preparation import ModelPreparation
-from wsi_dala.runs.run_record import RUN_FORMAT, RunRecord, RunStages, build_record
+from wsi_dala.runs.run_record import RunRecord, RunStages, build_record
 from wsi_dala.runs.slide_mil import ATTENTION_MEASUREMENT, MilPlan, apply_mil, attention_per_tile, plan_mil
 from wsi_dala.tiling.grid import LevelChoice
 from wsi_dala.tiling.store import TileStore

@@ -19,7 +19,7 @@ from qupath_export.geojson import write_feature_collection
 from wsi_dala import __version__
 from wsi_dala.core.config import PipelineConfig
 from wsi_dala.core.identity import slide_fingerprint
-from wsi_dala.core.layout import RunLayout
+from wsi_dala.core.layout import RUN_FORMAT, RunLayout
 from wsi_dala.model import ModelCard
 from wsi_dala.model.card import card_origin
 from wsi_dala.model.slide_thresholds import SlideThresholds
@@ -32,8 +32,6 @@ from wsi_dala.tiling.tiler import TilingResult
 
 if TYPE_CHECKING:
     from wsi_dala.inference.scoring import ScoringResult
-
-RUN_FORMAT = "wsi-dala.run/1"
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,8 @@ from typing import Any
 
 from wsi_dala.core.errors import OutputError
 from wsi_dala.core.identity import slide_fingerprint
-from wsi_dala.core.layout import RunLayout
+from wsi_dala.core.layout import RUN_FORMAT, RunLayout
 
-RUN_FORMAT = "wsi-dala.run/1"
 SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 
