@@ -120,6 +120,20 @@ def test_mil_train_cross_validates_by_slide_and_writes_a_card_with_thresholds(st
     attention = [t["properties"]["measurements"]["MIL attention (x even share)"] for t in tiles]
     assert len(attention) == record["counts"]["tiles"] and math.isclose(np.mean(attention), 1.0, rel_tol=1e-3)
 
+    # batch --mil: each slide's MIL probability in the review list; the features stored as the batch goes
+    import shutil
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("case0.svs", "case1.svs"):
+        shutil.copy2(stored / "slides" / name, archive / name)
+    batch = tmp_path / "batch"
+    flags = ("--model", stored / "r18.safetensors", "--mil", out / "mil.safetensors", "--out", batch, "-q")
+    ok(wsi_dala("batch", archive, *flags, timeout_s=300))
+    rows = list(csv.DictReader((batch / "review.csv").open(encoding="utf-8")))
+    assert len(rows) == 2 and all(0 <= float(row["slide_probability"]) <= 1 for row in rows)
+    assert len(list(batch.glob("*/features.zarr"))) == 2
+
 
 def _refused_in_process(capsys, phrase: str, *argv: object) -> None:
     """The command run in this process (faster than the console script, which the good paths go through)."""

@@ -229,8 +229,10 @@ def run_batch(
     jobs = [(str(p), slide_id(archive, p)) for p in slides]
     # Slides run with the scheduler of the batch; each slide scores on its own worker, locally.
     per_slide = config.model_copy(update={"scoring": config.scoring.model_copy(update={"scheduler": None})})
-    if per_slide.model and Path(per_slide.model).exists():
-        per_slide = per_slide.model_copy(update={"model": str(Path(per_slide.model).absolute())})
+    for key in ("model", "mil", "features"):  # a worker elsewhere, or in another folder, finds the same files
+        value = getattr(per_slide, key)
+        if value and Path(value).exists():
+            per_slide = per_slide.model_copy(update={key: str(Path(value).absolute())})
     result = BatchResult()
     bar = tqdm(total=len(jobs), unit="slide", desc="batch", disable=not progress)
     done: dict[str, SlideOutcome] = {}
