@@ -167,14 +167,21 @@ class KnownCheckpoint:
         return cls(Path(path), card if card is not None else read_card(path), file_sha256(Path(path)))
 
 
-def read_card(path: str | os.PathLike) -> ModelCard:
-    """The model card alone (cheap: reads the header only)."""
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A safetensors file's header metadata (cards live there), read without the weights; a pickle, a file
+    cut short or not safetensors at all is refused by name."""
     path = _check_safetensors(Path(path))
     try:
         with safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
+            return dict(handle.metadata() or {})
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from exc
+
+
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """The model card alone (cheap: reads the header only)."""
+    path = Path(path)
+    metadata = safetensors_metadata(path)
     if CARD_KEY not in metadata:
         if GAN_CARD_KEY in metadata:
             raise CheckpointError(

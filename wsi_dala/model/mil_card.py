@@ -13,11 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
 from wsi_dala import __version__
 from wsi_dala.core.errors import CheckpointError, ConfigError
 from wsi_dala.core.identity import config_hash
+from wsi_dala.model.card import safetensors_metadata
 from wsi_dala.model.slide_thresholds import SlideThresholds
 
 MIL_CARD_KEY = "wsi_dala.mil_card"
@@ -78,11 +77,7 @@ def read_mil_card(path: str | os.PathLike) -> MilCard:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: MIL model not found")
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file") from exc
+    metadata = safetensors_metadata(path)  # a pickle is refused before anything is read
     if MIL_CARD_KEY not in metadata:
         raise CheckpointError(f"{path}: not a MIL model (`wsi-dala mil train` writes them)")
     try:

@@ -90,18 +90,27 @@ class SlideAnswer:
         )
 
 
-def _read_collection(path: Path) -> dict[str, Any]:
+def read_collection(path: Path) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection this project wrote (``.geojson`` or ``.geojson.gz``)."""
     if path.suffix == ".gz":
         with gzip.open(path, "rt", encoding="utf-8") as handle:
             return dict(json.load(handle))
     return dict(json.loads(path.read_text(encoding="utf-8")))
 
 
+def lowest_threshold_regions(regions_geojson: Path) -> list[dict[str, Any]]:
+    """The tumour regions' features at the lowest region threshold (the outermost outlines: they nest)."""
+    features = read_collection(regions_geojson).get("features", [])
+    levels = [f.get("properties", {}).get("measurements", {}).get("Threshold") for f in features]
+    lowest = min((level for level in levels if isinstance(level, (int, float))), default=None)
+    return [f for f, level in zip(features, levels, strict=True) if lowest is not None and level == lowest]
+
+
 def region_polygons(regions_geojson: Path, threshold: float) -> list[Any]:
     """The tumour annotations outlined at ``threshold`` (level-0 pixels), as shapely geometries: measured
     on the file as written, so the answer is what QuPath shows."""
     found = []
-    for feature in _read_collection(regions_geojson).get("features", []):
+    for feature in read_collection(regions_geojson).get("features", []):
         measurements = feature.get("properties", {}).get("measurements", {})
         level = measurements.get("Threshold") if isinstance(measurements, dict) else None
         if level is None or abs(float(level) - threshold) < 1e-9:

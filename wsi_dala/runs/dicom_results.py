@@ -30,6 +30,7 @@ from wsi_dala import __version__
 from wsi_dala.core.errors import ConfigError, OutputError, SlideOpenError
 from wsi_dala.core.fileio import atomic_open, ensure_writable_dir
 from wsi_dala.core.layout import RunLayout, building_path
+from wsi_dala.outputs.slide_answer import lowest_threshold_regions
 
 log = logging.getLogger(__name__)
 VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -147,6 +148,22 @@ def _algorithm() -> Any:
     )
 
 
+def _new_instance(series_number: int, model_name: str) -> dict[str, Any]:
+    """What identifies a new object of ours: a new series and instance, and the software that made it."""
+    import highdicom as hd
+
+    return {
+        "series_instance_uid": hd.UID(),
+        "series_number": series_number,
+        "sop_instance_uid": hd.UID(),
+        "instance_number": 1,
+        "manufacturer": "wsi-dala",
+        "manufacturer_model_name": model_name,
+        "software_versions": __version__,
+        "device_serial_number": "not applicable",
+    }
+
+
 def _write(dataset: Any, path: Path) -> None:
     with atomic_open(path, "wb") as handle:
         dataset.save_as(handle, enforce_file_format=True)
@@ -180,14 +197,7 @@ def write_segmentation(source: Any, tumour: np.ndarray, cell_l0: float, path: Pa
         pixel_array=values[None, ..., None],
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         segment_descriptions=[segment],
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="wsi-dala",
-        manufacturer_model_name="wsi-dala tumour heatmap",
-        software_versions=__version__,
-        device_serial_number="not applicable",
+        **_new_instance(series_number, "wsi-dala tumour heatmap"),
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         max_fractional_value=255,
         content_description="Tumour probability",
@@ -240,14 +250,7 @@ def write_annotations(source: Any, regions: list[tuple[np.ndarray, float]], path
         source_images=[source],
         annotation_coordinate_type=hd.ann.AnnotationCoordinateTypeValues.SCOORD,
         annotation_groups=[group],
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="wsi-dala",
-        manufacturer_model_name="wsi-dala tumour regions",
-        software_versions=__version__,
-        device_serial_number="not applicable",
+        **_new_instance(series_number, "wsi-dala tumour regions"),
         content_description="Tumour regions",
         content_label="TUMOUR_REGIONS",
     )
@@ -257,20 +260,8 @@ def write_annotations(source: Any, regions: list[tuple[np.ndarray, float]], path
 def region_outlines(regions_geojson: Path) -> list[tuple[np.ndarray, float]]:
     """The outer ring of every region at the lowest threshold (without its closing point) and its mean
     tumour probability."""
-    import gzip
-
-    if regions_geojson.suffix == ".gz":
-        with gzip.open(regions_geojson, "rt", encoding="utf-8") as handle:
-            collection = json.load(handle)
-    else:
-        collection = json.loads(regions_geojson.read_text(encoding="utf-8"))
-    features = collection.get("features", [])
-    levels = [f.get("properties", {}).get("measurements", {}).get("Threshold") for f in features]
-    lowest = min((v for v in levels if isinstance(v, (int, float))), default=None)
     found = []
-    for feature, level in zip(features, levels, strict=True):
-        if level != lowest or lowest is None:
-            continue
+    for feature in lowest_threshold_regions(regions_geojson):
         geometry = feature["geometry"]
         polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
         mean = feature["properties"]["measurements"].get("Mean tumour probability", float("nan"))

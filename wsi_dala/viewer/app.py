@@ -12,7 +12,6 @@ static files), and its threaded server answers the tiles of one viewer in parall
 from __future__ import annotations
 
 import hmac
-import json
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from flask import Flask, Response, abort, jsonify, make_response, redirect, render_template, request, url_for
 
 from wsi_dala.core.errors import WsiDalaError
+from wsi_dala.outputs.slide_answer import lowest_threshold_regions
 from wsi_dala.tiling.store import TileStore
 from wsi_dala.viewer.catalogue import RunEntry, find_runs
 from wsi_dala.viewer.deepzoom import DeepZoomSlide
@@ -167,20 +167,8 @@ def _regions(entry: RunEntry) -> list[list[list[list[float]]]]:
     path = entry.output("tumour_geojson")
     if path is None:
         return []
-    if path.suffix == ".gz":
-        import gzip
-
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
-            collection = json.load(handle)
-    else:
-        collection = json.loads(path.read_text(encoding="utf-8"))
-    features = collection.get("features", []) if isinstance(collection, dict) else []
-    levels = [f.get("properties", {}).get("measurements", {}).get("Threshold") for f in features]
-    lowest = min((level for level in levels if isinstance(level, (int, float))), default=None)
     polygons = []
-    for feature, level in zip(features, levels, strict=True):
-        if level != lowest:
-            continue
+    for feature in lowest_threshold_regions(path):
         geometry = feature.get("geometry", {})
         parts = [geometry.get("coordinates")] if geometry.get("type") == "Polygon" else geometry.get("coordinates", [])
         polygons += [part for part in parts if isinstance(part, list)]
