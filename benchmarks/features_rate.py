@@ -49,7 +49,8 @@ def main() -> None:
         shutil.rmtree(Path(tmp) / "features.zarr")  # the timed pass computes every chunk
         result = features_for_slide(args.slide, Path(tmp), settings, encoder, progress=False)
         tiles = TileStore(Path(tmp) / "tiles.zarr").tiles(slice(0, args.batch_size))
-    x = model_input(tiles, encoder.preset, encoder.card["mean"], encoder.card["std"])
+    images = torch.from_numpy(tiles).permute(0, 3, 1, 2)
+    x = model_input(images, encoder.preset, encoder.card["mean"], encoder.card["std"])
     with torch.inference_mode(), autocast(precision, "cpu"):
         encoder.network.forward_features(x)  # warm-up
         done, started = 0, time.perf_counter()

@@ -214,3 +214,62 @@ def test_the_linear_head_list_agrees_with_the_models_it_names():
         probe = model.linear_probe_encoder()
         assert (probe is not None) == (arch in LINEAR_HEAD_ARCHITECTURES), arch
         assert probe is None or probe is model.features, arch
+
+
+@pytest.mark.slow
+def test_a_frozen_encoder_on_slides_stores_its_features_beside_the_tiles_for_the_next_head(
+    tmp_path, monkeypatch, capsys
+):
+    """`train --freeze-backbone --slide ...` with a timm encoder writes each slide's features.zarr beside its
+    training tiles (the store `wsi-dala features` writes, no private cache); a second head trained on them
+    (`--features OUT/tiles`) runs no encoder and learns from the same rows; other weights or another stain
+    mapping are refused by name before any epoch."""
+    from tests.test_features import _count_encoder_passes
+    from tests.test_slide_training import _write_qupath_annotations
+    from wsi_dala.slides.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+    slides = []
+    for seed in (21, 22):
+        slide = write_synthetic_slide(
+            tmp_path / f"case{seed}.svs", SyntheticSlideSpec(width=4096, height=3072, mpp=0.25, seed=seed)
+        )
+        _write_qupath_annotations(slide, tmp_path / f"case{seed}.geojson")
+        slides += ["--slide", f"{slide.path}={tmp_path / f'case{seed}.geojson'}"]
+    weights = tmp_path / "vit.safetensors"
+    save_file(_tiny_vit_encoder(32).state_dict(), weights)
+    argv = ["train", *slides, "--arch", TINY_VIT, *[f"--timm-option={k}={v}" for k, v in TINY_VIT_OPTIONS.items()]]
+    argv += ["--weights", str(weights), "--freeze-backbone", "--input-size", "32", "--mpp", "2", "--epochs", "3"]
+    argv += ["--batch-size", "32", "--precision", "fp32", "--unannotated-class", "Non-tumor", "-q"]
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    stores = sorted((tmp_path / "first" / "tiles").glob("*/features.zarr"))
+    assert [s.parent.name for s in stores] == ["case21", "case22"] and not (tmp_path / "first" / "features").exists()
+    for store in stores:
+        group = zarr.open_group(store, mode="r")
+        tiles = zarr.open_group(store.parent / "tiles.zarr", mode="r")
+        assert group.attrs["complete"] and group.attrs["encoder"]["architecture"] == TINY_VIT
+        assert group.attrs["encoder"]["options"] == TINY_VIT_OPTIONS and group.attrs["encoder"]["input_px"] == 32
+        assert group["token_mean"].shape == (tiles["coords"].shape[0], 48)
+        np.testing.assert_array_equal(group["coords"][:], tiles["coords"][:])
+    # The rows are the frozen encoder's pooled map of each tile, as the head sees it.
+    model, card = load_checkpoint(tmp_path / "first" / "best.safetensors")
+    tiles = zarr.open_group(stores[0].parent / "tiles.zarr", mode="r")
+    images = torch.from_numpy(np.asarray(tiles["tiles"][:4])).permute(0, 3, 1, 2).float() / 255.0
+    mean, std = (torch.tensor(card.normalisation[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        expected = model.forward_features((images - mean) / std).mean(dim=(2, 3)).numpy()
+    stored = np.asarray(zarr.open_group(stores[0], mode="r")["token_mean"][:4], dtype=np.float32)
+    np.testing.assert_allclose(stored, expected, atol=2e-3 * np.abs(expected).max())
+
+    passes = _count_encoder_passes(monkeypatch)
+    second = [a if a != "3" else "4" for a in argv]  # another head: one more epoch
+    assert main([*second, "--out", str(tmp_path / "second"), "--features", str(tmp_path / "first" / "tiles")]) == 0
+    assert passes["n"] == 0  # every training and validation tile's features read from the first training's stores
+    assert load_checkpoint(tmp_path / "second" / "best.safetensors")[1].training_data["encoder"]["features_from"]
+    capsys.readouterr()
+    other = tmp_path / "other.safetensors"
+    save_file(_tiny_vit_encoder(32).state_dict() | {"cls_token": torch.ones(1, 1, 48)}, other)
+    for label, extra in (("weights", ["--weights", str(other)]), ("stain", ["--stain-normalise", "macenko"])):
+        code = main([*argv, *extra, "--out", str(tmp_path / label), "--features", str(tmp_path / "first" / "tiles")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"no features store of this encoder ({TINY_VIT}" in err[0], (label, err)
+        assert "stores found: 2" in err[0], err

@@ -261,7 +261,22 @@ def test_train_reads_the_training_tiles_features_from_the_stores_and_runs_no_enc
 
     stored = load_file(tmp_path / "stored" / "best.safetensors")["head.weight"]
     computed = load_file(tmp_path / "computed" / "best.safetensors")["head.weight"]
-    torch.testing.assert_close(stored, computed, atol=2e-2, rtol=0)  # float16 features against float32
+    torch.testing.assert_close(stored, computed, atol=2e-2, rtol=0)  # float16 features against float16, tiled apart
+    # The frozen encoder's features went where `features` puts them: features.zarr beside each slide's training
+    # tiles, a store `features`' readers accept; a later head trained on them runs no encoder.
+    beside = sorted((tmp_path / "computed" / "tiles").glob("*/features.zarr"))
+    assert [p.parent.name for p in beside] == ["case11", "case12"], beside
+    assert not list((tmp_path / "computed").glob("features/features-*.zarr"))  # no second, private cache
+    written = zarr.open_group(beside[0], mode="r")
+    assert written.attrs["complete"] and written.attrs["encoder"]["preset"] == "uni"
+    tiles = zarr.open_group(beside[0].parent / "tiles.zarr", mode="r")
+    assert written["token_mean"].shape[0] == tiles["coords"].shape[0]
+    passes["n"] = 0
+    assert main([*argv, "--out", str(tmp_path / "again"), "--features", str(tmp_path / "computed" / "tiles")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "computed")]) == 0  # resumed: its stores are complete
+    assert passes["n"] == 0
+    again = load_file(tmp_path / "again" / "best.safetensors")["head.weight"]
+    torch.testing.assert_close(again, computed, atol=1e-6, rtol=0)  # the very same features
     capsys.readouterr()
     other = tmp_path / "other.safetensors"
     torch.manual_seed(5)

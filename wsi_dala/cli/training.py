@@ -91,16 +91,17 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="DIR",
-        help="--freeze-backbone with a foundation model: read the training tiles' encoder features from the "
-        "features stores in DIR (`wsi-dala features`, same encoder and weights) instead of running the "
-        "encoder, which otherwise computes them once and caches them; repeatable (default: none)",
+        help="--freeze-backbone: read the training tiles' encoder features from the features stores in DIR "
+        "(`wsi-dala features`, or an earlier training's OUT/tiles; same encoder and weights) instead of running "
+        "the encoder, which otherwise computes them once into OUT/tiles/<slide>/features.zarr; repeatable "
+        "(default: none)",
     )
     fit.add_argument(
         "--feature-cache",
         metavar="DIR",
         default=None,
-        help="--freeze-backbone: where the cached features go, shared by runs on the same tiles "
-        "(default: OUT/features)",
+        help="--freeze-backbone on image folders: where their cached features go, shared by runs on the same "
+        "images; slide tiles keep theirs beside their tiles (default: OUT/features)",
     )
     guide = parser.add_argument_group("guidance (Deep Pneumonia)")
     guide.add_argument(

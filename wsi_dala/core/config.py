@@ -231,8 +231,8 @@ class TrainConfig(Settings):
     seed: Seed = 0
     freeze_until: Literal["layer1", "layer2", "layer3"] | None = None  # "layer3": layer4 + attention + head only
     freeze_backbone: bool = False  # train the linear head alone, on encoder features computed once (a linear probe)
-    # Foundation models with freeze_backbone: features stores (`wsi-dala features`) the training tiles' features
-    # are read from instead of running the encoder; empty: computed and cached as usual.
+    # With freeze_backbone: features stores (`wsi-dala features`, or an earlier training's OUT/tiles) the training
+    # tiles' features are read from instead of running the encoder; empty: computed beside the training tiles.
     features: list[str] = Field(default_factory=list)
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, bf16 on a CPU with native bf16, else fp32
@@ -273,13 +273,8 @@ class TrainConfig(Settings):
             )
         if self.freeze_backbone and (self.mask_guided or self.contrastive_weight > 0):
             raise ValueError("--freeze-backbone trains a head on cached features: no --mask-guided or contrastive term")
-        if self.features and not (self.freeze_backbone and self.arch in FOUNDATION_PRESETS):
-            raise ValueError(
-                "--features trains a foundation model's head on stored features: it needs --freeze-backbone and "
-                f"--arch one of {', '.join(FOUNDATION_PRESETS)}"
-            )
-        if self.features and self.stain_normalise != "none":
-            raise ValueError("--features: the stored features are of the tiles as they are; no --stain-normalise")
+        if self.features and not self.freeze_backbone:
+            raise ValueError("--features trains a head on stored encoder features: it needs --freeze-backbone")
         if self.freeze_backbone and self.freeze_until:
             raise ValueError("--freeze-backbone and --freeze-until exclude each other: the first freezes everything")
         if self.arch.startswith(TIMM_PREFIX) and self.pretrained in ("imagenet", "hub"):

@@ -196,7 +196,9 @@ class TrainLayout(_Layout):
     train_json = _Below("train.json", "The run's summary; `evaluate --split-from` reads its validation groups back.")
     tiles_dir = _Below("tiles", "`train --slide`: one tile-store folder per annotated slide below this.")
     features_dir = _Below(
-        "features", "`train --freeze-backbone`: the encoder's pooled features of the tiles, one Zarr per encoder."
+        "features",
+        "`train --freeze-backbone` on image folders: the encoder's pooled features, one Zarr per encoder "
+        "(slide tiles keep theirs in features.zarr beside their tiles).",
     )
 
 
@@ -243,6 +245,11 @@ def lesion_masks_store(tiles_store: Path) -> Path:
 def feature_cache_store(cache_dir: Path, key: str) -> Path:
     """One encoder's features of one set of training tiles (``key``: what they were computed from)."""
     return cache_dir / f"features-{key}.zarr"
+
+
+def features_store_beside(tiles_store: Path) -> Path:
+    """The features store of a tile store's tiles (``features``, and ``train --freeze-backbone`` on slides)."""
+    return tiles_store.parent / FEATURES_STORE_NAME
 
 
 def slide_tiles_dir(tiles_root: Path, slide_path: Path) -> Path:

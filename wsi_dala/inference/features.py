@@ -34,6 +34,7 @@ from wsi_dala.model.devices import autocast, normalise
 from wsi_dala.model.foundation import embed
 from wsi_dala.model.foundation_presets import FoundationPreset
 from wsi_dala.model.interface import as_split, pooled_features
+from wsi_dala.model.stain_normalise import StainNormaliser
 from wsi_dala.tiling.features_store import (
     CHUNKS_DONE,
     COORDS,
@@ -109,26 +110,39 @@ def checkpoint_encoder_card(
 
 
 def _encode_tiles(
-    encoder: torch.nn.Module, preset: FoundationPreset | None, card: dict[str, Any], tiles: np.ndarray
+    encoder: torch.nn.Module,
+    preset: FoundationPreset | None,
+    card: dict[str, Any],
+    tiles: np.ndarray,
+    device: torch.device,
+    stain: StainNormaliser | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(embedding, patch-token mean, patch tokens or None) of one batch of uint8 tiles."""
+    """(embedding, patch-token mean, patch tokens or None) of one batch of uint8 tiles, on the CPU."""
+    images = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).to(device)
+    if stain is not None:  # train --stain-normalise: the training set's stain mapped to the reference first
+        images = stain(images)
     if preset is None:  # a classifier's backbone: its pooled map is both the embedding and the token mean
-        images = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
-        with torch.inference_mode(), autocast(card["precision"], "cpu"):
-            pooled = pooled_features(encoder, normalise(images, card["mean"], card["std"])).float()
+        x = normalise(_centre_crop(images, int(card["input_px"])), card["mean"], card["std"])
+        with torch.inference_mode(), autocast(card["precision"], device):
+            pooled = pooled_features(encoder, x).float().cpu()
         return pooled, pooled, None
-    x = model_input(tiles, preset, card["mean"], card["std"])
-    with torch.inference_mode(), autocast(card["precision"], "cpu"):
-        out = as_split(encoder).forward_features(x).float()
+    x = model_input(images, preset, card["mean"], card["std"])
+    with torch.inference_mode(), autocast(card["precision"], device):
+        out = as_split(encoder).forward_features(x).float().cpu()
     registers = int(getattr(encoder, "num_prefix_tokens", 1)) - 1
     patches = out[:, 1 + registers :]
     return embed(preset, out), patches.mean(dim=1), patches
 
 
-def model_input(tiles: np.ndarray, preset: FoundationPreset, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 tiles [N, H, W, 3] as the model's transform makes them: resized (where its transform resizes
+def _centre_crop(images: torch.Tensor, size_px: int) -> torch.Tensor:
+    """The central ``size_px`` square of [N, C, H, W] images (what training's validation transform shows)."""
+    top, left = max(0, (images.shape[-2] - size_px) // 2), max(0, (images.shape[-1] - size_px) // 2)
+    return images[..., top : top + size_px, left : left + size_px]
+
+
+def model_input(images: torch.Tensor, preset: FoundationPreset, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] as the model's transform makes them: resized (where its transform resizes
     first, e.g. Prov-GigaPath's 256), centre-cropped to its input, normalised."""
-    images = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
     x = normalise(images, mean, std)
     if x.shape[-1] != preset.resize_px or x.shape[-2] != preset.resize_px:
         x = F.interpolate(x, size=(preset.resize_px, preset.resize_px), mode="bicubic", antialias=True)
@@ -146,8 +160,15 @@ def write_features(
     batch_size: int = 8,
     patch_tokens: bool = False,
     progress: bool = True,
+    device: torch.device | str = "cpu",
+    stain: StainNormaliser | None = None,
+    replace_other: bool = False,
 ) -> FeaturesResult:
-    """Compute (or finish) the features of every tile of ``tiles_store`` into ``features_store``."""
+    """Compute (or finish) the features of every tile of ``tiles_store`` into ``features_store``.
+
+    ``stain``: map each tile's stain first (its description must be in ``card``, so the key tells such
+    features apart). ``replace_other``: a store of another encoder or other tiles at ``features_store`` is
+    replaced (a training's own tiles folder), not refused (a folder the user named)."""
     import time
 
     started = time.perf_counter()
@@ -157,7 +178,11 @@ def write_features(
         raise OutputError(f"{tiles_store}: the tiles are not complete; tile the slide first")
     key = features_key(card, info.tiling.tiling_key)
     patch_tokens = patch_tokens and preset is not None  # a CNN's map is not tokens
+    if replace_other and _made_otherwise(features_store, key):
+        log.info("%s: features of another encoder or other tiles; computing them again", features_store)
+        shutil.rmtree(features_store)
     group = _open_or_create(features_store, key, store, card, preset, encoder, patch_tokens)
+    device = torch.device(device)
     done = np.asarray(_array(group, CHUNKS_DONE)[:], dtype=bool)
     todo = [i for i in range(info.n_chunks) if not done[i]]
     bar = tqdm(total=len(todo), unit="chunk", desc="features", disable=not progress, leave=False)
@@ -167,7 +192,8 @@ def write_features(
         tiles = store.tiles(rows)
         pooled, means, tokens = [], [], []
         for start in range(0, len(tiles), batch_size):
-            embedding, token_mean, patches = _encode_tiles(encoder, preset, card, tiles[start : start + batch_size])
+            batch = tiles[start : start + batch_size]
+            embedding, token_mean, patches = _encode_tiles(encoder, preset, card, batch, device, stain)
             pooled.append(embedding.numpy().astype(np.float16))
             means.append(token_mean.numpy().astype(np.float16))  # what a preset's linear head pools
             if patch_tokens and patches is not None:
@@ -243,6 +269,16 @@ def _open_or_create(
     )
     building.rename(path)
     return zarr.open_group(path, mode="r+")
+
+
+def _made_otherwise(path: Path, key: str) -> bool:
+    """Whether ``path`` holds a store whose features key is not ``key`` (or one that cannot be read)."""
+    if not path.exists():
+        return False
+    try:
+        return zarr.open_group(path, mode="r").attrs.get("features_key") != key
+    except Exception:  # damaged: made by nothing this run can trust
+        return True
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:

@@ -1,4 +1,7 @@
-"""Encoder features of the training tiles, computed once and kept in a Zarr (``train --freeze-backbone``).
+"""Encoder features of training image files, computed once and kept in a Zarr (``train --freeze-backbone``).
+
+Image files (a BreakHis or class folder) have no slide, tiling or level-0 coordinates, so they cannot live
+in a slide's ``features.zarr``; slide tiles do (``training.stored_features``). This cache is for the files.
 
 A frozen encoder gives every tile the same features in every epoch, so the encoder runs once per tile
 (centre crop, no augmentation) and the head trains on the pooled vectors: epochs then cost a matrix

@@ -130,9 +130,29 @@ def _freeze_encoder(model: nn.Module) -> list[nn.Module]:
 
 
 def head_data(session: Session, train: list[Sample], val: list[Sample], cache_dir: Path, progress: bool) -> HeadData:
-    """The pooled encoder features of the training and validation tiles, from the cache or computed once."""
+    """The pooled encoder features of the training and validation tiles, computed once.
+
+    Slide tiles: from ``features.zarr`` beside each slide's tiles, the store ``wsi-dala features`` writes
+    (computed or completed here; with ``--features``, read from the stores named and the encoder runs on no
+    tile), so later heads, ``mil`` and ``run`` reuse them. Image files (no slide): the per-training cache."""
+    from wsi_dala.training.stored_features import StoredFeatures, expected_encoder
+
     config = session.config
-    description = {
+    encoder = session.frozen_modules[0]  # what --freeze-backbone froze: the linear probe's encoder
+    expected = expected_encoder(config.arch, config.input_size, session.stain)
+    samples = train + val
+    if config.features:  # stored by `wsi-dala features` (or an earlier training): no encoder pass
+        places = list(config.features)
+    else:
+        sources = sorted({s.source for s in samples if s.index >= 0})
+        places = [str(_write_slide_features(session, Path(source), encoder, progress)) for source in sources]
+    stored = StoredFeatures(places, encoder, session.card, expected) if places else None
+    if stored is not None:
+        session.card.training_data["encoder"] = {
+            **session.card.training_data.get("encoder", {}),
+            "features_from": [str(s.path) for s in stored.stores],
+        }
+    files_description = {
         "arch": config.arch,
         "options": config.options,
         **weights_identity(config.pretrained),
@@ -142,29 +162,57 @@ def head_data(session: Session, train: list[Sample], val: list[Sample], cache_di
         "stain_normalise": config.stain_normalise,
         "precision": resolve_precision(config.precision, session.device),
     }
-
     how = EncoderPass(
         config.input_size, config.batch_size, session.device, session.mean, session.std, config.precision, session.stain
     )
 
-    def features_of(samples: list[Sample]) -> np.ndarray:
-        return cached_features(session.model, samples, cache_dir, description, how, progress)
-
-    if config.features:  # stored by `wsi-dala features`: the encoder runs on no training tile
-        from wsi_dala.training.stored_features import StoredFeatures
-
-        encoder = getattr(session.model, "encoder", None)
-        if not isinstance(encoder, torch.nn.Module):
-            raise ConfigError(f"--features: {config.arch} has no encoder to match the stores against")
-        stored = StoredFeatures(config.features, encoder, session.card)
-        session.card.training_data["encoder"] = {
-            **session.card.training_data.get("encoder", {}),
-            "features_from": [str(s.path) for s in stored.stores],
-        }
-        features_of = stored.token_means
+    def features_of(part: list[Sample]) -> np.ndarray:
+        tiles = [i for i, s in enumerate(part) if s.index >= 0]
+        files = [i for i, s in enumerate(part) if s.index < 0]
+        found: list[tuple[list[int], np.ndarray]] = []
+        if tiles:
+            assert stored is not None
+            found.append((tiles, stored.token_means([part[i] for i in tiles])))
+        if files:
+            if config.features:
+                image = part[files[0]].source
+                raise ConfigError(f"--features: {image} is an image file; stored features are of slide tiles")
+            images = [part[i] for i in files]
+            found.append((files, cached_features(session.model, images, cache_dir, files_description, how, progress)))
+        width = found[0][1].shape[1] if found else 0
+        out = np.zeros((len(part), width), dtype=np.float32)
+        for rows, values in found:
+            out[rows] = values
+        return out
 
     labels = [np.array([s.label for s in part], dtype=np.int64) for part in (train, val)]
     return HeadData(features_of(train), labels[0], features_of(val), labels[1])
+
+
+def _write_slide_features(session: Session, tiles_store: Path, encoder: nn.Module, progress: bool) -> Path:
+    """Compute (or complete) the frozen encoder's features of one slide's training tiles, beside them."""
+    from wsi_dala.core.layout import features_store_beside
+    from wsi_dala.inference.features import write_features
+    from wsi_dala.training.stored_features import training_encoder_card
+
+    config = session.config
+    preset = PRESETS.get(config.arch)
+    card = training_encoder_card(session.model, encoder, config, session.card, session.device, session.stain)
+    result = write_features(
+        tiles_store,
+        features_store_beside(tiles_store),
+        encoder if preset is not None else session.model,  # a CNN's or timm network's map is pooled in the model
+        preset,
+        card,
+        batch_size=config.batch_size,
+        progress=progress,
+        device=session.device,
+        stain=session.stain,
+        replace_other=True,  # the training's own tiles folder: a store of another encoder is its own cache
+    )
+    what = "read" if result.chunks_computed == 0 else "computed"
+    log.info("encoder features of %d tiles %s: %s", result.n_tiles, what, result.path)
+    return result.path
 
 
 def start_session(
