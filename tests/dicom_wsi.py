@@ -80,15 +80,23 @@ def _jpeg_frames(image: np.ndarray, tile_px: int, quality: int, column_major: bo
     return frames
 
 
-def write_undescribed_dicom_wsi(image: np.ndarray, path: Path, tile_px: int = 256, quality: int = 95) -> Path:
+def write_undescribed_dicom_wsi(
+    image: np.ndarray, path: Path, tile_px: int = 256, quality: int = 95, long_uids: bool = False
+) -> Path:
     """One file, one level, as another tool wrote the real TCGA crop in ../shared/real/wsi: a VL Whole Slide
     Microscopy Image without ImageType (which the IOD requires), without pixel spacing or any functional
-    group, without DimensionOrganizationType, its frames stored column by column and padded with black."""
+    group, without DimensionOrganizationType, its frames stored column by column and padded with black.
+    ``long_uids``: its series and instance UIDs 65 and 66 characters long, as that file's are (DICOM allows 64)."""
     template = pydicom.dcmread(TEMPLATE)
     ds = copy.deepcopy(template)
     for name in ("StudyInstanceUID", "SeriesInstanceUID"):
         setattr(ds, name, generate_uid())
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if long_uids:
+        root = "1.2.826.0.1.3680043.8.498."
+        with pydicom.config.disable_value_validation():
+            ds.SeriesInstanceUID = root + "8" * (65 - len(root))
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = root + "6" * (64 - len(root)) + ".4"
     for keyword in (
         "ImageType",
         "SharedFunctionalGroupsSequence",
@@ -110,5 +118,6 @@ def write_undescribed_dicom_wsi(image: np.ndarray, path: Path, tile_px: int = 25
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.PhotometricInterpretation = "YBR_FULL_422"
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    with pydicom.config.disable_value_validation():
+        ds.save_as(path, enforce_file_format=True)
     return path

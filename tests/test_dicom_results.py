@@ -139,3 +139,13 @@ def test_export_dicom_refuses_in_one_line_and_writes_nothing(colour, tmp_path):
     ok(wsi_dala("run", undescribed, "--model", colour, "--out", run, "--slide-mpp", "0.5", "-q", timeout_s=300))
     refused(wsi_dala("export-dicom", run), "lacks FrameOfReferenceUID")
     assert not any((run / "dicom").glob("*.dcm"))
+    # UIDs longer than DICOM's 64 characters (the real pathml file's): the run is kept, the results refused by name
+    overlong = write_undescribed_dicom_wsi(rgb, tmp_path / "long" / "crop.dcm", long_uids=True)
+    run = tmp_path / "run-long"
+    argv = ("run", overlong, "--model", colour, "--out", run, "--slide-mpp", "0.5", "--dicom", "-q")
+    done = wsi_dala(*argv, timeout_s=300)  # the reader's warning on the frame order comes first
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("wsi-dala: error: ")]
+    assert errors == [line for line in done.stderr.splitlines()[-1:]], done.stderr
+    assert "crop.dcm: not valid DICOM (The value length (65) exceeds the maximum length of 64" in errors[0], errors
+    assert (run / "run.json").is_file() and not any((run / "dicom").glob("*.dcm"))

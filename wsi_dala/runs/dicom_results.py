@@ -64,11 +64,11 @@ def _level0_instance(folder: Path) -> Path:
     for path in sorted(folder.glob("*.dcm")):
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # not DICOM: not a level
+            if str(header.get("SOPClassUID")) != VL_WSI or "TotalPixelMatrixColumns" not in header:
+                continue
+            kind = [str(v) for v in header.get("ImageType", [])]
+        except Exception:  # not DICOM, or values pydicom refuses: not a level to build on
             continue
-        if str(header.get("SOPClassUID")) != VL_WSI or "TotalPixelMatrixColumns" not in header:
-            continue
-        kind = [str(v) for v in header.get("ImageType", [])]
         if len(kind) > 2 and kind[2] not in ("VOLUME", "THUMBNAIL"):
             continue
         area = int(header.TotalPixelMatrixColumns) * int(header.TotalPixelMatrixRows)
@@ -77,6 +77,11 @@ def _level0_instance(folder: Path) -> Path:
     if best is None:
         raise SlideOpenError(f"{folder}: no DICOM whole-slide image level here")
     return best
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text.split(". ")[0].rstrip(".") or type(exc).__name__
 
 
 def source_image(record: dict[str, Any], out: Path) -> tuple[Path, bool]:
@@ -90,8 +95,13 @@ def source_image(record: dict[str, Any], out: Path) -> tuple[Path, bool]:
 
         source = _level0_instance(folder)
         header = pydicom.dcmread(source, stop_before_pixels=True)
-        missing = [name for name in IDENTITY if not header.get(name)]
-        if missing or not header.get("ImageType"):
+        try:
+            missing = [name for name in IDENTITY if not header.get(name)]
+            typed = bool(header.get("ImageType"))
+        except ValueError as exc:  # a value pydicom refuses (a UID over 64 characters): results cannot cite it
+            reason = _first_sentence(exc)
+            raise OutputError(f"{source}: not valid DICOM ({reason}); DICOM results cannot reference it") from exc
+        if missing or not typed:
             raise OutputError(
                 f"{source}: lacks {', '.join(missing) or 'ImageType'}, which DICOM results must reference; "
                 "they cannot point at this slide"
