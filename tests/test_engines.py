@@ -121,6 +121,42 @@ def test_a_changed_checkpoint_is_exported_again_and_the_stale_file_removed(tmp_p
     assert second != first and second.exists() and not first.exists()
 
 
+def test_a_backbone_over_the_single_file_limit_keeps_its_weights_beside_the_export(tmp_path, monkeypatch):
+    """The ViT-H and ViT-g presets' fp32 weights (2.5-4.5 GB) pass ONNX's 2 GB single-file limit: the export
+    keeps them in `<export>.onnx.data` beside the model, moved into place before it, no hidden file left; both
+    engines read it and match torch; a changed checkpoint removes both files. (The limit is lowered here so
+    a small DALAResNet50 takes that path.)"""
+    import onnxruntime
+    import openvino
+
+    from wsi_dala.inference.engines import exports
+
+    monkeypatch.setattr(exports, "SINGLE_FILE_LIMIT_BYTES", 0)
+    checkpoint = tmp_path / "m.safetensors"
+    torch.manual_seed(1)
+    write_untrained_checkpoint(checkpoint, tile_size_px=TILE_PX)
+    model = load_checkpoint(checkpoint)[0].eval()
+    first = ensure_onnx(model, str(checkpoint), "1" * 64, TILE_PX)
+    layout = engine_layout(checkpoint)
+    data = layout.external_data(first)
+    weights_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert data.stat().st_size > 0.8 * weights_bytes and first.stat().st_size < 0.05 * data.stat().st_size
+    assert [p.name for p in layout.root.iterdir() if p.name.startswith(".")] == []
+    images = torch.rand(3, 3, TILE_PX, TILE_PX)
+    with torch.no_grad():
+        reference = model.forward_features(images).numpy()
+    on_ort = onnxruntime.InferenceSession(str(first), providers=["CPUExecutionProvider"]).run(
+        None, {"images": images.numpy()}
+    )[0]
+    compiled = openvino.Core().compile_model(str(first), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    on_openvino = compiled(images.numpy())[0]
+    for found in (on_ort, on_openvino):
+        assert found.shape == reference.shape
+        assert np.abs(found - reference).max() <= 1e-3 * np.abs(reference).max()
+    second = ensure_onnx(model, str(checkpoint), "2" * 64, TILE_PX)
+    assert not first.exists() and not data.exists() and layout.external_data(second).exists()
+
+
 def test_engines_refuse_what_they_cannot_do(dala):
     with pytest.raises(EngineError, match="the torch backend has none"):
         plan_backbone(_request(dala, "torch", "int8"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
 from shapely.geometry import shape
 
 from tests.qupath_rules import check_file
@@ -211,3 +212,49 @@ def test_calibrate_on_slide_labels_refuses_bad_input_in_one_line(labelled_archiv
         "made with another checkpoint", "--slide-labels", kit["labels"], "--runs", kit["runs"], model=other
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["real CMU-1 crop", "texture generator"])
+def test_the_whole_tissue_annotation_follows_tissue_we_did_not_draw(source, colour_checkpoint, tmp_path):
+    """The slide-level annotation on real H&E (the CMU-1 crop: ragged edges, fragments, a torn lumen) and on
+    the second generator (real H&E texture): QuPath accepts it, it covers the tissue the run measured (IoU
+    with the tissue mask >= 0.9, area within 5 %), and on the generated slide the planted tissue (IoU >= 0.85)."""
+    from PIL import Image
+
+    from wsi_dala.core.config import PipelineConfig
+    from wsi_dala.runs.pipeline import run_slide
+    from wsi_dala.slides.reader import Slide
+    from wsi_dala.slides.synthetic import BACKGROUND
+    from wsi_dala.slides.synthetic_texture import TextureSlideSpec, load_textures, write_texture_slide
+
+    truth = None
+    if source == "real CMU-1 crop":
+        path = Path(__file__).parent / "data" / "cmu_small_region.svs"
+    else:
+        textures = load_textures(Path(__file__).parent / "data" / "textures" / "textures.json", 0.5)
+        spec = TextureSlideSpec(width=3840, height=2880, seed=3, pieces=3)
+        written = write_texture_slide(tmp_path / "texture.svs", textures["normal"], textures["tumour"], spec)
+        path, truth = written.path, (written.labels != BACKGROUND, written.label_px)
+    summary = run_slide(path, tmp_path / "run", PipelineConfig(model=str(colour_checkpoint)), progress=False)
+    folder = summary.layout.root
+    record = json.loads((folder / "run.json").read_text())
+    features = check_file(folder / record["outputs"]["slide_geojson"])
+    assert len(features) == 1 and features[0]["properties"]["classification"]["name"] == "Tissue"
+    outline = shape(features[0]["geometry"])
+    with Slide(path) as slide:
+        width, height = slide.info.level_dimensions[0]
+    mask = np.asarray(Image.open(folder / record["outputs"]["tissue_mask"]).convert("L")) > 127
+    step_x, step_y = width / mask.shape[1], height / mask.shape[0]
+    ys, xs = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
+    inside = shapely.contains_xy(outline, (xs + 0.5) * step_x, (ys + 0.5) * step_y)
+    iou = (inside & mask).sum() / (inside | mask).sum()
+    assert iou >= 0.9, (source, iou)
+    outline_mm2 = outline.area * record["resolution"]["slide_mpp"] ** 2 / 1e6
+    assert outline_mm2 == pytest.approx(record["slide_answer"]["tissue_area_mm2"], rel=0.05), source
+    if truth is not None:
+        planted, label_px = truth
+        ys, xs = np.mgrid[0 : planted.shape[0], 0 : planted.shape[1]]
+        inside = shapely.contains_xy(outline, (xs + 0.5) * label_px, (ys + 0.5) * label_px)
+        planted_iou = (inside & planted).sum() / (inside | planted).sum()
+        assert planted_iou >= 0.85, planted_iou

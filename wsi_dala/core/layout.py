@@ -381,6 +381,11 @@ class EngineLayout(_Layout):
     def is_of(self, path: Path, sha256: str) -> bool:
         return path.name.startswith(f"{self.stem}-{sha256[:16]}-")
 
+    @staticmethod
+    def external_data(export: Path) -> Path:
+        """The weights file of an export over ONNX's 2 GB single-file limit (the name the exporter gives it)."""
+        return export.with_name(export.name + ".data")
+
     speed_json = _Below("speed.json", "tiles/s per engine, CPU, checkpoint, tile size, batch and threads")
     openvino_cache = _Below("openvino-cache")
 

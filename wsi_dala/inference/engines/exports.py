@@ -4,8 +4,11 @@ Exporting ResNet50 takes seconds and quantising it about a minute, so each is do
 ``<checkpoint>.engines/<stem>-<sha16>-<tile>px.onnx`` (a folder beside the checkpoint; the user cache
 ``~/.cache/wsi-dala/engines`` where that folder cannot be written; ``$WSI_DALA_ENGINE_CACHE`` over
 both, e.g. a shared filesystem for a Dask cluster). A changed checkpoint has another hash, so it is
-exported again, and the stale files of the same checkpoint name are removed then. Files are written
-beside their final name and renamed, so a crash never leaves a half export that looks complete.
+exported again, and the stale files of the same checkpoint name are removed then. An export is written
+into a hidden folder beside its final name and moved into place, its weights file (if any) first and the
+model last, so a crash never leaves a half export that looks complete. A backbone whose fp32 weights pass
+ONNX's 2 GB single-file limit (the ViT-H and ViT-g foundation models: 2.5-4.5 GB) keeps them in an
+external-data file beside the model (``<export>.onnx.data``), which ONNX Runtime and OpenVINO read from there.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import copy
 import io
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "WSI_DALA_ENGINE_CACHE"
 OPSET = 18
 MAX_BATCH = 4096
+SINGLE_FILE_LIMIT_BYTES = 1 << 30  # weights above this go to an external-data file (ONNX's protobuf limit is 2 GiB)
 NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "root")
 
 
@@ -73,6 +78,7 @@ def ensure_onnx(model: nn.Module, checkpoint: str, sha256: str, tile_px: int) ->
         if not layout.is_of(stale, sha256):
             log.info("removing %s: its checkpoint changed", stale)
             stale.unlink(missing_ok=True)
+            layout.external_data(stale).unlink(missing_ok=True)
     return path
 
 
@@ -81,26 +87,33 @@ def export_backbone(model: nn.Module, tile_px: int, path: Path, source: str) -> 
     # A copy, in eval mode and the default memory layout: tracing must not touch the scoring model's state.
     features = FeaturesOnly(copy.deepcopy(model).float().to(memory_format=torch.contiguous_format)).eval()
     example = torch.zeros(2, 3, tile_px, tile_px)
-    partial = writing_path(path, os.getpid())
+    weights_bytes = sum(t.numel() * t.element_size() for t in features.state_dict().values())
+    staging = writing_path(path, os.getpid())  # a hidden folder: the model, and its weights file when external
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    exported = staging / path.name
     try:
         with quiet():
             torch.onnx.export(
                 features,
                 (example,),
-                str(partial),
+                str(exported),
                 input_names=["images"],
                 output_names=["features"],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},),
                 dynamo=True,
                 opset_version=OPSET,
-                external_data=False,
+                external_data=weights_bytes > SINGLE_FILE_LIMIT_BYTES,
                 verbose=False,
             )
-        os.replace(partial, path)
+        for part in sorted(staging.iterdir()):  # the external weights (named after the model) first
+            if part != exported:
+                os.replace(part, path.parent / part.name)
+        os.replace(exported, path)  # last: the model's presence says the export is whole
     except Exception as exc:
         raise EngineExportError(f"{source}: the backbone cannot be exported to ONNX ({_one_line(exc)})") from exc
     finally:
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
