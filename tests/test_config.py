@@ -70,6 +70,7 @@ VALUES = {
     "export.simplify_cells": (0.5, -0.1),
     "export.gzip": (True, "no"),
     "export.cam_threshold_method": ("otsu", "median"),
+    "export.dicom": (True, "maybe"),
 }
 
 

@@ -149,3 +149,34 @@ def test_export_dicom_refuses_in_one_line_and_writes_nothing(colour, tmp_path):
     assert errors == [line for line in done.stderr.splitlines()[-1:]], done.stderr
     assert "crop.dcm: not valid DICOM (The value length (65) exceeds the maximum length of 64" in errors[0], errors
     assert (run / "run.json").is_file() and not any((run / "dicom").glob("*.dcm"))
+
+
+@pytest.mark.slow
+def test_batch_dicom_writes_each_slides_results_and_adds_them_to_a_finished_batch(colour, tmp_path):
+    """`batch --dicom`: every slide's folder gets its DICOM results, referencing a DICOM copy of the slide; a
+    batch that finished without them, run again with --dicom, adds them without running any slide again; run
+    once more, it leaves them as they are. `export.dicom: true` in a config file does the same."""
+    archive = tmp_path / "archive"
+    for seed in (71, 72):
+        write_synthetic_slide(
+            archive / f"case{seed}.svs", SyntheticSlideSpec(width=2048, height=1536, mpp=0.5, seed=seed, app_mag=20)
+        )
+    out = tmp_path / "out"
+    ok(wsi_dala("batch", archive, "--model", colour, "--out", out, "-q", timeout_s=600))
+    folders = sorted(p for p in out.iterdir() if (p / "run.json").is_file())
+    assert len(folders) == 2 and not any((f / "dicom").exists() for f in folders)
+    records = {f: (f / "run.json").stat().st_mtime_ns for f in folders}
+    result = ok(wsi_dala("batch", archive, "--model", colour, "--out", out, "--dicom", "-q", timeout_s=600))
+    assert "2 skipped" in result.stdout, result.stdout
+    assert {f: (f / "run.json").stat().st_mtime_ns for f in folders} == records  # no slide ran again
+    written = {}
+    for folder in folders:
+        check_round_trip(folder)
+        seg = folder / "dicom" / "tumour-probability.seg.dcm"
+        copy = pydicom.dcmread(next((folder / "dicom" / "slide").glob("*.dcm")), stop_before_pixels=True)
+        assert pydicom.dcmread(seg, stop_before_pixels=True).StudyInstanceUID == copy.StudyInstanceUID
+        written[seg] = seg.stat().st_mtime_ns
+    config = tmp_path / "dicom.yaml"
+    config.write_text("export:\n  dicom: true\n")
+    ok(wsi_dala("batch", archive, "--model", colour, "--out", out, "--config", config, "-q", timeout_s=600))
+    assert {seg: seg.stat().st_mtime_ns for seg in written} == written  # whole and newer than the runs: kept

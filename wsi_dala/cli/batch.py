@@ -7,6 +7,7 @@ from pathlib import Path
 
 from wsi_dala.cli.common import (
     Verb,
+    add_dicom_option,
     add_engine_options,
     add_mil_option,
     add_qc_option,
@@ -35,6 +36,7 @@ def _configure_batch(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--positive-class", metavar="NAME", help="for a WSInfer model: the class the heatmap shows")
     add_mil_option(parser)
+    add_dicom_option(parser)
     parser.add_argument("--pattern", default="*", metavar="GLOB", help="only file names matching this glob")
     parser.add_argument(
         "--scheduler",
@@ -80,6 +82,7 @@ def _batch(args: argparse.Namespace) -> int:
             "backend": args.backend,
             "devices": args.devices,
         },
+        export={"dicom": args.dicom},
     )
     batch = build(
         BatchConfig,
@@ -99,6 +102,10 @@ def _batch(args: argparse.Namespace) -> int:
 
         check_address(batch.scheduler)
     archive = existing_dir(args.archive, "archive folder")
+    if config.export.dicom:
+        from wsi_dala.runs.dicom_results import require_dicom_packages
+
+        require_dicom_packages()  # before any slide
     from wsi_dala.model import read_card
     from wsi_dala.runs.archive import run_batch
     from wsi_dala.runs.pipeline import resolve_model

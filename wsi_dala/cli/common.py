@@ -183,6 +183,17 @@ def add_mil_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_dicom_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dicom",
+        action="store_true",
+        default=None,
+        help="also write the results as DICOM in the run folder's dicom/: the tumour map as a Segmentation and the "
+        "regions as Bulk Simple Annotations, referencing the slide (written as DICOM first when it is not); a "
+        "finished run gets them without being run again (default: off)",
+    )
+
+
 def add_precision_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str | None) -> None:
     parser.add_argument(
         "--precision",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsi_dala.cli.common import (
     Verb,
+    add_dicom_option,
     add_engine_options,
     add_mil_option,
     add_qc_option,
@@ -20,6 +21,7 @@ from wsi_dala.core.formats import slide_argument
 from wsi_dala.core.layout import DEFAULT_DEMO_DIR, default_run_dir
 
 if TYPE_CHECKING:
+    from wsi_dala.runs.dicom_results import DicomResults
     from wsi_dala.runs.pipeline import RunSummary
 
 
@@ -50,12 +52,7 @@ def _configure_run(parser: argparse.ArgumentParser) -> None:
         "encoder. Without it the output folder's own store is used when it fits (default: none)",
     )
     add_mil_option(parser)
-    parser.add_argument(
-        "--dicom",
-        action="store_true",
-        help="also write the results as DICOM: the tumour map as a Segmentation and the regions as Bulk Simple "
-        "Annotations, referencing the slide (written as DICOM first when it is not) (default: off)",
-    )
+    add_dicom_option(parser)
     parser.add_argument("--config", metavar="FILE", help="pipeline YAML (see pipelines/default.yaml); flags win")
     parser.add_argument(
         "--scheduler",
@@ -117,22 +114,19 @@ def _run(args: argparse.Namespace) -> int:
             "device": args.device,
             "scheduler": args.scheduler,
         },
-        export={"tile_threshold": args.tile_threshold, "gzip": args.gzip},
+        export={"tile_threshold": args.tile_threshold, "gzip": args.gzip, "dicom": args.dicom},
     )
     from wsi_dala.runs.pipeline import run_slide
 
     out = Path(args.out) if args.out else default_run_dir(args.slide)
     summary = run_slide(args.slide, out, config, progress=not args.quiet)
     print_summary(summary)
-    if args.dicom:
-        print_dicom(summary.layout.root)
+    if summary.dicom is not None:
+        print_dicom(summary.dicom)
     return 0
 
 
-def print_dicom(run_dir: Path) -> None:
-    from wsi_dala.runs.dicom_results import export_dicom
-
-    results = export_dicom(run_dir)
+def print_dicom(results: DicomResults) -> None:
     written = "written as DICOM first, in " + str(results.source.parent) if results.converted else "referenced as is"
     print(f"dicom:       the slide {written}; study {results.study_uid}")
     print(f"  segmentation    {results.segmentation}")
@@ -252,7 +246,9 @@ def _configure_export_dicom(parser: argparse.ArgumentParser) -> None:
 
 
 def _export_dicom(args: argparse.Namespace) -> int:
-    print_dicom(Path(args.run_dir))
+    from wsi_dala.runs.dicom_results import export_dicom
+
+    print_dicom(export_dicom(Path(args.run_dir)))
     return 0
 
 

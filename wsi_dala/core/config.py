@@ -182,6 +182,7 @@ class ExportConfig(Settings):
     simplify_cells: float = Field(0.1, ge=0, le=100)  # simplification tolerance, heatmap cells (outlines move ≤ ½ cell)
     gzip: bool = False  # write .geojson.gz
     cam_threshold_method: ThresholdMethod = "mean_std"  # for the per-tile "DT-CAM area fraction"
+    dicom: bool = False  # also the results as DICOM (Segmentation, Bulk Simple Annotations) in RUN/dicom/
 
     @field_validator("region_thresholds", mode="before")
     @classmethod

@@ -282,13 +282,41 @@ def region_outlines(regions_geojson: Path) -> list[tuple[np.ndarray, float]]:
     return found
 
 
+def require_dicom_packages() -> None:
+    """DICOM results need highdicom and wsidicomizer (the ``dicom`` extra): said before any slide is run."""
+    from wsi_dala.core.extras import require
+
+    require("highdicom", "DICOM results")
+    require("wsidicomizer", "DICOM results")
+
+
+def ensure_dicom(run_dir: str | Path) -> DicomResults:
+    """The run's DICOM results: those already written when they are newer than its record and whole (its
+    regions, if any, among them), else written now (``export.dicom``, ``run --dicom``, ``batch --dicom``)."""
+    import pydicom
+
+    layout = RunLayout(Path(run_dir))
+    segmentation, annotations = layout.dicom_segmentation, layout.dicom_annotations
+    try:
+        record = json.loads(layout.run_json.read_text(encoding="utf-8"))
+        fresh = segmentation.stat().st_mtime_ns >= layout.run_json.stat().st_mtime_ns
+    except (OSError, ValueError):  # not written yet, or a record export_dicom will name
+        return export_dicom(run_dir)
+    if not fresh or record.get("status") != "complete":
+        return export_dicom(run_dir)
+    regions = region_outlines(layout.root / Path(record["outputs"]["tumour_geojson"]).name)
+    if regions and not annotations.is_file():  # killed between the two files
+        return export_dicom(run_dir)
+    source, converted = source_image(record, layout.dicom_dir)
+    study = str(pydicom.dcmread(segmentation, stop_before_pixels=True).StudyInstanceUID)
+    return DicomResults(source, converted, segmentation, annotations if regions else None, study)
+
+
 def export_dicom(run_dir: str | Path) -> DicomResults:
     """Write the run's DICOM results (see the module's docstring); refused in one line before writing when
     the run is not finished, its slide is gone, or its slide cannot be referenced."""
     import pydicom
     import zarr
-
-    from wsi_dala.core.extras import require
 
     layout = RunLayout(Path(run_dir))
     try:
@@ -299,8 +327,7 @@ def export_dicom(run_dir: str | Path) -> DicomResults:
     if record.get("status") != "complete":
         raise ConfigError(f"{layout.run_json}: not a finished wsi-dala run")
     logging.getLogger("pydicom").addFilter(_NO_DEPRECATIONS)
-    require("highdicom", "DICOM results")
-    require("wsidicomizer", "DICOM results")
+    require_dicom_packages()
     out = layout.dicom_dir
     ensure_writable_dir(out)
     source_path, converted = source_image(record, out)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from wsi_dala.inference.scoring import ScoringResult
+    from wsi_dala.runs.dicom_results import DicomResults
 
 log = logging.getLogger(__name__)
 RUN_LOCK_STALE_S = 24 * 3600.0  # a lock left by another host is stale after this long (same host: pid gone)
@@ -60,6 +61,7 @@ class RunSummary:
     layout: RunLayout
     record: RunRecord
     skipped: bool
+    dicom: DicomResults | None = None  # export.dicom: the results as DICOM
 
 
 def tiling_for_model(config: PipelineConfig, card: ModelCard) -> TilingConfig:
@@ -69,11 +71,19 @@ def tiling_for_model(config: PipelineConfig, card: ModelCard) -> TilingConfig:
 
 def run_key(slide_path: Path, config: PipelineConfig, checkpoint_sha: str, mil_sha: str | None = None) -> str:
     # Where and how fast it runs does not change the result: scheduler and reader threads are not part of it.
-    # Nor do stored features (the scores are the encoder pass's), which also keeps the keys of earlier releases.
+    # Nor do stored features (the scores are the encoder pass's), which also keeps the keys of earlier releases,
+    # nor the DICOM copy of the results (written after, for a finished run too).
     # A MIL model counts by its content, not its path; without one the key is an earlier release's.
     settings = config.model_dump(
         mode="json",
-        exclude={"model": True, "features": True, "mil": True, "scoring": {"scheduler"}, "tiling": {"reader_threads"}},
+        exclude={
+            "model": True,
+            "features": True,
+            "mil": True,
+            "scoring": {"scheduler"},
+            "tiling": {"reader_threads"},
+            "export": {"dicom"},
+        },
     )
     identity = {"slide": slide_fingerprint(slide_path), "config": settings, "model": checkpoint_sha}
     return config_hash({**identity, **({"mil": mil_sha} if mil_sha else {}), "version": __version__})
@@ -137,6 +147,10 @@ def run_slide(
     slide_path = Path(slide_path)
     if config.scoring.scheduler:
         check_address(config.scoring.scheduler)  # a bad scheme fails now, not after tiling
+    if config.export.dicom:
+        from wsi_dala.runs.dicom_results import require_dicom_packages
+
+        require_dicom_packages()  # a missing extra is said now, not after the run
     checkpoint = _require_model(config)
     card = read_card(checkpoint)
     tiling = tiling_for_model(config, card)
@@ -154,7 +168,14 @@ def run_slide(
             raise OutputError(f"{layout.root}: in use by {holder.describe()}; wait for it or choose another --out")
         try:
             with scoring_client(config.scoring, client) as run_client:  # the run's one Dask client (or None)
-                return _run_locked(slide_path, layout, config, model, tiling, level, progress, run_client, given, mil)
+                summary = _run_locked(
+                    slide_path, layout, config, model, tiling, level, progress, run_client, given, mil
+                )
+            if config.export.dicom:  # also for a finished run: a batch resumed with DICOM asked for writes them
+                from wsi_dala.runs.dicom_results import ensure_dicom
+
+                summary = replace(summary, dicom=ensure_dicom(layout.root))
+            return summary
         except BaseException:
             # An error, or an interrupt (SIGTERM in a batch, Ctrl-C) landing mid-write: what was half written
             # goes now, while we hold the lock, once zarr's writes still in flight have finished.
