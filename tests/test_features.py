@@ -269,6 +269,10 @@ def test_train_reads_the_training_tiles_features_from_the_stores_and_runs_no_enc
     assert not list((tmp_path / "computed").glob("features/features-*.zarr"))  # no second, private cache
     written = zarr.open_group(beside[0], mode="r")
     assert written.attrs["complete"] and written.attrs["encoder"]["preset"] == "uni"
+    from wsi_dala.model.mil_card import encoder_identity  # the same encoder, named alike by both writers
+
+    made_by_features = zarr.open_group(next((tmp_path / "features").rglob("features.zarr")), mode="r")
+    assert encoder_identity(written.attrs["encoder"]) == encoder_identity(made_by_features.attrs["encoder"])
     tiles = zarr.open_group(beside[0].parent / "tiles.zarr", mode="r")
     assert written["token_mean"].shape[0] == tiles["coords"].shape[0]
     passes["n"] = 0

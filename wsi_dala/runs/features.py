@@ -88,7 +88,7 @@ def prepare_encoder(settings: FeatureSettings) -> Encoder:
     preset = PRESETS.get(str(settings.preset))
     if preset is None:
         raise WsiDalaError(f"--arch {settings.preset}: not a foundation model (one of {', '.join(PRESETS)})")
-    weights: dict[str, Any] = {"weights": "none (random)"}
+    weights: dict[str, Any] = {}
     path = None
     if settings.weights == "hub":
         from wsi_dala.interop.foundation_weights import fetch_foundation_weights
@@ -97,6 +97,8 @@ def prepare_encoder(settings: FeatureSettings) -> Encoder:
         weights = {"hf_revision": origin["hf_revision"]}
     elif settings.weights != "none":
         path = Path(settings.weights)
+    else:
+        weights = {"weights": "none (random)"}
     options = dict(settings.options)
     if path is not None:
         check_weights(preset, options, path)  # on the meta device: a misfit is refused before any slide is read

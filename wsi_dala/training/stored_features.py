@@ -25,6 +25,7 @@ from torch import nn
 
 from wsi_dala.core.config import TrainConfig
 from wsi_dala.core.errors import ConfigError
+from wsi_dala.core.identity import file_sha256
 from wsi_dala.model.card import ModelCard
 from wsi_dala.model.devices import resolve_precision
 from wsi_dala.model.foundation import embedding_width, encoder_state_sha256
@@ -113,9 +114,7 @@ def training_encoder_card(
     normalisation; always the SHA-256 over the encoder's tensors, and the stain mapping when there is one."""
     from wsi_dala.inference.features import checkpoint_encoder_card, encoder_card
 
-    pretrained = config.pretrained
-    named = pretrained in ("none", "imagenet")
-    weights: dict[str, Any] = {"weights": pretrained} if named else {"file": Path(pretrained).name}
+    weights = _weights_record(config.pretrained, card)
     weights["encoder_sha256"] = encoder_state_sha256(encoder)
     precision = resolve_precision(config.precision, device)
     preset = PRESETS.get(config.arch)
@@ -130,6 +129,19 @@ def training_encoder_card(
     if described is not None:  # only then: a store without a mapping keeps the key `features` gives it
         made["stain"] = described
     return made
+
+
+def _weights_record(pretrained: str, card: ModelCard) -> dict[str, Any]:
+    """The weights as ``wsi-dala features`` records them (its hub revision, file name and SHA-256, or random
+    weights), so a store a training wrote and one ``features`` wrote name the same encoder alike."""
+    if pretrained == "none":
+        return {"weights": "none (random)"}
+    if pretrained == "imagenet":
+        return {"weights": "imagenet"}
+    origin = card.training_data.get("encoder_origin")
+    revision = origin.get("hf_revision") if isinstance(origin, dict) else None
+    path = Path(pretrained)
+    return {**({"hf_revision": revision} if revision else {}), "file": path.name, "sha256": file_sha256(path)}
 
 
 def _head_width(model: nn.Module) -> int:
