@@ -289,3 +289,37 @@ def test_train_reads_the_training_tiles_features_from_the_stores_and_runs_no_enc
     code = main([*other_argv, "--out", str(tmp_path / "o3"), "--features", str(tmp_path / "features")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no features store of this encoder (uni" in err[0], err
+
+
+@pytest.mark.slow
+def test_features_run_on_the_engine_chosen_and_a_store_begun_on_torch_is_finished_on_torch(tmp_path, monkeypatch):
+    """`features --backend openvino` runs the encoder on OpenVINO (exported once, checked against torch fp32) and
+    says so in the store's card; its embeddings equal torch's; the encoder is the same one to `mil`. A store
+    begun on torch (an earlier release, a killed run) is finished on torch even with --backend auto."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the engine files of the run, and no other
+    common = [CMU, "--arch", "uni", "--weights", "none", "--precision", "fp32", "-q", *SMALL_FLAGS]
+    on_openvino = ok(_features(*common, "--out", tmp_path / "ov", "--backend", "openvino"))
+    assert "openvino fp32" in on_openvino.stdout, on_openvino.stdout
+    ok(_features(*common, "--out", tmp_path / "torch", "--backend", "torch"))
+    ov_embeddings, _, ov_attrs = read_embeddings(tmp_path / "ov" / "features.zarr")
+    torch_embeddings, _, torch_attrs = read_embeddings(tmp_path / "torch" / "features.zarr")
+    assert ov_attrs["encoder"]["engine"] == "openvino" and "engine" not in torch_attrs["encoder"]
+    scale = np.abs(torch_embeddings.astype(np.float32)).max()
+    assert np.abs(ov_embeddings.astype(np.float32) - torch_embeddings.astype(np.float32)).max() <= 2e-3 * scale
+    from wsi_dala.model.mil_card import encoder_identity
+
+    assert encoder_identity(ov_attrs["encoder"]) == encoder_identity(torch_attrs["encoder"])
+    exports = list((tmp_path / "cache" / "wsi-dala" / "encoders").rglob("uni-*-224px.onnx"))
+    assert len(exports) == 1, exports  # in the user cache, named by the encoder's hash
+
+    # Begun on torch and cut short (its second half not done): finished on torch under --backend auto.
+    begun = tmp_path / "torch" / "features.zarr"
+    group = zarr.open_group(begun, mode="r+")
+    done = np.asarray(group["chunks_done"][:])
+    done[len(done) // 2 :] = False
+    group["chunks_done"][:] = done
+    group.attrs["complete"] = False
+    ok(_features(*common, "--out", tmp_path / "torch", "--backend", "auto"))
+    resumed, _, attrs = read_embeddings(begun)
+    assert "engine" not in attrs["encoder"] and attrs["complete"]
+    np.testing.assert_array_equal(resumed, torch_embeddings)

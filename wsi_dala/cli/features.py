@@ -51,6 +51,15 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         help="tiles a forward pass (default: 8)",
     )
     add_precision_option(parser, None)
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnxruntime", "openvino"),
+        default="auto",
+        help="engine that runs the encoder: auto exports it to ONNX once (kept in the user cache, or beside --model), "
+        "checks each installed engine against torch fp32 on the first slide's tiles and takes the fastest "
+        "(OpenVINO bf16 runs a ViT-L about 1.3x torch bf16 on an AVX-512 CPU); a store begun on torch is finished "
+        "on torch (default: auto)",
+    )
     add_min_tissue_option(parser, "keep tiles with at least this fraction of tissue (default: 0.25)")
 
 
@@ -85,6 +94,7 @@ def _features(args: argparse.Namespace) -> int:
         batch_size=int(args.batch_size),
         precision=args.precision or "auto",
         min_tissue=args.min_tissue,
+        backend=args.backend,
     )
     encoder = prepare_encoder(settings)  # weights fetched and checked before any slide is read
     out = Path(args.out)
@@ -101,7 +111,8 @@ def _features(args: argparse.Namespace) -> int:
             continue
         what = "already complete" if result.chunks_computed == 0 else f"{result.seconds:.1f} s"
         print(f"features: {slide.name}: {result.n_tiles} tiles x {result.embedding_dim} ({what}) -> {result.path}")
-    print(f"encoder:  {args.arch or args.model}, {encoder.card['precision']}, weights {encoder.card['weights']}")
+    engine = encoder.engine.label if encoder.engine else f"torch {encoder.card['precision']}"
+    print(f"encoder:  {args.arch or args.model}, {engine}, weights {encoder.card['weights']}")
     if failed:
         print(f"{len(failed)} of {len(slides)} slides failed; rerun the same command to retry them")
         return 1

@@ -431,6 +431,13 @@ HF_SAFETENSORS_WEIGHTS = "model.safetensors"
 HF_TORCH_WEIGHTS = "pytorch_model.bin"
 
 
+def encoder_engine_anchor(preset: str) -> Path:
+    """What a foundation model's engine files are kept beside (``features --backend``): its exports live in
+    ``<this>.engines/`` in the user cache, named by the encoder's weights hash, so a new set of weights for the
+    same preset replaces the old export rather than adding 1-5 GB beside it."""
+    return user_cache_dir() / "encoders" / f"{preset}.weights"
+
+
 def user_cache_dir() -> Path:
     """The user's wsi-dala cache (``$XDG_CACHE_HOME/wsi-dala``, else ``~/.cache/wsi-dala``)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsi-dala"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from wsi_dala.core.layout import building_path
 from wsi_dala.model.devices import autocast, normalise
 from wsi_dala.model.foundation import embed
 from wsi_dala.model.foundation_presets import FoundationPreset
-from wsi_dala.model.interface import as_split, pooled_features
+from wsi_dala.model.interface import as_split
 from wsi_dala.model.stain_normalise import StainNormaliser
 from wsi_dala.tiling.features_store import (
     CHUNKS_DONE,
@@ -109,6 +110,23 @@ def checkpoint_encoder_card(
     }
 
 
+def encoder_input(
+    tiles: np.ndarray,
+    preset: FoundationPreset | None,
+    card: dict[str, Any],
+    device: torch.device | str = "cpu",
+    stain: StainNormaliser | None = None,
+) -> torch.Tensor:
+    """uint8 tiles [N, H, W, 3] as the encoder takes them: stain-mapped when asked, then the preset's
+    transform, or for a classifier's backbone the centre ``input_px`` crop, normalised."""
+    images = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).to(device)
+    if stain is not None:  # train --stain-normalise: the training set's stain mapped to the reference first
+        images = stain(images)
+    if preset is None:
+        return normalise(_centre_crop(images, int(card["input_px"])), card["mean"], card["std"])
+    return model_input(images, preset, card["mean"], card["std"])
+
+
 def _encode_tiles(
     encoder: torch.nn.Module,
     preset: FoundationPreset | None,
@@ -116,19 +134,19 @@ def _encode_tiles(
     tiles: np.ndarray,
     device: torch.device,
     stain: StainNormaliser | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(embedding, patch-token mean, patch tokens or None) of one batch of uint8 tiles, on the CPU."""
-    images = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).to(device)
-    if stain is not None:  # train --stain-normalise: the training set's stain mapped to the reference first
-        images = stain(images)
-    if preset is None:  # a classifier's backbone: its pooled map is both the embedding and the token mean
-        x = normalise(_centre_crop(images, int(card["input_px"])), card["mean"], card["std"])
+    """(embedding, patch-token mean, patch tokens or None) of one batch of uint8 tiles, on the CPU.
+    ``forward``: the engine that runs ``encoder.forward_features`` (OpenVINO, ONNX Runtime); None: torch."""
+    x = encoder_input(tiles, preset, card, device, stain)
+    if forward is None:
         with torch.inference_mode(), autocast(card["precision"], device):
-            pooled = pooled_features(encoder, x).float().cpu()
+            out = as_split(encoder).forward_features(x).float().cpu()
+    else:
+        out = forward(x).float().cpu()
+    if preset is None:  # a classifier's backbone: its pooled map is both the embedding and the token mean
+        pooled = out.mean(dim=(2, 3)) if out.dim() == 4 else out.mean(dim=1) if out.dim() == 3 else out
         return pooled, pooled, None
-    x = model_input(images, preset, card["mean"], card["std"])
-    with torch.inference_mode(), autocast(card["precision"], device):
-        out = as_split(encoder).forward_features(x).float().cpu()
     registers = int(getattr(encoder, "num_prefix_tokens", 1)) - 1
     patches = out[:, 1 + registers :]
     return embed(preset, out), patches.mean(dim=1), patches
@@ -151,6 +169,56 @@ def model_input(images: torch.Tensor, preset: FoundationPreset, mean: list[float
     return x[..., top : top + preset.input_px, left : left + preset.input_px]
 
 
+@dataclass(frozen=True)
+class EncoderEngine:
+    """The engine ``features`` runs an encoder on, and the card its stores record."""
+
+    card: dict[str, Any]  # the encoder card, with ``engine`` when it is not torch, and the engine's precision
+    forward: Callable[[torch.Tensor], torch.Tensor] | None  # None: torch, as write_features runs it itself
+    label: str  # e.g. "openvino bf16"
+    reason: str  # measured fastest | asked | fallback: ...
+    rates_tiles_per_s: dict[str, float]
+
+
+def plan_encoder_engine(
+    encoder: torch.nn.Module,
+    preset: FoundationPreset | None,
+    card: dict[str, Any],
+    sample: np.ndarray,
+    backend: str,
+    anchor: Path,
+    sha256: str,
+) -> EncoderEngine:
+    """The engine an encoder runs on (``features --backend``), chosen as ``run`` chooses a backbone's
+    (``inference.engines.plan``): ``auto`` exports the encoder to ONNX once (files named by ``sha256`` in
+    ``anchor``'s engine folder), checks each installed engine that offers the card's precision against torch
+    fp32 on ``sample`` (uint8 tiles of the first slide: an fp32 engine off by more than 1e-3 of the features'
+    range is not used), measures their speed once per CPU, and takes the fastest. An export that fails (a
+    network ONNX cannot express) falls back to torch, logged."""
+    from wsi_dala.inference.engines.plan import BackboneRequest, plan_backbone
+    from wsi_dala.inference.engines.runtimes import load_backbone
+
+    x = encoder_input(sample, preset, card)
+    request = BackboneRequest(
+        checkpoint=str(anchor),
+        sha256=sha256,
+        model=encoder,
+        tile_px=int(x.shape[-1]),
+        device="cpu",
+        backend=backend,
+        precision=str(card["precision"]),
+        sample=x,
+    )
+    choice = plan_backbone(request)
+    plan = choice.plan
+    if plan.engine == "torch":  # the card as before: stores made by earlier releases keep their key
+        forward, chosen = None, {**card, "precision": plan.precision}
+    else:
+        forward = load_backbone(plan, encoder, "cpu")
+        chosen = {**card, "engine": plan.engine, "precision": plan.precision}
+    return EncoderEngine(chosen, forward, plan.label, choice.reason, dict(choice.rates_tiles_per_s))
+
+
 def write_features(
     tiles_store: Path,
     features_store: Path,
@@ -163,12 +231,14 @@ def write_features(
     device: torch.device | str = "cpu",
     stain: StainNormaliser | None = None,
     replace_other: bool = False,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FeaturesResult:
     """Compute (or finish) the features of every tile of ``tiles_store`` into ``features_store``.
 
     ``stain``: map each tile's stain first (its description must be in ``card``, so the key tells such
     features apart). ``replace_other``: a store of another encoder or other tiles at ``features_store`` is
-    replaced (a training's own tiles folder), not refused (a folder the user named)."""
+    replaced (a training's own tiles folder), not refused (a folder the user named). ``forward``: the
+    engine running the encoder (``plan_encoder_engine``; its name and precision must be in ``card``)."""
     import time
 
     started = time.perf_counter()
@@ -193,7 +263,7 @@ def write_features(
         pooled, means, tokens = [], [], []
         for start in range(0, len(tiles), batch_size):
             batch = tiles[start : start + batch_size]
-            embedding, token_mean, patches = _encode_tiles(encoder, preset, card, batch, device, stain)
+            embedding, token_mean, patches = _encode_tiles(encoder, preset, card, batch, device, stain, forward)
             pooled.append(embedding.numpy().astype(np.float16))
             means.append(token_mean.numpy().astype(np.float16))  # what a preset's linear head pools
             if patch_tokens and patches is not None:

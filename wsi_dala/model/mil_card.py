@@ -25,10 +25,10 @@ MIL_KINDS = ("abmil",)
 
 def encoder_identity(card: dict[str, Any]) -> str:
     """What makes two features stores comparable: the encoder and its weights (by their hash), not the
-    precision it ran at, the name of its weights file or the slide it ran on."""
+    engine or precision it ran at, the name of its weights file or the slide it ran on."""
     weights = card.get("weights")
     weights = {k: v for k, v in weights.items() if k != "file"} if isinstance(weights, dict) else weights
-    return config_hash({**{k: v for k, v in card.items() if k != "precision"}, "weights": weights})
+    return config_hash({**{k: v for k, v in card.items() if k not in ("precision", "engine")}, "weights": weights})
 
 
 @dataclass

@@ -10,20 +10,31 @@ slide is locked while it is written, as a run's is.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import zarr
 
 from wsi_dala.core.config import TilingConfig, build
 from wsi_dala.core.errors import OutputError, WsiDalaError
 from wsi_dala.core.fileio import ensure_writable_dir
 from wsi_dala.core.identity import file_sha256
-from wsi_dala.core.layout import RunLayout
+from wsi_dala.core.layout import RunLayout, encoder_engine_anchor
 from wsi_dala.core.locks import exclusive_lock
-from wsi_dala.inference.features import FeaturesResult, checkpoint_encoder_card, encoder_card, write_features
+from wsi_dala.inference.features import (
+    EncoderEngine,
+    FeaturesResult,
+    checkpoint_encoder_card,
+    encoder_card,
+    plan_encoder_engine,
+    write_features,
+)
 from wsi_dala.model.devices import resolve_precision
 from wsi_dala.model.foundation import (
     check_weights,
@@ -33,6 +44,7 @@ from wsi_dala.model.foundation import (
     load_strict,
 )
 from wsi_dala.model.foundation_presets import PRESETS, FoundationPreset
+from wsi_dala.tiling.store import TileStore
 from wsi_dala.tiling.tiler import tile_slide
 
 log = logging.getLogger(__name__)
@@ -49,15 +61,19 @@ class FeatureSettings:
     precision: str = "auto"
     min_tissue: float = TilingConfig().min_tissue
     checkpoint: str | None = None  # a wsi-dala classifier whose backbone is the encoder (features --model)
+    backend: str = "auto"  # the engine: auto measures the installed ones on the first slide's tiles
 
 
-@dataclass(frozen=True)
+@dataclass
 class Encoder:
     preset: FoundationPreset | None  # None: a classifier's backbone
     network: torch.nn.Module
     card: dict[str, Any]
     tile_mpp: float
     tile_size_px: int
+    engine_anchor: Path  # where its engine files are kept (inference.engines.exports.engine_layout)
+    engine_sha256: str  # what they are named by: the encoder's identity
+    engine: EncoderEngine | None = None  # chosen on the first slide's tiles
 
 
 def classifier_encoder(settings: FeatureSettings) -> Encoder:
@@ -78,7 +94,9 @@ def classifier_encoder(settings: FeatureSettings) -> Encoder:
     encoder_card = checkpoint_encoder_card(
         card.architecture, weights, card.tile_size_px, normalisation["mean"], normalisation["std"], width, precision
     )
-    return Encoder(None, network.eval(), encoder_card, float(card.mpp), card.tile_size_px)
+    return Encoder(
+        None, network.eval(), encoder_card, float(card.mpp), card.tile_size_px, path, weights["sha256"]
+    )  # the engine files are the checkpoint's own, which `run` exports too
 
 
 def prepare_encoder(settings: FeatureSettings) -> Encoder:
@@ -111,7 +129,11 @@ def prepare_encoder(settings: FeatureSettings) -> Encoder:
     weights["encoder_sha256"] = encoder_state_sha256(network)  # what `run` matches a head's encoder against
     precision = resolve_precision(settings.precision, "cpu")
     card = encoder_card(preset, weights, options, precision, embedding_width(preset, network))
-    return Encoder(preset, network.eval(), card, preset.mpp, preset.resize_px)
+    identity = {k: v for k, v in card.items() if k != "precision"}  # the network, its weights and input
+    sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return Encoder(
+        preset, network.eval(), card, preset.mpp, preset.resize_px, encoder_engine_anchor(preset.name), sha256
+    )
 
 
 def features_for_slide(
@@ -129,13 +151,45 @@ def features_for_slide(
         if holder is not None:
             raise OutputError(f"{layout.root}: in use by {holder.describe()}; wait for it or choose another --out")
         tiled = tile_slide(slide, layout.root, tiling, progress=progress, layout=layout)
+        card, forward = _engine_for(layout.features_store, tiled.store, settings, encoder)
         return write_features(
             tiled.store,
             layout.features_store,
             encoder.network,
             encoder.preset,
-            encoder.card,
+            card,
             batch_size=settings.batch_size,
             patch_tokens=settings.patch_tokens,
             progress=progress,
+            forward=forward,
         )
+
+
+def _engine_for(
+    features_store: Path, tiles_store: Path, settings: FeatureSettings, encoder: Encoder
+) -> tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The card and engine of one slide's features: the engine chosen on the first slide's tiles, except for a
+    store begun by torch (an earlier release, or --backend torch), which is finished by torch."""
+    if settings.backend == "torch":
+        return encoder.card, None
+    if features_store.exists():
+        try:
+            begun = zarr.open_group(features_store, mode="r").attrs.get("encoder")
+        except Exception:  # damaged: write_features names it
+            begun = None
+        if isinstance(begun, dict) and "engine" not in begun:
+            log.info("%s: begun on torch; finished on torch", features_store)
+            return encoder.card, None
+    if encoder.engine is None:
+        sample = TileStore(tiles_store).tiles(slice(0, settings.batch_size))
+        encoder.engine = plan_encoder_engine(
+            encoder.network,
+            encoder.preset,
+            encoder.card,
+            sample,
+            settings.backend,
+            encoder.engine_anchor,
+            encoder.engine_sha256,
+        )
+        log.info("features: %s (%s)", encoder.engine.label, encoder.engine.reason)
+    return encoder.engine.card, encoder.engine.forward
