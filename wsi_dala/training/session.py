@@ -145,7 +145,8 @@ def head_data(session: Session, train: list[Sample], val: list[Sample], cache_di
         places = list(config.features)
     else:
         sources = sorted({s.source for s in samples if s.index >= 0})
-        places = [str(_write_slide_features(session, Path(source), encoder, progress)) for source in sources]
+        card = _slide_features_card(session, encoder) if sources else {}  # hashed once, not per slide
+        places = [str(_write_slide_features(session, Path(s), encoder, card, progress)) for s in sources]
     stored = StoredFeatures(places, encoder, session.card, expected) if places else None
     if stored is not None:
         session.card.training_data["encoder"] = {
@@ -189,15 +190,21 @@ def head_data(session: Session, train: list[Sample], val: list[Sample], cache_di
     return HeadData(features_of(train), labels[0], features_of(val), labels[1])
 
 
-def _write_slide_features(session: Session, tiles_store: Path, encoder: nn.Module, progress: bool) -> Path:
+def _slide_features_card(session: Session, encoder: nn.Module) -> dict[str, Any]:
+    from wsi_dala.training.stored_features import training_encoder_card
+
+    return training_encoder_card(session.model, encoder, session.config, session.card, session.device, session.stain)
+
+
+def _write_slide_features(
+    session: Session, tiles_store: Path, encoder: nn.Module, card: dict[str, Any], progress: bool
+) -> Path:
     """Compute (or complete) the frozen encoder's features of one slide's training tiles, beside them."""
     from wsi_dala.core.layout import features_store_beside
     from wsi_dala.inference.features import write_features
-    from wsi_dala.training.stored_features import training_encoder_card
 
     config = session.config
     preset = PRESETS.get(config.arch)
-    card = training_encoder_card(session.model, encoder, config, session.card, session.device, session.stain)
     result = write_features(
         tiles_store,
         features_store_beside(tiles_store),

@@ -8,9 +8,9 @@ training, ``mil train`` or ``run`` may then name. A linear head pools the mean o
 
 A training tile's row is found by its slide (the tile store's fingerprint of it), its tile size and µm/px,
 and its level-0 coordinates, so the training run may tile the slide itself (its own ``--min-tissue`` and
-annotations). Every tile must be found in a store of the same
-encoder (architecture, options, normalisation, input size, stain mapping, and an equal SHA-256 over the
-encoder's tensors), else the training is refused in one line naming the slide before any epoch.
+annotations). Every tile must be found in a store of the same encoder (architecture, options,
+normalisation, input size, stain mapping, and an equal SHA-256 over the encoder's tensors), else the
+training is refused in one line naming the slide before any epoch.
 """
 
 from __future__ import annotations
