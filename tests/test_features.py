@@ -323,3 +323,11 @@ def test_features_run_on_the_engine_chosen_and_a_store_begun_on_torch_is_finishe
     resumed, _, attrs = read_embeddings(begun)
     assert "engine" not in attrs["encoder"] and attrs["complete"]
     np.testing.assert_array_equal(resumed, torch_embeddings)
+
+
+def test_features_refuses_an_unknown_engine_in_one_line_through_its_console_script(tmp_path):
+    done = _features(CMU, "--arch", "uni", "--weights", "none", "--out", tmp_path / "o", "--backend", "tensorrt")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1 and "--backend" in lines[0] and "'tensorrt'" in lines[0], lines
+    assert not (tmp_path / "o").exists()
