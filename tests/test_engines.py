@@ -181,6 +181,20 @@ def test_a_failed_export_falls_back_to_torch_and_says_so(dala, tmp_path, monkeyp
     assert not list((tmp_path / "cache").glob("*.partial"))
 
 
+def test_an_export_the_memory_cannot_hold_is_not_begun_and_torch_runs_the_backbone(dala, tmp_path, monkeypatch):
+    """A ViT-g's export takes several copies of its 4.5 GB of weights: on a machine without that much free
+    memory it is not begun (the kernel would kill the run mid-export); the backbone runs on torch, and the
+    reason names the memory needed and available."""
+    from wsi_dala.inference.engines import exports
+
+    monkeypatch.setenv("WSI_DALA_ENGINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(exports, "available_memory_bytes", lambda: 50_000_000)  # DALAResNet50 needs ~0.5 GB
+    choice = plan_backbone(_request(dala, "openvino", "fp32"))
+    assert choice.plan.engine == "torch" and choice.reason.startswith("fallback:"), choice.reason
+    assert "GB of free memory and 0.1 GB is available" in choice.reason, choice.reason
+    assert not list((tmp_path / "cache").rglob("*.onnx*"))
+
+
 def test_an_engine_that_is_not_installed_is_one_line_and_exit_2(svs_050, dala, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "openvino", None)  # importing it now raises ImportError
     out = tmp_path / "run"

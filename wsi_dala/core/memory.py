@@ -23,6 +23,17 @@ import sys
 from collections.abc import Callable
 
 
+def available_memory_bytes() -> int | None:
+    """What the kernel says can still be allocated without swapping (``MemAvailable``); None off Linux."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):  # noqa: SIM115 (a few lines, read once)
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux"):

@@ -28,6 +28,7 @@ from torch import nn
 
 from wsi_dala.core.errors import EngineError, EngineExportError
 from wsi_dala.core.layout import EngineLayout, engine_dir_beside, remove_stale_partials, user_cache_dir, writing_path
+from wsi_dala.core.memory import available_memory_bytes
 from wsi_dala.model.interface import as_split
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ CACHE_ENV = "WSI_DALA_ENGINE_CACHE"
 OPSET = 18
 MAX_BATCH = 4096
 SINGLE_FILE_LIMIT_BYTES = 1 << 30  # weights above this go to an external-data file (ONNX's protobuf limit is 2 GiB)
+# Memory an export takes beyond the loaded model, per byte of fp32 weights: UNI2-h's (2.7 GB) export and engine
+# choice raised a run's peak RSS to 13.4 GB. An export the machine cannot hold is not begun (the kernel would
+# kill the process); the backbone then runs on torch, logged.
+EXPORT_MEMORY_PER_WEIGHT_BYTE = 4
 NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "root")
 
 
@@ -84,10 +89,16 @@ def ensure_onnx(model: nn.Module, checkpoint: str, sha256: str, tile_px: int) ->
 
 def export_backbone(model: nn.Module, tile_px: int, path: Path, source: str) -> None:
     """Export ``forward_features`` with a free batch axis; written beside ``path``, then renamed."""
+    weights_bytes = sum(t.numel() * 4 for t in model.state_dict().values())  # as the fp32 copy holds them
+    needed, available = weights_bytes * EXPORT_MEMORY_PER_WEIGHT_BYTE, available_memory_bytes()
+    if available is not None and needed > available:
+        raise EngineExportError(
+            f"{source}: its ONNX export needs about {needed / 1e9:.1f} GB of free memory and "
+            f"{available / 1e9:.1f} GB is available"
+        )
     # A copy, in eval mode and the default memory layout: tracing must not touch the scoring model's state.
     features = FeaturesOnly(copy.deepcopy(model).float().to(memory_format=torch.contiguous_format)).eval()
     example = torch.zeros(2, 3, tile_px, tile_px)
-    weights_bytes = sum(t.numel() * t.element_size() for t in features.state_dict().values())
     staging = writing_path(path, os.getpid())  # a hidden folder: the model, and its weights file when external
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
