@@ -286,3 +286,22 @@ def test_partial_files_of_a_killed_export_are_removed_by_the_next_run(tmp_path):
     alive.write_bytes(b"\0")
     engine_layout(checkpoint)
     assert not leftover.exists() and alive.exists()
+
+
+def test_the_gpu_benchmark_runs_its_cuda_path_on_the_cpu_where_there_is_no_gpu():
+    """`benchmarks/gpu.py` is the scoring path a GPU machine measures (raw JPEG tiles, decode, copy, backbone,
+    CAM, Zarr rows); without CUDA it runs the same stages on the CPU, so it is known to work when a GPU comes."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    slide = root / "tests" / "data" / "cmu_small_region.svs"
+    args = [sys.executable, str(root / "benchmarks" / "gpu.py"), "--slide", str(slide), "--tiles", "16", "--batch", "8"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "device cpu" in out and "16 tiles of" in out, out
+    for stage in ("read", "decode (CPU", "copy to device", "model (backbone)", "CAM (head + gradient)", "write"):
+        line = next((line for line in out.splitlines() if line.strip().startswith(stage)), None)
+        assert line is not None and float(re.findall(r"([\d.]+) tiles/s", line)[0]) > 0, (stage, out)
+    assert re.search(r"scoring end to end .*: \d+ tiles/s", out), out
