@@ -34,7 +34,7 @@ from wsi_dala.core.layout import building_path
 from wsi_dala.model.devices import autocast, normalise
 from wsi_dala.model.foundation import embed
 from wsi_dala.model.foundation_presets import FoundationPreset
-from wsi_dala.model.interface import as_split
+from wsi_dala.model.interface import as_split, pool
 from wsi_dala.model.stain_normalise import StainNormaliser
 from wsi_dala.tiling.features_store import (
     CHUNKS_DONE,
@@ -145,7 +145,7 @@ def _encode_tiles(
     else:
         out = forward(x).float().cpu()
     if preset is None:  # a classifier's backbone: its pooled map is both the embedding and the token mean
-        pooled = out.mean(dim=(2, 3)) if out.dim() == 4 else out.mean(dim=1) if out.dim() == 3 else out
+        pooled = pool(out)
         return pooled, pooled, None
     registers = int(getattr(encoder, "num_prefix_tokens", 1)) - 1
     patches = out[:, 1 + registers :]
@@ -248,10 +248,7 @@ def write_features(
         raise OutputError(f"{tiles_store}: the tiles are not complete; tile the slide first")
     key = features_key(card, info.tiling.tiling_key)
     patch_tokens = patch_tokens and preset is not None  # a CNN's map is not tokens
-    if replace_other and _made_otherwise(features_store, key):
-        log.info("%s: features of another encoder or other tiles; computing them again", features_store)
-        shutil.rmtree(features_store)
-    group = _open_or_create(features_store, key, store, card, preset, encoder, patch_tokens)
+    group = _open_or_create(features_store, key, store, card, preset, encoder, patch_tokens, replace_other)
     device = torch.device(device)
     done = np.asarray(_array(group, CHUNKS_DONE)[:], dtype=bool)
     todo = [i for i in range(info.n_chunks) if not done[i]]
@@ -289,26 +286,17 @@ def _open_or_create(
     preset: FoundationPreset | None,
     encoder: torch.nn.Module,
     patch_tokens: bool,
+    replace_other: bool = False,
 ) -> zarr.Group:
     info = store.info
     if path.exists():
         try:
-            group = zarr.open_group(path, mode="r+")
-            previous = dict(group.attrs)
-        except Exception as exc:  # damaged: never guessed at
-            raise OutputError(f"{path}: not a readable features store ({exc}); delete it to compute it again") from exc
-        if previous.get("features_key") != key:
-            made_by = previous.get("encoder")
-            was = (
-                (made_by.get("preset") or made_by.get("architecture", "unknown")) if isinstance(made_by, dict) else "?"
-            )
-            raise OutputError(
-                f"{path}: features of another encoder or other tiles ({was}, key {previous.get('features_key')}); "
-                "choose another --out or delete it"
-            )
-        if patch_tokens and PATCH_TOKENS not in group:
-            raise OutputError(f"{path}: computed without --patch-tokens; delete it to compute them")
-        return group
+            return _existing(path, key, patch_tokens)
+        except OutputError as refused:
+            if not replace_other:
+                raise
+            log.info("%s; computing them again", refused)  # a training's own tiles folder: its own cache
+            shutil.rmtree(path)
     n, chunk = info.n_tiles, max(1, info.chunk_tiles)
     building = building_path(path)  # made under a hidden name, renamed when its layout and attributes are written
     if building.exists():
@@ -341,14 +329,23 @@ def _open_or_create(
     return zarr.open_group(path, mode="r+")
 
 
-def _made_otherwise(path: Path, key: str) -> bool:
-    """Whether ``path`` holds a store whose features key is not ``key`` (or one that cannot be read)."""
-    if not path.exists():
-        return False
+def _existing(path: Path, key: str, patch_tokens: bool) -> zarr.Group:
+    """The store at ``path`` to complete, when it holds these features; else OutputError saying what it holds."""
     try:
-        return zarr.open_group(path, mode="r").attrs.get("features_key") != key
-    except Exception:  # damaged: made by nothing this run can trust
-        return True
+        group = zarr.open_group(path, mode="r+")
+        previous = dict(group.attrs)
+    except Exception as exc:  # damaged: never guessed at
+        raise OutputError(f"{path}: not a readable features store ({exc}); delete it to compute it again") from exc
+    if previous.get("features_key") != key:
+        made_by = previous.get("encoder")
+        was = (made_by.get("preset") or made_by.get("architecture", "unknown")) if isinstance(made_by, dict) else "?"
+        raise OutputError(
+            f"{path}: features of another encoder or other tiles ({was}, key {previous.get('features_key')}); "
+            "choose another --out or delete it"
+        )
+    if patch_tokens and PATCH_TOKENS not in group:
+        raise OutputError(f"{path}: computed without --patch-tokens; delete it to compute them")
+    return group
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:

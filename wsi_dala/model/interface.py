@@ -35,7 +35,11 @@ def has_feature_map(model: nn.Module) -> bool:
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The architecture's features averaged over space (maps) or tokens: [N, C] (contrastive pre-training,
     feature distances)."""
-    features = as_split(model).forward_features(images)
+    return pool(as_split(model).forward_features(images))
+
+
+def pool(features: torch.Tensor) -> torch.Tensor:
+    """Features [N, C, h, w] averaged over space, or tokens [N, T, C] over tokens: [N, C]."""
     if features.dim() == 4:
         return features.mean(dim=(2, 3))
     if features.dim() == 3:

@@ -10,8 +10,6 @@ slide is locked while it is written, as a run's is.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ import zarr
 from wsi_dala.core.config import TilingConfig, build
 from wsi_dala.core.errors import OutputError, WsiDalaError
 from wsi_dala.core.fileio import ensure_writable_dir
-from wsi_dala.core.identity import file_sha256
+from wsi_dala.core.identity import config_hash, file_sha256
 from wsi_dala.core.layout import RunLayout, encoder_engine_anchor
 from wsi_dala.core.locks import exclusive_lock
 from wsi_dala.inference.features import (
@@ -72,7 +70,7 @@ class Encoder:
     tile_mpp: float
     tile_size_px: int
     engine_anchor: Path  # where its engine files are kept (inference.engines.exports.engine_layout)
-    engine_sha256: str  # what they are named by: the encoder's identity
+    engine_sha256: str  # what they are named by (the first 16 hex digits): the encoder's identity
     engine: EncoderEngine | None = None  # chosen on the first slide's tiles
 
 
@@ -129,10 +127,9 @@ def prepare_encoder(settings: FeatureSettings) -> Encoder:
     weights["encoder_sha256"] = encoder_state_sha256(network)  # what `run` matches a head's encoder against
     precision = resolve_precision(settings.precision, "cpu")
     card = encoder_card(preset, weights, options, precision, embedding_width(preset, network))
-    identity = {k: v for k, v in card.items() if k != "precision"}  # the network, its weights and input
-    sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    identity = config_hash({k: v for k, v in card.items() if k != "precision"})  # network, weights, input
     return Encoder(
-        preset, network.eval(), card, preset.mpp, preset.resize_px, encoder_engine_anchor(preset.name), sha256
+        preset, network.eval(), card, preset.mpp, preset.resize_px, encoder_engine_anchor(preset.name), identity
     )
 
 

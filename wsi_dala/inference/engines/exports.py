@@ -88,7 +88,8 @@ def ensure_onnx(model: nn.Module, checkpoint: str, sha256: str, tile_px: int) ->
 
 
 def export_backbone(model: nn.Module, tile_px: int, path: Path, source: str) -> None:
-    """Export ``forward_features`` with a free batch axis; written beside ``path``, then renamed."""
+    """Export ``forward_features`` with a free batch axis; staged in a hidden folder beside ``path``, then moved
+    into place (an external weights file before the model). Not begun without the free memory it needs."""
     weights_bytes = sum(t.numel() * 4 for t in model.state_dict().values())  # as the fp32 copy holds them
     needed, available = weights_bytes * EXPORT_MEMORY_PER_WEIGHT_BYTE, available_memory_bytes()
     if available is not None and needed > available:
